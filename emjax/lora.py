@@ -1,0 +1,209 @@
+"""LoRA on the stacked projections, with PEFT's conventions so adapters move both ways.
+
+The factors live next to the frozen kernels inside each ``StackedLinear`` (see ``emjax.models.qwen3``) as
+``nnx.LoRAParam`` leaves ``lora_a`` (L, in, r) and ``lora_b`` (L, r, out): one batched array per projection
+type, so Newton–Schulz and the spectral maths see every layer in one call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# short name -> (module name in emjax, HF sub-module path)
+TARGETS = {
+    "q": ("q_proj", "self_attn.q_proj"),
+    "k": ("k_proj", "self_attn.k_proj"),
+    "v": ("v_proj", "self_attn.v_proj"),
+    "o": ("o_proj", "self_attn.o_proj"),
+    "gate": ("gate_proj", "mlp.gate_proj"),
+    "up": ("up_proj", "mlp.up_proj"),
+    "down": ("down_proj", "mlp.down_proj"),
+}
+_BY_MODULE = {mod: short for short, (mod, _) in TARGETS.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """The study's adapter: rsLoRA r=32, α=64 on all seven projections, no dropout."""
+
+    rank: int = 32
+    alpha: float = 64.0
+    rslora: bool = True
+    targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(_short(t) for t in self.targets))
+        if self.rank < 1:
+            raise ValueError(f"LoraConfig.rank must be >= 1, got {self.rank}")
+        if self.dropout != 0.0:
+            raise ValueError("LoraConfig.dropout: only 0.0 is supported (the study uses none)")
+
+    @property
+    def scale(self) -> float:
+        """PEFT's scaling: α/√r with rsLoRA, α/r without."""
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def module_names(self) -> tuple[str, ...]:
+        return tuple(TARGETS[t][0] for t in self.targets)
+
+
+def _short(name: str) -> str:
+    if name in TARGETS:
+        return name
+    if name in _BY_MODULE:
+        return _BY_MODULE[name]
+    raise ValueError(f"LoRA target {name!r} is not one of {sorted(TARGETS)} (or their *_proj names)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Access helpers
+
+
+def lora_modules(model) -> Iterator[tuple[str, nnx.Module]]:
+    """(module name, StackedLinear) for every projection that carries LoRA factors."""
+    for name in TARGETS.values():
+        lin = getattr(model.blocks, name[0])
+        if getattr(lin, "lora_a", None) is not None:
+            yield name[0], lin
+
+
+def adapter_pairs(model) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """``{"q_proj": (A (L,in,r), B (L,r,out)), ...}``: the form ``emjax.spectral`` takes."""
+    return {name: (lin.lora_a[...], lin.lora_b[...]) for name, lin in lora_modules(model)}
+
+
+def adapter_pairs_from_state(lora_state) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """Same as ``adapter_pairs`` but from the trainable ``nnx.State`` (inside a jitted step)."""
+    blocks = lora_state["blocks"]
+    out = {}
+    for name in blocks:
+        entry = blocks[name]
+        if "lora_a" in entry:
+            out[name] = (_value(entry["lora_a"]), _value(entry["lora_b"]))
+    return out
+
+
+def _value(x):
+    return x[...] if isinstance(x, nnx.Variable) else x
+
+
+def merge(model) -> None:
+    """Fold s·A·B into the frozen kernels and zero B (in place): inference without the LoRA matmuls."""
+    scale = model.lora_config.scale
+    for _, lin in lora_modules(model):
+        k = lin.kernel[...]
+        delta = scale * jnp.einsum("lir,lro->lio", lin.lora_a[...].astype(jnp.float32), lin.lora_b[...].astype(jnp.float32))
+        lin.kernel[...] = (k.astype(jnp.float32) + delta).astype(k.dtype)
+        lin.lora_b[...] = jnp.zeros_like(lin.lora_b[...])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PEFT interchange
+
+
+def _peft_key(layer: int, module: str, which: str) -> str:
+    hf_sub = next(hf for (mod, hf) in TARGETS.values() if mod == module)
+    return f"base_model.model.model.layers.{layer}.{hf_sub}.lora_{which}.weight"
+
+
+def export_peft(model, out_dir: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> Path:
+    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` exactly as PEFT saves them."""
+    from safetensors.numpy import save_file
+
+    cfg: LoraConfig = model.lora_config
+    if cfg is None:
+        raise ValueError("export_peft: the model has no LoRA adapter")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, lin in lora_modules(model):
+        a = np.asarray(jax.device_get(lin.lora_a[...]), dtype=np.float32)  # (L, in, r)
+        b = np.asarray(jax.device_get(lin.lora_b[...]), dtype=np.float32)  # (L, r, out)
+        for i in range(a.shape[0]):
+            tensors[_peft_key(i, name, "A")] = np.ascontiguousarray(a[i].T)  # (r, in)
+            tensors[_peft_key(i, name, "B")] = np.ascontiguousarray(b[i].T)  # (out, r)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": cfg.rank,
+        "lora_alpha": cfg.alpha,
+        "use_rslora": cfg.rslora,
+        "lora_dropout": cfg.dropout,
+        "bias": "none",
+        "target_modules": sorted(TARGETS[t][0] for t in cfg.targets),
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "base_model_name_or_path": base_model_name_or_path or getattr(model, "source", None),
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def read_peft_config(adapter_dir: str | os.PathLike) -> LoraConfig:
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no adapter_config.json (is this a PEFT adapter directory?)")
+    raw = json.loads(path.read_text())
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: peft_type {raw.get('peft_type')!r} is not LORA")
+    targets = raw.get("target_modules") or []
+    if isinstance(targets, str):
+        raise ValueError(f"{path}: target_modules as a regex ({targets!r}) is not supported; list the modules")
+    if float(raw.get("lora_dropout", 0.0) or 0.0) != 0.0:
+        # Dropout only matters in training; loading for evaluation or continued training without it is exact.
+        raw["lora_dropout"] = 0.0
+    return LoraConfig(
+        rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), rslora=bool(raw.get("use_rslora", False)),
+        targets=tuple(targets),
+    )
+
+
+def load_peft(model, adapter_dir: str | os.PathLike) -> None:
+    """Load a PEFT-saved adapter into ``model`` (in place). The model must have been built with the same LoRA
+    config (use ``read_peft_config`` to get it, or ``from_pretrained(..., lora=read_peft_config(dir))``)."""
+    from safetensors.numpy import load_file
+
+    adapter_dir = Path(adapter_dir)
+    cfg = read_peft_config(adapter_dir)
+    mcfg: LoraConfig = model.lora_config
+    if mcfg is None or (mcfg.rank, set(mcfg.targets)) != (cfg.rank, set(cfg.targets)):
+        raise ValueError(
+            f"{adapter_dir / 'adapter_config.json'}: adapter has r={cfg.rank}, targets={sorted(cfg.targets)}, "
+            f"but the model was built with {mcfg}; build it with lora=emjax.lora.read_peft_config(dir)"
+        )
+    if not math.isclose(cfg.scale, mcfg.scale):
+        raise ValueError(f"{adapter_dir}: adapter scale {cfg.scale} differs from the model's {mcfg.scale}")
+    fname = adapter_dir / "adapter_model.safetensors"
+    if not fname.exists():
+        raise FileNotFoundError(f"{fname}: missing (only safetensors adapters are supported)")
+    tensors = load_file(str(fname))
+    for name, lin in lora_modules(model):
+        n_layers, d_in, r = lin.lora_a.shape
+        d_out = lin.lora_b.shape[-1]
+        a = np.empty((n_layers, d_in, r), np.float32)
+        b = np.empty((n_layers, r, d_out), np.float32)
+        for i in range(n_layers):
+            for which, dst, shape in (("A", a, (r, d_in)), ("B", b, (d_out, r))):
+                key = _peft_key(i, name, which)
+                if key not in tensors:
+                    raise KeyError(f"{fname}: missing tensor {key}")
+                t = tensors[key]
+                if tuple(t.shape) != shape:
+                    raise ValueError(f"{fname}: tensor {key} has shape {tuple(t.shape)}, expected {shape}")
+                dst[i] = t.T
+        lin.lora_a[...] = jax.device_put(a.astype(lin.lora_a.dtype), lin.lora_a[...].sharding)
+        lin.lora_b[...] = jax.device_put(b.astype(lin.lora_b.dtype), lin.lora_b[...].sharding)

@@ -1,0 +1,200 @@
+"""Hugging Face checkpoint -> emjax model, one tensor slice at a time, straight to its device sharding.
+
+Safetensors files are memory-mapped; each device shard of each stacked parameter is assembled from only the bytes
+it needs (``jax.make_array_from_callback``), so the host never holds a second full copy of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from emjax import sharding as shd
+from emjax.lora import LoraConfig
+from emjax.models import qwen3
+
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be converted; the message names the tensor and file."""
+
+
+class SafetensorsFile:
+    """Lazy, memory-mapped view of one ``.safetensors`` file (header parsed by hand: it is 8 bytes + JSON)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        self.meta = header
+        self._base = 8 + n
+        self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.meta[name]["shape"])
+
+    def get(self, name: str) -> np.ndarray:
+        info = self.meta[name]
+        if info["dtype"] not in _DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        raw = self._mm[self._base + start: self._base + end]
+        return raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+class Checkpoint:
+    """All tensors of a (possibly sharded) HF checkpoint directory, by name."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        index = root / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in root.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"{root}: no *.safetensors files (only safetensors checkpoints are supported)")
+            weight_map = None
+        self.files = {}
+        for fname in files:
+            if not (root / fname).exists():
+                raise CheckpointError(f"{index}: lists {fname}, which does not exist in {root}")
+            self.files[fname] = SafetensorsFile(root / fname)
+        self.where: dict[str, SafetensorsFile] = {}
+        for f in self.files.values():
+            for name in f.meta:
+                self.where[name] = f
+        if weight_map is not None:
+            for name, fname in weight_map.items():
+                if name not in self.files[fname].meta:
+                    raise CheckpointError(f"{index}: tensor {name} is mapped to {fname} but is not in that file")
+        self.used: set[str] = set()
+
+    def tensor(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in self.where:
+            raise CheckpointError(f"{self.root}: missing tensor {name}")
+        f = self.where[name]
+        if f.shape(name) != tuple(shape):
+            raise CheckpointError(f"{f.path}: tensor {name} has shape {f.shape(name)}, expected {tuple(shape)}")
+        self.used.add(name)
+        return f.get(name)
+
+
+def resolve(path_or_hub_id: str | os.PathLike) -> Path:
+    """A local directory, or a hub id fetched with huggingface_hub (clear error when offline)."""
+    p = Path(path_or_hub_id).expanduser()
+    if p.is_dir():
+        return p
+    name = str(path_or_hub_id)
+    if p.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise FileNotFoundError(f"{name}: not a checkpoint directory (expected config.json + *.safetensors)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+    except Exception as e:  # offline, unknown repo, gated...
+        raise FileNotFoundError(
+            f"{name}: not a local directory and could not be fetched from the Hugging Face hub ({type(e).__name__}: "
+            f"{e}). Download it where you have internet with `huggingface-cli download {name} --local-dir DIR` "
+            f"(config.json, *.safetensors and the tokenizer files) and pass DIR instead."
+        ) from e
+
+
+def _hf_sub(module: str) -> str:
+    return ("self_attn." if module in qwen3.ATTN else "mlp.") + module
+
+
+def _sources(cfg: qwen3.Qwen3Config):
+    """emjax parameter path -> (HF name template with {i} for stacked, transpose?)."""
+    src = {
+        "embed": ("model.embed_tokens.weight", False),
+        "final_norm": ("model.norm.weight", False),
+        "blocks/input_norm": ("model.layers.{i}.input_layernorm.weight", False),
+        "blocks/post_norm": ("model.layers.{i}.post_attention_layernorm.weight", False),
+        "blocks/q_norm": ("model.layers.{i}.self_attn.q_norm.weight", False),
+        "blocks/k_norm": ("model.layers.{i}.self_attn.k_norm.weight", False),
+    }
+    for m in qwen3.ATTN + qwen3.MLP:
+        src[f"blocks/{m}/kernel"] = (f"model.layers.{{i}}.{_hf_sub(m)}.weight", True)
+    if not cfg.tie_word_embeddings:
+        src["lm_head"] = ("lm_head.weight", True)
+    return src
+
+
+def from_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=jnp.bfloat16, compute_dtype=None,
+                    lora: LoraConfig | None = None, mesh: jax.sharding.Mesh | None = None, seed: int = 0):
+    """Load a Hugging Face Qwen3 checkpoint into ``Qwen3ForCausalLM``.
+
+    ``dtype`` is the parameter dtype of the frozen weights (LoRA factors are always fp32); ``compute_dtype``
+    defaults to it. With ``mesh`` every tensor goes straight to its sharding from ``emjax.sharding``.
+    """
+    root = resolve(path_or_hub_id)
+    cfg = qwen3.config_from_hf(root / "config.json") if (root / "config.json").exists() else None
+    if cfg is None:
+        raise CheckpointError(f"{root}: no config.json")
+    ckpt = Checkpoint(root)
+    abstract = nnx.eval_shape(lambda: qwen3.Qwen3ForCausalLM(cfg, lora=lora, param_dtype=dtype,
+                                                             dtype=compute_dtype, rngs=nnx.Rngs(seed)))
+    graphdef, state = nnx.split(abstract)
+    sources = _sources(cfg)
+    rng = np.random.default_rng(seed)
+
+    def load_leaf(path, var):
+        p = shd.path_str(path)
+        shape, leaf_dtype = var.shape, var.dtype
+        sharding = shd.param_sharding(p, shape, mesh)
+        if p.endswith("/lora_a"):
+            bound = 1.0 / np.sqrt(shape[1])
+            host = rng.uniform(-bound, bound, size=shape).astype(np.float32)
+            return jax.device_put(host, sharding)
+        if p.endswith("/lora_b"):
+            return jax.device_put(np.zeros(shape, np.float32), sharding)
+        if p not in sources:
+            raise CheckpointError(f"{root}: no source for parameter {p}")
+        template, transpose = sources[p]
+        stacked = "{i}" in template
+        per = shape[1:] if stacked else shape
+        hf_shape = tuple(reversed(per)) if transpose else tuple(per)
+        names = [template.format(i=i) for i in range(shape[0])] if stacked else [template]
+        views = [ckpt.tensor(n, hf_shape) for n in names]  # validates presence and shapes up front
+
+        def cb(index):
+            idx = index[1:] if stacked else index
+            sel = tuple(reversed(idx)) if transpose else idx
+            chosen = views[index[0]] if stacked else views
+            parts = [(v[sel].T if transpose else v[sel]) for v in chosen] if stacked else \
+                [(chosen[0][sel].T if transpose else chosen[0][sel])]
+            out = np.stack(parts) if stacked else parts[0]
+            return np.asarray(out, dtype=leaf_dtype)
+
+        return jax.make_array_from_callback(tuple(shape), sharding, cb)
+
+    loaded = jax.tree_util.tree_map_with_path(load_leaf, state)
+    unused = sorted(n for n in ckpt.where if n not in ckpt.used and not n.endswith(_IGNORED_SUFFIXES))
+    if cfg.tie_word_embeddings and "lm_head.weight" in unused:
+        unused.remove("lm_head.weight")  # some tied checkpoints store the copy anyway
+    if unused:
+        raise CheckpointError(f"{ckpt.where[unused[0]].path}: unexpected tensor {unused[0]} "
+                              f"({len(unused)} unused in total) — not a plain Qwen3 dense checkpoint?")
+    model = nnx.merge(graphdef, loaded)
+    model.source = str(path_or_hub_id)
+    return model

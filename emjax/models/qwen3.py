@@ -1,0 +1,345 @@
+"""Qwen3 dense decoder in Flax NNX, layer-stacked and scanned, with stacked LoRA and a static KV cache.
+
+Parameters are stored per *role* stacked over layers (``blocks/q_proj/kernel`` is (L, in, out) in JAX layout), so
+``jax.lax.scan`` runs one compiled layer body (compile time flat in depth) and LoRA factors of one projection type
+form one batched array. Numerics follow transformers' ``Qwen3ForCausalLM`` (RMSNorm variance in fp32, per-head
+q/k norm before split-halves RoPE, fp32 softmax).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from emjax.lora import LoraConfig
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int = 128
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 40_960
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+
+    @property
+    def num_params(self) -> int:
+        d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = d * hd * (self.num_heads * 2 + self.num_kv_heads * 2) + 2 * hd
+        layer = attn + 3 * d * f + 2 * d
+        head = 0 if self.tie_word_embeddings else self.vocab_size * d
+        return self.vocab_size * d + self.num_layers * layer + d + head
+
+
+def _sized(hidden, layers, heads, intermediate, tied, **kw) -> Qwen3Config:
+    return Qwen3Config(vocab_size=151_936, hidden_size=hidden, intermediate_size=intermediate, num_layers=layers,
+                       num_heads=heads, num_kv_heads=8, head_dim=128, tie_word_embeddings=tied, **kw)
+
+
+def qwen3_0_6b() -> Qwen3Config:
+    return _sized(1024, 28, 16, 3072, True)
+
+
+def qwen3_1_7b() -> Qwen3Config:
+    return _sized(2048, 28, 16, 6144, True)
+
+
+def qwen3_4b(*, instruct_2507: bool = False) -> Qwen3Config:
+    return _sized(2560, 36, 32, 9728, True, rope_theta=5_000_000.0 if instruct_2507 else 1_000_000.0)
+
+
+def qwen3_8b() -> Qwen3Config:
+    return _sized(4096, 36, 32, 12288, False)
+
+
+def qwen3_14b() -> Qwen3Config:
+    return _sized(5120, 40, 40, 17408, False)
+
+
+def qwen3_32b() -> Qwen3Config:
+    return _sized(5120, 64, 64, 25600, False)
+
+
+SIZES = {"0.6b": qwen3_0_6b, "1.7b": qwen3_1_7b, "4b": qwen3_4b, "8b": qwen3_8b, "14b": qwen3_14b, "32b": qwen3_32b}
+
+
+def config_from_hf(config: dict[str, Any] | str | os.PathLike) -> Qwen3Config:
+    """From a Hugging Face ``config.json`` (dict or path); reads θ from top-level ``rope_theta`` (hub files) or
+    ``rope_parameters`` (transformers 5)."""
+    where = "config"
+    if not isinstance(config, dict):
+        path = Path(config)
+        if path.is_dir():
+            path = path / "config.json"
+        where = str(path)
+        config = json.loads(path.read_text())
+    mt = config.get("model_type")
+    if mt != "qwen3":
+        raise ValueError(f"{where}: model_type {mt!r} is not supported (supported: 'qwen3')")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if key not in config:
+            raise KeyError(f"{where}: missing key {key!r}")
+    rope = config.get("rope_parameters") or {}
+    theta = rope.get("rope_theta", config.get("rope_theta", 1_000_000.0))
+    rope_type = rope.get("rope_type", (config.get("rope_scaling") or {}).get("rope_type", "default"))
+    if rope_type not in ("default", None):
+        raise ValueError(f"{where}: rope_type {rope_type!r} is not supported yet (only 'default')")
+    if config.get("attention_bias"):
+        raise ValueError(f"{where}: attention_bias=true is not supported (Qwen3 has none)")
+    heads = config["num_attention_heads"]
+    return Qwen3Config(
+        vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"], num_layers=config["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=config.get("num_key_value_heads", heads),
+        head_dim=config.get("head_dim") or config["hidden_size"] // heads, rope_theta=float(theta),
+        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        max_position_embeddings=int(config.get("max_position_embeddings", 40_960)),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Modules
+
+
+class StackedLinear(nnx.Module):
+    """L stacked (in, out) kernels, frozen, plus optional stacked LoRA factors A (L, in, r), B (L, r, out)."""
+
+    def __init__(self, n_layers: int, d_in: int, d_out: int, *, lora: LoraConfig | None, param_dtype, rngs):
+        init = nnx.initializers.normal(0.02)
+        self.kernel = nnx.Param(init(rngs.params(), (n_layers, d_in, d_out), param_dtype))
+        if lora is not None:
+            bound = 1.0 / math.sqrt(d_in)  # PEFT: kaiming_uniform(a=√5) on (r, in) == U(±1/√in)
+            self.lora_a = nnx.LoRAParam(
+                jax.random.uniform(rngs.params(), (n_layers, d_in, lora.rank), jnp.float32, -bound, bound))
+            self.lora_b = nnx.LoRAParam(jnp.zeros((n_layers, lora.rank, d_out), jnp.float32))
+        else:
+            self.lora_a = None
+            self.lora_b = None
+
+
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+NORMS = ("input_norm", "post_norm", "q_norm", "k_norm")
+
+
+class Qwen3Blocks(nnx.Module):
+    def __init__(self, cfg: Qwen3Config, *, lora: LoraConfig | None, param_dtype, rngs):
+        L, d, hd, f = cfg.num_layers, cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+        shapes = {
+            "q_proj": (d, cfg.num_heads * hd), "k_proj": (d, cfg.num_kv_heads * hd),
+            "v_proj": (d, cfg.num_kv_heads * hd), "o_proj": (cfg.num_heads * hd, d),
+            "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d),
+        }
+        targeted = set(lora.module_names()) if lora else set()
+        for name, (din, dout) in shapes.items():
+            setattr(self, name, StackedLinear(L, din, dout, lora=lora if name in targeted else None,
+                                              param_dtype=param_dtype, rngs=rngs))
+        self.input_norm = nnx.Param(jnp.ones((L, d), param_dtype))
+        self.post_norm = nnx.Param(jnp.ones((L, d), param_dtype))
+        self.q_norm = nnx.Param(jnp.ones((L, hd), param_dtype))
+        self.k_norm = nnx.Param(jnp.ones((L, hd), param_dtype))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Static-shape cache: k, v (L, B, S, Hkv, hd) and the number of valid positions per row (B,)."""
+
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array
+
+    @classmethod
+    def init(cls, cfg: Qwen3Config, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+class Qwen3ForCausalLM(nnx.Module):
+    """``model(tokens[B, T]) -> logits[B, T, V]`` (fp32), optionally with positions, a padding mask, packing
+    segment ids, or a KV cache (then returns ``(logits, cache)``)."""
+
+    def __init__(self, cfg: Qwen3Config, *, lora: LoraConfig | None = None, param_dtype=jnp.float32,
+                 dtype=None, rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        self.config = cfg
+        self.lora_config = lora
+        self.dtype = jnp.dtype(dtype or param_dtype)  # compute dtype
+        self.source = None
+        self.embed = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.hidden_size),
+                                                             param_dtype))
+        self.blocks = Qwen3Blocks(cfg, lora=lora, param_dtype=param_dtype, rngs=rngs)
+        self.final_norm = nnx.Param(jnp.ones((cfg.hidden_size,), param_dtype))
+        if cfg.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (cfg.hidden_size,
+                                                                                   cfg.vocab_size), param_dtype))
+
+    # -- public API ------------------------------------------------------------------------------------------------
+    def __call__(self, tokens, *, positions=None, attention_mask=None, segment_ids=None, cache: KVCache | None = None,
+                 return_hidden: bool = False):
+        h, new_cache = self.hidden_states(tokens, positions=positions, attention_mask=attention_mask,
+                                          segment_ids=segment_ids, cache=cache)
+        out = h if return_hidden else self.logits(h)
+        return out if cache is None else (out, new_cache)
+
+    def logits(self, h):
+        """Final-norm'd hidden states (..., D) -> fp32 logits (..., V)."""
+        if self.lm_head is None:
+            w = self.embed[...].astype(self.dtype)
+            return jnp.einsum("...d,vd->...v", h, w, preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,dv->...v", h, self.lm_head[...].astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def hidden_states(self, tokens, *, positions=None, attention_mask=None, segment_ids=None, cache=None):
+        cfg = self.config
+        B, T = tokens.shape
+        h = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+
+        if cache is None:
+            if positions is None:
+                positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+            q_pos = positions
+            causal = jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]
+            mask = jnp.broadcast_to(causal, (B, T, T))
+            if segment_ids is not None:
+                mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
+            elif attention_mask is not None:
+                mask = mask & (attention_mask[:, None, :] > 0)
+            start = None
+        else:
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packing) cannot be combined with a KV cache")
+            start = cache.lengths
+            q_pos = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+            if positions is None:
+                positions = q_pos
+            n_new = T if attention_mask is None else jnp.sum(attention_mask > 0, axis=1).astype(jnp.int32)
+            new_lengths = start + n_new
+            k_idx = jnp.arange(cache.max_len)
+            # Right-padded rows: valid keys are a prefix [0, new_length); causal on absolute cache positions.
+            mask = (k_idx[None, None, :] <= q_pos[:, :, None]) & (k_idx[None, None, :] < new_lengths[:, None, None])
+
+        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+        layer_params = self._layer_params()
+        scale = self.lora_config.scale if self.lora_config else 0.0
+        body = _make_layer_fn(cfg, self.dtype, scale, mask, cos, sin, start)
+
+        if cache is None:
+            h, _ = jax.lax.scan(lambda c, p: (body(c, p, None)[0], None), h, layer_params)
+            new_cache = None
+        else:
+            def step(c, xs):
+                p, kc, vc = xs
+                c, (kc, vc) = body(c, p, (kc, vc))
+                return c, (kc, vc)
+
+            h, (ks, vs) = jax.lax.scan(step, h, (layer_params, cache.k, cache.v))
+            new_cache = KVCache(ks, vs, new_lengths)
+        h = rms_norm(h, self.final_norm[...], cfg.rms_norm_eps)
+        return h, new_cache
+
+    def _layer_params(self) -> dict:
+        b = self.blocks
+        p = {n: getattr(b, n)[...] for n in NORMS}
+        for name in ATTN + MLP:
+            lin = getattr(b, name)
+            p[name] = (lin.kernel[...], None if lin.lora_a is None else lin.lora_a[...],
+                       None if lin.lora_b is None else lin.lora_b[...])
+        return p
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure layer math
+
+
+def rms_norm(x, w, eps):
+    """transformers' Qwen3RMSNorm: variance in fp32, normalised x cast back to the input dtype, then × weight."""
+    dtype = x.dtype
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return w.astype(dtype) * xf.astype(dtype)
+
+
+def rope_tables(positions, head_dim, theta):
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, hd/2)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x, cos, sin):
+    """Split-halves RoPE on (B, T, H, hd) with tables (B, T, hd)."""
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    c, s = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * c + rot * s
+
+
+def _linear(x, params, scale):
+    kernel, a, b = params
+    y = x @ kernel.astype(x.dtype)
+    if a is not None:
+        y = y + ((x @ a.astype(x.dtype)) @ b.astype(x.dtype)) * jnp.asarray(scale, x.dtype)
+    return y
+
+
+def _make_layer_fn(cfg: Qwen3Config, dtype, scale, mask, cos, sin, cache_start):
+    H, K, hd, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+    G = H // K
+
+    def layer(h, p, kv):
+        B, T, _ = h.shape
+        x = rms_norm(h, p["input_norm"], eps)
+        q = _linear(x, p["q_proj"], scale).reshape(B, T, H, hd)
+        k = _linear(x, p["k_proj"], scale).reshape(B, T, K, hd)
+        v = _linear(x, p["v_proj"], scale).reshape(B, T, K, hd)
+        q = apply_rope(rms_norm(q, p["q_norm"], eps), cos, sin)
+        k = apply_rope(rms_norm(k, p["k_norm"], eps), cos, sin)
+        if kv is not None:
+            kc, vc = kv
+            write = jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice(c, x, (i, 0, 0)))
+            kc = write(kc, k.astype(kc.dtype), cache_start)
+            vc = write(vc, v.astype(vc.dtype), cache_start)
+            k_all, v_all, new_kv = kc.astype(dtype), vc.astype(dtype), (kc, vc)
+        else:
+            k_all, v_all, new_kv = k, v, None
+        qg = q.reshape(B, T, K, G, hd)
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k_all, preferred_element_type=jnp.float32) / math.sqrt(hd)
+        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        attn = jnp.einsum("bkgts,bskd->btkgd", probs, v_all).reshape(B, T, H * hd)
+        h = h + _linear(attn, p["o_proj"], scale)
+        x = rms_norm(h, p["post_norm"], eps)
+        mlp = jax.nn.silu(_linear(x, p["gate_proj"], scale)) * _linear(x, p["up_proj"], scale)
+        h = h + _linear(mlp, p["down_proj"], scale)
+        return h, new_kv
+
+    return layer

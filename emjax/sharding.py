@@ -1,0 +1,122 @@
+"""One table of sharding rules: parameter path -> logical axes -> mesh axes.
+
+Switching FSDP for tensor parallelism is an edit of ``LOGICAL_TO_MESH``; every helper is a no-op without a mesh.
+Mesh axes are ``data`` (batch), ``fsdp`` (batch and parameter shards) and ``tensor`` (heads / MLP width).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# (regex on the "/"-joined parameter path, logical axis per dimension). First match wins.
+PARAM_RULES: list[tuple[str, tuple[str | None, ...]]] = [
+    (r"^embed$", ("vocab", "embed")),
+    (r"^lm_head$", ("embed", "vocab")),
+    (r"^final_norm$", (None,)),
+    (r"blocks/(input_norm|post_norm)$", ("layers", None)),
+    (r"blocks/(q_norm|k_norm)$", ("layers", None)),
+    (r"blocks/(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$", ("layers", "embed", "mlp")),
+    (r"blocks/(o_proj|down_proj)/kernel$", ("layers", "mlp", "embed")),
+    # LoRA factors: each matrix stays whole on one device (Newton–Schulz and the r×r spectral maths are local);
+    # only the layer-stack axis is split.
+    (r"/lora_a$", ("lora_layers", None, None)),
+    (r"/lora_b$", ("lora_layers", None, None)),
+]
+
+LOGICAL_TO_MESH: dict[str, str | tuple[str, ...] | None] = {
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "layers": None,
+    "lora_layers": "fsdp",
+    "batch": ("data", "fsdp"),
+    "length": None,
+}
+
+
+def make_mesh(shape: dict[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Mesh with axes (data, fsdp, tensor). ``shape`` may use -1 for one axis (the rest of the devices).
+    Axes are Auto so ``with_sharding_constraint`` works inside jit."""
+    devices = list(devices or jax.devices())
+    shape = dict({"data": 1, "fsdp": -1, "tensor": 1}, **(shape or {}))
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"mesh: unknown axis {sorted(unknown)}; axes are {MESH_AXES}")
+    sizes = [shape[a] for a in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError("mesh: at most one axis may be -1")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh: {len(devices)} devices do not divide into {shape}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f"mesh: shape {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+                         f"have {len(devices)}")
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                         devices=devices)
+
+
+def logical_spec(path: str) -> tuple[str | None, ...] | None:
+    for pattern, axes in PARAM_RULES:
+        if re.search(pattern, path):
+            return axes
+    return None
+
+
+def spec_for(logical: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh | None) -> P:
+    """PartitionSpec for ``shape``; drops mesh axes that are absent, of size 1, or that do not divide the dim."""
+    if mesh is None or logical is None:
+        return P()
+    out = []
+    for dim, name in zip(shape, logical):
+        axes = LOGICAL_TO_MESH.get(name) if name else None
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
+        size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+        if not axes or dim % size:
+            out.append(None)
+        else:
+            out.append(axes[0] if len(axes) == 1 else axes)
+    return P(*out)
+
+
+def param_sharding(path: str, shape: Sequence[int], mesh: Mesh | None):
+    """Sharding for one parameter; without a mesh, the first device."""
+    if mesh is None:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return NamedSharding(mesh, spec_for(logical_spec(path), shape, mesh))
+
+
+def path_str(path) -> str:
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    if parts and parts[-1] == "value":  # the array inside an nnx.Variable
+        parts.pop()
+    return "/".join(parts)
+
+
+def state_shardings(state, mesh: Mesh | None):
+    """Tree of shardings matching ``state`` (an nnx.State or any pytree of arrays), from the rules table."""
+    return jax.tree_util.tree_map_with_path(lambda p, x: param_sharding(path_str(p), x.shape, mesh), state)
+
+
+def batch_sharding(mesh: Mesh | None):
+    """Batch dimension over (data, fsdp); the rest replicated."""
+    if mesh is None:
+        return None
+    axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
+    return NamedSharding(mesh, P(axes or None))

@@ -1,0 +1,34 @@
+"""Tiny random Hugging Face checkpoints for tests, the demo and benchmarks (no hub access anywhere)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=24, tie_word_embeddings=False, max_position_embeddings=512,
+            rms_norm_eps=1e-6)
+
+
+def tiny_hf_model(seed: int = 0, noise: float = 0.05, **overrides):
+    """A transformers ``Qwen3ForCausalLM`` with random weights (norm weights perturbed too, so they matter)."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    kw = dict(TINY, **overrides)
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(Qwen3Config(**kw)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * noise)
+    return model
+
+
+def tiny_hf_checkpoint(path: str | os.PathLike, *, seed: int = 0, max_shard_size: str | None = None,
+                       **overrides) -> Path:
+    """Save a tiny random Qwen3 with ``save_pretrained`` (optionally sharded) and return its directory."""
+    model = tiny_hf_model(seed=seed, **overrides)
+    path = Path(path)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    return path

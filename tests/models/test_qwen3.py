@@ -1,0 +1,219 @@
+"""Qwen3 in emjax vs transformers' Qwen3ForCausalLM in fp32 (tolerance 1e-4 max-abs on logits)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from emjax.models import CheckpointError, KVCache, config_from_hf, from_pretrained, qwen3
+from emjax.testing import tiny_hf_checkpoint, tiny_hf_model
+
+TOL = 1e-4
+
+
+def _ref_logits(hf, tokens, mask=None):
+    with torch.no_grad():
+        kw = {} if mask is None else {"attention_mask": torch.tensor(mask)}
+        return hf(torch.tensor(tokens), **kw).logits.numpy()
+
+
+CASES = {
+    "untied": dict(),
+    "tied": dict(tie_word_embeddings=True),
+    "gqa4_headdim_ne": dict(num_attention_heads=8, num_key_value_heads=2, head_dim=20),
+    "mha": dict(num_attention_heads=4, num_key_value_heads=4, head_dim=16),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_match_transformers(tmp_path, case):
+    hf = tiny_hf_model(seed=1, **CASES[case])
+    hf.save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path, dtype=jnp.float32)
+    tokens = np.random.default_rng(0).integers(0, 256, (2, 80))  # longer than 64
+    diff = np.abs(np.asarray(model(jnp.asarray(tokens))) - _ref_logits(hf, tokens)).max()
+    assert diff < TOL, diff
+
+
+def test_right_padded_batch_with_mask(tmp_path):
+    hf = tiny_hf_model(seed=2)
+    hf.save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path, dtype=jnp.float32)
+    tokens = np.random.default_rng(1).integers(0, 256, (3, 40))
+    lengths = np.array([40, 25, 7])
+    mask = (np.arange(40)[None] < lengths[:, None]).astype(np.int64)
+    tokens = np.where(mask > 0, tokens, 0)
+    ref = _ref_logits(hf, tokens, mask)
+    out = np.asarray(model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask)))
+    for b, n in enumerate(lengths):
+        assert np.abs(out[b, :n] - ref[b, :n]).max() < TOL
+        solo = _ref_logits(hf, tokens[b:b + 1, :n])[0]  # and each row equals that row alone
+        assert np.abs(out[b, :n] - solo).max() < TOL
+
+
+def test_sharded_checkpoint(tmp_path):
+    hf = tiny_hf_model(seed=3)
+    hf.save_pretrained(tmp_path, max_shard_size="50KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 2
+    model = from_pretrained(tmp_path, dtype=jnp.float32)
+    tokens = np.random.default_rng(2).integers(0, 256, (1, 16))
+    assert np.abs(np.asarray(model(jnp.asarray(tokens))) - _ref_logits(hf, tokens)).max() < TOL
+
+
+def test_per_layer_hidden_states(tmp_path):
+    """Per-layer parity: truncating both models to k layers gives the same final hidden states."""
+    hf = tiny_hf_model(seed=4, num_hidden_layers=3)
+    hf.save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path, dtype=jnp.float32)
+    tokens = np.random.default_rng(3).integers(0, 256, (2, 12))
+    with torch.no_grad():
+        ref = hf(torch.tensor(tokens), output_hidden_states=True).hidden_states
+    cfg = model.config
+    cos, sin = qwen3.rope_tables(jnp.broadcast_to(jnp.arange(12), (2, 12)), cfg.head_dim, cfg.rope_theta)
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((12, 12), bool)), (2, 12, 12))
+    body = qwen3._make_layer_fn(cfg, jnp.float32, 0.0, mask, cos, sin, None)
+    for k in (1, 2):  # hidden_states[k] (k < L) is the raw output of layer k: scan over the first k layers only
+        params = jax.tree_util.tree_map(lambda x: x[:k], model._layer_params())
+        h, _ = jax.lax.scan(lambda c, p: (body(c, p, None)[0], None), model.embed[...][tokens], params)
+        assert np.abs(np.asarray(h) - ref[k].numpy()).max() < TOL
+
+
+def test_kv_cache_decoding_matches_full_forward(tmp_path):
+    hf = tiny_hf_model(seed=5)
+    hf.save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path, dtype=jnp.float32)
+    rng = np.random.default_rng(4)
+    tokens = jnp.asarray(rng.integers(0, 256, (2, 30)))
+    full = np.asarray(model(tokens))
+    prompt_len = np.array([10, 6])
+    prompt = np.asarray(tokens).copy()
+    pmask = (np.arange(12)[None] < prompt_len[:, None]).astype(np.int32)
+    cache = KVCache.init(model.config, 2, 40)
+    logits, cache = model(jnp.asarray(prompt[:, :12] * pmask), attention_mask=jnp.asarray(pmask), cache=cache)
+    for b in range(2):
+        n = prompt_len[b]
+        assert np.abs(np.asarray(logits)[b, :n] - full[b, :n]).max() < TOL
+    np.testing.assert_array_equal(np.asarray(cache.lengths), prompt_len)
+    # feed the true continuation one token at a time; row b continues at its own position
+    for step in range(8):
+        nxt = jnp.asarray([[int(tokens[b, prompt_len[b] + step])] for b in range(2)])
+        logits, cache = model(nxt, cache=cache)
+        for b in range(2):
+            assert np.abs(np.asarray(logits)[b, 0] - full[b, prompt_len[b] + step]).max() < TOL
+
+
+def test_bf16_policy_runs_close(tmp_path):
+    hf = tiny_hf_model(seed=6)
+    hf.save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path, dtype=jnp.bfloat16)
+    assert model.blocks.q_proj.kernel[...].dtype == jnp.bfloat16
+    tokens = np.random.default_rng(5).integers(0, 256, (1, 16))
+    out = np.asarray(model(jnp.asarray(tokens)))
+    assert out.dtype == np.float32
+    ref = _ref_logits(hf, tokens)
+    assert np.abs(out - ref).max() < 0.1 * np.abs(ref).max()
+
+
+def test_mesh_loading_matches_single_device(tmp_path):
+    from emjax.sharding import make_mesh
+
+    hf = tiny_hf_model(seed=7)
+    hf.save_pretrained(tmp_path)
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    model = from_pretrained(tmp_path, dtype=jnp.float32, mesh=mesh)
+    spec = model.blocks.q_proj.kernel[...].sharding.spec
+    assert tuple(spec) == (None, "fsdp", "tensor"), spec
+    tokens = np.random.default_rng(6).integers(0, 256, (2, 16))
+    out = np.asarray(jax.jit(lambda m, t: m(t))(model, jnp.asarray(tokens)))
+    assert np.abs(out - _ref_logits(hf, tokens)).max() < TOL
+
+
+# --- configs --------------------------------------------------------------------------------------------------
+
+TABLE = {  # reference.md: hidden, layers, q heads, kv heads, intermediate, tied
+    "0.6b": (1024, 28, 16, 8, 3072, True), "1.7b": (2048, 28, 16, 8, 6144, True),
+    "4b": (2560, 36, 32, 8, 9728, True), "8b": (4096, 36, 32, 8, 12288, False),
+    "14b": (5120, 40, 40, 8, 17408, False), "32b": (5120, 64, 64, 8, 25600, False),
+}
+
+
+@pytest.mark.parametrize("size", sorted(TABLE))
+def test_size_constructors_match_reference_table(size):
+    c = qwen3.SIZES[size]()
+    got = (c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.intermediate_size, c.tie_word_embeddings)
+    assert got == TABLE[size]
+    assert (c.vocab_size, c.head_dim, c.rms_norm_eps, c.rope_theta) == (151936, 128, 1e-6, 1e6)
+
+
+def test_8b_parameter_count():
+    assert abs(qwen3.qwen3_8b().num_params / 1e9 - 8.19) < 0.01
+
+
+def test_config_from_hf_reads_both_rope_forms():
+    base = {"model_type": "qwen3", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4}
+    assert config_from_hf(dict(base, rope_theta=5e6)).rope_theta == 5e6
+    assert config_from_hf(dict(base, rope_parameters={"rope_type": "default", "rope_theta": 3e5})).rope_theta == 3e5
+
+
+# --- clear errors ---------------------------------------------------------------------------------------------
+
+def test_unknown_model_type(tmp_path):
+    p = tiny_hf_checkpoint(tmp_path)
+    cfg = json.loads((p / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (p / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"config.json: model_type 'llama' is not supported"):
+        from_pretrained(p)
+
+
+def test_missing_tensor_names_tensor(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    p = tiny_hf_checkpoint(tmp_path)
+    f = p / "model.safetensors"
+    t = load_file(str(f))
+    del t["model.layers.1.mlp.up_proj.weight"]
+    save_file(t, str(f), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"missing tensor model\.layers\.1\.mlp\.up_proj\.weight"):
+        from_pretrained(p)
+
+
+def test_shape_mismatch_names_tensor_and_file(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    p = tiny_hf_checkpoint(tmp_path)
+    f = p / "model.safetensors"
+    t = load_file(str(f))
+    t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][:-1]
+    save_file(t, str(f), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor model\.layers\.0\.self_attn\.k_proj"
+                                              r"\.weight has shape"):
+        from_pretrained(p)
+
+
+def test_unexpected_tensor_is_an_error(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    p = tiny_hf_checkpoint(tmp_path)
+    f = p / "model.safetensors"
+    t = load_file(str(f))
+    t["model.layers.0.self_attn.q_proj.bias"] = np.zeros(96, np.float32)
+    save_file(t, str(f), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"unexpected tensor model\.layers\.0\.self_attn\.q_proj\.bias"):
+        from_pretrained(p)
+
+
+def test_offline_hub_id_gives_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=r"huggingface-cli download Qwen/Qwen3-0.6B"):
+        from_pretrained("Qwen/Qwen3-0.6B")
+
+
+def test_missing_directory_is_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+        from_pretrained(tmp_path / "nope" / "deeper")
