@@ -1,0 +1,123 @@
+"""LoRA adapters interoperate with PEFT: same logits after export -> PEFT load, and after PEFT save -> load_peft."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from emjax import lora
+from emjax.models import from_pretrained
+from emjax.testing import tiny_hf_model
+
+TOL = 1e-4
+
+
+def _randomise_b(model, seed=0):
+    rng = np.random.default_rng(seed)
+    for _, lin in lora.lora_modules(model):
+        lin.lora_b[...] = jnp.asarray(rng.normal(0, 0.05, lin.lora_b.shape), jnp.float32)
+
+
+def test_config_scale_and_targets():
+    c = lora.LoraConfig()
+    assert c.scale == pytest.approx(64 / np.sqrt(32))
+    assert lora.LoraConfig(rank=8, alpha=16, rslora=False).scale == 2.0
+    assert lora.LoraConfig(targets=("q_proj", "down")).targets == ("q", "down")
+    with pytest.raises(ValueError, match="LoRA target 'lm_head'"):
+        lora.LoraConfig(targets=("lm_head",))
+
+
+def test_init_follows_peft(tmp_path):
+    tiny_hf_model().save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path, dtype=jnp.float32, lora=lora.LoraConfig(rank=8, alpha=16))
+    a = np.asarray(model.blocks.gate_proj.lora_a[...])
+    assert a.shape == (2, 64, 8) and np.abs(a).max() <= 1 / np.sqrt(64) and np.abs(a).max() > 0.5 / np.sqrt(64)
+    assert not np.any(np.asarray(model.blocks.gate_proj.lora_b[...]))
+    # B = 0: the adapter is a no-op
+    base = from_pretrained(tmp_path, dtype=jnp.float32)
+    t = jnp.arange(10)[None]
+    np.testing.assert_allclose(model(t), base(t), atol=1e-6)
+
+
+@pytest.mark.parametrize("targets", [("q", "k", "v", "o", "gate", "up", "down"), ("q", "v")])
+def test_export_then_peft_matches(tmp_path, targets):
+    from peft import PeftModel
+
+    hf = tiny_hf_model(seed=1)
+    hf.save_pretrained(tmp_path / "base")
+    cfg = lora.LoraConfig(rank=4, alpha=8, rslora=True, targets=targets)
+    model = from_pretrained(tmp_path / "base", dtype=jnp.float32, lora=cfg)
+    _randomise_b(model)
+    lora.export_peft(model, tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["use_rslora"] is True and saved["r"] == 4 and saved["peft_type"] == "LORA"
+    peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    tokens = np.random.default_rng(0).integers(0, 256, (2, 20))
+    with torch.no_grad():
+        ref = peft_model(torch.tensor(tokens)).logits.numpy()
+    out = np.asarray(model(jnp.asarray(tokens)))
+    assert np.abs(out - np.asarray(from_pretrained(tmp_path / "base", dtype=jnp.float32)(jnp.asarray(tokens)))).max() > 1e-2
+    assert np.abs(out - ref).max() < TOL
+
+
+def test_peft_saved_adapter_loads(tmp_path):
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    hf = tiny_hf_model(seed=2)
+    hf.save_pretrained(tmp_path / "base")
+    pcfg = PeftLoraConfig(r=4, lora_alpha=16, use_rslora=False, target_modules=["q_proj", "k_proj", "v_proj",
+                          "o_proj", "gate_proj", "up_proj", "down_proj"], lora_dropout=0.0, task_type="CAUSAL_LM")
+    pm = get_peft_model(hf, pcfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    pm.save_pretrained(tmp_path / "adapter")
+    tokens = np.random.default_rng(1).integers(0, 256, (2, 20))
+    with torch.no_grad():
+        ref = pm.eval()(torch.tensor(tokens)).logits.numpy()
+    cfg = lora.read_peft_config(tmp_path / "adapter")
+    assert cfg.scale == 4.0
+    model = from_pretrained(tmp_path / "base", dtype=jnp.float32, lora=cfg)
+    lora.load_peft(model, tmp_path / "adapter")
+    assert np.abs(np.asarray(model(jnp.asarray(tokens))) - ref).max() < TOL
+
+
+def test_merge_preserves_logits(tmp_path):
+    tiny_hf_model(seed=3).save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path, dtype=jnp.float32, lora=lora.LoraConfig(rank=4, alpha=8))
+    _randomise_b(model, 1)
+    t = jnp.arange(12)[None]
+    before = np.asarray(model(t))
+    lora.merge(model)
+    assert not np.any(np.asarray(model.blocks.q_proj.lora_b[...]))
+    np.testing.assert_allclose(np.asarray(model(t)), before, atol=1e-4)
+
+
+def test_load_peft_errors(tmp_path):
+    tiny_hf_model().save_pretrained(tmp_path / "base")
+    model = from_pretrained(tmp_path / "base", dtype=jnp.float32, lora=lora.LoraConfig(rank=4, alpha=8))
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        lora.load_peft(model, tmp_path)
+    lora.export_peft(model, tmp_path / "ad")
+    other = from_pretrained(tmp_path / "base", dtype=jnp.float32, lora=lora.LoraConfig(rank=2, alpha=8))
+    with pytest.raises(ValueError, match="adapter has r=4"):
+        lora.load_peft(other, tmp_path / "ad")
+
+
+def test_only_lora_params_are_trainable(tmp_path):
+    from flax import nnx
+
+    tiny_hf_model().save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path, dtype=jnp.float32, lora=lora.LoraConfig(rank=4, alpha=8, targets=("q", "up")))
+    _, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    paths = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(trainable)}
+    assert paths == {"blocks/q_proj/lora_a", "blocks/q_proj/lora_b", "blocks/up_proj/lora_a", "blocks/up_proj/lora_b"}
+    assert all("lora" not in "/".join(map(str, p)) for p, _ in nnx.to_flat_state(frozen))
+    pairs = lora.adapter_pairs(model)
+    assert set(pairs) == {"q_proj", "up_proj"} and pairs["q_proj"][0].shape == (2, 64, 4)
+    assert set(lora.adapter_pairs_from_state(trainable)) == {"q_proj", "up_proj"}
