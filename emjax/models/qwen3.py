@@ -221,7 +221,7 @@ class Qwen3ForCausalLM(nnx.Module):
     def hidden_states(self, tokens, *, positions=None, attention_mask=None, segment_ids=None, cache=None):
         cfg = self.config
         B, T = tokens.shape
-        h = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        h = jnp.take(self.embed[...], tokens, axis=0, mode="clip").astype(self.dtype)
 
         if cache is None:
             if positions is None:

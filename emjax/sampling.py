@@ -1,0 +1,121 @@
+"""In-graph sampling: one jitted prefill and one jitted ``while_loop`` decode over a donated static KV cache.
+
+Prompt lengths are bucketed (and the batch padded) so repeated calls reuse the compiled programs; LoRA factors are
+applied unmerged, so the same sampler serves evaluation during training.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from emjax.models.qwen3 import KVCache
+
+STOP_TOKENS = (151645, 151643)  # <|im_end|>, <|endoftext|>
+PAD_ID = 151643
+
+
+def sample_logits(logits, rng, temperature, top_p=1.0, top_k: int = 0):
+    """Next token per row from fp32 logits (B, V). ``temperature`` 0 is greedy; ``top_k`` is static (0 = off)."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    t = jnp.maximum(jnp.asarray(temperature, jnp.float32), 1e-6)
+    scaled = logits.astype(jnp.float32) / t
+    neg = jnp.finfo(jnp.float32).min
+    if top_k and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(scaled, top_k)[0][..., -1:]
+        scaled = jnp.where(scaled < kth, neg, scaled)
+    # top-p: keep the smallest set of most probable tokens whose mass reaches top_p (the top token always stays)
+    order = jnp.argsort(-scaled, axis=-1)
+    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    keep_sorted = before < jnp.asarray(top_p, jnp.float32)
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(scaled.shape[0])[:, None], order].set(keep_sorted)
+    scaled = jnp.where(keep, scaled, neg)
+    sampled = jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+    return jnp.where(jnp.asarray(temperature) > 0, sampled, greedy)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
+def _prefill(graphdef, state, tokens, mask, cache):
+    model = nnx.merge(graphdef, state)
+    h, cache = model.hidden_states(tokens, attention_mask=mask, cache=cache)
+    last = jnp.take_along_axis(h, (cache.lengths - 1)[:, None, None], axis=1)[:, 0]
+    return model.logits(last), cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7), donate_argnums=(2,))
+def _decode(graphdef, state, cache, first_logits, params, max_new: int, stop_tokens: tuple, top_k: int):
+    model = nnx.merge(graphdef, state)
+    temperature, top_p, rng = params
+    B = first_logits.shape[0]
+    stops = jnp.asarray(stop_tokens, jnp.int32)
+
+    def cond(c):
+        step, _, _, _, done, _ = c
+        return (step < max_new) & ~jnp.all(done)
+
+    def body(c):
+        step, cache, logits, out, done, rng = c
+        rng, key = jax.random.split(rng)
+        tok = sample_logits(logits, key, temperature, top_p, top_k)
+        out = out.at[:, step].set(jnp.where(done, PAD_ID, tok))
+        done = done | jnp.isin(tok, stops)
+        logits, cache = model(tok[:, None], cache=cache)
+        return step + 1, cache, logits[:, 0], out, done, rng
+
+    init = (jnp.int32(0), cache, first_logits, jnp.full((B, max_new), PAD_ID, jnp.int32), jnp.zeros((B,), bool), rng)
+    step, cache, _, out, done, _ = jax.lax.while_loop(cond, body, init)
+    return out, step, cache  # returning the cache lets XLA run the loop in the donated buffer
+
+
+def _bucket(n: int, size: int) -> int:
+    return max(size, int(math.ceil(n / size)) * size)
+
+
+def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, rng: jax.Array | int | None = None,
+             stop_tokens: Sequence[int] = STOP_TOKENS, length_bucket: int = 64, batch_bucket: int = 8,
+             cache_dtype=None) -> list[list[int]]:
+    """Generate continuations of token-id prompts; each result ends at (and includes) its stop token, or has
+    ``max_new_tokens`` tokens. Greedy when ``temperature == 0``."""
+    if not prompts:
+        return []
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    n = len(prompts)
+    B = _bucket(n, batch_bucket)
+    T = _bucket(max(len(p) for p in prompts), length_bucket)
+    tokens = np.zeros((B, T), np.int32)  # pad with id 0: always inside the embedding table
+    mask = np.zeros((B, T), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+        mask[i, : len(p)] = 1
+    mask[n:, 0] = 1  # padding rows: one dummy token so every row has a valid last position
+    if rng is None:
+        rng = jax.random.key(0)
+    elif isinstance(rng, int):
+        rng = jax.random.key(rng)
+    graphdef, state = nnx.split(model)
+    cache = KVCache.init(model.config, B, T + max_new_tokens, dtype=cache_dtype or model.dtype)
+    logits, cache = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), cache)
+    params = (jnp.float32(temperature), jnp.float32(top_p), rng)
+    out, _, _ = _decode(graphdef, state, cache, logits, params, int(max_new_tokens),
+                     tuple(int(t) for t in stop_tokens), int(top_k))
+    out = np.asarray(out)[:n]
+    stops = set(int(t) for t in stop_tokens)
+    results = []
+    for row in out:
+        seq = []
+        for t in row.tolist():
+            seq.append(t)
+            if t in stops:
+                break
+        results.append(seq[:max_new_tokens])
+    return results

@@ -1,0 +1,114 @@
+"""Sampler: greedy equals transformers generate(do_sample=False); sampling follows the softmax (chi-square)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from emjax import lora
+from emjax.models import from_pretrained
+from emjax.sampling import _decode, _prefill, generate, sample_logits
+from emjax.testing import tiny_hf_model
+
+STOP = 7
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt")
+    hf = tiny_hf_model(seed=11, noise=0.2)
+    hf.save_pretrained(d)
+    return hf, d
+
+
+def _hf_greedy(hf, prompt, n, stop=STOP):
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, eos_token_id=stop,
+                          pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    return out[0, len(prompt):].tolist()
+
+
+def test_greedy_matches_transformers_and_rows_are_independent(tiny):
+    hf, d = tiny
+    model = from_pretrained(d, dtype=jnp.float32)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(8, 256, n).tolist() for n in (5, 17, 9)]
+    batch = generate(model, prompts, max_new_tokens=12, stop_tokens=(STOP,))
+    for p, got in zip(prompts, batch):
+        assert got == _hf_greedy(hf, p, 12)
+        assert generate(model, [p], max_new_tokens=12, stop_tokens=(STOP,))[0] == got
+
+
+def test_stops_at_stop_token(tiny):
+    hf, d = tiny
+    model = from_pretrained(d, dtype=jnp.float32)
+    prompt = [10, 11, 12]
+    free = generate(model, [prompt], max_new_tokens=10, stop_tokens=(255,))[0]
+    stop = free[3]
+    got = generate(model, [prompt], max_new_tokens=10, stop_tokens=(stop,))[0]
+    assert got[-1] == stop and len(got) == free.index(stop) + 1
+    assert got == _hf_greedy(hf, prompt, 10, stop=stop)
+
+
+def test_greedy_with_adapter_matches_peft(tiny, tmp_path):
+    from peft import PeftModel
+
+    hf, d = tiny
+    model = from_pretrained(d, dtype=jnp.float32, lora=lora.LoraConfig(rank=4, alpha=8))
+    r = np.random.default_rng(1)
+    for _, lin in lora.lora_modules(model):
+        lin.lora_b[...] = jnp.asarray(r.normal(0, 0.1, lin.lora_b.shape), jnp.float32)
+    lora.export_peft(model, tmp_path / "ad")
+    pm = PeftModel.from_pretrained(tiny_hf_model(seed=11, noise=0.2), tmp_path / "ad").eval()
+    prompt = r.integers(8, 256, 6).tolist()
+    got = generate(model, [prompt], max_new_tokens=10, stop_tokens=(STOP,))[0]
+    assert got == _hf_greedy(pm, prompt, 10)
+    assert got != generate(from_pretrained(d, dtype=jnp.float32), [prompt], max_new_tokens=10,
+                           stop_tokens=(STOP,))[0]
+
+
+def test_no_recompilation_for_same_buckets(tiny):
+    _, d = tiny
+    model = from_pretrained(d, dtype=jnp.float32)
+    generate(model, [[1, 2, 3]], max_new_tokens=4)
+    n_pre, n_dec = _prefill._cache_size(), _decode._cache_size()
+    generate(model, [[4, 5, 6, 7, 8], [9]], max_new_tokens=4, temperature=0.7, top_p=0.9, rng=3)
+    assert (_prefill._cache_size(), _decode._cache_size()) == (n_pre, n_dec)
+
+
+def _chi2_p(counts, probs):
+    probs = np.asarray(probs, np.float64)
+    return stats.chisquare(counts, probs / probs.sum() * counts.sum()).pvalue
+
+
+def _frequencies(logits, n, **kw):
+    keys = jax.random.split(jax.random.key(0), n)
+    draw = jax.jit(jax.vmap(lambda k: sample_logits(logits[None], k, **kw)[0]))
+    return np.bincount(np.asarray(draw(keys)), minlength=logits.shape[0])
+
+
+def test_sampling_matches_softmax_chi_square():
+    logits = jnp.asarray([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    for temperature in (1.0, 0.5):
+        counts = _frequencies(logits, 20000, temperature=temperature)
+        assert _chi2_p(counts, jax.nn.softmax(logits / temperature)) > 1e-3
+
+
+def test_top_k_and_top_p_renormalise():
+    logits = jnp.asarray([2.0, 1.0, 0.5, 0.0, -1.0])
+    p = np.asarray(jax.nn.softmax(logits), np.float64)
+    counts = _frequencies(logits, 20000, temperature=1.0, top_k=2)
+    assert counts[2:].sum() == 0
+    assert _chi2_p(counts[:2], p[:2]) > 1e-3
+    # top-p 0.8: keeps tokens until the mass before them reaches 0.8
+    keep = (np.cumsum(p) - p) < 0.8
+    counts = _frequencies(logits, 20000, temperature=1.0, top_p=0.8)
+    assert counts[~keep].sum() == 0
+    assert _chi2_p(counts[keep], p[keep]) > 1e-3
+
+
+def test_temperature_zero_is_argmax():
+    logits = jnp.asarray([[0.1, 3.0, 2.9], [5.0, -1.0, 0.0]])
+    assert sample_logits(logits, jax.random.key(0), 0.0).tolist() == [1, 0]
