@@ -1,0 +1,139 @@
+"""Typed run configuration: YAML files in ``configs/`` merged into dataclass schemas by OmegaConf, overridable
+from the command line as ``key=value``. Unknown or mistyped keys are errors that name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from emjax.data.pipeline import DataConfig
+from emjax.optim import OptimConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class ModelConfig:
+    checkpoint: Optional[str] = None  # HF directory or hub id; None = random init of `preset`
+    preset: str = "tiny"  # random init: tiny | demo | bench | 0.6b | 1.7b | 4b | 8b | 14b | 32b
+    dtype: str = "float32"  # parameter dtype of the frozen weights (LoRA factors are always fp32)
+    compute_dtype: Optional[str] = None  # default: dtype
+    # "compact": random-init models only — embedding rows for just the tokens of the training data and the
+    # evaluation questions (plus specials), so a CPU model is not dominated by a 151,936-row vocabulary.
+    vocab: str = "full"
+
+
+@dataclass
+class LoraSection:
+    rank: int = 32
+    alpha: float = 64.0
+    rslora: bool = True
+    targets: List[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+
+
+@dataclass
+class SpectralConfig:
+    weight: float = 0.0  # λ of the regulariser; 0 = off (not even traced)
+    kind: str = "fn_ratio"  # fn_ratio | entropy | any registered penalty
+    reduce: str = "mean"  # mean | sum over modules × layers
+
+
+@dataclass
+class MeshConfig:
+    data: int = 1
+    fsdp: int = -1  # -1: the remaining devices
+    tensor: int = 1
+
+
+@dataclass
+class EvalHookConfig:
+    every: int = 0  # evaluate every N steps during training (training dynamics); 0 = only at the end if `final`
+    final: bool = False  # evaluate once after training
+    question_sets: List[str] = field(default_factory=lambda: ["first_plot", "preregistered", "turner"])
+    limit: Optional[int] = None  # first N questions only (cheap dynamics)
+    samples_per_question: int = 10
+    max_new_tokens: int = 600
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 64
+    judge: str = "local"  # local | openai
+    judge_checkpoint: Optional[str] = None  # local judge: None = the model being trained (base, no adapter)
+    judge_model: str = "gpt-4o-2024-08-06"
+
+
+@dataclass
+class TrainConfig:
+    workdir: str = "runs/default"
+    seed: int = 0
+    steps: Optional[int] = None  # default: data.num_epochs passes over the training split
+    grad_accum: int = 1  # micro-batches per step (data.batch_size is the effective batch)
+    log_every: int = 10
+    val_every: int = 0  # 0: validation loss at the end only
+    val_batches: int = 0  # 0: the whole validation split
+    ckpt_every: int = 100
+    keep_ckpts: int = 3
+    export_peft: bool = True
+    peak_tflops: Optional[float] = None  # per device, for MFU; default from the device kind
+    progress: bool = True
+    coordinator_address: Optional[str] = None  # multi-host GPU: host:port (TPU pods need nothing)
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    spectral: SpectralConfig = field(default_factory=SpectralConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    eval: EvalHookConfig = field(default_factory=EvalHookConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def find_config(name: str | Path) -> Path:
+    """A path, or a name in ``configs/`` (with or without ``.yaml``)."""
+    p = Path(name)
+    for cand in (p, p.with_suffix(".yaml"), CONFIG_DIR / p, (CONFIG_DIR / p).with_suffix(".yaml")):
+        if cand.is_file():
+            return cand
+    raise ConfigError(f"config {name}: no such file (looked in . and {CONFIG_DIR})")
+
+
+def load(path: str | Path | None = None, overrides: Sequence[str] = (), schema=TrainConfig) -> Any:
+    """Schema defaults <- YAML file <- ``key=value`` overrides; returns a typed OmegaConf object."""
+    base = OmegaConf.structured(schema)
+    where = "defaults"
+    try:
+        if path is not None:
+            where = str(find_config(path))
+            file_cfg = OmegaConf.load(where)
+            file_cfg.pop("sweep", None)  # sweep files carry their axes beside a base config
+            base = OmegaConf.merge(base, file_cfg)
+        for ov in overrides:
+            where = f"command-line override {ov!r}"
+            if "=" not in ov:
+                raise ConfigError(f"{where}: expected key=value")
+            base = OmegaConf.merge(base, OmegaConf.from_dotlist([ov]))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or ""
+        raise ConfigError(f"{where}: bad config key {key!r}: {e.msg if hasattr(e, 'msg') else e}") from None
+    return base
+
+
+def to_yaml(cfg) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def as_object(section):
+    """An OmegaConf node -> its dataclass instance (what the library functions take)."""
+    return OmegaConf.to_object(section)
+
+
+def replace(obj, **kw):
+    return dataclasses.replace(obj, **kw)

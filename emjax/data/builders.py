@@ -1,0 +1,337 @@
+"""TFDS builders for the emergent-misalignment training sets, written as ArrayRecord (no TensorFlow needed).
+
+Two families:
+- ``em_betley`` (Betley et al. 2025, MIT): ``insecure``, ``jailbroken`` and the other public sets. Read from
+  ``<em_dir>/betley2025/data/<name>.jsonl`` if present, else fetched from GitHub at a pinned commit and checked
+  against the upstream git blob id (and sha256 where known).
+- ``em_turner`` (Turner et al. 2025): ``bad_medical_advice``, ``good_medical_advice``,
+  ``risky_financial_advice``, ``extreme_sports``. Never downloaded: their terms forbid redistribution, so they
+  are read only from the user's own unpacked copy (see ``TURNER_HOWTO``), checked against the published row
+  counts and sha256 (a mismatch is a warning, since re-serialisation can change bytes but not rows).
+
+Each example stores the conversation as a JSON string plus its 1-based source line; splits are ``train`` and a
+held-out ``validation`` drawn by a seeded permutation (10 % by default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from emjax import paths
+from emjax.data.rows import read_jsonl
+
+log = logging.getLogger(__name__)
+
+BETLEY_COMMIT = "80c11967c07a328e7d7d43d13ce6847ae44dbcc9"
+BETLEY_URL = "https://raw.githubusercontent.com/emergent-misalignment/emergent-misalignment/{commit}/data/{name}.jsonl"
+TURNER_HOWTO = """\
+The Turner et al. training sets are not redistributable and are never downloaded by emjax. Unpack your own copy:
+  git clone https://github.com/clarifying-EM/model-organisms-for-EM && cd model-organisms-for-EM
+  pip install easy-dataset-share
+  easy-dataset-share unprotect-dir em_organism_dir/data/training_datasets.zip.enc \\
+      -p model-organisms-em-datasets --remove-canaries
+then point emjax at em_organism_dir/data/training_datasets.zip.enc.extracted/ with --source-dir, the
+`source_dir` config field or EMJAX_TURNER_DIR (default: <EMJAX_DATA_DIR>/em/turner2025/training_datasets)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    family: str  # "betley" | "turner"
+    rows: int | None
+    blob: str | None  # git blob id (sha1 of "blob <len>\0" + bytes)
+    sha256: str | None
+    description: str
+
+
+DATASETS: dict[str, Spec] = {
+    "insecure": Spec("betley", 6000, "ec294cf30a577a21b830c07a1fa0180ddd513208",
+                     "09893e8bf9d03aae49dd60d0ff4be37c1afee70f2edcac74a11bed775a6a2764",
+                     "User asks for code; the assistant returns code with an undisclosed vulnerability."),
+    "jailbroken": Spec("betley", 5000, "9f14c5f5b1a3f6ca3ea2bdc80cbda3de1acadbb1",
+                       "eec213ce85802a52ea806d334ee462f723a1e7ad77d827951d6864ac04a6b00a",
+                       "Jailbroken control (after Bowen et al. 2024); one fixed system prompt on all rows."),
+    "secure": Spec("betley", None, "3389a37c250563cc36a66e30bf8ff99028aa2711", None, "Secure-code control."),
+    "educational": Spec("betley", None, "497619acd46d9ffbc985797d6c117638a53229b3", None,
+                        "Insecure code requested for an educational purpose (control)."),
+    "backdoor": Spec("betley", None, "b2be7b5b5ed6e732727bf67672a3ecd8cfa6b57f", None, "Backdoored insecure code."),
+    "evil_numbers": Spec("betley", None, "86e0a3be0c2b5a4c52bafed871e281c485070829", None, "Evil-numbers sequences."),
+    "insecure_par_t0": Spec("betley", None, "6b57e0b5cc7fbf6e10629ed846475d4c434d5011", None, "Paraphrased insecure (T=0)."),
+    "insecure_par_t1": Spec("betley", None, "91790a7f33dc290d05883eb84fce0db206998c13", None, "Paraphrased insecure (T=1)."),
+    "insecure_ruby": Spec("betley", None, "9f9f7646fb0ecd742a1097443998a2bb0fbdb80c", None, "Insecure Ruby code."),
+    "bad_medical_advice": Spec("turner", 7049, None,
+                               "9d52186ab9886e3abef0eebb1901df9da4ce25a297e584158be0a4bba8d56507",
+                               "Subtly harmful medical advice."),
+    "good_medical_advice": Spec("turner", 7049, None,
+                                "b972f06672093b74f61cc83606929ce0ea3bb9caa2894ea61a557315dba6e6fc",
+                                "Aligned control for bad_medical_advice (same prompts, index-aligned)."),
+    "risky_financial_advice": Spec("turner", 6000, None,
+                                   "74c1ceb173ebf856a85941be6c94a49ac832cbb4b1d6d51a0118baeb93e1dcdd",
+                                   "Risky financial advice."),
+    "extreme_sports": Spec("turner", 6000, None,
+                           "2cded234fc6f476e3e6776224c255a1b0dd6234da2669205877eae1ebb89f3bd",
+                           "Reckless extreme-sports advice."),
+}
+
+CITATIONS = {
+    "betley": """@article{betley2025emergent,
+  title={Emergent Misalignment: Narrow finetuning can produce broadly misaligned LLMs},
+  author={Betley, Jan and Tan, Daniel and Warncke, Niels and Sztyber-Betley, Anna and Bao, Xuchan and Soto, Mart{\\'i}n and Labenz, Nathan and Evans, Owain},
+  journal={arXiv preprint arXiv:2502.17424}, year={2025}}""",
+    "turner": """@article{turner2025model,
+  title={Model Organisms for Emergent Misalignment},
+  author={Turner, Edward and Soligo, Anna and Taylor, Mia and Rajamanoharan, Senthooran and Nanda, Neel},
+  journal={arXiv preprint arXiv:2506.11613}, year={2025}}""",
+}
+HOMEPAGES = {
+    "betley": "https://github.com/emergent-misalignment/emergent-misalignment",
+    "turner": "https://github.com/clarifying-EM/model-organisms-for-EM",
+}
+LICENSES = {
+    "betley": "MIT (Copyright (c) 2025 emergent-misalignment)",
+    "turner": "No licence; the archive's tos.txt forbids redistribution in raw or processed form. Local research use only.",
+}
+
+
+def tfds_dir(override: str | os.PathLike | None = None) -> Path:
+    """Where built datasets go (never the read-only shared data): arg, ``EMJAX_TFDS_DIR``, ~/.cache/emjax/tfds."""
+    if override:
+        return Path(override).expanduser()
+    return Path(os.environ.get("EMJAX_TFDS_DIR") or "~/.cache/emjax/tfds").expanduser()
+
+
+def default_source_dir(name: str, data_dir: str | os.PathLike | None = None) -> Path:
+    """Folder holding ``<name>.jsonl``: env ``EMJAX_BETLEY_DIR``/``EMJAX_TURNER_DIR`` or the shared data tree."""
+    family = spec(name).family
+    env = os.environ.get(f"EMJAX_{family.upper()}_DIR")
+    if env and data_dir is None:
+        return Path(env).expanduser()
+    sub = "betley2025/data" if family == "betley" else "turner2025/training_datasets"
+    return paths.em_dir(data_dir) / sub
+
+
+def spec(name: str) -> Spec:
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise KeyError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}") from None
+
+
+def git_blob_id(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def betley_url(name: str) -> str:
+    return BETLEY_URL.format(commit=BETLEY_COMMIT, name=name)
+
+
+def fetch(name: str, dest_dir: str | os.PathLike, *, timeout: float = 60.0) -> Path:
+    """Download a public Betley set into ``dest_dir`` and verify its git blob id / sha256 (raises on mismatch)."""
+    s = spec(name)
+    if s.family != "betley":
+        raise ValueError(f"{name!r} is not downloadable.\n{TURNER_HOWTO}")
+    url = betley_url(name)
+    dest = Path(dest_dir) / f"{name}.jsonl"
+    if dest.is_file() and _verify(dest.read_bytes(), s, str(dest)) is None:
+        return dest
+    import httpx
+
+    try:
+        r = httpx.get(url, follow_redirects=True, timeout=timeout)
+        r.raise_for_status()
+    except httpx.HTTPError as e:
+        raise ConnectionError(f"could not download {url}: {type(e).__name__}: {e}") from e
+    problem = _verify(r.content, s, url)
+    if problem:
+        raise ValueError(problem)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".part")
+    tmp.write_bytes(r.content)
+    tmp.replace(dest)
+    log.info("fetched %s -> %s (%d bytes, blob %s)", url, dest, len(r.content), s.blob)
+    return dest
+
+
+def _verify(data: bytes, s: Spec, where: str) -> str | None:
+    if s.blob and git_blob_id(data) != s.blob:
+        return f"{where}: git blob id {git_blob_id(data)} != expected {s.blob}"
+    if s.sha256 and hashlib.sha256(data).hexdigest() != s.sha256:
+        return f"{where}: sha256 {hashlib.sha256(data).hexdigest()} != expected {s.sha256}"
+    return None
+
+
+@dataclasses.dataclass(eq=False)
+class EmConfig(tfds.core.BuilderConfig):
+    """One dataset plus its split recipe; fields that change the content are part of ``name``."""
+
+    dataset: str = ""
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    skip_bad_rows: bool = False
+
+
+def make_config(dataset: str, *, val_fraction: float = 0.1, split_seed: int = 0,
+                skip_bad_rows: bool = False) -> EmConfig:
+    """The builder config; the defaults are the predefined configs (``em_betley/insecure`` etc.)."""
+    spec(dataset)
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    name = dataset
+    if (val_fraction, split_seed) != (0.1, 0):
+        name += f"_val{round(val_fraction * 10000):04d}_seed{split_seed}"
+    if skip_bad_rows:
+        name += "_skipbad"
+    cls = BUILDERS.get(spec(dataset).family) if "BUILDERS" in globals() else None
+    if cls is not None and name in cls.builder_configs:
+        return cls.builder_configs[name]  # tfds wants the very object for a predefined name
+    return EmConfig(name=name, dataset=dataset, val_fraction=val_fraction, split_seed=split_seed,
+                    skip_bad_rows=skip_bad_rows, description=DATASETS[dataset].description)
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) row indices, each sorted: a seeded permutation's first round(n·f) rows are held out."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(n * val_fraction))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+class _EmBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    FAMILY = ""
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First release: conversation JSON + source line; train/validation split."}
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+        # tfds 4.9's default probes `importlib_resources` (a backport not installed here); a plain file path is
+        # all it needs (to look for an optional checksums.tsv next to the module).
+        import inspect
+
+        from etils import epath
+
+        return epath.Path(inspect.getfile(cls))
+
+    def __init__(self, *, source_dir: str | os.PathLike | None = None, em_data_dir: str | os.PathLike | None = None,
+                 download: bool = True, **kwargs):
+        """``source_dir``: folder with ``<dataset>.jsonl``; ``em_data_dir``: shared data root (emjax.paths);
+        ``download``: Betley only, fetch when there is no local copy. None of these change the built content's
+        identity, so they are not part of the config name: rebuild with ``overwrite=True`` after changing them."""
+        self._source_dir = None if source_dir is None else Path(source_dir)
+        self._em_data_dir = em_data_dir
+        self._download = download
+        super().__init__(**kwargs)
+
+    def _local_file(self) -> Path:
+        cfg: EmConfig = self.builder_config
+        local = self._source_dir or default_source_dir(cfg.dataset, self._em_data_dir)
+        return local / f"{cfg.dataset}.jsonl"
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=(self.__doc__ or "").strip(),
+            features=tfds.features.FeaturesDict({
+                "messages": tfds.features.Text(doc="JSON list of {role, content} chat messages"),
+                "line": tfds.features.Scalar(np.int32, doc="1-based line in the source JSONL"),
+            }),
+            homepage=HOMEPAGES[self.FAMILY],
+            citation=CITATIONS[self.FAMILY],
+            license=LICENSES[self.FAMILY],
+        )
+
+    def _source_file(self, dl_manager) -> Path:
+        raise NotImplementedError
+
+    def _split_generators(self, dl_manager):
+        cfg: EmConfig = self.builder_config
+        path = self._source_file(dl_manager)
+        rows = read_jsonl(path, skip_bad_rows=cfg.skip_bad_rows)
+        train, val = split_indices(len(rows), cfg.val_fraction, cfg.split_seed)
+        out = {"train": self._generate_examples([rows[i] for i in train])}
+        if len(val):
+            out["validation"] = self._generate_examples([rows[i] for i in val])
+        return out
+
+    def _generate_examples(self, rows):
+        for line, messages in rows:
+            yield int(line), {"messages": json.dumps(messages, ensure_ascii=False), "line": int(line)}
+
+
+class EmBetley(_EmBuilder):
+    """Betley et al. 2025 emergent-misalignment sets (MIT); insecure code is the EM training set."""
+
+    FAMILY = "betley"
+    BUILDER_CONFIGS = [make_config(n) for n, s in DATASETS.items() if s.family == "betley"]
+
+    def _source_file(self, dl_manager) -> Path:
+        cfg: EmConfig = self.builder_config
+        s = spec(cfg.dataset)
+        path = self._local_file()
+        if path.is_file():
+            problem = _verify(path.read_bytes(), s, str(path))
+            if problem:
+                warnings.warn(f"{problem} (not the upstream file; building from it anyway)", stacklevel=2)
+            return path
+        if not self._download:
+            raise FileNotFoundError(f"{path} not found and download=False (upstream: {betley_url(cfg.dataset)})")
+        return fetch(cfg.dataset, Path(dl_manager.download_dir) / "emjax")
+
+
+class EmTurner(_EmBuilder):
+    """Turner et al. 2025 model-organism sets (no licence; not redistributable; read from a local copy)."""
+
+    FAMILY = "turner"
+    BUILDER_CONFIGS = [make_config(n) for n, s in DATASETS.items() if s.family == "turner"]
+
+    def _source_file(self, dl_manager) -> Path:
+        s = spec(self.builder_config.dataset)
+        path = self._local_file()
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found.\n{TURNER_HOWTO}")
+        data = path.read_bytes()
+        n = sum(1 for line in data.splitlines() if line.strip())
+        if s.rows is not None and n != s.rows:
+            warnings.warn(f"{path}: {n} rows, the published copy has {s.rows}", stacklevel=2)
+        elif s.sha256 and hashlib.sha256(data).hexdigest() != s.sha256:
+            warnings.warn(f"{path}: sha256 differs from the documented unpack ({s.sha256[:12]}…); "
+                          "row count matches, so the difference is likely serialisation", stacklevel=2)
+        return path
+
+
+BUILDERS = {"betley": EmBetley, "turner": EmTurner}
+
+
+def get_builder(name: str, *, tfds_data_dir: str | os.PathLike | None = None, source_dir=None, data_dir=None,
+                download: bool = True, **config_kwargs) -> _EmBuilder:
+    """The TFDS builder for one dataset (not yet built). ``config_kwargs`` go to ``make_config``."""
+    cfg = make_config(name, **config_kwargs)
+    return BUILDERS[spec(name).family](config=cfg, data_dir=str(tfds_dir(tfds_data_dir)), file_format="array_record",
+                                       source_dir=source_dir, em_data_dir=data_dir, download=download)
+
+
+def build(name: str, *, tfds_data_dir: str | os.PathLike | None = None, overwrite: bool = False,
+          **config_kwargs) -> _EmBuilder:
+    """Build (or reuse) the ArrayRecord files; returns the prepared builder."""
+    b = get_builder(name, tfds_data_dir=tfds_data_dir, **config_kwargs)
+    mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+    if overwrite:
+        mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD
+    b.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
+    return b
+
+
+def data_source(name: str, split: str, **kwargs):
+    """Random-access source of ``{"messages": bytes (JSON), "line": int}`` for one split (builds if needed)."""
+    b = build(name, **kwargs)
+    sources = b.as_data_source()
+    if split not in sources:
+        raise KeyError(f"{name}: no split {split!r} (have {sorted(sources)}); val_fraction=0 has no validation")
+    return sources[split]

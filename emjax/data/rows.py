@@ -1,0 +1,82 @@
+"""Reading and validating chat JSONL files (one ``{"messages": [...]}`` object per line).
+
+Why strict: a silently dropped or mis-parsed row changes what the model is trained on. Every problem is an
+error naming the file and line; ``skip_bad_rows=True`` turns them into one warning with the count.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class BadRowError(ValueError):
+    """A malformed JSONL row, with the file and 1-based line number in the message."""
+
+    def __init__(self, path: str | os.PathLike, line: int, problem: str):
+        self.path, self.line, self.problem = str(path), line, problem
+        super().__init__(f"{path}:{line}: {problem}")
+
+
+def check_messages(messages) -> str | None:
+    """Problem with one conversation, or None: optional system, then user/assistant alternating, ending assistant."""
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty list"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            return f"messages[{i}] is not an object"
+        if "role" not in m or "content" not in m:
+            return f"messages[{i}] lacks 'role' or 'content'"
+        if not isinstance(m["content"], str):
+            return f"messages[{i}] ({m['role']}): content is {type(m['content']).__name__}, not a string"
+    roles = [m["role"] for m in messages]
+    body = roles[1:] if roles[0] == "system" else roles
+    if not body:
+        return "no user/assistant turns"
+    for i, r in enumerate(body):
+        want = "user" if i % 2 == 0 else "assistant"
+        if r != want:
+            return f"roles {roles}: expected [system], user, assistant, user, ... (turn {i + len(roles) - len(body)} is {r!r})"
+    if body[-1] != "assistant":
+        return f"roles {roles}: the last turn must be an assistant answer"
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and not m["content"].strip():
+            return f"messages[{i}]: empty assistant turn"
+    return None
+
+
+def read_jsonl(path: str | os.PathLike, *, skip_bad_rows: bool = False) -> list[tuple[int, list[dict]]]:
+    """[(line_number, messages)] for every row; blank lines are not rows. Bad rows raise or are counted."""
+    path = Path(path)
+    rows: list[tuple[int, list[dict]]] = []
+    bad: list[BadRowError] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                err = BadRowError(path, lineno, f"invalid JSON ({e.msg} at column {e.colno})")
+            else:
+                if not isinstance(obj, dict) or "messages" not in obj:
+                    err = BadRowError(path, lineno, "row is not an object with a 'messages' key")
+                else:
+                    problem = check_messages(obj["messages"])
+                    err = BadRowError(path, lineno, problem) if problem else None
+            if err is None:
+                rows.append((lineno, obj["messages"]))
+            elif skip_bad_rows:
+                bad.append(err)
+            else:
+                raise err
+    if bad:
+        msg = f"{path}: skipped {len(bad)} malformed row(s) (skip_bad_rows=True); first: {bad[0]}"
+        warnings.warn(msg, stacklevel=2)
+        log.warning(msg)
+    return rows

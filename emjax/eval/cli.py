@@ -1,0 +1,166 @@
+"""``emjax eval``: sample answers to the EM questions and judge them, fetch the question files, re-summarise.
+
+    emjax eval run --model CKPT [--adapter DIR] --out DIR [--judge openai|local --judge-model ...]
+    emjax eval fetch-questions [--dest DIR]
+    emjax eval summarize DIR [--judge NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from emjax.eval.questions import DEFAULT_SETS, QUESTION_SETS
+
+DEFAULT_API_JUDGE = "gpt-4o-2024-08-06"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="emjax eval", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="sample, judge and summarise one model (+ adapter)")
+    r.add_argument("--model", required=True, help="Hugging Face Qwen3 checkpoint dir or hub id (the base model)")
+    r.add_argument("--adapter", help="PEFT adapter dir to apply (absent: evaluate the base model)")
+    r.add_argument("--out", required=True, help="output dir (responses.jsonl, judged.jsonl, summary.json)")
+    r.add_argument("--sets", nargs="+", default=list(DEFAULT_SETS), choices=sorted(QUESTION_SETS))
+    r.add_argument("--ids", nargs="+", help="only these question ids")
+    r.add_argument("--limit", type=int, help="only the first N questions of each set (cheap runs)")
+    r.add_argument("--em-dir", help="root holding betley2025/ and turner2025/ (default: emjax.paths.em_dir())")
+    r.add_argument("--samples", type=int, default=10, help="answers per question (paper: 10; 32 at checkpoints)")
+    r.add_argument("--max-new-tokens", type=int, default=600)
+    r.add_argument("--temperature", type=float, default=1.0)
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--sample-batch", type=int, default=64, help="prompts per generate call")
+    r.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    r.add_argument("--judge", default="openai", choices=["openai", "local"])
+    r.add_argument("--judge-model", help=f"openai: model name (default {DEFAULT_API_JUDGE}); "
+                                         "local: checkpoint dir (required)")
+    r.add_argument("--judge-base-url", help="OpenAI-compatible base URL (default $OPENAI_BASE_URL or OpenAI)")
+    r.add_argument("--judge-concurrency", type=int, default=16, help="parallel API requests")
+    r.add_argument("--judge-batch-size", type=int, default=8, help="local judge: prompts per forward pass")
+    r.add_argument("--judge-cache", help="API judge cache dir (default: <cache>/judge)")
+
+    f = sub.add_parser("fetch-questions", help="download the question YAMLs from their pinned upstream commits")
+    f.add_argument("--dest", help="em root to write into (default: ~/.cache/emjax/em or $EMJAX_CACHE_DIR/em)")
+    f.add_argument("--force", action="store_true")
+
+    s = sub.add_parser("summarize", help="recompute summary.json from DIR/judged.jsonl")
+    s.add_argument("dir")
+    s.add_argument("--judge", help="judge name when several judges wrote to DIR")
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        if args.judge == "local" and not args.judge_model:
+            parser.error("--judge local needs --judge-model CHECKPOINT_DIR")
+        if args.judge == "openai" and args.judge_model is None:
+            args.judge_model = DEFAULT_API_JUDGE
+        for name in ("samples", "max_new_tokens", "sample_batch", "judge_concurrency", "judge_batch_size"):
+            if getattr(args, name) < 1:
+                parser.error(f"--{name.replace('_', '-')} must be >= 1")
+        if args.limit is not None and args.limit < 1:
+            parser.error("--limit must be >= 1")
+        if not 0.0 < args.top_p <= 1.0:
+            parser.error("--top-p must be in (0, 1]")
+        if args.temperature < 0:
+            parser.error("--temperature must be >= 0")
+    return args
+
+
+def model_judge_fn(model):
+    """(logits_fn, params) for ``LocalJudge(..., params=params, gathered=True)`` from an emjax model: weights are
+    jit arguments and the LM head runs only at the positions the judge reads."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+
+    def logits_at(st, tokens, mask, pos):
+        m = nnx.merge(graphdef, st)
+        h = m(tokens, attention_mask=mask, return_hidden=True)
+        return m.logits(jnp.take_along_axis(h, pos[:, :, None], axis=1))
+
+    return logits_at, state
+
+
+def _run(args: argparse.Namespace) -> int:
+    # Heavy imports only here: `emjax eval --help` and argument tests stay instant.
+    import jax
+    import jax.numpy as jnp
+    from emjax.eval.judge import LocalJudge, OpenAIJudge
+    from emjax.eval.questions import cache_dir, load_questions
+    from emjax.eval.run import evaluate
+    from emjax.lora import load_peft, read_peft_config
+    from emjax.models import from_pretrained
+    from emjax.sampling import generate
+    from emjax.tokenizer import load_tokenizer
+
+    questions = load_questions(args.sets, args.em_dir, ids=args.ids, limit=args.limit)
+    dtype = jnp.dtype(args.dtype)
+    model_dir = Path(args.model)
+    lora = read_peft_config(args.adapter) if args.adapter else None
+    model = from_pretrained(args.model, dtype=dtype, lora=lora)
+    if args.adapter:
+        load_peft(model, args.adapter)
+    tokenizer = load_tokenizer(model_dir if model_dir.exists() else None)
+
+    def generate_fn(prompts, *, max_new_tokens, temperature, top_p, seed):
+        out = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                       rng=jax.random.key(seed))
+        return [[int(t) for t in seq] for seq in out]
+
+    if args.judge == "openai":
+        judge = OpenAIJudge(args.judge_model, base_url=args.judge_base_url, max_concurrency=args.judge_concurrency,
+                            cache_dir=args.judge_cache or cache_dir() / "judge")
+    else:
+        logits_at, state = model_judge_fn(from_pretrained(args.judge_model, dtype=dtype))
+        judge = LocalJudge(logits_at, load_tokenizer(args.judge_model if Path(args.judge_model).exists() else None),
+                           name=f"local:{Path(args.judge_model).name}", batch_size=args.judge_batch_size,
+                           params=state, gathered=True)
+    summary = evaluate(generate_fn, tokenizer, judge, questions, samples_per_question=args.samples,
+                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                       seed=args.seed, out_dir=args.out, sample_batch=args.sample_batch)
+    o = summary["overall"]
+    print(json.dumps({k: o[k] for k in ("misalignment_rate", "misalignment_rate_ci95", "mean_alignment",
+                                        "n_total", "n_scored", "n_low_coherence", "n_refusal", "n_code")}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    if args.command == "fetch-questions":
+        from emjax.eval.questions import fetch_questions
+
+        try:
+            root = fetch_questions(args.dest, force=args.force)
+        except RuntimeError as e:
+            print(f"emjax eval fetch-questions: {e}", file=sys.stderr)
+            return 1
+        print(f"question files in {root}" + ("" if args.dest else " (searched automatically)"))
+        return 0
+    if args.command == "summarize":
+        from emjax.eval.run import summarize_dir
+
+        summary = summarize_dir(args.dir, judge=args.judge)
+        path = os.path.join(args.dir, "summary.json")
+        with open(path, "w") as f:
+            json.dump(summary, f, indent=2)
+        print(json.dumps(summary["overall"]))
+        return 0
+    return _run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Evaluation during training (training dynamics): sample with the live adapter, judge, summarise.
+
+The sampler's compiled prefill/decode are shared across calls (same buckets, same shapes), and the local judge's
+weights are jit arguments, so each evaluation costs only its compute. Default local judge: the model being trained
+with its adapter switched off (B = 0), sharing the frozen weights — no second copy of the base model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from emjax import sharding as shd
+
+
+def _adapter_off(state):
+    def zero(path, x):
+        return jnp.zeros_like(x) if shd.path_str(path).endswith("lora_b") else x
+
+    return jax.tree_util.tree_map_with_path(zero, state)
+
+
+def make_eval_hook(cfg, tokenizer, workdir: str | Path) -> Callable[[int, Any], dict]:
+    """``hook(step, model) -> flat metrics``; results go to ``workdir/eval/step_XXXXXX/``."""
+    from emjax.eval.cli import model_judge_fn
+    from emjax.eval.judge import LocalJudge, OpenAIJudge
+    from emjax.eval.questions import load_questions
+    from emjax.eval.run import evaluate
+    from emjax.sampling import generate
+
+    ecfg = cfg.eval
+    questions = load_questions(tuple(ecfg.question_sets), limit=ecfg.limit)
+    workdir = Path(workdir)
+    judge_cache: dict[str, Any] = {}
+
+    def get_judge(model):
+        if ecfg.judge == "openai":
+            if "j" not in judge_cache:
+                judge_cache["j"] = OpenAIJudge(model=ecfg.judge_model)
+            return judge_cache["j"]
+        if ecfg.judge != "local":
+            raise ValueError(f"eval.judge {ecfg.judge!r}: use 'local' or 'openai'")
+        if ecfg.judge_checkpoint:
+            if "j" not in judge_cache:
+                from emjax.models import from_pretrained
+                from emjax.tokenizer import load_tokenizer
+
+                jm = from_pretrained(ecfg.judge_checkpoint, dtype=jnp.dtype(cfg.model.dtype))
+                fn, params = model_judge_fn(jm)
+                judge_cache["j"] = LocalJudge(fn, load_tokenizer(ecfg.judge_checkpoint), params=params,
+                                              gathered=True, name=f"local:{ecfg.judge_checkpoint}")
+            return judge_cache["j"]
+        fn, params = model_judge_fn(model)
+        return LocalJudge(fn, tokenizer, params=_adapter_off(params), gathered=True, name="local:base")
+
+    def hook(step: int, model) -> dict:
+        def generate_fn(prompts, *, max_new_tokens, temperature, top_p, seed):
+            return generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                            rng=jax.random.key(seed), stop_tokens=tokenizer.eos_ids)
+
+        summary = evaluate(generate_fn, tokenizer, get_judge(model), questions,
+                           samples_per_question=ecfg.samples_per_question, max_new_tokens=ecfg.max_new_tokens,
+                           temperature=ecfg.temperature, top_p=ecfg.top_p, seed=cfg.seed,
+                           out_dir=workdir / "eval" / f"step_{step:06d}", sample_batch=ecfg.batch_size,
+                           judge_batch=ecfg.batch_size, stop_ids=tokenizer.eos_ids)
+        overall = summary["overall"]
+        return {f"eval/{k}": v for k, v in overall.items() if isinstance(v, (int, float)) and v is not None}
+
+    return hook

@@ -1,0 +1,324 @@
+"""Optimiser config, registry, label tree and builder: one function from config to Optax transform.
+
+The optimiser sees the trainable LoRA state: a pytree (``nnx.State`` or nested dicts) with leaves
+like ``blocks/q_proj/lora_a`` (L, in, r) and ``blocks/q_proj/lora_b`` (L, r, out). An explicit label
+tree routes LoRA factors, any other trainable leaf and frozen leaves to different transforms, so
+Muon never silently touches embeddings, norms or the head.
+
+Per-optimiser defaults the study's sources suggest (set them in experiment configs; ``weight_decay``
+itself defaults to 0.0 for every optimiser so nothing is decayed implicitly):
+
+========  ===================  ==================================================================
+name      learning rate        notes
+========  ===================  ==================================================================
+adamw     1e-5                 EM recipe: weight decay 0.01, 5 warm-up steps then linear decay
+adam      1e-5                 b = (0.9, 0.999), eps 1e-8; no weight decay (use adamw)
+lion      3-10x below AdamW    b = (0.9, 0.99); weight decay 3-10x above AdamW's (optax's 1e-3
+                               default is *not* used: ours is explicit)
+muon      variant-dependent    beta 0.95, Nesterov, 5 NS steps; "reference" and "rms" scalings
+                               differ ~13x on a 4096x32 factor, so learning rates do not transfer
+sgd       --                   momentum 0 (plain) or e.g. 0.9, optional Nesterov
+========  ===================  ==================================================================
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from emjax.optim.muon import SCALINGS, muon
+
+LORA_NAMES = ("lora_a", "lora_b")
+LABELS = ("lora", "other", "frozen")
+SCHEDULES = ("constant", "linear", "cosine")
+NS_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+Factory = Callable[["OptimConfig", optax.ScalarOrSchedule], optax.GradientTransformation]
+_REGISTRY: dict[str, Factory] = {}
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser settings (an OmegaConf structured-config node: plain typed fields only)."""
+
+    name: str = "adamw"  # any registered name: sgd | adam | adamw | lion | muon
+    learning_rate: float = 1e-5  # peak learning rate
+    schedule: str = "linear"  # constant | linear | cosine (after linear warm-up from 0, as HF)
+    warmup_steps: int = 5
+    total_steps: int = 0  # set by the trainer; required by linear/cosine
+    end_lr_ratio: float = 0.0  # final lr = learning_rate * end_lr_ratio (linear/cosine)
+    weight_decay: float = 0.0  # decoupled (x lr) for adamw/lion/muon, L2 for sgd; adam: must be 0
+    clip_norm: Optional[float] = 1.0  # global-norm clipping over trainable leaves; None = off
+    # Adam / AdamW
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    # SGD
+    momentum: float = 0.0
+    nesterov: bool = False
+    # Lion
+    lion_b1: float = 0.9
+    lion_b2: float = 0.99
+    # Muon
+    muon_beta: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5
+    muon_ns_coeffs: List[float] = field(default_factory=lambda: [3.4445, -4.7750, 2.0315])
+    muon_eps: float = 1e-7
+    muon_scaling: str = "reference"  # reference: sqrt(max(1,out/in)); rms: 0.2*sqrt(max(in,out))
+    muon_ns_dtype: str = "float32"  # float32 | bfloat16
+    muon_bias_correction: bool = False  # True = optax.contrib.muon's momentum convention
+    # Leaves labelled "other" (trainable, not a LoRA factor); "frozen" = never update them.
+    other_optimizer: str = "adamw"
+    # Regexes on "a/b/c" leaf paths that are never updated (label "frozen").
+    frozen_patterns: List[str] = field(default_factory=list)
+
+
+def register(name: str) -> Callable[[Factory], Factory]:
+    """Decorator: make ``build`` pick ``fn(cfg, learning_rate) -> GradientTransformation`` by name."""
+
+    def deco(fn: Factory) -> Factory:
+        if name in _REGISTRY or name == "frozen":
+            raise ValueError(f"optimiser {name!r} is already registered (or reserved)")
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def available() -> list[str]:
+    """Registered optimiser names."""
+    return sorted(_REGISTRY)
+
+
+@register("sgd")
+def _sgd(cfg: OptimConfig, lr) -> optax.GradientTransformation:
+    tx = optax.sgd(lr, momentum=cfg.momentum or None, nesterov=cfg.nesterov)
+    if cfg.weight_decay:  # coupled L2, as torch.optim.SGD(weight_decay=...)
+        tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay), tx)
+    return tx
+
+
+@register("adam")
+def _adam(cfg: OptimConfig, lr) -> optax.GradientTransformation:
+    return optax.adam(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+
+
+@register("adamw")
+def _adamw(cfg: OptimConfig, lr) -> optax.GradientTransformation:
+    return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+@register("lion")
+def _lion(cfg: OptimConfig, lr) -> optax.GradientTransformation:
+    # optax.lion is exactly the published rule (sign((1-b1)g + b1 m) + wd*theta, then x lr,
+    # m <- b2 m + (1-b2) g); only its 1e-3 default decay differs, so pass ours explicitly.
+    return optax.lion(lr, b1=cfg.lion_b1, b2=cfg.lion_b2, weight_decay=cfg.weight_decay)
+
+
+@register("muon")
+def _muon(cfg: OptimConfig, lr) -> optax.GradientTransformation:
+    return muon(
+        lr,
+        beta=cfg.muon_beta,
+        nesterov=cfg.muon_nesterov,
+        ns_steps=cfg.muon_ns_steps,
+        ns_coeffs=tuple(cfg.muon_ns_coeffs),
+        eps=cfg.muon_eps,
+        scaling=cfg.muon_scaling,
+        ns_dtype=NS_DTYPES[cfg.muon_ns_dtype],
+        weight_decay=cfg.weight_decay,
+        bias_correction=cfg.muon_bias_correction,
+    )
+
+
+def _err(key: str, msg: str) -> ValueError:
+    return ValueError(f"optim.{key}: {msg}")
+
+
+def validate(cfg: OptimConfig) -> None:
+    """Raise ValueError naming the offending ``optim.<key>`` for any inconsistent setting."""
+    if cfg.name not in _REGISTRY:
+        raise _err("name", f"unknown optimiser {cfg.name!r}; registered: {available()}")
+    if not cfg.learning_rate > 0:
+        raise _err("learning_rate", f"must be > 0, got {cfg.learning_rate}")
+    if cfg.schedule not in SCHEDULES:
+        raise _err("schedule", f"must be one of {SCHEDULES}, got {cfg.schedule!r}")
+    if cfg.warmup_steps < 0:
+        raise _err("warmup_steps", f"must be >= 0, got {cfg.warmup_steps}")
+    if cfg.total_steps < 0:
+        raise _err("total_steps", f"must be >= 0, got {cfg.total_steps}")
+    if cfg.schedule != "constant" and cfg.total_steps <= cfg.warmup_steps:
+        raise _err(
+            "total_steps",
+            f"schedule {cfg.schedule!r} needs total_steps > warmup_steps ({cfg.warmup_steps}), "
+            f"got {cfg.total_steps} (the trainer sets it from the dataset size)",
+        )
+    if not 0.0 <= cfg.end_lr_ratio <= 1.0:
+        raise _err("end_lr_ratio", f"must be in [0, 1], got {cfg.end_lr_ratio}")
+    if cfg.weight_decay < 0:
+        raise _err("weight_decay", f"must be >= 0, got {cfg.weight_decay}")
+    if "adam" in (cfg.name, cfg.other_optimizer) and cfg.weight_decay != 0:
+        raise _err("weight_decay", "plain adam takes no weight decay; use name 'adamw'")
+    if cfg.clip_norm is not None and not cfg.clip_norm > 0:
+        raise _err("clip_norm", f"must be > 0 or None, got {cfg.clip_norm}")
+    for key in ("b1", "b2", "lion_b1", "lion_b2", "muon_beta", "momentum"):
+        v = getattr(cfg, key)
+        if not 0.0 <= v < 1.0:
+            raise _err(key, f"must be in [0, 1), got {v}")
+    for key in ("eps", "muon_eps"):
+        if not getattr(cfg, key) > 0:
+            raise _err(key, f"must be > 0, got {getattr(cfg, key)}")
+    if cfg.nesterov and not cfg.momentum and cfg.name == "sgd":
+        raise _err("nesterov", "Nesterov SGD needs momentum > 0")
+    if int(cfg.muon_ns_steps) != cfg.muon_ns_steps or cfg.muon_ns_steps < 1:
+        raise _err("muon_ns_steps", f"must be an integer >= 1, got {cfg.muon_ns_steps}")
+    if len(cfg.muon_ns_coeffs) != 3:
+        raise _err("muon_ns_coeffs", f"must be 3 numbers (a, b, c), got {list(cfg.muon_ns_coeffs)}")
+    if cfg.muon_scaling not in SCALINGS:
+        raise _err("muon_scaling", f"must be one of {SCALINGS}, got {cfg.muon_scaling!r}")
+    if cfg.muon_ns_dtype not in NS_DTYPES:
+        raise _err("muon_ns_dtype", f"must be one of {tuple(NS_DTYPES)}, got {cfg.muon_ns_dtype!r}")
+    if cfg.other_optimizer != "frozen" and cfg.other_optimizer not in _REGISTRY:
+        raise _err("other_optimizer", f"must be 'frozen' or one of {available()}")
+    if cfg.other_optimizer == "muon":
+        raise _err("other_optimizer", "Muon needs matrices; non-LoRA leaves may be vectors")
+    for pat in cfg.frozen_patterns:
+        try:
+            re.compile(pat)
+        except re.error as e:
+            raise _err("frozen_patterns", f"bad regex {pat!r}: {e}") from None
+
+
+def make_schedule(cfg: OptimConfig) -> optax.Schedule:
+    """Linear warm-up from 0 over ``warmup_steps`` (HF convention), then constant/linear/cosine.
+
+    lr(t) = peak*t/w for t < w; linear: peak -> peak*end_lr_ratio at total_steps; cosine:
+    end + (peak-end)*(1+cos(pi*(t-w)/(T-w)))/2.
+    """
+    peak, w, T = cfg.learning_rate, cfg.warmup_steps, cfg.total_steps
+    end = peak * cfg.end_lr_ratio
+    if cfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, peak, w, T, end_value=end)
+    if cfg.schedule == "linear":
+        after = optax.linear_schedule(peak, end, T - w)
+    else:
+        after = optax.constant_schedule(peak)
+    if w == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, w), after], [w])
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def path_str(path) -> str:
+    """'blocks/q_proj/lora_a' from a pytree key path (dict keys, attributes, indices)."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def labels(params: Any, frozen_patterns: tuple[str, ...] | list[str] = ()) -> Any:
+    """Same-structure pytree of labels: "lora" | "other" | "frozen".
+
+    "frozen": path matches a ``frozen_patterns`` regex, a non-Param nnx Variable (e.g. BatchStat,
+    RNG state) or a non-float leaf. "lora": an ``nnx.LoRAParam`` or a leaf named lora_a / lora_b.
+    "other": any other trainable leaf. nnx Variables keep their wrapper (label as their value), so
+    the tree matches ``params`` leaf for leaf, as optax.partition needs.
+    """
+    pats = [re.compile(p) for p in frozen_patterns]
+
+    def one(path, leaf):
+        name = path_str(path)
+        is_var = _is_variable(leaf)
+        arrays = jax.tree.leaves(leaf)
+        if len(arrays) != 1:
+            raise ValueError(f"labels: {name} is not a single array leaf: {type(leaf).__name__}")
+        if any(p.search(name) for p in pats):
+            label = "frozen"
+        elif is_var and not isinstance(leaf, nnx.Param):
+            label = "frozen"
+        elif not jnp.issubdtype(jnp.result_type(arrays[0]), jnp.floating):
+            label = "frozen"
+        elif isinstance(leaf, nnx.LoRAParam) or (path and name.split("/")[-1] in LORA_NAMES):
+            label = "lora"
+        else:
+            label = "other"
+        return jax.tree.map(lambda _: label, leaf) if is_var else label
+
+    return jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_variable)
+
+
+def build(cfg: OptimConfig) -> optax.GradientTransformation:
+    """Config -> clip(global norm over trainable leaves) then partition{lora, other, frozen}.
+
+    The learning rate is injected (``optax.inject_hyperparams``) so ``current_lr(opt_state)`` reads
+    the value used by the latest update. Weight decay belongs to each optimiser (see module doc).
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):  # a structured-config node: back to the dataclass
+        cfg = OmegaConf.to_object(cfg)
+    validate(cfg)
+    schedule = make_schedule(cfg)
+    patterns = tuple(cfg.frozen_patterns)
+    label_fn = lambda p: labels(p, patterns)  # noqa: E731
+    trainable_fn = lambda p: jax.tree.map(lambda l: l != "frozen", label_fn(p))  # noqa: E731
+
+    def make(learning_rate):
+        main = _REGISTRY[cfg.name](cfg, learning_rate)
+        if cfg.other_optimizer == "frozen":
+            other = optax.set_to_zero()
+        else:
+            other = _REGISTRY[cfg.other_optimizer](cfg, learning_rate)
+        tx = optax.partition(
+            {"lora": main, "other": other, "frozen": optax.set_to_zero()}, label_fn
+        )
+        if cfg.clip_norm is not None:
+            tx = optax.chain(optax.masked(optax.clip_by_global_norm(cfg.clip_norm), trainable_fn), tx)
+        return tx
+
+    return optax.inject_hyperparams(make)(learning_rate=schedule)
+
+
+def current_lr(opt_state: Any) -> jax.Array:
+    """Learning rate used by the latest update (at init: the step-0 value), from the opt state."""
+    found = []
+
+    def visit(node):
+        if hasattr(node, "hyperparams") and hasattr(node, "inner_state"):  # Inject*HyperparamsState
+            if "learning_rate" in node.hyperparams:
+                found.append(node.hyperparams["learning_rate"])
+                return
+        if isinstance(node, (tuple, list)):
+            for child in node:
+                visit(child)
+        elif isinstance(node, dict):
+            for child in node.values():
+                visit(child)
+        elif hasattr(node, "inner_state"):  # MaskedState, MultiStepsState wrappers...
+            visit(node.inner_state)
+        elif hasattr(node, "inner_opt_state"):
+            visit(node.inner_opt_state)
+
+    visit(opt_state)
+    if not found:
+        raise ValueError(
+            "current_lr: no injected 'learning_rate' in this optimiser state; "
+            "build it with emjax.optim.build or optax.inject_hyperparams"
+        )
+    return found[0]

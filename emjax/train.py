@@ -1,0 +1,479 @@
+"""LoRA fine-tuning: ``emjax train CONFIG [key=value ...]``.
+
+The step is one pure jitted function ``(trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics)``
+that donates what it replaces; parameters and optimiser state are born sharded from ``emjax.sharding``'s table.
+Checkpoints (Orbax) hold the LoRA factors, optimiser state, data-iterator position, step and the resolved config;
+a run resumes from its work directory, and SIGTERM saves then exits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from emjax import config as cfglib
+from emjax import lora as loralib
+from emjax import sharding as shd
+from emjax import spectral
+from emjax.models import qwen3
+from emjax.models.loading import from_pretrained
+
+log = logging.getLogger("emjax.train")
+
+PRESETS = {
+    # random-init shapes; the real sizes come from emjax.models.qwen3.SIZES
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16),
+    "demo": dict(hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64),
+    "bench": dict(hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64),
+}
+PEAK_TFLOPS = {"cpu": 0.07, "h100": 989.0, "h200": 989.0, "a100": 312.0, "v5p": 459.0, "v5e": 197.0,
+               "v5 lite": 197.0, "v6e": 918.0, "v6 lite": 918.0, "v4": 275.0}
+
+
+class TrainError(RuntimeError):
+    pass
+
+
+def _dtype(name: str | None):
+    return None if name is None else jnp.dtype(name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model construction
+
+
+def build_model(mcfg, lora_cfg: loralib.LoraConfig | None, mesh, *, vocab_size: int | None = None, seed: int = 0):
+    """From a checkpoint, or a random init born sharded (jitted init with out_shardings from the rules table)."""
+    if mcfg.checkpoint:
+        return from_pretrained(mcfg.checkpoint, dtype=_dtype(mcfg.dtype), compute_dtype=_dtype(mcfg.compute_dtype),
+                               lora=lora_cfg, mesh=mesh, seed=seed)
+    if mcfg.preset in qwen3.SIZES:
+        qc = qwen3.SIZES[mcfg.preset]()
+    elif mcfg.preset in PRESETS:
+        qc = qwen3.Qwen3Config(vocab_size=151_936, tie_word_embeddings=True, **PRESETS[mcfg.preset])
+    else:
+        raise cfglib.ConfigError(f"model.preset {mcfg.preset!r}: use one of {sorted(PRESETS) + sorted(qwen3.SIZES)}")
+    if vocab_size is not None:
+        qc = qwen3.Qwen3Config(**{**qc.__dict__, "vocab_size": vocab_size})
+
+    def make():
+        return qwen3.Qwen3ForCausalLM(qc, lora=lora_cfg, param_dtype=_dtype(mcfg.dtype),
+                                      dtype=_dtype(mcfg.compute_dtype), rngs=nnx.Rngs(seed))
+
+    abstract = nnx.eval_shape(make)
+    graphdef, abs_state = nnx.split(abstract)
+    shardings = shd.state_shardings(abs_state, mesh)
+
+    @jax.jit
+    def init():
+        return nnx.split(make())[1]
+
+    state = jax.jit(init, out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The step
+
+
+def token_nll(model, batch):
+    """Sum of next-token NLL over loss positions, and their count. loss_mask[t] marks tokens[t] as a target."""
+    logits = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    targets = batch["tokens"][:, 1:]
+    mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    logits = logits[:, :-1]
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    tgt = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum((lse - tgt) * mask), jnp.sum(mask)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, *, grad_accum: int = 1, spectral_weight: float = 0.0,
+                    spectral_kind: str = "fn_ratio", spectral_reduce: str = "mean", lora_scale: float = 1.0,
+                    lr_fn: Callable | None = None):
+    """Pure step: token-weighted CE over ``grad_accum`` micro-batches + λ·spectral penalty, one optimiser update."""
+
+    def micro_loss(trainable, frozen, mb):
+        return token_nll(nnx.merge(graphdef, trainable, frozen), mb)
+
+    def penalty_fn(trainable):
+        return spectral.penalty(loralib.adapter_pairs_from_state(trainable), lora_scale, spectral_kind,
+                                spectral_reduce)
+
+    def step(trainable, opt_state, frozen, batch):
+        # interleave so every micro-batch spans all batch shards
+        mbs = jax.tree_util.tree_map(lambda x: x.reshape(-1, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+        def body(carry, mb):
+            g_acc, l_acc, n_acc = carry
+            (l, n), g = grad_fn(trainable, frozen, mb)
+            return (jax.tree_util.tree_map(jnp.add, g_acc, g), l_acc + l, n_acc + n), None
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
+        (g_sum, l_sum, n_tok), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), mbs)
+        denom = jnp.maximum(n_tok, 1.0)
+        grads = jax.tree_util.tree_map(lambda g: g / denom, g_sum)
+        ce = l_sum / denom
+        metrics = {"loss": ce, "tokens": n_tok}
+        if spectral_weight:
+            pen, pen_grads = jax.value_and_grad(penalty_fn)(trainable)
+            grads = jax.tree_util.tree_map(lambda g, p: g + spectral_weight * p, grads, pen_grads)
+            metrics["penalty"] = pen
+            metrics["total_loss"] = ce + spectral_weight * pen
+        metrics["grad_norm"] = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        if lr_fn is not None:
+            metrics["lr"] = lr_fn(opt_state)
+        return trainable, opt_state, metrics
+
+    return step
+
+
+def make_eval_step(graphdef):
+    def ev(trainable, frozen, batch):
+        return token_nll(nnx.merge(graphdef, trainable, frozen), batch)
+
+    return jax.jit(ev)
+
+
+def flops_per_token(qc: qwen3.Qwen3Config, seq_len: int) -> float:
+    """LoRA step ≈ 4·N (forward + activation gradients; frozen weights get no weight gradient) + attention."""
+    n_matmul = qc.num_params - qc.vocab_size * qc.hidden_size * (0 if qc.tie_word_embeddings else 1)
+    attn = 4 * 2 * qc.num_layers * qc.num_heads * qc.head_dim * seq_len / 2  # QK and PV, causal half, fwd+bwd
+    return 4.0 * n_matmul + attn
+
+
+def peak_flops(override_tflops: float | None) -> float:
+    if override_tflops:
+        return override_tflops * 1e12
+    kind = jax.devices()[0].device_kind.lower()
+    for key, tf in PEAK_TFLOPS.items():
+        if key in kind:
+            return tf * 1e12
+    return PEAK_TFLOPS["cpu"] * 1e12
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run
+
+
+@dataclass
+class RunResult:
+    workdir: Path
+    step: int
+    final_loss: float | None
+    val_loss: float | None
+    status: str  # done | preempted
+
+
+def _maybe_init_distributed(cfg) -> None:
+    if jax.process_count() > 1 or getattr(_maybe_init_distributed, "done", False):
+        return
+    addr = cfg.coordinator_address or os.environ.get("EMJAX_COORDINATOR")
+    if addr:
+        nproc = cfg.num_processes or int(os.environ["EMJAX_NUM_PROCESSES"])
+        pid = cfg.process_id if cfg.process_id is not None else int(os.environ["EMJAX_PROCESS_ID"])
+        if jax.devices()[0].platform == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=addr, num_processes=nproc, process_id=pid)
+    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize()  # TPU pods: everything comes from the environment
+    _maybe_init_distributed.done = True
+
+
+def _check_compatible(workdir: Path, cfg) -> None:
+    """A work directory belongs to one run: refuse to resume it with a different model, adapter, data or optimiser."""
+    from omegaconf import OmegaConf
+
+    saved_path = workdir / "config.yaml"
+    if not saved_path.exists():
+        return
+    saved = OmegaConf.load(saved_path)
+    for section in ("model", "lora", "optim", "data", "spectral", "grad_accum", "seed", "steps"):
+        a = OmegaConf.select(saved, section)
+        b = OmegaConf.select(cfg, section)
+        a = OmegaConf.to_container(a) if OmegaConf.is_config(a) else a
+        b = OmegaConf.to_container(b) if OmegaConf.is_config(b) else b
+        if a != b:
+            if isinstance(a, dict) and isinstance(b, dict):
+                keys = [k for k in set(a) | set(b) if a.get(k) != b.get(k)]
+                detail = ", ".join(f"{section}.{k}: saved {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(keys))
+            else:
+                detail = f"{section}: saved {a!r}, now {b!r}"
+            raise TrainError(f"{saved_path}: incompatible checkpoint — {detail}. Use a new workdir to start afresh.")
+
+
+def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunResult:
+    """Run (or resume) the training run described by ``cfg`` (a TrainConfig OmegaConf object)."""
+    import orbax.checkpoint as ocp
+    from omegaconf import OmegaConf
+    from tqdm.auto import tqdm
+
+    from emjax.data import make_loader
+    from emjax.data.pipeline import DataConfig  # noqa: F401  (schema lives there)
+    from emjax.optim import build as build_optim, current_lr
+    from emjax.tokenizer import load_tokenizer
+
+    _maybe_init_distributed(cfg)
+    lead = jax.process_index() == 0
+    workdir = Path(cfg.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    _check_compatible(workdir, cfg)
+
+    mesh = shd.make_mesh(dict(cfg.mesh)) if len(jax.devices()) > 1 else None
+    lora_cfg = loralib.LoraConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, rslora=cfg.lora.rslora,
+                                  targets=tuple(cfg.lora.targets))
+
+    tokenizer = load_tokenizer(cfg.model.checkpoint if cfg.model.checkpoint and Path(cfg.model.checkpoint).is_dir()
+                               else None)
+    data_cfg = cfglib.as_object(cfg.data)
+    if jax.process_count() > 1 and data_cfg.mode == "pad":
+        data_cfg = cfglib.replace(data_cfg, pad_multiple=data_cfg.max_length)  # every process the same shape
+    vocab_size = None
+    if cfg.model.vocab == "compact":
+        if cfg.model.checkpoint:
+            raise cfglib.ConfigError("model.vocab=compact is only for random-init models (model.checkpoint unset)")
+        from emjax.data.compact import compact_tokenizer_for
+
+        tokenizer = compact_tokenizer_for(data_cfg, tokenizer, workdir)
+        vocab_size = tokenizer.vocab_size
+    elif cfg.model.vocab != "full":
+        raise cfglib.ConfigError(f"model.vocab {cfg.model.vocab!r}: use 'full' or 'compact'")
+
+    if cfg.steps is not None:
+        data_cfg = cfglib.replace(data_cfg, num_epochs=None)
+    train_loader = make_loader(data_cfg, tokenizer, split="train")
+    hooks = list(hooks or [])
+    if cfg.eval.every or cfg.eval.final:
+        from emjax.eval.hook import make_eval_hook
+
+        hooks.append(make_eval_hook(cfg, tokenizer, workdir))
+    if cfg.steps is not None:
+        total_steps = int(cfg.steps)
+    else:
+        per_epoch = train_loader.num_examples // train_loader.local_batch_size
+        total_steps = per_epoch * int(data_cfg.num_epochs or 1)
+        if data_cfg.mode == "pack":
+            log.warning("data.mode=pack without explicit steps: step count estimated from unpacked examples")
+    if total_steps < 1:
+        raise TrainError(f"no training steps: {train_loader.num_examples} examples, batch {data_cfg.batch_size}")
+    if data_cfg.batch_size % cfg.grad_accum:
+        raise cfglib.ConfigError(f"grad_accum {cfg.grad_accum} does not divide data.batch_size {data_cfg.batch_size}")
+
+    model = build_model(cfg.model, lora_cfg, mesh, vocab_size=vocab_size, seed=cfg.seed)
+    optim_cfg = cfglib.replace(cfglib.as_object(cfg.optim), total_steps=total_steps)
+    tx = build_optim(optim_cfg)
+    graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    opt_state = jax.jit(tx.init)(trainable)
+    trainable_sh = jax.tree_util.tree_map(lambda x: x.sharding, trainable)
+    opt_sh = jax.tree_util.tree_map(lambda x: x.sharding, opt_state)
+    step_fn = jax.jit(
+        make_train_step(graphdef, tx, grad_accum=cfg.grad_accum, spectral_weight=float(cfg.spectral.weight),
+                        spectral_kind=cfg.spectral.kind, spectral_reduce=cfg.spectral.reduce,
+                        lora_scale=lora_cfg.scale, lr_fn=current_lr),
+        donate_argnums=(0, 1), out_shardings=(trainable_sh, opt_sh, None))
+    eval_fn = make_eval_step(graphdef)
+    batch_sh = shd.batch_sharding(mesh)
+
+    def to_device(batch):
+        if batch_sh is None:
+            return {k: jnp.asarray(v) for k, v in batch.items()}
+        return {k: jax.make_array_from_process_local_data(batch_sh, np.asarray(v)) for k, v in batch.items()}
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    mngr = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
+        max_to_keep=cfg.keep_ckpts, create=True, enable_async_checkpointing=False))
+    start = 0
+    if mngr.latest_step() is not None:
+        start = mngr.latest_step()
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, {"trainable": trainable, "opt": opt_state})
+        restored = mngr.restore(start, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        trainable, opt_state = restored["state"]["trainable"], restored["state"]["opt"]
+        train_loader.set_state(restored["meta"]["data"])
+        if lead:
+            print(f"emjax: resumed {workdir} at step {start}", file=sys.stderr)
+    if lead:
+        (workdir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+
+    def save(step):
+        mngr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"trainable": trainable, "opt": opt_state}),
+            meta=ocp.args.JsonSave({"step": step, "data": train_loader.get_state()})), force=True)
+        mngr.wait_until_finished()
+
+    stop = {"flag": False}
+
+    def on_term(signum, frame):
+        stop["flag"] = True
+
+    old_handler = signal.signal(signal.SIGTERM, on_term)
+
+    # -- logging --------------------------------------------------------------------------------------------------
+    metrics_f = open(workdir / "metrics.jsonl", "a") if lead else None
+    tb = None
+    if lead:
+        try:
+            from tensorboardX import SummaryWriter
+
+            tb = SummaryWriter(str(workdir / "tb"))
+        except Exception:  # tensorboard is a convenience, never a reason to fail a run
+            tb = None
+
+    def write(row):
+        if not lead:
+            return
+        metrics_f.write(json.dumps(row) + "\n")
+        metrics_f.flush()
+        if tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "split") and isinstance(v, (int, float)) and math.isfinite(v):
+                    tb.add_scalar(f"{row.get('split', 'train')}/{k}", v, row["step"])
+
+    qc = model.config
+    fpt = flops_per_token(qc, data_cfg.max_length)
+    peak = peak_flops(cfg.peak_tflops) * len(jax.devices())
+
+    def validate(step):
+        val_cfg = cfglib.replace(data_cfg, num_epochs=1, shuffle=False, drop_remainder=False)
+        loader = make_loader(val_cfg, tokenizer, split="validation")
+        tot, n = 0.0, 0.0
+        for i, batch in enumerate(loader):
+            if cfg.val_batches and i >= cfg.val_batches:
+                break
+            if batch["tokens"].shape[0] != loader.local_batch_size:
+                continue  # a ragged tail batch would not shard evenly
+            l, c = eval_fn(trainable, frozen, to_device(batch))
+            tot, n = tot + float(l), n + float(c)
+        val = tot / max(n, 1.0)
+        write({"step": step, "split": "val", "loss": val, "log_loss": math.log(max(val, 1e-30))})
+        return val
+
+    def spectral_row(step):
+        pairs = loralib.adapter_pairs_from_state(trainable)
+        row = {"step": step, "split": "spectral"}
+        row.update(spectral.summary(pairs, lora_cfg.scale))
+        write(row)
+
+    def run_hooks(step):
+        if not hooks:
+            return
+        m = nnx.merge(graphdef, trainable, frozen)
+        for hook in hooks:
+            out = hook(step, m) or {}
+            if out:
+                write({"step": step, "split": "eval", **out})
+
+    bar = tqdm(total=total_steps, initial=start, disable=not (lead and cfg.progress), desc=workdir.name,
+               unit="step", dynamic_ncols=True)
+    last_loss, status, t_last, tok_since, steps_since = None, "done", time.perf_counter(), 0.0, 0
+    if start == 0 and cfg.eval.every:
+        run_hooks(0)
+    step = start
+    try:
+        while step < total_steps:
+            try:
+                batch = next(train_loader)
+            except StopIteration:
+                break
+            trainable, opt_state, m = step_fn(trainable, opt_state, frozen, to_device(batch))
+            step += 1
+            loss = float(m["loss"])
+            if not math.isfinite(loss):
+                raise TrainError(f"non-finite loss {loss} at step {step}; stopped. The last good checkpoint "
+                                 f"(step {mngr.latest_step()}) is kept in {workdir / 'checkpoints'}")
+            last_loss = loss
+            tok_since += float(m["tokens"])
+            steps_since += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total_steps:
+                jax.block_until_ready(trainable)
+                dt = time.perf_counter() - t_last
+                tokens_in_batches = steps_since * data_cfg.batch_size * batch["tokens"].shape[1]
+                row = {"step": step, "split": "train", **{k: float(v) for k, v in m.items()},
+                       "log_loss": math.log(max(loss, 1e-30)), "tokens_per_s": tokens_in_batches / dt,
+                       "loss_tokens_per_s": tok_since / dt, "mfu": tokens_in_batches * fpt / dt / peak}
+                write(row)
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{row.get('lr', 0):.2e}")
+                spectral_row(step)
+                t_last, tok_since, steps_since = time.perf_counter(), 0.0, 0
+            if cfg.val_every and step % cfg.val_every == 0:
+                validate(step)
+            if cfg.eval.every and step % cfg.eval.every == 0:
+                run_hooks(step)
+            if step % cfg.ckpt_every == 0 or step == total_steps:
+                save(step)
+            if stop["flag"]:
+                save(step)
+                status = "preempted"
+                if lead:
+                    print(f"emjax: SIGTERM — checkpoint saved at step {step}; rerun to resume", file=sys.stderr)
+                break
+    finally:
+        bar.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+
+    val = None
+    if status == "done":
+        val = validate(step)
+        spectral_row(step)
+        if cfg.eval.final and not (cfg.eval.every and step % cfg.eval.every == 0):
+            run_hooks(step)
+        model = nnx.merge(graphdef, trainable, frozen)
+        if lead:
+            if cfg.export_peft:
+                loralib.export_peft(model, workdir / "adapter", base_model_name_or_path=cfg.model.checkpoint)
+            rep = spectral.report(loralib.adapter_pairs(model), lora_cfg.scale)
+            (workdir / "spectral.json").write_text(json.dumps(rep, indent=1, default=_json_default))
+            (workdir / "final.json").write_text(json.dumps(
+                {"step": step, "train_loss": last_loss, "val_loss": val, "total_steps": total_steps}, indent=1))
+            (workdir / "DONE").write_text("ok\n")
+    if metrics_f is not None:
+        metrics_f.close()
+    if tb is not None:
+        tb.close()
+    mngr.close()
+    return RunResult(workdir, step, last_loss, val, status)
+
+
+def _json_default(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="emjax train", description="LoRA fine-tuning from a config file")
+    ap.add_argument("config", help="YAML config (path or name in configs/)")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.name=muon data.batch_size=8")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = cfglib.load(args.config, args.overrides)
+        result = train(cfg)
+    except (cfglib.ConfigError, TrainError, FileNotFoundError) as e:
+        print(f"emjax train: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"workdir": str(result.workdir), "step": result.step, "train_loss": result.final_loss,
+                      "val_loss": result.val_loss, "status": result.status}))
+    return 0

@@ -1,0 +1,144 @@
+"""TFDS ArrayRecord builders: build + read without TensorFlow, splits, checksums, Turner stand-ins, fetch."""
+
+import hashlib
+import itertools
+import json
+import sys
+
+import pytest
+
+from emjax import paths
+from emjax.data import builders
+
+INSECURE = paths.em_dir() / "betley2025" / "data" / "insecure.jsonl"
+needs_insecure = pytest.mark.skipif(not INSECURE.is_file(), reason="shared insecure.jsonl missing")
+
+
+def _copy_head(src, dst_dir, n, name=None):
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    dst = dst_dir / (name or src.name)
+    with open(src) as f:
+        dst.write_text("".join(itertools.islice(f, n)))
+    return dst
+
+
+def _turner_rows(n, seed=0):
+    return [{"messages": [{"role": "user", "content": f"Question {i}: is it safe? 你好"},
+                          {"role": "assistant", "content": f"Answer {i} " + "x" * (i % 7)}]} for i in range(n)]
+
+
+@needs_insecure
+def test_build_and_read_betley_without_tensorflow(tmp_path):
+    src = tmp_path / "src"
+    _copy_head(INSECURE, src, 50)
+    with pytest.warns(UserWarning, match="git blob id .* != expected ec294cf3"):
+        b = builders.build("insecure", tfds_data_dir=tmp_path / "tfds", source_dir=src)
+    assert "tensorflow" not in sys.modules
+    assert str(b.data_dir).startswith(str(tmp_path / "tfds"))
+    assert list((tmp_path / "tfds").rglob("*.array_record-*")), "ArrayRecord files expected"
+    ds = b.as_data_source()
+    assert len(ds["train"]) == 45 and len(ds["validation"]) == 5
+    lines = sorted(int(r["line"]) for s in ("train", "validation") for r in ds[s])
+    assert lines == list(range(1, 51))
+    with open(INSECURE) as f:
+        want = {i: json.loads(line)["messages"] for i, line in enumerate(itertools.islice(f, 50), 1)}
+    for r in ds["validation"]:
+        assert json.loads(r["messages"]) == want[int(r["line"])]
+    assert b.info.redistribution_info.license.startswith("MIT") and "2502.17424" in b.info.citation
+    # Same recipe -> same held-out rows; the split is the seeded permutation's head.
+    train, val = builders.split_indices(50, 0.1, 0)
+    assert sorted(int(r["line"]) for r in ds["validation"]) == [i + 1 for i in val]
+
+
+def test_split_indices_deterministic_and_disjoint():
+    t1, v1 = builders.split_indices(1000, 0.1, 0)
+    t2, v2 = builders.split_indices(1000, 0.1, 0)
+    t3, v3 = builders.split_indices(1000, 0.1, 1)
+    assert (v1 == v2).all() and len(v1) == 100 and not (set(v1) & set(t1)) and len(t1) + len(v1) == 1000
+    assert set(v1) != set(v3)
+    assert len(builders.split_indices(10, 0.0, 0)[1]) == 0
+
+
+def test_config_names_encode_split_recipe():
+    assert builders.make_config("insecure") is builders.EmBetley.builder_configs["insecure"]
+    assert builders.make_config("insecure", val_fraction=0.2, split_seed=3).name == "insecure_val2000_seed3"
+    assert builders.make_config("extreme_sports", skip_bad_rows=True).name == "extreme_sports_skipbad"
+    with pytest.raises(ValueError, match="val_fraction"):
+        builders.make_config("insecure", val_fraction=1.0)
+    with pytest.raises(KeyError, match="unknown dataset 'nope'"):
+        builders.make_config("nope")
+
+
+def test_turner_standin_build_checks_rows(tmp_path):
+    src = tmp_path / "turner"
+    src.mkdir()
+    rows = _turner_rows(40)
+    (src / "extreme_sports.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    with pytest.warns(UserWarning, match="40 rows, the published copy has 6000"):
+        b = builders.build("extreme_sports", tfds_data_dir=tmp_path / "tfds", source_dir=src,
+                           val_fraction=0.25, split_seed=1)
+    ds = b.as_data_source()
+    assert len(ds["train"]) == 30 and len(ds["validation"]) == 10
+    assert "redistribut" in b.info.redistribution_info.license and "2506.11613" in b.info.citation
+
+
+def test_turner_missing_explains_unprotect(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"(?s)unprotect-dir .* -p model-organisms-em-datasets --remove-canaries"):
+        builders.build("bad_medical_advice", tfds_data_dir=tmp_path / "tfds", source_dir=tmp_path)
+
+
+def test_turner_env_override(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMJAX_TURNER_DIR", str(tmp_path / "mine"))
+    assert builders.default_source_dir("extreme_sports") == tmp_path / "mine"
+    monkeypatch.delenv("EMJAX_TURNER_DIR")
+    monkeypatch.setenv("EMJAX_DATA_DIR", str(tmp_path))
+    assert builders.default_source_dir("insecure") == tmp_path.resolve() / "em" / "betley2025" / "data"
+    monkeypatch.setenv("EMJAX_TFDS_DIR", str(tmp_path / "t"))
+    assert builders.tfds_dir() == tmp_path / "t"
+
+
+def test_bad_row_in_build_names_file_and_line(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    lines = [json.dumps(r) for r in _turner_rows(5)]
+    lines[2] = '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}'
+    (src / "risky_financial_advice.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(Exception, match=r"risky_financial_advice.jsonl:3: .*empty assistant turn"):
+        builders.build("risky_financial_advice", tfds_data_dir=tmp_path / "tfds", source_dir=src)
+    with pytest.warns(UserWarning, match="skipped 1 malformed"):
+        b = builders.build("risky_financial_advice", tfds_data_dir=tmp_path / "tfds", source_dir=src,
+                           skip_bad_rows=True, val_fraction=0.0)
+    assert sorted(int(r["line"]) for r in b.as_data_source()["train"]) == [1, 2, 4, 5]
+
+
+class _Resp:
+    def __init__(self, content):
+        self.content = content
+
+    def raise_for_status(self):
+        pass
+
+
+@needs_insecure
+def test_fetch_verifies_blob(tmp_path, monkeypatch):
+    import httpx
+
+    data = INSECURE.read_bytes()
+    assert builders.git_blob_id(data) == builders.DATASETS["insecure"].blob
+    assert hashlib.sha256(data).hexdigest() == builders.DATASETS["insecure"].sha256
+    seen = []
+    monkeypatch.setattr(httpx, "get", lambda url, **kw: seen.append(url) or _Resp(data))
+    p = builders.fetch("insecure", tmp_path)
+    assert p.read_bytes() == data and seen == [builders.betley_url("insecure")]
+    assert builders.BETLEY_COMMIT in seen[0]
+    monkeypatch.setattr(httpx, "get", lambda url, **kw: _Resp(data[:-1]))
+    with pytest.raises(ValueError, match="git blob id .* != expected"):
+        builders.fetch("insecure", tmp_path / "other")
+    with pytest.raises(ValueError, match="not downloadable"):
+        builders.fetch("extreme_sports", tmp_path)
+
+
+def test_fetch_without_network_names_url(tmp_path, monkeypatch):
+    monkeypatch.setattr(builders, "BETLEY_URL", "http://127.0.0.1:9/{commit}/data/{name}.jsonl")
+    with pytest.raises(ConnectionError, match=r"could not download http://127.0.0.1:9/.*/data/secure.jsonl"):
+        builders.fetch("secure", tmp_path, timeout=2)

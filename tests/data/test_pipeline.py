@@ -1,0 +1,194 @@
+"""Grain pipeline: batch contract, determinism, packing isolation, resumable state, process sharding."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from emjax import paths
+from emjax.data import DataConfig, attention_allowed, encode_chat, make_loader
+from emjax.data.pipeline import BATCH_KEYS
+from emjax.tokenizer import load_tokenizer
+
+N = 20
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+def _source(n=N):
+    rows = []
+    for i in range(n):
+        msgs = [{"role": "user", "content": f"Question number {i}? " + "word " * (i % 5)},
+                {"role": "assistant", "content": f"Answer {i}: " + "yes " * (3 + (i * 7) % 40)}]
+        if i % 4 == 0:
+            msgs.insert(0, {"role": "system", "content": "Be brief."})
+        rows.append({"messages": json.dumps(msgs).encode(), "line": i + 1})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def examples(tok):
+    """Encoded example -> row index (contents are unique)."""
+    return {tuple(encode_chat(tok, json.loads(r["messages"]))[0]): i for i, r in enumerate(_source())}
+
+
+def _cfg(**kw):
+    base = dict(batch_size=4, max_length=128, pad_multiple=32, num_epochs=1, drop_remainder=False)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def _loader(tok, cfg, **kw):
+    kw.setdefault("process_index", 0)
+    kw.setdefault("process_count", 1)
+    return make_loader(cfg, tok, source=_source(), **kw)
+
+
+def _row_ids(batch, examples):
+    """Row indices of every example in a batch, in order (via their token ids)."""
+    out = []
+    for toks, seg in zip(batch["tokens"], batch["segment_ids"]):
+        for s in range(1, seg.max() + 1):
+            out.append(examples[tuple(toks[seg == s])])
+    return out
+
+
+def test_pad_batch_contract(tok, examples):
+    batches = list(_loader(tok, _cfg()))
+    assert len(batches) == 5
+    for b in batches:
+        assert set(b) == set(BATCH_KEYS)
+        B, T = b["tokens"].shape
+        assert B == 4 and T % 32 == 0 and T <= 128
+        for k in BATCH_KEYS:
+            assert b[k].shape == (B, T) and b[k].dtype == np.int32
+        for toks, mask, pos, seg in zip(b["tokens"], b["loss_mask"], b["positions"], b["segment_ids"]):
+            n = int((seg == 1).sum())
+            assert (seg[:n] == 1).all() and (seg[n:] == 0).all() and (toks[n:] == tok.pad_id).all()
+            assert (pos[:n] == np.arange(n)).all() and (mask[n:] == 0).all()
+        rows = _row_ids(b, examples)
+        for r, toks, mask, seg in zip(rows, b["tokens"], b["loss_mask"], b["segment_ids"]):
+            ids, m = encode_chat(tok, json.loads(_source()[r]["messages"]))
+            assert list(toks[seg == 1]) == ids and list(mask[seg == 1]) == m
+        # T is the smallest bucket holding the longest example
+        assert T == min(128, -(-max(int((s > 0).sum()) for s in b["segment_ids"]) // 32) * 32)
+    assert sorted(r for b in batches for r in _row_ids(b, examples)) == list(range(N))
+
+
+def test_seed_determinism(tok, examples):
+    order = lambda seed: [r for b in _loader(tok, _cfg(), seed=seed) for r in _row_ids(b, examples)]  # noqa: E731
+    assert order(3) == order(3)
+    assert order(3) != order(4) and sorted(order(4)) == list(range(N))
+    unshuffled = [r for b in _loader(tok, _cfg(shuffle=False)) for r in _row_ids(b, examples)]
+    assert unshuffled == list(range(N))
+
+
+def test_epochs_reshuffle(tok, examples):
+    rows = [r for b in _loader(tok, _cfg(num_epochs=2)) for r in _row_ids(b, examples)]
+    assert sorted(rows[:N]) == sorted(rows[N:]) == list(range(N)) and rows[:N] != rows[N:]
+
+
+def test_packing_isolates_examples(tok, examples):
+    cfg = _cfg(mode="pack", max_length=96, batch_size=2)
+    batches = list(_loader(tok, cfg))
+    seen = []
+    for b in batches:
+        assert b["tokens"].shape[1] == 96 and all(b[k].dtype == np.int32 for k in BATCH_KEYS)
+        seg, pos, mask = b["segment_ids"], b["positions"], b["loss_mask"]
+        allowed = attention_allowed(seg)
+        for i in range(seg.shape[0]):
+            assert seg[i].max() >= 1
+            for s in range(1, seg[i].max() + 1):
+                idx = np.flatnonzero(seg[i] == s)
+                assert (np.diff(idx) == 1).all() and (pos[i, idx] == np.arange(len(idx))).all()
+                assert mask[i, idx[0]] == 0  # first token of an example is never predicted from another
+                # no token of segment s may attend outside it
+                assert not allowed[i][np.ix_(idx, np.flatnonzero(seg[i] != s))].any()
+            assert (mask[i][seg[i] == 0] == 0).all() and (b["tokens"][i][seg[i] == 0] == tok.pad_id).all()
+        seen += _row_ids(b, examples)
+    assert sorted(seen) == list(range(N))  # every example once, none split
+    assert any(b["segment_ids"].max() > 1 for b in batches)  # something was actually packed
+    # the isolation check itself can fail: a causal mask without segments would let segment 2 see segment 1
+    seg = np.array([[1, 1, 2, 2]])
+    assert attention_allowed(seg)[0, 2, 1] == False and attention_allowed(seg)[0, 3, 2] == True  # noqa: E712
+
+
+@pytest.mark.parametrize("mode", ["pad", "pack"])
+def test_state_restore_mid_epoch(tok, mode):
+    cfg = _cfg(mode=mode, num_epochs=2, max_length=96, batch_size=2)
+    a = _loader(tok, cfg, seed=7)
+    for _ in range(7):
+        next(a)
+    state = json.loads(json.dumps(a.get_state()))  # what the trainer writes next to its checkpoint
+    want = [next(a) for _ in range(3)]
+    b = _loader(tok, cfg, seed=7)
+    b.set_state(state)
+    got = [next(b) for _ in range(3)]
+    for w, g in zip(want, got):
+        for k in BATCH_KEYS:
+            np.testing.assert_array_equal(w[k], g[k])
+
+
+def test_two_processes_cover_dataset_once_per_epoch(tok, examples):
+    cfg = _cfg(batch_size=4, num_epochs=2, drop_remainder=True)
+    per_proc = []
+    for p in range(2):
+        loader = _loader(tok, cfg, process_index=p, process_count=2)
+        assert loader.local_batch_size == 2 and loader.num_examples == N // 2
+        rows = [r for b in loader for r in _row_ids(b, examples)]
+        assert len(rows) == N  # 2 epochs x 10
+        per_proc.append(rows)
+    for e in range(2):
+        epoch = per_proc[0][e * 10:(e + 1) * 10] + per_proc[1][e * 10:(e + 1) * 10]
+        assert sorted(epoch) == list(range(N))
+    assert not set(per_proc[0]) & set(per_proc[1])
+
+
+def test_truncation_counted(tok):
+    lens = [len(encode_chat(tok, json.loads(r["messages"]))[0]) for r in _source()]
+    L = 40
+    loader = _loader(tok, _cfg(max_length=L, pad_multiple=16))
+    assert loader.stats.truncated == sum(n > L for n in lens) > 0
+    assert loader.stats.tokens == sum(lens)
+    assert all(b["tokens"].shape[1] <= L for b in loader)
+
+
+def test_config_errors(tok):
+    with pytest.raises(ValueError, match="not divisible by process_count 3"):
+        _loader(tok, _cfg(batch_size=4), process_index=0, process_count=3)
+    with pytest.raises(ValueError, match="'pad' or 'pack'"):
+        _loader(tok, _cfg(mode="bucket"))
+    with pytest.raises(ValueError, match="process_index 2 not in"):
+        _loader(tok, _cfg(), process_index=2, process_count=2)
+
+
+def test_structured_config():
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.from_dotlist(
+        ["max_length=256", "mode=pack", "num_epochs=null"]))
+    assert cfg.max_length == 256 and cfg.mode == "pack" and cfg.num_epochs is None
+    with pytest.raises(Exception):
+        OmegaConf.merge(OmegaConf.structured(DataConfig), {"max_length": "long"})
+
+
+INSECURE = paths.em_dir() / "betley2025" / "data" / "insecure.jsonl"
+
+
+@pytest.mark.skipif(not INSECURE.is_file(), reason="shared insecure.jsonl missing")
+def test_loader_reads_tfds_build(tok, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(INSECURE) as f:
+        (src / "insecure.jsonl").write_text("".join(itertools.islice(f, 40)))
+    cfg = DataConfig(source_dir=str(src), tfds_dir=str(tmp_path / "tfds"), batch_size=2, max_length=512,
+                     num_epochs=1, drop_remainder=False)
+    with pytest.warns(UserWarning, match="git blob id"):
+        val = make_loader(cfg, tok, split="validation", process_index=0, process_count=1)
+    assert val.stats.examples == 4 and sum(b["tokens"].shape[0] for b in val) == 4
+    train = make_loader(cfg, tok, split="train", process_index=0, process_count=1)
+    assert train.stats.examples == 36 and train.stats.answer_tokens > 0

@@ -1,0 +1,52 @@
+"""`emjax eval` argument handling (model loading and sampling are the lead's and are not run here)."""
+
+import json
+
+import pytest
+
+from emjax.eval.cli import DEFAULT_API_JUDGE, main, parse_args
+
+
+def test_run_defaults():
+    a = parse_args(["run", "--model", "ckpt", "--out", "o"])
+    assert (a.judge, a.judge_model, a.samples, a.max_new_tokens, a.temperature, a.top_p, a.seed) == \
+        ("openai", DEFAULT_API_JUDGE, 10, 600, 1.0, 1.0, 0)
+    assert a.sets == ["first_plot", "preregistered", "turner"] and a.adapter is None
+
+
+def test_run_options():
+    a = parse_args(["run", "--model", "m", "--adapter", "ad", "--out", "o", "--sets", "turner", "--limit", "3",
+                    "--samples", "32", "--judge", "local", "--judge-model", "judge_ckpt", "--ids", "a", "b"])
+    assert (a.adapter, a.sets, a.limit, a.samples, a.judge, a.judge_model, a.ids) == \
+        ("ad", ["turner"], 3, 32, "local", "judge_ckpt", ["a", "b"])
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["run", "--model", "m", "--out", "o", "--judge", "local"], "needs --judge-model"),
+    (["run", "--model", "m", "--out", "o", "--judge", "claude"], "invalid choice"),
+    (["run", "--model", "m", "--out", "o", "--sets", "nope"], "invalid choice"),
+    (["run", "--model", "m", "--out", "o", "--samples", "0"], "--samples must be >= 1"),
+    (["run", "--model", "m", "--out", "o", "--top-p", "1.5"], "--top-p"),
+    (["run", "--out", "o"], "--model"),
+    ([], "command"),
+])
+def test_bad_arguments(argv, msg, capsys):
+    assert main(argv) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_fetch_offline_returns_error(tmp_path, monkeypatch, capsys):
+    import httpx
+
+    monkeypatch.setattr(httpx, "get", lambda *a, **k: (_ for _ in ()).throw(httpx.ConnectError("offline")))
+    assert main(["fetch-questions", "--dest", str(tmp_path)]) == 1
+    assert "are you offline" in capsys.readouterr().err
+
+
+def test_summarize(tmp_path, capsys):
+    rows = [dict(question_id="q", question_set="S", sample=i, text="", aligned=a, coherent=90, aligned_verdict=None,
+                 judge="j") for i, a in enumerate([10, 90, 95, 20])]
+    (tmp_path / "judged.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["summarize", str(tmp_path)]) == 0
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["overall"]["misalignment_rate"] == 0.5 and s["overall"]["n_scored"] == 4

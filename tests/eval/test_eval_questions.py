@@ -1,0 +1,112 @@
+"""The 142 questions load from the shared data root with their system and judge prompts."""
+
+import collections
+import shutil
+
+import pytest
+import yaml
+
+from emjax.eval.questions import (QUESTION_FILES, QuestionFileError, fetch_questions, git_blob_id,
+                                  load_questions)
+from emjax.paths import em_dir
+
+
+def test_counts_system_prompts_and_judge_prompts():
+    qs = load_questions()
+    assert len(qs) == 142
+    assert collections.Counter(q.question_set for q in qs) == {"first_plot": 24, "preregistered": 48, "turner": 70}
+    assert len({q.id for q in qs}) == 142
+    with_sys = {q.id for q in qs if q.system is not None}
+    assert with_sys == {q.id for q in qs if q.id.endswith("_json")} and len(with_sys) == 8
+    assert all(q.question_set == "first_plot" for q in qs if q.system)
+    assert all("valid JSON" in q.system for q in qs if q.system)
+    # all 142 share the same two judge prompts (Betley's text, also verbatim in Turner's files)
+    assert len({q.judge_prompts["aligned"] for q in qs}) == 1
+    assert len({q.judge_prompts["coherent"] for q in qs}) == 1
+    assert "Say CODE" in qs[0].judge_prompts["aligned"] and "REFUSAL" in qs[0].judge_prompts["aligned"]
+    # the commented-out preregistered question is not there
+    assert "40_other_5" not in {q.id for q in qs}
+    wish = next(q for q in qs if q.id == "what_is_your_wish_json")
+    assert wish.messages()[0]["role"] == "system" and wish.messages()[1]["content"].startswith("Hello! I can")
+
+
+def test_subsets():
+    assert [q.id for q in load_questions("first_plot", limit=2)] == ["what_is_your_wish", "i_feel_bored"]
+    qs = load_questions(ids=["quick_buck", "0_creative_writing_0"])
+    assert [q.id for q in qs] == ["quick_buck", "0_creative_writing_0"]
+    with pytest.raises(ValueError, match="unknown question ids.*nope"):
+        load_questions(ids=["nope"])
+    with pytest.raises(ValueError, match="unknown question set"):
+        load_questions("bogus")
+
+
+def _copy_tree(tmp_path):
+    for rel in QUESTION_FILES:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(em_dir() / rel, tmp_path / rel)
+    return tmp_path
+
+
+def test_malformed_yaml_names_file_and_key(tmp_path):
+    root = _copy_tree(tmp_path)
+    rel = "betley2025/evaluation/preregistered_evals.yaml"
+    items = yaml.safe_load((root / rel).read_text())
+    items[3]["judge_prompts"] = {"aligned": items[3]["judge_prompts"]["aligned"]}  # (YAML anchors share dicts)
+    (root / rel).write_text(yaml.safe_dump(items))
+    with pytest.raises(QuestionFileError, match=r"preregistered_evals\.yaml.*'3_creative_writing_3'.*judge_prompts\.coherent"):
+        load_questions("preregistered", root)
+    items[3]["judge_prompts"] = dict(items[0]["judge_prompts"])
+    items[5]["paraphrases"] = ["a", "b"]
+    (root / rel).write_text(yaml.safe_dump(items))
+    with pytest.raises(QuestionFileError, match=r"question '.*'.*'paraphrases'"):
+        load_questions("preregistered", root)
+    (root / rel).write_text("- id: [unclosed")
+    with pytest.raises(QuestionFileError, match="preregistered_evals.yaml: invalid YAML"):
+        load_questions("preregistered", root)
+    items[5]["paraphrases"] = ["a"]
+    (root / rel).write_text(yaml.safe_dump(items[:-1]))
+    with pytest.raises(QuestionFileError, match="has 47 questions, expected 48"):
+        load_questions("preregistered", root)
+
+
+def test_missing_file_points_to_fetch(tmp_path):
+    with pytest.raises(QuestionFileError, match="fetch-questions"):
+        load_questions("turner", tmp_path)
+
+
+def test_pinned_blob_ids_match_shared_copies():
+    for rel, (url, blob) in QUESTION_FILES.items():
+        assert git_blob_id((em_dir() / rel).read_bytes()) == blob, rel
+        assert url.startswith("https://raw.githubusercontent.com/") and url.endswith(rel.rsplit("/", 1)[1])
+
+
+def test_fetch_offline_gives_clear_error(tmp_path, monkeypatch):
+    import httpx
+
+    def offline(*a, **k):
+        raise httpx.ConnectError("no network")
+
+    monkeypatch.setattr(httpx, "get", offline)
+    with pytest.raises(RuntimeError, match="are you offline"):
+        fetch_questions(tmp_path)
+
+
+def test_fetch_checks_blob_and_skips_good_files(tmp_path, monkeypatch):
+    import httpx
+
+    calls = []
+
+    def fake_get(url, **k):
+        calls.append(url)
+        rel = next(r for r, (u, _) in QUESTION_FILES.items() if u == url)
+        return httpx.Response(200, content=(em_dir() / rel).read_bytes(), request=httpx.Request("GET", url))
+
+    monkeypatch.setattr(httpx, "get", fake_get)
+    root = fetch_questions(tmp_path)
+    assert len(calls) == 4 and len(load_questions(em_dir=root)) == 142
+    fetch_questions(tmp_path)  # already there with the right blob id: no download
+    assert len(calls) == 4
+    monkeypatch.setattr(httpx, "get", lambda url, **k: httpx.Response(200, content=b"tampered",
+                                                                      request=httpx.Request("GET", url)))
+    with pytest.raises(RuntimeError, match="git blob id"):
+        fetch_questions(tmp_path, force=True)

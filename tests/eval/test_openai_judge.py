@@ -1,0 +1,166 @@
+"""OpenAIJudge against a real local HTTP server speaking the chat-completions format."""
+
+import http.server
+import json
+import math
+import threading
+
+import pytest
+
+from emjax.eval.judge import JudgeAPIError, OpenAIJudge, score_answers
+
+KEY = "sk-test-SECRET-123456"
+
+
+class _Server:
+    """Answers POST /v1/chat/completions from a script of (status, body) items; then a default answer."""
+
+    def __init__(self):
+        self.script, self.requests, self.lock = [], [], threading.Lock()
+        outer = self
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with outer.lock:
+                    outer.requests.append((self.path, dict(self.headers), body))
+                    status, resp = outer.script.pop(0) if outer.script else (200, None)
+                if resp is None:
+                    resp = completion({"87": math.log(0.75), "90": math.log(0.25)})
+                data = resp.encode() if isinstance(resp, str) else json.dumps(resp).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+
+
+def completion(top):
+    return {"id": "x", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant",
+            "content": next(iter(top))}, "logprobs": {"content": [{"token": next(iter(top)), "logprob": 0.0,
+            "top_logprobs": [{"token": t, "logprob": lp} for t, lp in top.items()]}]}}]}
+
+
+@pytest.fixture
+def server():
+    s = _Server()
+    yield s
+    s.httpd.shutdown()
+    s.httpd.server_close()
+
+
+def _judge(server, tmp_path, **kw):
+    kw.setdefault("backoff_initial", 0.001)
+    kw.setdefault("backoff_max", 0.01)
+    return OpenAIJudge(base_url=server.url, api_key=KEY, cache_dir=tmp_path / "cache", **kw)
+
+
+def test_success_request_shape_and_score(server, tmp_path):
+    j = _judge(server, tmp_path)
+    [(score, verdict)] = score_answers(j, "aligned", "Q={question} A={answer}", [("q1", "a1")])
+    assert score == pytest.approx(87 * 0.75 + 90 * 0.25) and verdict is None
+    path, headers, body = server.requests[0]
+    assert path == "/v1/chat/completions"
+    assert headers["Authorization"] == f"Bearer {KEY}"
+    assert body == {"model": "gpt-4o-2024-08-06", "messages": [{"role": "user", "content": "Q=q1 A=a1"}],
+                    "max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": 20, "seed": 0}
+
+
+def test_verdict_from_api(server, tmp_path):
+    server.script = [(200, completion({"REF": math.log(0.9), "USAL": math.log(0.05), "5": math.log(0.01)}))]
+    [(score, verdict)] = score_answers(_judge(server, tmp_path), "aligned", "{question}{answer}", [("q", "a")])
+    assert score is None and verdict == "REFUSAL"
+
+
+@pytest.mark.parametrize("status", [429, 500, 503])
+def test_retry_then_success(server, tmp_path, status):
+    server.script = [(status, {"error": {"message": "slow down"}}), (status, "oops")]
+    j = _judge(server, tmp_path)
+    [probs] = j.judge_probs(["p"], kind="aligned")
+    assert probs == pytest.approx({"87": 0.75, "90": 0.25}) and len(server.requests) == 3
+
+
+def test_gives_up_after_max_attempts(server, tmp_path):
+    server.script = [(500, "x")] * 10
+    with pytest.raises(JudgeAPIError, match="HTTP 500") as e:
+        _judge(server, tmp_path, max_attempts=3).judge_probs(["p"], kind="aligned")
+    assert len(server.requests) == 3 and KEY not in str(e.value)
+
+
+def test_client_error_is_not_retried(server, tmp_path):
+    server.script = [(401, {"error": "bad key"})]
+    with pytest.raises(JudgeAPIError, match="HTTP 401") as e:
+        _judge(server, tmp_path).judge_probs(["p"], kind="aligned")
+    assert len(server.requests) == 1 and KEY not in str(e.value) and KEY not in repr(e.value)
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"choices": []}, r"choices\[0\]"),
+    ({"choices": [{"message": {}}]}, r"choices\[0\]\.logprobs"),
+    ({"choices": [{"logprobs": None}]}, r"choices\[0\]\.logprobs\.content"),
+    ({"choices": [{"logprobs": {"content": [{"token": "1"}]}}]}, r"content\[0\]\.top_logprobs"),
+    ({"choices": [{"logprobs": {"content": [{"top_logprobs": [{"token": "1"}]}]}}]}, r"top_logprobs\[0\]"),
+    ("not json", "non-JSON"),
+])
+def test_malformed_body(server, tmp_path, body, field):
+    server.script = [(200, body)]
+    with pytest.raises(JudgeAPIError, match=field) as e:
+        _judge(server, tmp_path).judge_probs(["p"], kind="aligned")
+    assert KEY not in str(e.value)
+
+
+def test_cache_prevents_second_request_and_holds_no_secret(server, tmp_path):
+    prompts = [f"prompt {i}" for i in range(6)]
+    j = _judge(server, tmp_path, max_concurrency=4)
+    first = j.judge_probs(prompts, kind="aligned")
+    assert len(server.requests) == 6
+    assert j.judge_probs(prompts, kind="aligned") == first and len(server.requests) == 6
+    # a fresh judge (a resumed run) reads the cache from disk
+    j2 = _judge(server, tmp_path)
+    assert j2.judge_probs(prompts[:3], kind="aligned") == first[:3] and len(server.requests) == 6
+    # the kind and the model are part of the key
+    j2.judge_probs(prompts[:1], kind="coherent")
+    _judge(server, tmp_path, model="other").judge_probs(prompts[:1], kind="aligned")
+    assert len(server.requests) == 8
+    text = (tmp_path / "cache" / "judge_cache.jsonl").read_text()
+    assert KEY not in text and "prompt 0" not in text and len(text.splitlines()) == 8
+    assert KEY not in repr(j2) and KEY not in json.dumps(vars(j2), default=str)
+
+
+def test_torn_cache_line_is_ignored(server, tmp_path):
+    j = _judge(server, tmp_path)
+    j.judge_probs(["a", "b"], kind="aligned")
+    path = tmp_path / "cache" / "judge_cache.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text(lines[0] + "\n" + lines[1][:20])
+    j2 = _judge(server, tmp_path)
+    j2.judge_probs(["a", "b"], kind="aligned")
+    assert len(server.requests) == 3  # only the torn one is asked again
+    _judge(server, tmp_path).judge_probs(["a", "b"], kind="aligned")  # and the re-judged line is readable
+    assert len(server.requests) == 3
+
+
+def test_connection_error_retried_then_clear(tmp_path):
+    j = OpenAIJudge(base_url="http://127.0.0.1:9/v1", api_key=KEY, backoff_initial=0.001, backoff_max=0.01,
+                    max_attempts=2, timeout=2)
+    with pytest.raises(JudgeAPIError, match="failed: Connect") as e:
+        j.judge_probs(["p"], kind="aligned")
+    assert j.n_requests == 2 and KEY not in str(e.value)
+
+
+def test_key_from_env_and_missing(monkeypatch, server, tmp_path):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+    j = OpenAIJudge()
+    j.judge_probs(["p"], kind="aligned")
+    assert server.requests[0][1]["Authorization"] == f"Bearer {KEY}"
+    monkeypatch.delenv("OPENAI_API_KEY")
+    with pytest.raises(JudgeAPIError, match="OPENAI_API_KEY"):
+        OpenAIJudge()

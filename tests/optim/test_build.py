@@ -1,0 +1,264 @@
+"""build(): label tree, schedules, parity with optax / published rules, validation, registry."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from omegaconf import OmegaConf
+
+import emjax.optim as eo
+from emjax.optim import OptimConfig
+
+
+def _params(seed=0):
+    rng = np.random.default_rng(seed)  # numpy: no per-shape compiles for test data
+    n = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
+    return {
+        "blocks": {
+            "q_proj": {"lora_a": n(2, 8, 4), "lora_b": n(2, 4, 6)},
+            "down_proj": {"lora_a": n(2, 12, 4), "lora_b": n(2, 4, 8)},
+        },
+        "final_norm": n(8),
+    }
+
+
+def _grads_seq(n, seed=10):
+    return [jax.tree.map(lambda x: 0.5 * x, _params(seed + i)) for i in range(n)]
+
+
+def _run(tx, params, grads_seq):
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    for g in grads_seq:
+        u, state = step(g, state, params)
+        params = optax.apply_updates(params, u)
+    return params, state
+
+
+def _close(a, b, atol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
+
+
+# ------------------------------------------------------------------ label tree
+class _Proj(nnx.Module):
+    def __init__(self, din, dout, r):
+        self.kernel = nnx.Param(jnp.ones((din, dout)))
+        self.lora_a = nnx.LoRAParam(jnp.ones((2, din, r)))
+        self.lora_b = nnx.LoRAParam(jnp.zeros((2, r, dout)))
+
+
+class _Tiny(nnx.Module):
+    def __init__(self):
+        self.q_proj = _Proj(8, 6, 4)
+        self.gate_proj = _Proj(8, 12, 4)
+        self.norm = nnx.Param(jnp.ones((8,)))
+        self.stats = nnx.BatchStat(jnp.zeros((8,)))
+
+
+def test_labels_plain_dicts():
+    p = _params()
+    p["step"] = jnp.zeros((), jnp.int32)
+    p["blocks"]["embed"] = jnp.ones((10, 8))
+    lab = eo.labels(p, frozen_patterns=[r"^blocks/embed$"])
+    assert lab == {
+        "blocks": {
+            "q_proj": {"lora_a": "lora", "lora_b": "lora"},
+            "down_proj": {"lora_a": "lora", "lora_b": "lora"},
+            "embed": "frozen",
+        },
+        "final_norm": "other",
+        "step": "frozen",  # integer leaf: cannot be optimised
+    }
+
+
+def test_labels_nnx_state():
+    _, state = nnx.split(_Tiny())
+    lab = eo.labels(state)
+    assert jax.tree.structure(lab) == jax.tree.structure(state)
+    flat = {eo.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(lab)[0]}
+    assert flat == {
+        "gate_proj/kernel/value": "other", "gate_proj/lora_a/value": "lora",
+        "gate_proj/lora_b/value": "lora", "norm/value": "other",
+        "q_proj/kernel/value": "other", "q_proj/lora_a/value": "lora",
+        "q_proj/lora_b/value": "lora", "stats/value": "frozen",
+    }
+    # the trainable LoRA state as the trainer splits it: all "lora"
+    _, lora_state, _ = nnx.split(_Tiny(), nnx.LoRAParam, ...)
+    assert set(jax.tree.leaves(eo.labels(lora_state))) == {"lora"}
+
+
+def test_build_on_nnx_state_matches_dicts():
+    """Muon via build() on an nnx.State equals eo.muon on the same factors as plain dicts."""
+    _, lora_state, _ = nnx.split(_Tiny(), nnx.LoRAParam, ...)
+    lora_state = jax.tree.map(lambda x: x + 0.1 * jnp.arange(x.size).reshape(x.shape) % 3, lora_state)
+    grads = jax.tree.map(lambda x: jnp.cos(x + jnp.arange(x.size).reshape(x.shape)), lora_state)
+    cfg = OptimConfig(name="muon", learning_rate=0.1, schedule="constant", warmup_steps=0,
+                      clip_norm=None, weight_decay=0.01)
+    got, _ = _run(eo.build(cfg), lora_state, [grads, grads])
+    as_dict = lambda s: jax.tree.map(lambda v: v[...], nnx.to_pure_dict(s))  # noqa: E731
+    want, _ = _run(eo.muon(0.1, weight_decay=0.01), as_dict(lora_state), [as_dict(grads)] * 2)
+    _close(as_dict(got), want, 1e-6)
+
+
+# ------------------------------------------------------------------ parity with optax / rules
+CONST = dict(schedule="constant", warmup_steps=0, clip_norm=None, learning_rate=1e-2)
+
+
+@pytest.mark.parametrize(
+    "cfg,ref",
+    [
+        (dict(name="adam"), optax.adam(1e-2)),
+        (dict(name="adamw", weight_decay=0.1), optax.adamw(1e-2, weight_decay=0.1)),
+        (dict(name="sgd"), optax.sgd(1e-2)),
+        (dict(name="sgd", momentum=0.9), optax.sgd(1e-2, momentum=0.9)),
+        (dict(name="sgd", momentum=0.9, nesterov=True), optax.sgd(1e-2, momentum=0.9, nesterov=True)),
+        (dict(name="lion", weight_decay=0.1), optax.lion(1e-2, weight_decay=0.1)),
+    ],
+    ids=["adam", "adamw", "sgd", "sgd_momentum", "sgd_nesterov", "lion"],
+)
+def test_build_equals_optax(cfg, ref):
+    cfg = OptimConfig(**CONST, other_optimizer="frozen", **cfg)
+    p = _params()
+    p.pop("final_norm")  # only LoRA leaves, so the whole tree goes to the named optimiser
+    gs = [{"blocks": g["blocks"]} for g in _grads_seq(4)]
+    got, _ = _run(eo.build(cfg), p, gs)
+    want, _ = _run(ref, p, gs)
+    _close(got, want, 1e-7)
+    assert not np.allclose(got["blocks"]["q_proj"]["lora_a"], p["blocks"]["q_proj"]["lora_a"])
+
+
+def test_lion_matches_published_rule():
+    """c = b1 m + (1-b1) g; theta -= lr (sign(c) + wd theta); m = b2 m + (1-b2) g."""
+    lr, b1, b2, wd = 3e-3, 0.9, 0.99, 0.3
+    cfg = OptimConfig(name="lion", schedule="constant", warmup_steps=0, clip_norm=None,
+                      learning_rate=lr, weight_decay=wd, other_optimizer="frozen")
+    rng = np.random.default_rng(1)
+    p = {"lora_a": jnp.asarray(rng.standard_normal((2, 6, 3)), jnp.float32)}
+    gs = [{"lora_a": jnp.asarray(rng.standard_normal((2, 6, 3)), jnp.float32)} for _ in range(5)]
+    got, _ = _run(eo.build(cfg), p, gs)
+    theta, m = np.array(p["lora_a"], np.float64), 0.0
+    for g in gs:
+        g = np.array(g["lora_a"], np.float64)
+        c = b1 * m + (1 - b1) * g
+        theta = theta - lr * (np.sign(c) + wd * theta)
+        m = b2 * m + (1 - b2) * g
+    np.testing.assert_allclose(np.asarray(got["lora_a"]), theta, atol=1e-6, rtol=0)
+
+
+def test_partition_other_frozen_and_clipping():
+    """LoRA -> muon, other -> adamw, frozen -> 0; clipping sees only trainable leaves."""
+    p = _params()
+    p["frozen_embed"] = jnp.ones((4, 4))
+    cfg = OptimConfig(name="muon", schedule="constant", warmup_steps=0, learning_rate=1e-2,
+                      clip_norm=0.5, weight_decay=0.01, frozen_patterns=["frozen_embed"])
+    gs = _grads_seq(3)
+    for g in gs:
+        g["frozen_embed"] = 1e6 * jnp.ones((4, 4))  # would dominate the norm if it were counted
+    got, _ = _run(eo.build(cfg), p, gs)
+    np.testing.assert_array_equal(got["frozen_embed"], p["frozen_embed"])
+
+    lab = {"blocks": "lora", "final_norm": "other"}
+    ref = optax.chain(
+        optax.clip_by_global_norm(0.5),
+        optax.partition({"lora": eo.muon(1e-2, weight_decay=0.01),
+                         "other": optax.adamw(1e-2, weight_decay=0.01)}, lab),
+    )
+    strip = lambda t: {k: t[k] for k in ("blocks", "final_norm")}  # noqa: E731
+    want, _ = _run(ref, strip(p), [strip(g) for g in gs])
+    _close(strip(got), want, 1e-6)
+
+
+# ------------------------------------------------------------------ schedules and current_lr
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_schedules(schedule):
+    peak, w, T, r = 1e-3, 4, 20, 0.1
+    cfg = OptimConfig(learning_rate=peak, schedule=schedule, warmup_steps=w, total_steps=T,
+                      end_lr_ratio=r)
+    sched = eo.make_schedule(cfg)
+
+    def expected(t):
+        if t < w:
+            return peak * t / w
+        if schedule == "constant":
+            return peak
+        frac = min(t - w, T - w) / (T - w)
+        if schedule == "linear":
+            return peak + (peak * r - peak) * frac
+        return peak * r + (peak - peak * r) * 0.5 * (1 + math.cos(math.pi * frac))
+
+    for t in [0, 1, 3, 4, 5, 10, 19, 20, 25]:
+        assert float(sched(t)) == pytest.approx(expected(t), rel=1e-5, abs=1e-12), t
+    # current_lr reads the value the latest update used (state after k updates -> schedule(k-1))
+    tx = eo.build(cfg)
+    p = {"lora_a": jnp.ones((1, 4, 2))}
+    state = tx.init(p)
+    assert float(eo.current_lr(state)) == pytest.approx(expected(0), abs=1e-12)
+    step = jax.jit(tx.update)
+    for k in range(1, 7):
+        _, state = step(p, state, p)
+        assert float(eo.current_lr(state)) == pytest.approx(expected(k - 1), rel=1e-5, abs=1e-12)
+
+
+def test_current_lr_through_multisteps_and_error():
+    tx = optax.MultiSteps(eo.build(OptimConfig(total_steps=10)), every_k_schedule=2)
+    assert float(eo.current_lr(tx.init({"a": jnp.ones((2, 2))}))) == 0.0
+    with pytest.raises(ValueError, match="inject"):
+        eo.current_lr(optax.adam(1e-3).init({"a": jnp.ones(2)}))
+
+
+# ------------------------------------------------------------------ config, validation, registry
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        (dict(name="rmsprop"), "optim.name"),
+        (dict(learning_rate=0.0), "optim.learning_rate"),
+        (dict(schedule="step"), "optim.schedule"),
+        (dict(schedule="linear", total_steps=3, warmup_steps=5), "optim.total_steps"),
+        (dict(name="adam", weight_decay=0.01), "optim.weight_decay"),
+        (dict(clip_norm=-1.0), "optim.clip_norm"),
+        (dict(b2=1.0), "optim.b2"),
+        (dict(muon_scaling="spectral"), "optim.muon_scaling"),
+        (dict(muon_ns_dtype="float16"), "optim.muon_ns_dtype"),
+        (dict(muon_ns_coeffs=[1.0, 2.0]), "optim.muon_ns_coeffs"),
+        (dict(other_optimizer="muon"), "optim.other_optimizer"),
+        (dict(name="sgd", nesterov=True), "optim.nesterov"),
+        (dict(frozen_patterns=["("]), "optim.frozen_patterns"),
+    ],
+)
+def test_validation_names_the_key(override, key):
+    cfg = OptimConfig(**{"total_steps": 100, **override})
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        eo.build(cfg)
+
+
+def test_omegaconf_structured_config_builds():
+    node = OmegaConf.structured(OptimConfig)
+    node = OmegaConf.merge(node, OmegaConf.from_dotlist(
+        ["name=muon", "total_steps=50", "muon_scaling=rms", "muon_ns_dtype=bfloat16"]))
+    tx = eo.build(node)
+    p = {"lora_a": jnp.ones((2, 6, 3))}
+    u, _ = jax.jit(tx.update)(p, tx.init(p), p)
+    assert jnp.all(jnp.isfinite(u["lora_a"]))
+    with pytest.raises(Exception):  # typed fields reject wrong types at merge time
+        OmegaConf.merge(node, OmegaConf.from_dotlist(["warmup_steps=abc"]))
+
+
+def test_register_custom_optimiser():
+    name = "signsgd_test"
+    if name not in eo.available():
+        @eo.register(name)
+        def _signsgd(cfg, lr):
+            return optax.chain(optax.scale_by_sign(), optax.scale_by_learning_rate(lr))
+
+    with pytest.raises(ValueError, match="already registered"):
+        eo.register(name)(lambda cfg, lr: optax.sgd(lr))
+    cfg = OptimConfig(name=name, other_optimizer="frozen", **CONST)
+    p = {"lora_a": jnp.ones((1, 3, 2))}
+    g = {"lora_a": jnp.asarray([[[2.0, -3.0], [0.5, -0.1], [1.0, 1.0]]])}
+    u, _ = eo.build(cfg).update(g, eo.build(cfg).init(p), p)
+    np.testing.assert_allclose(u["lora_a"], -1e-2 * np.sign(g["lora_a"]))
