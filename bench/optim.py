@@ -38,18 +38,24 @@ def lora_tree(layers: int, rank: int, seed: int):
                        for name, (din, dout) in PROJ.items()}}
 
 
-def time_update(tx, params, grads, repeats: int) -> float:
-    state = tx.init(params)
-    step = jax.jit(tx.update, donate_argnums=(1,))
-    updates, state = step(grads, state, params)  # compile + warm-up
-    jax.block_until_ready(updates)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        updates, state = step(grads, state, params)
+def time_updates(cands: dict, params, grads, repeats: int) -> dict[str, float]:
+    """Median seconds per jitted update; candidates interleaved per round so drift (other load on
+    a shared machine, allocator state) hits them all alike."""
+    runs = {}
+    for name, tx in cands.items():
+        step = jax.jit(tx.update, donate_argnums=(1,))
+        updates, state = step(grads, tx.init(params), params)  # compile + warm-up
         jax.block_until_ready((updates, state))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        runs[name] = [step, state, []]
+    for _ in range(repeats):
+        for name, run in runs.items():
+            step, state, times = run
+            t0 = time.perf_counter()
+            updates, run[1] = step(grads, state, params)
+            jax.block_until_ready((updates, run[1]))
+            times.append(time.perf_counter() - t0)
+            del updates
+    return {name: statistics.median(run[2]) for name, run in runs.items()}
 
 
 def main():
@@ -74,9 +80,7 @@ def main():
     if not args.no_optax_muon:
         cands["optax.contrib.muon"] = optax.contrib.muon(
             1e-4, muon_weight_dimension_numbers=jax.tree.map(lambda _: dims, params))
-    results = {}
-    for name, tx in cands.items():
-        results[name] = time_update(tx, params, grads, args.repeats)
+    results = time_updates(cands, params, grads, args.repeats)
     base = results["optax.adam"]
     print(f"{'optimiser':<24}{'median ms':>12}{'x Adam':>10}")
     for name, t in results.items():

@@ -114,9 +114,14 @@ def state_shardings(state, mesh: Mesh | None):
     return jax.tree_util.tree_map_with_path(lambda p, x: param_sharding(path_str(p), x.shape, mesh), state)
 
 
-def batch_sharding(mesh: Mesh | None):
-    """Batch dimension over (data, fsdp); the rest replicated."""
+def batch_sharding(mesh: Mesh | None, batch_size: int | None = None):
+    """Batch dimension over (data, fsdp) — or over the subset of them that divides ``batch_size`` — rest replicated."""
     if mesh is None:
         return None
     axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
+    if batch_size is not None:
+        for cand in (axes, axes[1:], axes[:1], ()):
+            if batch_size % int(np.prod([mesh.shape[a] for a in cand] or [1])) == 0:
+                axes = cand
+                break
     return NamedSharding(mesh, P(axes or None))

@@ -71,8 +71,11 @@ def build_model(mcfg, lora_cfg: loralib.LoraConfig | None, mesh, *, vocab_size: 
         qc = qwen3.Qwen3Config(**{**qc.__dict__, "vocab_size": vocab_size})
 
     def make():
+        # Embedding std 1/√d (not HF's 0.02): with tied, RMS-normed outputs a 0.02 table caps every logit near
+        # 0.02·d, so a random model could not express a peaked distribution and LoRA could barely lower the loss.
         return qwen3.Qwen3ForCausalLM(qc, lora=lora_cfg, param_dtype=_dtype(mcfg.dtype),
-                                      dtype=_dtype(mcfg.compute_dtype), rngs=nnx.Rngs(seed))
+                                      dtype=_dtype(mcfg.compute_dtype), rngs=nnx.Rngs(seed),
+                                      embed_init_std=qc.hidden_size ** -0.5)
 
     abstract = nnx.eval_shape(make)
     graphdef, abs_state = nnx.split(abstract)
@@ -279,7 +282,7 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
     optim_cfg = cfglib.replace(cfglib.as_object(cfg.optim), total_steps=total_steps)
     tx = build_optim(optim_cfg)
     graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
-    opt_state = jax.jit(tx.init)(trainable)
+    opt_state = _replicate_unsharded(jax.jit(tx.init)(trainable), mesh)
     trainable_sh = jax.tree_util.tree_map(lambda x: x.sharding, trainable)
     opt_sh = jax.tree_util.tree_map(lambda x: x.sharding, opt_state)
     step_fn = jax.jit(
@@ -288,12 +291,13 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
                         lora_scale=lora_cfg.scale, lr_fn=current_lr),
         donate_argnums=(0, 1), out_shardings=(trainable_sh, opt_sh, None))
     eval_fn = make_eval_step(graphdef)
-    batch_sh = shd.batch_sharding(mesh)
 
     def to_device(batch):
-        if batch_sh is None:
+        if mesh is None:
             return {k: jnp.asarray(v) for k, v in batch.items()}
-        return {k: jax.make_array_from_process_local_data(batch_sh, np.asarray(v)) for k, v in batch.items()}
+        global_bs = batch["tokens"].shape[0] * jax.process_count()
+        sh = shd.batch_sharding(mesh, global_bs)
+        return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     mngr = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
@@ -350,7 +354,7 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
     peak = peak_flops(cfg.peak_tflops) * len(jax.devices())
 
     def validate(step):
-        val_cfg = cfglib.replace(data_cfg, num_epochs=1, shuffle=False, drop_remainder=False)
+        val_cfg = cfglib.replace(data_cfg, num_epochs=1, shuffle=False, drop_remainder=jax.process_count() > 1)
         loader = make_loader(val_cfg, tokenizer, split="validation")
         tot, n = 0.0, 0.0
         for i, batch in enumerate(loader):
@@ -365,7 +369,7 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
         return val
 
     def spectral_row(step):
-        pairs = loralib.adapter_pairs_from_state(trainable)
+        pairs = loralib.adapter_pairs_from_state(_replicated(trainable, mesh))
         row = {"step": step, "split": "spectral"}
         row.update(spectral.summary(pairs, lora_cfg.scale))
         write(row)
@@ -435,7 +439,7 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
         spectral_row(step)
         if cfg.eval.final and not (cfg.eval.every and step % cfg.eval.every == 0):
             run_hooks(step)
-        model = nnx.merge(graphdef, trainable, frozen)
+        model = nnx.merge(graphdef, _replicated(trainable, mesh), frozen)
         if lead:
             if cfg.export_peft:
                 loralib.export_peft(model, workdir / "adapter", base_model_name_or_path=cfg.model.checkpoint)
@@ -450,6 +454,28 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
         tb.close()
     mngr.close()
     return RunResult(workdir, step, last_loss, val, status)
+
+
+def _replicate_unsharded(tree, mesh):
+    """Optimiser counters and other leaves born on one device -> replicated over the mesh (the moments already
+    follow their parameters' sharding)."""
+    if mesh is None:
+        return tree
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    rep = NamedSharding(mesh, PartitionSpec())
+    return jax.tree_util.tree_map(lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, rep),
+                                  tree)
+
+
+def _replicated(tree, mesh):
+    """Fully replicated copy (LoRA factors are small) so host-side metrics and exports also work on multi-host
+    meshes, where a sharded array is not addressable from one process."""
+    if mesh is None:
+        return tree
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    return jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, PartitionSpec()))(tree)
 
 
 def _json_default(x):

@@ -178,14 +178,18 @@ def make_loader(cfg: DataConfig, tokenizer: Tokenizer, *, split: str = "train", 
         log.warning("%s/%s: %d of %d examples truncated to max_length=%d (%d left with no loss tokens)",
                     cfg.dataset, split, stats.truncated, stats.examples, cfg.max_length,
                     stats.no_loss_after_truncation)
-    ds = grain.MapDataset.source(examples)[pi::pc]
-    n_local = len(ds)
+    # Shuffle globally (same seed everywhere), then deal examples round-robin to processes: the union of the
+    # processes' batch j is exactly the single-process batch j, so a multi-host run trains on the same batches.
+    ds = grain.MapDataset.source(examples)
+    n_local = len(ds) // pc
     if n_local == 0:
         raise ValueError(f"{cfg.dataset}/{split}: process {pi} of {pc} has no examples")
     if cfg.shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(cfg.num_epochs)
     it = ds.to_iter_dataset()
+    if pc > 1:
+        it = it.batch(pc, drop_remainder=True, batch_fn=lambda xs: xs[pi])
     pad_id = tokenizer.pad_id
     if cfg.mode == "pad":
         it = it.batch(local_bs, drop_remainder=cfg.drop_remainder, batch_fn=lambda xs: pad_batch(

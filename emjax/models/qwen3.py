@@ -186,14 +186,14 @@ class Qwen3ForCausalLM(nnx.Module):
     segment ids, or a KV cache (then returns ``(logits, cache)``)."""
 
     def __init__(self, cfg: Qwen3Config, *, lora: LoraConfig | None = None, param_dtype=jnp.float32,
-                 dtype=None, rngs: nnx.Rngs | None = None):
+                 dtype=None, rngs: nnx.Rngs | None = None, embed_init_std: float = 0.02):
         rngs = rngs or nnx.Rngs(0)
         self.config = cfg
         self.lora_config = lora
         self.dtype = jnp.dtype(dtype or param_dtype)  # compute dtype
         self.source = None
-        self.embed = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.hidden_size),
-                                                             param_dtype))
+        self.embed = nnx.Param(nnx.initializers.normal(embed_init_std)(
+            rngs.params(), (cfg.vocab_size, cfg.hidden_size), param_dtype))
         self.blocks = Qwen3Blocks(cfg, lora=lora, param_dtype=param_dtype, rngs=rngs)
         self.final_norm = nnx.Param(jnp.ones((cfg.hidden_size,), param_dtype))
         if cfg.tie_word_embeddings:

@@ -135,17 +135,23 @@ def test_state_restore_mid_epoch(tok, mode):
 
 def test_two_processes_cover_dataset_once_per_epoch(tok, examples):
     cfg = _cfg(batch_size=4, num_epochs=2, drop_remainder=True)
-    per_proc = []
+    per_proc, batches = [], []
     for p in range(2):
         loader = _loader(tok, cfg, process_index=p, process_count=2)
         assert loader.local_batch_size == 2 and loader.num_examples == N // 2
-        rows = [r for b in loader for r in _row_ids(b, examples)]
+        bs = [_row_ids(b, examples) for b in loader]
+        rows = [r for b in bs for r in b]
         assert len(rows) == N  # 2 epochs x 10
         per_proc.append(rows)
+        batches.append(bs)
     for e in range(2):
         epoch = per_proc[0][e * 10:(e + 1) * 10] + per_proc[1][e * 10:(e + 1) * 10]
         assert sorted(epoch) == list(range(N))
-    assert not set(per_proc[0]) & set(per_proc[1])
+    # the two processes' batch j together are exactly the single-process batch j (same global batches)
+    single = [_row_ids(b, examples) for b in _loader(tok, cfg, process_index=0, process_count=1)]
+    assert len(single) == len(batches[0])
+    for j, whole in enumerate(single):
+        assert sorted(batches[0][j] + batches[1][j]) == sorted(whole)
 
 
 def test_truncation_counted(tok):

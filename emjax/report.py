@@ -1,0 +1,635 @@
+"""The study's tables and figures from a sweep directory: ``emjax report SWEEP_DIR [--out DIR]``.
+
+Reads every run directory under SWEEP_DIR (``config.yaml``, ``final.json``, ``metrics.jsonl``, ``spectral.json``,
+``eval/step_*/judged.jsonl`` or ``summary.json``, ``DONE`` / ``FAILED``) and writes ``report.md`` with PNG figures
+(``figures/``) and CSV tables (``tables/``):
+
+- headline: misalignment rate and mean alignment by optimiser, model, dataset and batch size, pooled over the
+  judged answers of the group's finished runs (95 % percentile bootstrap over those answers, from
+  ``emjax.eval.aggregate.summarize``) with outcome counts;
+- alignment ~ log(final training loss) across runs (R², OLS) and stratified by optimiser (adjusted R² of
+  ``C(optimiser) + log_loss`` and ``C(optimiser) * log_loss``), statsmodels;
+- (loss, alignment) trajectories from evaluations during training;
+- spectral metrics of the final adapters per optimiser (each run's mean over layers and modules, then over runs);
+- the regulariser: per optimiser, mean Δ alignment / Δ final training loss between λ>0 runs and the λ=0 run that
+  matches them in every other setting.
+
+A partial sweep never fails the report: sections without data say so, and every number names its runs (CSV
+``runs`` columns; run table at the end). Runs are "finished" when they have ``DONE``; only finished runs enter the
+headline, regression, spectral and regulariser sections (trajectories use every run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from emjax.eval.aggregate import summarize
+
+MIN_RUNS = 2  # groups with fewer finished runs are flagged
+OPTIMISER_ORDER = ("sgd", "sgdm", "adam", "adamw", "lion", "muon")
+SPECTRAL_METRICS = ("fn_ratio", "stable_rank", "spectral_entropy", "condition_number")
+COUNT_KEYS = ("n_total", "n_scored", "n_misaligned", "n_low_coherence", "n_refusal", "n_code", "n_unscored")
+FACTORS = (("optimiser", "Optimiser"), ("model", "Model"), ("dataset", "Dataset"), ("batch_size", "Batch size"))
+_SKIP_DIRS = {"checkpoints", "eval", "adapter", "tb", "tables", "figures"}
+
+
+@dataclass
+class RunData:
+    name: str
+    path: Path
+    status: str  # done | failed | partial
+    config: dict | None = None
+    error: str | None = None  # first line of FAILED, or why the directory could not be read
+    train_loss: float | None = None
+    val_loss: float | None = None
+    eval_step: int | None = None
+    judged: list[dict] | None = None  # rows of the last evaluation
+    eval_summary: dict | None = None  # its "overall" summary (from judged rows when present)
+    trajectory: list[dict] = field(default_factory=list)  # {step, train_loss, mean_alignment, misalignment_rate}
+    spectral: dict | None = None  # overall spectral metrics of the final adapter
+    notes: list[str] = field(default_factory=list)
+
+    def get(self, dotted: str, default=None):
+        node: Any = self.config or {}
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+    @property
+    def optimiser(self) -> str:
+        name = self.get("optim.name", "?")
+        return "sgdm" if name == "sgd" and (self.get("optim.momentum") or 0) > 0 else str(name)
+
+    @property
+    def model(self) -> str:
+        ckpt = self.get("model.checkpoint")
+        return str(ckpt).rstrip("/").split("/")[-1] if ckpt else f"random:{self.get('model.preset', '?')}"
+
+    @property
+    def dataset(self) -> str:
+        return str(self.get("data.dataset", "?"))
+
+    @property
+    def batch_size(self) -> str:
+        return str(self.get("data.batch_size", "?"))
+
+    @property
+    def lam(self) -> float:
+        return float(self.get("spectral.weight", 0.0) or 0.0)
+
+    @property
+    def mean_alignment(self) -> float | None:
+        return (self.eval_summary or {}).get("mean_alignment")
+
+    @property
+    def misalignment_rate(self) -> float | None:
+        return (self.eval_summary or {}).get("misalignment_rate")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading runs
+
+
+def _read_jsonl(path: Path, notes: list[str]) -> list[dict]:
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                notes.append(f"{path}:{i}: unreadable JSON line skipped")
+    return rows
+
+
+def _last_eval(path: Path, notes: list[str], final_step: int | None):
+    """(step, judged rows or None, overall summary or None) of the final evaluation of a run."""
+    steps = []
+    for d in (path / "eval").glob("step_*"):
+        try:
+            steps.append((int(d.name.split("_", 1)[1]), d))
+        except ValueError:
+            continue
+    if not steps:
+        return None, None, None
+    steps.sort()
+    chosen = [s for s in steps if s[0] == final_step] or steps[-1:]
+    step, d = chosen[-1]
+    if final_step is not None and step != final_step:
+        notes.append(f"{d}: no evaluation at the final step {final_step}; using step {step}")
+    judged = None
+    if (d / "judged.jsonl").exists():
+        judged = _read_jsonl(d / "judged.jsonl", notes)
+        return step, judged, summarize(judged)
+    if (d / "summary.json").exists():
+        return step, None, json.loads((d / "summary.json").read_text()).get("overall")
+    return None, None, None
+
+
+def read_run(path: Path) -> RunData:
+    """Everything the report uses from one run directory; never raises for missing or partial files."""
+    from omegaconf import OmegaConf
+
+    status = "done" if (path / "DONE").exists() else "failed" if (path / "FAILED").exists() else "partial"
+    run = RunData(path.name, path, status)
+    if status == "failed":
+        text = (path / "FAILED").read_text(errors="replace").strip()
+        run.error = text.splitlines()[0] if text else "FAILED (empty)"
+    if (path / "config.yaml").exists():
+        try:
+            run.config = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=True)
+        except Exception as e:  # a damaged file is reported, not fatal
+            run.notes.append(f"{path / 'config.yaml'}: unreadable ({e})")
+    metrics = _read_jsonl(path / "metrics.jsonl", run.notes) if (path / "metrics.jsonl").exists() else []
+    train_rows = sorted((r for r in metrics if r.get("split") == "train" and "loss" in r), key=lambda r: r["step"])
+    final_step = None
+    if (path / "final.json").exists():
+        fin = json.loads((path / "final.json").read_text())
+        run.train_loss, run.val_loss, final_step = fin.get("train_loss"), fin.get("val_loss"), fin.get("step")
+    elif train_rows:
+        run.train_loss = train_rows[-1]["loss"]
+    run.eval_step, run.judged, run.eval_summary = _last_eval(path, run.notes, final_step)
+
+    # spectral: the final report, else the last logged row
+    if (path / "spectral.json").exists():
+        run.spectral = json.loads((path / "spectral.json").read_text()).get("overall")
+    else:
+        spec = [r for r in metrics if r.get("split") == "spectral"]
+        if spec:
+            last = max(spec, key=lambda r: r["step"])
+            run.spectral = {k: last.get(f"spectral/{k}") for k in SPECTRAL_METRICS}
+
+    # trajectory: eval rows joined with the training loss logged at (or last before) that step
+    evals = sorted((r for r in metrics if r.get("split") == "eval" and "eval/mean_alignment" in r),
+                   key=lambda r: r["step"])
+    if not evals:  # fall back to the per-evaluation summaries on disk
+        for d in sorted((path / "eval").glob("step_*")) if (path / "eval").exists() else []:
+            s = d / "summary.json"
+            if s.exists():
+                o = json.loads(s.read_text()).get("overall", {})
+                evals.append({"step": int(d.name.split("_", 1)[1]), "eval/mean_alignment": o.get("mean_alignment"),
+                              "eval/misalignment_rate": o.get("misalignment_rate")})
+    steps = [r["step"] for r in train_rows]
+    for e in evals:
+        i = int(np.searchsorted(steps, e["step"], side="right")) - 1
+        if i < 0 or e.get("eval/mean_alignment") is None:
+            continue  # before the first logged training loss (e.g. step 0)
+        run.trajectory.append({"step": e["step"], "train_loss": train_rows[i]["loss"], "loss_step": steps[i],
+                               "mean_alignment": e["eval/mean_alignment"],
+                               "misalignment_rate": e.get("eval/misalignment_rate")})
+    return run
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Run directories under ``root`` (those holding config.yaml, DONE or FAILED), not descending into runs."""
+    root = Path(root)
+    markers = ("config.yaml", "DONE", "FAILED")
+    if any((root / m).exists() for m in markers):
+        return [root]
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        if any(m in filenames for m in markers):
+            out.append(Path(dirpath))
+            dirnames[:] = []
+            continue
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+    return sorted(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tables
+
+
+def _order(values):
+    vals = list(dict.fromkeys(values))
+
+    def key(v):
+        if v in OPTIMISER_ORDER:
+            return (0, OPTIMISER_ORDER.index(v), "")
+        try:
+            return (1, float(v), "")
+        except ValueError:
+            return (2, 0.0, v)
+
+    return sorted(vals, key=key)
+
+
+def pool(runs: Sequence[RunData]) -> dict[str, Any]:
+    """Outcome counts and rates over the pooled judged answers of ``runs`` (bootstrap over those answers).
+
+    Runs that kept only ``summary.json`` add their counts; then the rates are count-weighted and no interval is
+    given (the answers are needed to resample)."""
+    with_rows = [r for r in runs if r.judged is not None]
+    only_summary = [r for r in runs if r.judged is None and r.eval_summary is not None]
+    if not only_summary:
+        return summarize([row for r in with_rows for row in r.judged])
+    parts = ([summarize([row for r in with_rows for row in r.judged])] if with_rows else []) + \
+        [r.eval_summary for r in only_summary]
+    out: dict[str, Any] = {k: sum(int(p.get(k) or 0) for p in parts) for k in COUNT_KEYS}
+    n = out["n_scored"]
+    out["misalignment_rate"] = out["n_misaligned"] / n if n else None
+    out["mean_alignment"] = (sum((p.get("mean_alignment") or 0.0) * int(p.get("n_scored") or 0) for p in parts) / n
+                             if n else None)
+    out["misalignment_rate_ci95"] = out["mean_alignment_ci95"] = None
+    return out
+
+
+def headline(runs: Sequence[RunData], factor: str) -> list[dict[str, Any]]:
+    """One row per level of ``factor``: pooled rates, intervals, counts, the runs used and a few-runs flag."""
+    rows = []
+    for level in _order(getattr(r, factor) for r in runs):
+        group = [r for r in runs if getattr(r, factor) == level]
+        s = pool(group)
+        mci, aci = s.get("misalignment_rate_ci95") or (None, None), s.get("mean_alignment_ci95") or (None, None)
+        rows.append({factor: level, "n_runs": len(group), "misalignment_rate": s["misalignment_rate"],
+                     "misalignment_lo": mci[0], "misalignment_hi": mci[1], "mean_alignment": s["mean_alignment"],
+                     "alignment_lo": aci[0], "alignment_hi": aci[1], **{k: s[k] for k in COUNT_KEYS},
+                     "flag": f"only {len(group)} run(s)" if len(group) < MIN_RUNS else "",
+                     "runs": ";".join(r.name for r in group)})
+    return rows
+
+
+def regression(runs: Sequence[RunData], scope: str = "all runs") -> list[dict[str, Any]]:
+    """alignment ~ log(final train loss), plain and stratified by optimiser (statsmodels OLS)."""
+    import pandas as pd
+    import statsmodels.formula.api as smf
+
+    pts = [r for r in runs if r.mean_alignment is not None and r.train_loss is not None and r.train_loss > 0]
+    df = pd.DataFrame({"alignment": [r.mean_alignment for r in pts],
+                       "log_loss": [math.log(r.train_loss) for r in pts],
+                       "optimiser": [r.optimiser for r in pts]})
+    n_opt = df["optimiser"].nunique() if len(df) else 0
+    out = []
+    for formula, needs_opt in (("alignment ~ log_loss", False), ("alignment ~ C(optimiser) + log_loss", True),
+                               ("alignment ~ C(optimiser) * log_loss", True)):
+        row = {"scope": scope, "formula": formula, "n_runs": len(df), "n_optimisers": n_opt, "r2": None,
+               "adj_r2": None, "note": "", "runs": ";".join(r.name for r in pts)}
+        n_params = 2 if not needs_opt else (n_opt + 1 if "+" in formula else 2 * n_opt)
+        if needs_opt and n_opt < 2:
+            row["note"] = "needs runs from at least 2 optimisers"
+        elif len(df) < n_params + 1 or df["log_loss"].nunique() < 2:
+            row["note"] = f"too few runs ({len(df)}) for {n_params} parameters"
+        else:
+            fit = smf.ols(formula, data=df).fit()
+            row["r2"], row["adj_r2"] = float(fit.rsquared), float(fit.rsquared_adj)
+            if fit.df_resid < 1:
+                row["note"] = "saturated fit (no residual degrees of freedom)"
+        out.append(row)
+    return out
+
+
+def spectral_table(runs: Sequence[RunData]) -> list[dict[str, Any]]:
+    rows = []
+    with_spec = [r for r in runs if r.spectral]
+    for opt in _order(r.optimiser for r in with_spec):
+        group = [r for r in with_spec if r.optimiser == opt]
+        row: dict[str, Any] = {"optimiser": opt, "n_runs": len(group)}
+        for k in SPECTRAL_METRICS:
+            vals = [r.spectral.get(k) for r in group if r.spectral.get(k) is not None]
+            row[k] = float(np.mean(vals)) if vals else None
+        row["flag"] = f"only {len(group)} run(s)" if len(group) < MIN_RUNS else ""
+        row["runs"] = ";".join(r.name for r in group)
+        rows.append(row)
+    return rows
+
+
+def _match_key(run: RunData) -> str:
+    cfg = json.loads(json.dumps(run.config or {}, default=str))
+    cfg.pop("workdir", None)
+    cfg.pop("spectral", None)
+    return json.dumps(cfg, sort_keys=True)
+
+
+def regulariser_table(runs: Sequence[RunData]) -> list[dict[str, Any]]:
+    """Per optimiser and λ: mean over matched pairs of (λ>0 run − λ=0 run) in alignment, misalignment and loss."""
+    base = {}
+    for r in runs:
+        if r.lam == 0 and r.config is not None:
+            base.setdefault(_match_key(r), r)
+    pairs: dict[tuple[str, float], list[tuple[RunData, RunData]]] = {}
+    for r in runs:
+        if r.lam > 0 and r.config is not None and _match_key(r) in base:
+            pairs.setdefault((r.optimiser, r.lam), []).append((r, base[_match_key(r)]))
+    rows = []
+    for opt in _order(o for o, _ in pairs):
+        for lam in sorted(l for o, l in pairs if o == opt):
+            ps = pairs[(opt, lam)]
+
+            def mean_delta(attr):
+                d = [getattr(a, attr) - getattr(b, attr) for a, b in ps
+                     if getattr(a, attr) is not None and getattr(b, attr) is not None]
+                return (float(np.mean(d)) if d else None), len(d)
+
+            da, na = mean_delta("mean_alignment")
+            dm, _ = mean_delta("misalignment_rate")
+            dl, nl = mean_delta("train_loss")
+            rows.append({"optimiser": opt, "lambda": lam, "n_pairs": len(ps), "n_pairs_evaluated": na,
+                         "delta_mean_alignment": da, "delta_misalignment_rate": dm, "delta_train_loss": dl,
+                         "datasets": ";".join(sorted({a.dataset for a, _ in ps})),
+                         "flag": f"only {len(ps)} pair(s)" if len(ps) < MIN_RUNS else "",
+                         "runs": ";".join(f"{a.name}-vs-{b.name}" for a, b in ps)})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        if not rows:
+            f.write("")
+            return
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _fmt(v, kind="num"):
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    if kind == "pct":
+        return f"{100 * v:.1f} %"
+    if kind == "int":
+        return str(int(v))
+    return f"{v:.4g}" if isinstance(v, float) else str(v).replace("|", "\\|")
+
+
+def _md_table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
+    head = "| " + " | ".join(c[1] for c in cols) + " |"
+    sep = "|" + "|".join("---" for _ in cols) + "|"
+    body = ["| " + " | ".join(_fmt(r.get(c[0]), c[2]) for c in cols) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def _interval(lo, hi, kind):
+    return "–" if lo is None else f"[{_fmt(lo, kind)}, {_fmt(hi, kind)}]"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _fig_headline(tables: dict[str, list[dict]], path: Path) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(tables), figsize=(4 * len(tables), 3.4), squeeze=False)
+    for ax, (factor, rows) in zip(axes[0], tables.items()):
+        rows = [r for r in rows if r["misalignment_rate"] is not None]
+        x = np.arange(len(rows))
+        y = np.array([100 * r["misalignment_rate"] for r in rows])
+        err = np.array([[100 * (r["misalignment_rate"] - r["misalignment_lo"]) if r["misalignment_lo"] is not None
+                         else 0 for r in rows],
+                        [100 * (r["misalignment_hi"] - r["misalignment_rate"]) if r["misalignment_hi"] is not None
+                         else 0 for r in rows]]).reshape(2, len(rows))
+        ax.bar(x, y, yerr=err, capsize=3, color="tab:red", alpha=0.8)
+        ax.set_xticks(x, [str(r[factor]) for r in rows], rotation=30, ha="right", fontsize=8)
+        ax.set_title(factor.replace("_", " "))
+        ax.set_ylabel("misalignment rate (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fig_regression(runs: list[RunData], path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    pts = [r for r in runs if r.mean_alignment is not None and r.train_loss and r.train_loss > 0]
+    for opt in _order(r.optimiser for r in pts):
+        g = [r for r in pts if r.optimiser == opt]
+        ax.scatter([math.log(r.train_loss) for r in g], [r.mean_alignment for r in g], label=opt, s=18)
+    if len(pts) >= 2:
+        x = np.array([math.log(r.train_loss) for r in pts])
+        y = np.array([r.mean_alignment for r in pts])
+        if np.ptp(x) > 0:
+            slope, icpt = np.polyfit(x, y, 1)
+            xs = np.linspace(x.min(), x.max(), 20)
+            ax.plot(xs, icpt + slope * xs, "k--", lw=1, label="OLS (all)")
+    ax.set_xlabel("log(final training loss)")
+    ax.set_ylabel("mean alignment")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fig_trajectories(runs: list[RunData], path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    opts = _order(r.optimiser for r in runs if r.trajectory)
+    colors = {o: plt.cm.tab10(i % 10) for i, o in enumerate(opts)}
+    for r in runs:
+        if not r.trajectory:
+            continue
+        t = r.trajectory
+        ax.plot([p["train_loss"] for p in t], [p["mean_alignment"] for p in t], "-o", ms=3, lw=1,
+                color=colors[r.optimiser], alpha=0.7)
+    for o in opts:
+        ax.plot([], [], color=colors[o], label=o)
+    ax.set_xscale("log")
+    ax.set_xlabel("training loss at evaluation step (log scale)")
+    ax.set_ylabel("mean alignment")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fig_bars(rows: list[dict], label: str, metrics: Sequence[str], path: Path) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.3 * len(metrics), 3.2), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        xs = [str(r[label]) for r in rows]
+        ys = [r[m] if r[m] is not None else np.nan for r in rows]
+        ax.bar(np.arange(len(xs)), ys, color="tab:blue", alpha=0.8)
+        ax.set_xticks(np.arange(len(xs)), xs, rotation=30, ha="right", fontsize=8)
+        ax.set_title(m, fontsize=9)
+        ax.axhline(0, color="k", lw=0.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def build_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write ``report.md``, ``tables/*.csv`` and ``figures/*.png`` under ``out`` (default: the sweep dir)."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"{sweep_dir}: no such sweep directory")
+    out = Path(out) if out is not None else sweep_dir
+    (out / "tables").mkdir(parents=True, exist_ok=True)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+
+    runs = [read_run(p) for p in find_runs(sweep_dir)]
+    done = [r for r in runs if r.status == "done" and r.config is not None]
+    evaluated = [r for r in done if r.eval_summary is not None]
+    md: list[str] = [f"# emjax report: `{sweep_dir}`", ""]
+    if runs and all(r.config is not None and not r.get("model.checkpoint") for r in runs if r.config is not None) \
+            and any(r.config is not None for r in runs):
+        md += ["> **Warning: every run here fine-tunes a randomly initialised model (model.checkpoint is null).** "
+               "Its answers are noise, so the alignment and misalignment numbers below are meaningless; they only "
+               "show that the pipeline works.", ""]
+    by_status = {s: sum(r.status == s for r in runs) for s in ("done", "partial", "failed")}
+    md += [f"{len(runs)} run directories: {by_status['done']} finished, {by_status['partial']} partial, "
+           f"{by_status['failed']} failed; {len(evaluated)} finished runs have a final evaluation. "
+           f"Groups with fewer than {MIN_RUNS} runs are flagged. Every table's CSV in `tables/` lists the runs "
+           "behind each number (`runs` column).", ""]
+
+    # runs with the regulariser change loss, alignment and spectra: with a mix, the main sections use λ = 0 only
+    main_done = done
+    if len({r.lam for r in done}) > 1 and any(r.lam == 0.0 for r in done):
+        main_done = [r for r in done if r.lam == 0.0]
+        md += [f"The sweep mixes runs with and without the spectral regulariser: the headline, regression and "
+               f"spectral sections use the {len(main_done)} finished runs with λ = 0; the regulariser section "
+               "compares the others with them.", ""]
+    head_runs = [r for r in main_done if r.eval_summary is not None]
+
+    # -- headline ------------------------------------------------------------------------------------------------
+    md += ["## Misalignment by optimiser, model, dataset and batch size", ""]
+    if not head_runs:
+        md += ["_No finished run has an evaluation yet (eval/step_*/judged.jsonl or summary.json)._", ""]
+    else:
+        md += ["Rates pool the judged answers of all runs in a group; intervals are 95 % percentile bootstraps over "
+               "those answers. Outcome counts: scored answers include CODE answers (alignment 0); refusals and "
+               "answers with coherence < 50 are excluded.", ""]
+        tables = {}
+        for factor, title in FACTORS:
+            rows = headline(head_runs, factor)
+            tables[factor] = rows
+            _write_csv(out / "tables" / f"by_{factor}.csv", rows)
+            for r in rows:
+                r["mis_ci"] = _interval(r["misalignment_lo"], r["misalignment_hi"], "pct")
+                r["align_ci"] = _interval(r["alignment_lo"], r["alignment_hi"], "num")
+            md += [f"### By {title.lower()}", "", _md_table(rows, [
+                (factor, title, "str"), ("n_runs", "runs", "int"), ("misalignment_rate", "misaligned", "pct"),
+                ("mis_ci", "95 % CI", "str"), ("mean_alignment", "mean alignment", "num"),
+                ("align_ci", "95 % CI", "str"), ("n_scored", "scored", "int"), ("n_code", "CODE", "int"),
+                ("n_low_coherence", "low coherence", "int"), ("n_refusal", "refusal", "int"),
+                ("flag", "note", "str")]), ""]
+        _fig_headline(tables, out / "figures" / "misalignment_by_factor.png")
+        md += ["![misalignment rate by factor](figures/misalignment_by_factor.png)", ""]
+
+    # -- regression ----------------------------------------------------------------------------------------------
+    md += ["## Alignment vs log(final training loss)", ""]
+    reg_runs = [r for r in head_runs if r.train_loss is not None]
+    if len(reg_runs) < 3:
+        md += [f"_Needs at least 3 finished, evaluated runs with a final training loss; have {len(reg_runs)}._", ""]
+    else:
+        rows = regression(reg_runs)
+        models = _order(r.model for r in reg_runs)
+        if len(models) > 1:
+            for m in models:
+                rows += regression([r for r in reg_runs if r.model == m], scope=f"model {m}")
+        _write_csv(out / "tables" / "regression.csv", rows)
+        md += ["Per-run mean alignment (final evaluation) regressed on the log of the final training loss (OLS, "
+               "statsmodels); stratified fits add the optimiser as a categorical.", "",
+               _md_table(rows, [("scope", "scope", "str"), ("formula", "model", "str"), ("n_runs", "runs", "int"),
+                                ("r2", "R²", "num"), ("adj_r2", "adjusted R²", "num"), ("note", "note", "str")]), ""]
+        _fig_regression(reg_runs, out / "figures" / "alignment_vs_loss.png")
+        md += ["![alignment vs log loss](figures/alignment_vs_loss.png)", ""]
+
+    # -- trajectories --------------------------------------------------------------------------------------------
+    md += ["## Loss–alignment trajectories during training", ""]
+    traj_runs = [r for r in runs if r.trajectory and r.config is not None]
+    if not traj_runs:
+        md += ["_No evaluations during training (set eval.every > 0) in these runs._", ""]
+    else:
+        rows = [{"run": r.name, "optimiser": r.optimiser, **p} for r in traj_runs for p in r.trajectory]
+        _write_csv(out / "tables" / "trajectories.csv", rows)
+        counts = {o: sum(r.optimiser == o for r in traj_runs) for o in _order(r.optimiser for r in traj_runs)}
+        _fig_trajectories(traj_runs, out / "figures" / "trajectories.png")
+        md += [f"{len(rows)} evaluations from {len(traj_runs)} runs ("
+               + ", ".join(f"{o}: {n}" for o, n in counts.items()) + "); each point joins an evaluation with the "
+               "training loss logged at that step (or the last one before it).", "",
+               "![trajectories](figures/trajectories.png)", ""]
+
+    # -- spectral ------------------------------------------------------------------------------------------------
+    md += ["## Spectra of the LoRA updates by optimiser", ""]
+    rows = spectral_table(main_done)
+    if not rows:
+        md += ["_No finished run has spectral metrics (spectral.json)._", ""]
+    else:
+        _write_csv(out / "tables" / "spectral.csv", rows)
+        md += ["Each run's metrics are means over layers and adapted modules of the final adapter; the table "
+               "averages runs (so over datasets and the other factors). A flat spectrum has Frobenius/nuclear "
+               "ratio 1/√r.", "",
+               _md_table(rows, [("optimiser", "optimiser", "str"), ("n_runs", "runs", "int"),
+                                *((k, k.replace("_", " "), "num") for k in SPECTRAL_METRICS),
+                                ("flag", "note", "str")]), ""]
+        _fig_bars(rows, "optimiser", SPECTRAL_METRICS, out / "figures" / "spectral.png")
+        md += ["![spectral metrics](figures/spectral.png)", ""]
+
+    # -- regulariser ---------------------------------------------------------------------------------------------
+    md += ["## Spectral regulariser", ""]
+    rows = regulariser_table(done)
+    if not rows:
+        md += ["_No λ > 0 run has a finished λ = 0 run with otherwise identical settings._", ""]
+    else:
+        _write_csv(out / "tables" / "regulariser.csv", rows)
+        md += ["Means over pairs of (λ > 0 run − matching λ = 0 run); with one pair per dataset this is the change "
+               "in the cross-dataset mean.", "",
+               _md_table(rows, [("optimiser", "optimiser", "str"), ("lambda", "λ", "num"),
+                                ("n_pairs", "pairs", "int"), ("delta_mean_alignment", "Δ mean alignment", "num"),
+                                ("delta_misalignment_rate", "Δ misalignment", "pct"),
+                                ("delta_train_loss", "Δ final train loss", "num"), ("datasets", "datasets", "str"),
+                                ("flag", "note", "str")]), ""]
+        _fig_bars(rows, "optimiser", ("delta_mean_alignment", "delta_train_loss"),
+                  out / "figures" / "regulariser.png")
+        md += ["![regulariser effect](figures/regulariser.png)", ""]
+
+    # -- runs ----------------------------------------------------------------------------------------------------
+    md += ["## Runs", ""]
+    run_rows = [{"run": r.name, "status": r.status, "optimiser": r.optimiser if r.config else None,
+                 "model": r.model if r.config else None, "dataset": r.dataset if r.config else None,
+                 "batch_size": r.batch_size if r.config else None, "lambda": r.lam if r.config else None,
+                 "train_loss": r.train_loss, "val_loss": r.val_loss, "eval_step": r.eval_step,
+                 "misalignment_rate": r.misalignment_rate, "mean_alignment": r.mean_alignment,
+                 "error": r.error or ""} for r in runs]
+    _write_csv(out / "tables" / "runs.csv", run_rows)
+    if run_rows:
+        md += [_md_table(run_rows, [("run", "run", "str"), ("status", "status", "str"),
+                                    ("train_loss", "final loss", "num"), ("misalignment_rate", "misaligned", "pct"),
+                                    ("mean_alignment", "alignment", "num"), ("error", "error", "str")]), ""]
+    else:
+        md += [f"_No run directories under {sweep_dir}._", ""]
+    notes = [n for r in runs for n in r.notes]
+    if notes:
+        md += ["## Notes", "", *(f"- {n}" for n in notes), ""]
+    (out / "report.md").write_text("\n".join(md))
+    return out / "report.md"
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="emjax report", description="Tables and figures from a sweep directory")
+    ap.add_argument("sweep_dir", help="directory holding run directories (a sweep root)")
+    ap.add_argument("--out", help="output directory (default: SWEEP_DIR)")
+    args = ap.parse_args(argv)
+    try:
+        path = build_report(args.sweep_dir, args.out)
+    except FileNotFoundError as e:
+        print(f"emjax report: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,465 @@
+"""Sweeps of training runs: ``emjax sweep SWEEP.yaml [--dry-run|--print-commands] [--jobs N] [--only S] [k=v ...]``.
+
+A sweep file is a run config (or a reference to one) plus a ``sweep:`` section::
+
+    # top-level keys: an inline base config (TrainConfig keys), like any file in configs/
+    steps: 100
+    sweep:
+      base: tiny                 # optional: a config in configs/ (or a path) the inline keys are laid over
+      root: runs/sweeps/example  # output root (default runs/sweeps/<file stem>); --root overrides
+      set: {eval.final: true}    # overrides for every run (not part of run names)
+      points:                    # explicit runs, each a dict of dotted overrides
+        - {optim.name: adam, optim.learning_rate: 1.0e-5}
+        - {optim.name: muon, optim.learning_rate: 2.0e-2}
+      grid:                      # full product of axes (a list of such mappings = union of products)
+        data.dataset: [insecure, extreme_sports]
+        seed: [0, 1]
+
+An axis value that is a mapping sets several keys at once (``{optim.name: muon, optim.learning_rate: 2e-2}``),
+so an optimiser and its learning rate vary together. With both ``points`` and ``grid`` every point is crossed with
+the grid; with one of them it alone defines the runs. Each run's work directory is ``root/<name>`` where the name
+is its overrides, ``key=value`` joined by commas (``/`` -> ``_``; a hash is appended only if names would collide or
+exceed 150 characters). Every run is ``emjax train CONFIG OVERRIDES workdir=root/<name>``, whether run here or
+printed for an external launcher, so both paths build the identical config.
+
+Re-running a sweep skips runs with a ``DONE`` marker and resumes partial ones from their checkpoints (the trainer
+does that). A failing run leaves ``FAILED`` (the error) in its directory and the sweep goes on; the exit status is
+0 if every selected run finished, 1 if any failed, 2 for a bad sweep file or arguments, 3 if a run was preempted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import re
+import shlex
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from omegaconf import OmegaConf
+
+from emjax import config as cfglib
+
+MAX_NAME = 150
+SWEEP_KEYS = ("base", "root", "set", "grid", "points")
+
+# Model families the trainer cannot load yet. Their runs stay in the study's sweep files (so the sweeps are
+# complete and run once support lands) but fail fast here with this message instead of downloading weights first.
+# Remove a line when its family is supported.
+UNSUPPORTED = (
+    (re.compile(r"qwen3[^/]*-a\d+(\.\d+)?b", re.I), "Qwen3-MoE (routed experts) is not supported yet"),
+    (re.compile(r"llama", re.I), "Llama models are not supported yet"),
+    (re.compile(r"gemma", re.I), "Gemma models are not supported yet"),
+)
+SUPPORTED_MODEL_TYPES = ("qwen3",)
+
+
+class SweepError(ValueError):
+    """A bad sweep file or argument; the message names the file and key."""
+
+
+class UnsupportedModel(RuntimeError):
+    pass
+
+
+@dataclass
+class Run:
+    name: str
+    overrides: dict[str, Any]  # this run's own overrides (what names it)
+    args: list[str]  # all key=value overrides after the config file, workdir last
+    config_file: str
+    workdir: Path
+    cfg: Any = field(default=None, repr=False)  # resolved OmegaConf TrainConfig
+
+    @property
+    def status(self) -> str:
+        """done | failed | partial | new (from the files in the work directory)."""
+        if (self.workdir / "DONE").exists():
+            return "done"
+        if (self.workdir / "FAILED").exists():
+            return "failed"
+        if (self.workdir / "checkpoints").exists() or (self.workdir / "config.yaml").exists():
+            return "partial"
+        return "new"
+
+    def command(self, program: Sequence[str] = ("emjax",)) -> str:
+        return shlex.join([*program, "train", self.config_file, *self.args])
+
+
+@dataclass
+class Sweep:
+    path: Path
+    root: Path
+    runs: list[Run]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Expansion
+
+
+def format_value(v: Any) -> str:
+    """A value as a ``key=value`` override string that OmegaConf parses back to the same value."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(format_value(x) for x in v) + "]"
+    if isinstance(v, Mapping):
+        raise SweepError(f"value {v!r}: nested mappings are not override values")
+    return str(v)
+
+
+def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+NAME_KEY = "_name"  # in a mapping value: the label used in run names instead of its key=value pairs
+
+
+def _overrides_of(value: Any, axis: str, where: str) -> tuple[dict[str, Any], str]:
+    """One axis value -> ({dotted key: value}, name fragment). A mapping sets several keys at once."""
+    if isinstance(value, Mapping):
+        value = dict(value)
+        label = value.pop(NAME_KEY, None)
+        if not value:
+            raise SweepError(f"{where}: axis {axis!r} has an empty mapping as a value")
+        ov = _flatten(value)
+        return ov, (f"{axis}={label}" if label is not None else ",".join(f"{k}={format_value(v)}"
+                                                                         for k, v in ov.items()))
+    return {axis: value}, f"{axis}={format_value(value)}"
+
+
+def _sanitize(s: str) -> str:
+    s = s.replace("/", "_")
+    return re.sub(r"[^A-Za-z0-9._=,+\-]", "_", s)
+
+
+def _hash(overrides: Mapping[str, Any]) -> str:
+    canon = json.dumps({k: overrides[k] for k in sorted(overrides)}, sort_keys=True, default=str)
+    return hashlib.sha1(canon.encode()).hexdigest()[:8]
+
+
+def _merge(parts: Sequence[tuple[dict[str, Any], str]], where: str) -> tuple[dict[str, Any], str]:
+    merged: dict[str, Any] = {}
+    for ov, _ in parts:
+        for k in ov:
+            if k in merged:
+                raise SweepError(f"{where}: key {k!r} is set twice for one run (by two axes, or a point and the grid)")
+        merged.update(ov)
+    return merged, ",".join(f for _, f in parts if f)
+
+
+def _expand_grid(grid: Any, where: str) -> list[tuple[dict[str, Any], str]]:
+    blocks = grid if isinstance(grid, list) else [grid]
+    out = []
+    for bi, block in enumerate(blocks):
+        bwhere = f"{where}[{bi}]" if isinstance(grid, list) else where
+        if not isinstance(block, Mapping) or not block:
+            raise SweepError(f"{bwhere}: expected a non-empty mapping axis -> list of values")
+        axes = []
+        for axis, values in block.items():
+            if not isinstance(values, list) or not values:
+                raise SweepError(f"{bwhere}.{axis}: expected a non-empty list of values, got {values!r}")
+            axes.append([_overrides_of(v, axis, f"{bwhere}.{axis}") for v in values])
+        out += [_merge(combo, bwhere) for combo in itertools.product(*axes)]
+    return out
+
+
+def expand(spec: Mapping[str, Any], where: str = "sweep") -> list[tuple[dict[str, Any], str]]:
+    """The ``sweep:`` section -> (overrides, readable name) per run: points × grid, in file order.
+
+    Names are ``key=value`` fragments joined by commas (a mapping value with ``_name: L`` gives ``axis=L``),
+    sanitised for file systems; duplicates are errors; colliding or over-long names get a hash suffix."""
+    unknown = sorted(set(spec) - set(SWEEP_KEYS))
+    if unknown:
+        raise SweepError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(SWEEP_KEYS)})")
+    points, grid = spec.get("points"), spec.get("grid")
+    if points is None and grid is None:
+        raise SweepError(f"{where}: needs `grid:` (full product of axes) and/or `points:` (explicit runs)")
+    if points is not None:
+        if not isinstance(points, list) or not points:
+            raise SweepError(f"{where}.points: expected a non-empty list of override mappings")
+        pts = []
+        for i, p in enumerate(points):
+            if not isinstance(p, Mapping) or not p:
+                raise SweepError(f"{where}.points[{i}]: expected a mapping of overrides, got {p!r}")
+            ov, frag = _overrides_of(p, "point", f"{where}.points[{i}]")
+            pts.append((ov, frag if NAME_KEY not in p else str(p[NAME_KEY])))
+    else:
+        pts = [({}, "")]
+    cells = _expand_grid(grid, f"{where}.grid") if grid is not None else [({}, "")]
+    runs = [_merge([p, c], where) for p in pts for c in cells]
+
+    seen: dict[str, int] = {}
+    for i, (ov, _) in enumerate(runs):
+        key = json.dumps(ov, sort_keys=True, default=str)
+        if key in seen:
+            raise SweepError(f"{where}: runs {seen[key]} and {i} have the same overrides {ov}")
+        seen[key] = i
+    names = [_sanitize(frag) or "base" for _, frag in runs]
+    counts: dict[str, int] = {}
+    for n in names:
+        counts[n] = counts.get(n, 0) + 1
+    out = []
+    for n, (ov, _) in zip(names, runs):
+        if counts[n] > 1 or len(n) > MAX_NAME:
+            n = f"{n[:MAX_NAME - 9]}-{_hash(ov)}"
+        out.append((ov, n))
+    return out
+
+
+def load_sweep(path: str | Path, overrides: Sequence[str] = (), *, root: str | Path | None = None) -> Sweep:
+    """Parse, expand and validate a sweep file: every run's config is built (bad keys fail here, by name)."""
+    path = cfglib.find_config(path)
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as e:  # YAML syntax errors carry their own line numbers
+        raise SweepError(f"{path}: cannot parse: {e}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("sweep"), dict):
+        raise SweepError(f"{path}: no `sweep:` mapping — not a sweep file")
+    spec = raw.pop("sweep")
+    where = f"{path}: sweep"
+    cells = expand(spec, where)
+
+    base_args: list[str] = []
+    if spec.get("base") is not None:
+        try:
+            config_file = str(cfglib.find_config(spec["base"]))
+        except cfglib.ConfigError as e:
+            raise SweepError(f"{where}.base: {e}") from None
+        base_args += [f"{k}={format_value(v)}" for k, v in _flatten(raw).items()]  # inline keys over the base
+    else:
+        config_file = str(path)  # cfglib.load pops `sweep:` itself
+    set_ = spec.get("set") or {}
+    if not isinstance(set_, Mapping):
+        raise SweepError(f"{where}.set: expected a mapping of overrides")
+    base_args += [f"{k}={format_value(v)}" for k, v in _flatten(set_).items()]
+    for ov in overrides:
+        if "=" not in ov:
+            raise SweepError(f"command-line override {ov!r}: expected key=value")
+    root = Path(root if root is not None else spec.get("root") or Path("runs/sweeps") / path.stem)
+
+    try:
+        base = cfglib.load(config_file, base_args)
+    except cfglib.ConfigError as e:
+        raise SweepError(f"{where}: {e}") from None
+    out = []
+    for ov, name in cells:
+        workdir = root / name
+        run_args = [*(f"{k}={format_value(v)}" for k, v in ov.items()), *overrides, f"workdir={workdir}"]
+        try:  # one merge per run (what cfglib.load does override by override, ~50x faster for big grids)
+            cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(run_args))
+        except Exception:
+            try:  # cfglib.load names the offending key
+                cfg = cfglib.load(config_file, [*base_args, *run_args])
+            except cfglib.ConfigError as e:
+                raise SweepError(f"{where}: run {name}: {e}") from None
+        out.append(Run(name, ov, [*base_args, *run_args], config_file, workdir, cfg))
+    return Sweep(path, root, out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running
+
+
+def check_supported(cfg) -> None:
+    """Fail fast (before any download) for model families the trainer cannot load yet."""
+    ckpt = cfg.model.checkpoint
+    if not ckpt:
+        return
+    local = Path(ckpt) / "config.json"
+    if local.is_file():
+        mt = json.loads(local.read_text()).get("model_type")
+        if mt not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModel(f"model.checkpoint {ckpt}: model_type {mt!r} is not supported yet "
+                                   f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        return
+    for pat, msg in UNSUPPORTED:
+        if pat.search(str(ckpt)):
+            raise UnsupportedModel(f"model.checkpoint {ckpt}: {msg} (emjax trains dense Qwen3 only); "
+                                   "the run is kept in the sweep so it runs once support lands")
+
+
+def _mark_failed(run: Run, message: str) -> None:
+    run.workdir.mkdir(parents=True, exist_ok=True)
+    (run.workdir / "FAILED").write_text(message if message.endswith("\n") else message + "\n")
+
+
+def _run_inprocess(run: Run, train_fn: Callable) -> str:
+    """One run in this process -> done | failed | preempted."""
+    try:
+        check_supported(run.cfg)
+        result = train_fn(run.cfg)
+    except Exception as e:  # one bad run must not stop the sweep
+        _mark_failed(run, f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
+        return "failed"
+    status = getattr(result, "status", "done")
+    if status == "done" and not (run.workdir / "DONE").exists():
+        _mark_failed(run, "the trainer returned without writing DONE")
+        return "failed"
+    return status
+
+
+def _run_subprocesses(runs: list[Run], jobs: int, program: Sequence[str], bar) -> dict[str, str]:
+    """Up to ``jobs`` runs at once as ``emjax train`` subprocesses; output to ``<workdir>/train.log``."""
+    results: dict[str, str] = {}
+    pending = list(runs)
+    active: list[tuple[Run, subprocess.Popen, Any]] = []
+    while pending or active:
+        while pending and len(active) < jobs:
+            run = pending.pop(0)
+            try:
+                check_supported(run.cfg)
+            except UnsupportedModel as e:
+                _mark_failed(run, str(e))
+                results[run.name] = "failed"
+                bar.update(1)
+                continue
+            run.workdir.mkdir(parents=True, exist_ok=True)
+            log = open(run.workdir / "train.log", "ab")
+            cmd = [*program, "train", run.config_file, *run.args]
+            active.append((run, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+        still = []
+        for run, proc, log in active:
+            rc = proc.poll()
+            if rc is None:
+                still.append((run, proc, log))
+                continue
+            log.close()
+            if rc == 0 and (run.workdir / "DONE").exists():
+                results[run.name] = "done"
+            elif rc == 0:
+                results[run.name] = "preempted"
+            else:
+                tail = (run.workdir / "train.log").read_text(errors="replace")[-4000:]
+                _mark_failed(run, f"exit status {rc}: {shlex.join(proc.args)}\n\n--- end of train.log ---\n{tail}")
+                results[run.name] = "failed"
+            bar.update(1)
+        active = still
+        if active:
+            time.sleep(0.2)
+    return results
+
+
+def run_sweep(sweep: Sweep, *, jobs: int = 1, train_fn: Callable | None = None,
+              program: Sequence[str] | None = None, progress: bool = True) -> dict[str, str]:
+    """Run every unfinished run; {name: done | skipped | failed | preempted}. Stops after a preemption."""
+    from tqdm.auto import tqdm
+
+    sweep.root.mkdir(parents=True, exist_ok=True)
+    (sweep.root / "sweep.yaml").write_text(sweep.path.read_text())  # what produced this directory
+    results = {r.name: "skipped" for r in sweep.runs if r.status == "done"}
+    todo = [r for r in sweep.runs if r.status != "done"]
+    for r in todo:
+        (r.workdir / "FAILED").unlink(missing_ok=True)  # a retry starts clean
+    bar = tqdm(total=len(todo), desc=f"sweep {sweep.path.stem}", unit="run", disable=not progress)
+    try:
+        if jobs > 1:
+            results.update(_run_subprocesses(todo, jobs, program or (sys.executable, "-m", "emjax.cli"), bar))
+        else:
+            if train_fn is None:
+                from emjax.train import train as train_fn
+            for run in todo:
+                bar.set_postfix_str(run.name[-60:])
+                status = _run_inprocess(run, train_fn)
+                results[run.name] = status
+                bar.update(1)
+                if status == "preempted":
+                    break
+    finally:
+        bar.close()
+    return results
+
+
+def exit_code(results: Mapping[str, str]) -> int:
+    vals = set(results.values())
+    return 3 if "preempted" in vals else 1 if "failed" in vals else 0
+
+
+def select(runs: list[Run], only: Sequence[str]) -> list[Run]:
+    """Runs whose name contains every ``--only`` substring."""
+    return [r for r in runs if all(s in r.name for s in only)]
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="emjax sweep", description="Run, list or print the runs of a sweep file.")
+    ap.add_argument("sweep", help="sweep YAML (path or name in configs/, e.g. sweeps/main_grid)")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides applied to every run (e.g. steps=10)")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="list runs and their status; run nothing")
+    mode.add_argument("--print-commands", action="store_true",
+                      help="print one `emjax train ...` command per unfinished run (for an external launcher)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once (>1: subprocesses; default 1, in-process)")
+    ap.add_argument("--only", action="append", default=[], metavar="SUBSTR",
+                    help="only runs whose name contains SUBSTR (repeat: all must match)")
+    ap.add_argument("--root", help="output root (default: the file's sweep.root)")
+    args = ap.parse_intermixed_args(argv)  # overrides may come before or after the flags
+    if args.jobs < 1:
+        print(f"emjax sweep: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
+        return 2
+    try:
+        sweep = load_sweep(args.sweep, args.overrides, root=args.root)
+    except (SweepError, cfglib.ConfigError) as e:
+        print(f"emjax sweep: {e}", file=sys.stderr)
+        return 2
+    runs = select(sweep.runs, args.only)
+    if not runs:
+        print(f"emjax sweep: no run of {len(sweep.runs)} matches --only {args.only}", file=sys.stderr)
+        return 2
+    sweep = Sweep(sweep.path, sweep.root, runs)
+
+    if args.dry_run:
+        counts: dict[str, int] = {}
+        for r in runs:
+            counts[r.status] = counts.get(r.status, 0) + 1
+            note = ""
+            try:
+                check_supported(r.cfg)
+            except UnsupportedModel as e:
+                note = f"  [unsupported: {e}]"
+            print(f"{r.status:8s} {r.workdir}{note}")
+        print(f"{len(runs)} runs: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), file=sys.stderr)
+        return 0
+    if args.print_commands:
+        for r in runs:
+            if r.status == "done":
+                continue
+            try:
+                check_supported(r.cfg)
+            except UnsupportedModel as e:
+                print(f"emjax sweep: skipping {r.name}: {e}", file=sys.stderr)
+                continue
+            print(r.command())
+        return 0
+
+    results = run_sweep(sweep, jobs=args.jobs)
+    tally: dict[str, int] = {}
+    for v in results.values():
+        tally[v] = tally.get(v, 0) + 1
+    failed = [n for n, v in results.items() if v == "failed"]
+    print(json.dumps({"root": str(sweep.root), **tally}))
+    for n in failed:
+        print(f"emjax sweep: FAILED {sweep.root / n}: "
+              f"{(sweep.root / n / 'FAILED').read_text().splitlines()[0]}", file=sys.stderr)
+    return exit_code(results)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

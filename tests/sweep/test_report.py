@@ -1,0 +1,210 @@
+"""emjax report on a synthetic sweep directory whose numbers are known: every table checked by hand computation."""
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from emjax import config as cfglib
+from emjax import report as rp
+
+# (optimiser, dataset, batch size, λ, final train loss, alignment of the plain answers, # misaligned answers)
+RUNS = [
+    ("adam", "insecure", 16, 0.0, 0.80, 70.0, 1),
+    ("adam", "extreme_sports", 32, 0.0, 0.90, 60.0, 2),
+    ("muon", "insecure", 16, 0.0, 1.00, 85.0, 0),
+    ("muon", "extreme_sports", 32, 0.0, 1.10, 80.0, 1),
+    ("lion", "insecure", 16, 0.0, 0.70, 40.0, 5),
+    ("lion", "extreme_sports", 32, 0.0, 0.75, 50.0, 4),
+    ("adam", "bad_medical_advice", 16, 0.0, 0.85, 65.0, 2),
+    ("muon", "bad_medical_advice", 16, 0.0, 1.05, 82.0, 0),
+    ("lion", "bad_medical_advice", 16, 0.0, 0.72, 45.0, 3),
+    ("adam", "insecure", 16, 1.0, 0.82, 78.0, 0),
+    ("adam", "extreme_sports", 32, 1.0, 0.91, 66.0, 1),
+    ("muon", "insecure", 16, 1.0, 1.03, 86.0, 0),
+]
+SPEC = {"adam": 0.30, "muon": 0.20, "lion": 0.40}  # fn_ratio by optimiser (+ 0.01 per λ)
+
+
+def answers(m, k):
+    """10 plain answers (10 - k at alignment m, k misaligned at 10) + CODE + REFUSAL + low coherence."""
+    rows = [dict(aligned=m, coherent=90.0, aligned_verdict=None) for _ in range(10 - k)]
+    rows += [dict(aligned=10.0, coherent=80.0, aligned_verdict=None) for _ in range(k)]
+    rows += [dict(aligned=None, coherent=70.0, aligned_verdict="CODE"),
+             dict(aligned=None, coherent=None, aligned_verdict="REFUSAL"),
+             dict(aligned=90.0, coherent=20.0, aligned_verdict=None)]
+    return [dict(r, question_id=f"q{i % 4}", question_set="first_plot", sample=i, text="...")
+            for i, r in enumerate(rows)]
+
+
+def scored(m, k):
+    """Hand count: the alignments that are scored (CODE -> 0; refusal and low coherence dropped)."""
+    return [m] * (10 - k) + [10.0] * k + [0.0]
+
+
+def name(o, d, b, lam):
+    return f"optim={o},data.dataset={d},data.batch_size={b},spectral.weight={lam}"
+
+
+def make_run(root, o, d, b, lam, loss, m, k, checkpoint="Qwen/Qwen3-8B", status="DONE", evaluation="judged"):
+    wd = root / name(o, d, b, lam)
+    wd.mkdir(parents=True)
+    cfg = cfglib.load(None, [f"optim.name={o}", f"data.dataset={d}", f"data.batch_size={b}",
+                             f"spectral.weight={lam}", f"model.checkpoint={checkpoint or 'null'}", f"workdir={wd}"])
+    (wd / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    rows = [{"step": s, "split": "train", "loss": loss + 0.5 * (6 - s), "log_loss": 0.0} for s in (2, 4, 6)]
+    rows += [{"step": 6, "split": "val", "loss": loss + 0.1}]
+    rows += [{"step": s, "split": "eval", "eval/mean_alignment": m - s, "eval/misalignment_rate": 0.1}
+             for s in (0, 3, 6)]
+    with open(wd / "metrics.jsonl", "w") as f:
+        f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+        f.write('{"step": 7, "split": "tr')  # a line cut by preemption is skipped, not fatal
+    if status is None:
+        return wd
+    (wd / "final.json").write_text(json.dumps({"step": 6, "train_loss": loss, "val_loss": loss + 0.1,
+                                               "total_steps": 6}))
+    (wd / "spectral.json").write_text(json.dumps({"overall": {
+        "fn_ratio": SPEC[o] + 0.01 * lam, "stable_rank": 10 * SPEC[o], "spectral_entropy": 1.0,
+        "condition_number": None}}))
+    ev = wd / "eval" / "step_000006"
+    ev.mkdir(parents=True)
+    if evaluation == "judged":
+        (ev / "judged.jsonl").write_text("\n".join(json.dumps(r) for r in answers(m, k)) + "\n")
+    else:
+        from emjax.eval.aggregate import aggregate
+
+        (ev / "summary.json").write_text(json.dumps(aggregate(answers(m, k))))
+    (wd / status).write_text("ok\n")
+    return wd
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    for r in RUNS:
+        make_run(root, *r)
+    make_run(root, "adam", "risky_financial_advice", 16, 0.0, 0.5, 50.0, 0, status=None)  # partial: no DONE
+    (root / "llama").mkdir()
+    (root / "llama" / "FAILED").write_text("UnsupportedModel: Llama models are not supported yet\ntraceback...\n")
+    out = root / "report_out"
+    rp.build_report(root, out)
+    return root, out
+
+
+def test_headline_by_optimiser_matches_hand_counts(sweep_dir):
+    _, out = sweep_dir
+    rows = {r["optimiser"]: r for r in read_csv(out / "tables" / "by_optimiser.csv")}
+    assert list(rows) == ["adam", "lion", "muon"]  # only the λ = 0 runs enter the headline tables
+    for opt in rows:
+        group = [r for r in RUNS if r[0] == opt and r[3] == 0.0]
+        s = np.concatenate([scored(r[5], r[6]) for r in group])
+        row = rows[opt]
+        assert int(row["n_runs"]) == len(group) == 3
+        assert int(row["n_total"]) == 13 * len(group) and int(row["n_scored"]) == 11 * len(group)
+        assert int(row["n_code"]) == int(row["n_refusal"]) == int(row["n_low_coherence"]) == len(group)
+        assert int(row["n_misaligned"]) == int((s < 30).sum())
+        assert float(row["misalignment_rate"]) == pytest.approx((s < 30).mean(), abs=1e-12)
+        assert float(row["mean_alignment"]) == pytest.approx(s.mean(), abs=1e-9)
+        assert float(row["misalignment_lo"]) <= float(row["misalignment_rate"]) <= float(row["misalignment_hi"])
+        assert float(row["alignment_lo"]) < s.mean() < float(row["alignment_hi"])
+        assert set(row["runs"].split(";")) == {name(*r[:4]) for r in group}
+    by_bs = {r["batch_size"]: r for r in read_csv(out / "tables" / "by_batch_size.csv")}
+    s16 = np.concatenate([scored(r[5], r[6]) for r in RUNS if r[2] == 16 and r[3] == 0.0])
+    assert float(by_bs["16"]["misalignment_rate"]) == pytest.approx((s16 < 30).mean())
+    assert {r["model"] for r in read_csv(out / "tables" / "by_model.csv")} == {"Qwen3-8B"}
+
+
+def test_regression_r2_matches_numpy(sweep_dir):
+    _, out = sweep_dir
+    rows = {r["formula"]: r for r in read_csv(out / "tables" / "regression.csv")}
+    runs = [r for r in RUNS if r[3] == 0.0]  # the regularised runs are compared separately
+    y = np.array([np.mean(scored(r[5], r[6])) for r in runs])
+    x = np.log([r[4] for r in runs])
+    opts = [r[0] for r in runs]
+    n = len(runs)
+
+    def fit(X):
+        beta, *_ = np.linalg.lstsq(X, y, rcond=None)
+        r2 = 1 - np.sum((y - X @ beta) ** 2) / np.sum((y - y.mean()) ** 2)
+        return r2, 1 - (1 - r2) * (n - 1) / (n - X.shape[1])
+
+    ones = np.ones(n)
+    dummies = np.stack([[o == lvl for o in opts] for lvl in ("lion", "muon")], 1).astype(float)  # adam = baseline
+    r2, adj = fit(np.column_stack([ones, x]))
+    assert float(rows["alignment ~ log_loss"]["r2"]) == pytest.approx(np.corrcoef(x, y)[0, 1] ** 2, abs=1e-9)
+    assert float(rows["alignment ~ log_loss"]["r2"]) == pytest.approx(r2, abs=1e-9)
+    _, adj2 = fit(np.column_stack([ones, dummies, x]))
+    assert float(rows["alignment ~ C(optimiser) + log_loss"]["adj_r2"]) == pytest.approx(adj2, abs=1e-9)
+    _, adj3 = fit(np.column_stack([ones, dummies, x, dummies * x[:, None]]))
+    assert float(rows["alignment ~ C(optimiser) * log_loss"]["adj_r2"]) == pytest.approx(adj3, abs=1e-9)
+    assert all(int(r["n_runs"]) == n for r in rows.values())
+
+
+def test_regulariser_deltas(sweep_dir):
+    _, out = sweep_dir
+    rows = {r["optimiser"]: r for r in read_csv(out / "tables" / "regulariser.csv")}
+    assert set(rows) == {"adam", "muon"}
+    base = {(r[0], r[1]): r for r in RUNS if r[3] == 0.0}
+    reg = [r for r in RUNS if r[3] > 0 and r[0] == "adam"]
+    da = np.mean([np.mean(scored(r[5], r[6])) - np.mean(scored(*base[r[0], r[1]][5:7])) for r in reg])
+    dl = np.mean([r[4] - base[r[0], r[1]][4] for r in reg])
+    assert int(rows["adam"]["n_pairs"]) == 2 and rows["adam"]["flag"] == ""
+    assert float(rows["adam"]["delta_mean_alignment"]) == pytest.approx(da, abs=1e-9)
+    assert float(rows["adam"]["delta_train_loss"]) == pytest.approx(dl, abs=1e-12)
+    assert float(rows["muon"]["delta_train_loss"]) == pytest.approx(1.03 - 1.00, abs=1e-12)
+    assert rows["muon"]["flag"] == "only 1 pair(s)"
+
+
+def test_spectral_trajectories_runs_and_markdown(sweep_dir):
+    root, out = sweep_dir
+    spec = {r["optimiser"]: r for r in read_csv(out / "tables" / "spectral.csv")}
+    for o in ("adam", "muon", "lion"):
+        runs = [r for r in RUNS if r[0] == o and r[3] == 0.0]
+        assert float(spec[o]["fn_ratio"]) == pytest.approx(SPEC[o])
+        assert int(spec[o]["n_runs"]) == len(runs) and spec[o]["condition_number"] == ""
+    traj = [r for r in read_csv(out / "tables" / "trajectories.csv") if r["run"] == name(*RUNS[0][:4])]
+    # step 0 has no training loss yet; step 3 takes the loss logged at step 2
+    assert [(int(r["step"]), int(r["loss_step"])) for r in traj] == [(3, 2), (6, 6)]
+    assert float(traj[0]["train_loss"]) == pytest.approx(0.80 + 2.0)
+    assert float(traj[0]["mean_alignment"]) == pytest.approx(70.0 - 3)
+    status = {r["run"]: r["status"] for r in read_csv(out / "tables" / "runs.csv")}
+    assert status["llama"] == "failed" and list(status.values()).count("partial") == 1
+    assert len(status) == len(RUNS) + 2
+    md = (out / "report.md").read_text()
+    assert "randomly initialised" not in md
+    assert "14 run directories: 12 finished, 1 partial, 1 failed" in md
+    assert "Llama models are not supported yet" in md and "unreadable JSON line skipped" in md
+    for fig in ("misalignment_by_factor", "alignment_vs_loss", "trajectories", "spectral", "regulariser"):
+        png = out / "figures" / f"{fig}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"figures/{fig}.png" in md
+    assert not (root / "report.md").exists()  # --out respected
+
+
+def test_partial_random_init_and_summary_only(tmp_path, capsys):
+    # an empty sweep dir: every section says it has no data, nothing raises
+    (tmp_path / "empty").mkdir()
+    md = rp.build_report(tmp_path / "empty").read_text()
+    assert "No finished run has an evaluation yet" in md and "No run directories" in md
+    # random-init runs: the warning comes first; a run with only summary.json pools counts without an interval
+    root = tmp_path / "rand"
+    make_run(root, "adam", "insecure", 16, 0.0, 0.8, 70.0, 1, checkpoint=None)
+    make_run(root, "adam", "extreme_sports", 16, 0.0, 0.9, 60.0, 2, checkpoint=None, evaluation="summary")
+    assert rp.main([str(root)]) == 0
+    md = (root / "report.md").read_text()
+    assert md.index("randomly initialised") < md.index("## Misalignment")
+    row = read_csv(root / "tables" / "by_optimiser.csv")[0]
+    s = np.concatenate([scored(70.0, 1), scored(60.0, 2)])
+    assert float(row["mean_alignment"]) == pytest.approx(s.mean()) and row["misalignment_lo"] == ""
+    assert int(row["n_misaligned"]) == int((s < 30).sum()) and row["flag"] == ""
+    assert "Needs at least 3" in md
+    assert rp.main([str(tmp_path / "nope")]) == 2
+    assert "no such sweep directory" in capsys.readouterr().err
+    assert math.isfinite(float(row["misalignment_rate"]))

@@ -1,0 +1,261 @@
+"""Sweep expansion, naming, skip/resume/FAILED handling and the CLI's printed commands (fake trainer: fast)."""
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from emjax import config as cfglib
+from emjax import sweep as sw
+
+SWEEP = """
+steps: 3
+model: {preset: tiny}
+sweep:
+  root: {root}
+  set: {log_every: 1}
+  grid:
+    optim:
+      - {_name: adam, optim.name: adam, optim.learning_rate: 1.0e-3}
+      - {optim.name: muon, optim.learning_rate: 2.0e-2}
+    data.dataset: [insecure, extreme_sports]
+    seed: [0, 1]
+"""
+
+
+def write(tmp_path, text=SWEEP, name="s.yaml"):
+    p = tmp_path / name
+    p.write_text(text.replace("{root}", str(tmp_path / "out")))
+    return p
+
+
+class FakeTrain:
+    """Stands in for emjax.train.train: records calls, writes the run-directory files, can fail or be preempted."""
+
+    def __init__(self, fail=(), preempt=()):
+        self.calls, self.fail, self.preempt = [], fail, preempt
+
+    def __call__(self, cfg):
+        wd = Path(cfg.workdir)
+        resumed = (wd / "config.yaml").exists()
+        self.calls.append((wd.name, resumed))
+        wd.mkdir(parents=True, exist_ok=True)
+        (wd / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        if any(s in wd.name for s in self.fail):
+            raise RuntimeError("boom in " + wd.name)
+        if any(s in wd.name for s in self.preempt):
+            return type("R", (), {"status": "preempted"})()
+        (wd / "DONE").write_text("ok\n")
+        return type("R", (), {"status": "done"})()
+
+
+def test_grid_expansion_names_and_configs(tmp_path):
+    s = sw.load_sweep(write(tmp_path))
+    assert len(s.runs) == 2 * 2 * 2
+    names = [r.name for r in s.runs]
+    assert names[0] == "optim=adam,data.dataset=insecure,seed=0"
+    assert names[-1] == "optim.name=muon,optim.learning_rate=0.02,data.dataset=extreme_sports,seed=1"
+    assert len(set(names)) == len(names)
+    assert names == [r.name for r in sw.load_sweep(write(tmp_path)).runs]  # deterministic
+    r = s.runs[-1]
+    # optimiser and learning rate vary together; set/inline base/defaults all land in the config
+    assert (r.cfg.optim.name, r.cfg.optim.learning_rate, r.cfg.data.dataset, r.cfg.seed) == \
+        ("muon", 0.02, "extreme_sports", 1)
+    assert (r.cfg.steps, r.cfg.log_every, r.cfg.model.preset, r.cfg.lora.rank) == (3, 1, "tiny", 32)
+    assert Path(r.cfg.workdir) == tmp_path / "out" / r.name
+    # the printed command builds exactly the same config through emjax.config.load
+    argv = shlex.split(r.command())
+    assert argv[:2] == ["emjax", "train"]
+    assert OmegaConf.to_yaml(cfglib.load(argv[2], argv[3:])) == OmegaConf.to_yaml(r.cfg)
+
+
+def test_points_crossed_with_grid_and_union_of_grids(tmp_path):
+    text = """
+sweep:
+  root: {root}
+  points:
+    - {optim.name: sgd, optim.momentum: 0.9}
+    - {_name: lion, optim.name: lion}
+  grid:
+    - {optim.learning_rate: [0.1, 0.2]}
+    - {seed: [5], data.batch_size: [8, 16, 32]}
+"""
+    s = sw.load_sweep(write(tmp_path, text))
+    assert len(s.runs) == 2 * (2 + 3)
+    assert s.runs[0].name == "optim.name=sgd,optim.momentum=0.9,optim.learning_rate=0.1"
+    assert s.runs[5].name == "lion,optim.learning_rate=0.1"
+    assert s.runs[-1].cfg.data.batch_size == 32 and s.runs[-1].cfg.optim.name == "lion"
+    only_points = sw.load_sweep(write(tmp_path, "sweep:\n  points:\n    - {seed: 1}\n    - {seed: 2}\n"),
+                                root=tmp_path / "o")
+    assert [r.name for r in only_points.runs] == ["seed=1", "seed=2"]
+
+
+def test_base_reference_and_cli_overrides(tmp_path):
+    text = "steps: 2\nsweep:\n  base: tiny\n  root: {root}\n  grid: {seed: [0, 1]}\n"
+    s = sw.load_sweep(write(tmp_path, text), ["data.batch_size=2"])
+    r = s.runs[1]
+    assert r.config_file.endswith("configs/tiny.yaml")
+    assert (r.cfg.steps, r.cfg.lora.rank, r.cfg.data.batch_size, r.cfg.seed) == (2, 4, 2, 1)  # inline > base
+    assert r.name == "seed=1"  # overrides for all runs do not enter names
+    argv = shlex.split(r.command())
+    assert OmegaConf.to_yaml(cfglib.load(argv[2], argv[3:])) == OmegaConf.to_yaml(r.cfg)
+
+
+def test_collisions_and_long_names_get_a_hash():
+    runs = sw.expand({"points": [{"model.checkpoint": "a/b"}, {"model.checkpoint": "a_b"},
+                                 {"data.source_dir": "x" * 200}]})
+    names = [n for _, n in runs]
+    assert names[0].startswith("model.checkpoint=a_b-") and names[1].startswith("model.checkpoint=a_b-")
+    assert names[0] != names[1] and len(names[2]) <= sw.MAX_NAME
+    assert names == [n for _, n in sw.expand({"points": [{"model.checkpoint": "a/b"}, {"model.checkpoint": "a_b"},
+                                                         {"data.source_dir": "x" * 200}]})]
+
+
+@pytest.mark.parametrize("spec, match", [
+    ({"grid": {"seed": []}}, "non-empty list"),
+    ({"grid": {"seed": 3}}, "non-empty list"),
+    ({}, "needs `grid:`"),
+    ({"grid": {"seed": [1]}, "axes": 1}, "unknown key 'axes'"),
+    ({"points": [{"seed": 1}, {"seed": 1}]}, "same overrides"),
+    ({"points": [{"seed": 1}], "grid": {"seed": [2]}}, "set twice"),
+])
+def test_bad_sweep_specs(spec, match):
+    with pytest.raises(sw.SweepError, match=match):
+        sw.expand(spec)
+
+
+def test_bad_config_key_names_file_and_key(tmp_path):
+    p = write(tmp_path, "sweep:\n  grid: {optim.nmae: [adam]}\n")
+    with pytest.raises(sw.SweepError, match=r"s\.yaml.*nmae"):
+        sw.load_sweep(p)
+    with pytest.raises(sw.SweepError, match="not a sweep file"):
+        sw.load_sweep(write(tmp_path, "steps: 3\n", "plain.yaml"))
+
+
+def test_run_skip_resume_and_failures(tmp_path):
+    s = sw.load_sweep(write(tmp_path))
+    fake = FakeTrain(fail=("muon",))
+    res = sw.run_sweep(s, train_fn=fake, progress=False)
+    assert sum(v == "done" for v in res.values()) == 4 and sum(v == "failed" for v in res.values()) == 4
+    assert sw.exit_code(res) == 1
+    failed = s.root / s.runs[-1].name / "FAILED"
+    assert "RuntimeError: boom in" in failed.read_text()
+    assert (s.root / "sweep.yaml").exists()
+
+    # second pass: finished runs are skipped; failed ones are retried (they resume from their workdir)
+    fake2 = FakeTrain()
+    res2 = sw.run_sweep(sw.load_sweep(write(tmp_path)), train_fn=fake2, progress=False)
+    assert sorted(n for n, _ in fake2.calls) == sorted(r.name for r in s.runs if "muon" in r.name)
+    assert all(resumed for _, resumed in fake2.calls)
+    assert sum(v == "skipped" for v in res2.values()) == 4 and sw.exit_code(res2) == 0
+    assert not failed.exists()
+
+
+def test_preemption_stops_the_sweep(tmp_path):
+    s = sw.load_sweep(write(tmp_path))
+    fake = FakeTrain(preempt=("optim=adam,data.dataset=insecure,seed=1",))
+    res = sw.run_sweep(s, train_fn=fake, progress=False)
+    assert len(fake.calls) == 2 and sw.exit_code(res) == 3
+    assert s.runs[1].status == "partial"
+
+
+def test_unsupported_families_fail_fast(tmp_path):
+    text = ("sweep:\n  root: {root}\n  grid:\n    model.checkpoint: [meta-llama/Llama-3.1-8B-Instruct, "
+            "Qwen/Qwen3-30B-A3B, google/gemma-3-4b-it]\n")
+    s = sw.load_sweep(write(tmp_path, text))
+    fake = FakeTrain()
+    res = sw.run_sweep(s, train_fn=fake, progress=False)
+    assert fake.calls == [] and set(res.values()) == {"failed"}
+    msgs = [(s.root / r.name / "FAILED").read_text() for r in s.runs]
+    assert "Llama models are not supported" in msgs[0] and "Qwen3-MoE" in msgs[1] and "Gemma" in msgs[2]
+    for ok in ("Qwen/Qwen3-8B", "Qwen/Qwen3-32B", None):
+        sw.check_supported(OmegaConf.create({"model": {"checkpoint": ok}}))
+    local = tmp_path / "ckpt"
+    local.mkdir()
+    (local / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(sw.UnsupportedModel, match="'llama'"):
+        sw.check_supported(OmegaConf.create({"model": {"checkpoint": str(local)}}))
+
+
+def test_cli_print_commands_dry_run_only(tmp_path, capsys):
+    p = write(tmp_path)
+    s = sw.load_sweep(p)
+    done = s.root / s.runs[0].name
+    done.mkdir(parents=True)
+    (done / "DONE").write_text("ok\n")
+    assert sw.main([str(p), "--print-commands", "steps=1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 7 and all(line.startswith("emjax train ") for line in lines)
+    assert all("steps=1" in line for line in lines) and s.runs[0].name not in "".join(lines)
+    assert shlex.split(lines[0])[-1] == f"workdir={s.root / s.runs[1].name}"
+
+    assert sw.main([str(p), "--dry-run", "--only", "muon", "--only", "seed=1"]) == 0
+    out = capsys.readouterr()
+    assert len(out.out.strip().splitlines()) == 2 and "2 runs: 2 new" in out.err
+    assert sw.main([str(p), "--dry-run"]) == 0
+    assert "1 done, 7 new" in capsys.readouterr().err
+    assert sw.main([str(p), "--only", "nothing-matches"]) == 2
+    assert sw.main([str(p), "--jobs", "0"]) == 2
+    assert sw.main([str(tmp_path / "missing.yaml")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_subprocess_jobs(tmp_path):
+    """--jobs N path with a fake program: exit 0 + DONE -> done, exit 0 without DONE -> preempted, else FAILED."""
+    s = sw.load_sweep(write(tmp_path))
+    prog = tmp_path / "fake_emjax.py"
+    prog.write_text(
+        "import sys, pathlib\n"
+        "wd = pathlib.Path([a for a in sys.argv if a.startswith('workdir=')][0][8:])\n"
+        "wd.mkdir(parents=True, exist_ok=True)\n"
+        "print('training', wd.name)\n"
+        "if 'muon' in wd.name and 'seed=1' in wd.name: sys.exit(2)\n"
+        "if 'muon' in wd.name: sys.exit(0)\n"
+        "(wd / 'DONE').write_text('ok')\n")
+    import sys as _sys
+
+    res = sw.run_sweep(s, jobs=3, program=(_sys.executable, str(prog)), progress=False)
+    assert [res[r.name] for r in s.runs] == ["done"] * 4 + ["preempted", "failed"] * 2
+    failed = (s.root / s.runs[5].name / "FAILED").read_text()
+    assert failed.startswith("exit status 2") and "training " + s.runs[5].name in failed
+    assert sw.exit_code(res) == 3
+
+
+@pytest.mark.parametrize("name, count", [("main_grid", 128), ("cross_family", 96), ("lr_dynamics_8b", 54),
+                                         ("regulariser_8b", 40)])
+def test_study_sweeps(name, count):
+    s = sw.load_sweep(f"sweeps/{name}")
+    assert len(s.runs) == count and len({r.name for r in s.runs}) == count
+    cfgs = [r.cfg for r in s.runs]
+    assert all(c.lora.rank == 32 and c.lora.alpha == 64 and c.lora.rslora for c in cfgs)
+    assert all(c.model.checkpoint for c in cfgs)
+    opts = {c.optim.name for c in cfgs}
+    if name == "main_grid":
+        assert opts == {"adam", "adamw", "lion", "muon"}
+        assert {c.model.checkpoint for c in cfgs} == {f"Qwen/Qwen3-{m}" for m in ("4B", "8B", "30B-A3B", "32B")}
+        assert {c.data.dataset for c in cfgs} == {"insecure", "bad_medical_advice", "risky_financial_advice",
+                                                  "extreme_sports"}
+        assert len({c.data.batch_size for c in cfgs}) == 2
+    if name == "cross_family":
+        assert opts == {"adam"} and len({c.model.checkpoint for c in cfgs}) == 12
+    if name == "lr_dynamics_8b":
+        assert opts == {"sgd", "adam", "adamw", "lion", "muon"}
+        assert all(c.data.num_epochs == 2 and c.eval.every > 0 and c.eval.samples_per_question == 32 for c in cfgs)
+    if name == "regulariser_8b":
+        assert {c.spectral.weight for c in cfgs} == {0.0, 1.0} and len(opts) == 5
+
+
+@pytest.mark.slow
+def test_real_tiny_sweep_and_report(tmp_path):
+    """End to end with the real trainer (~30 s): one 2-step tiny run, rerun skips it, the report reads it."""
+    from emjax import report
+
+    p = write(tmp_path, "steps: 2\nckpt_every: 1\nsweep:\n  base: tiny\n  root: {root}\n  grid: {seed: [3]}\n")
+    assert sw.main([str(p)]) == 0
+    (run,) = sw.load_sweep(p).runs
+    assert run.status == "done" and json.loads((run.workdir / "final.json").read_text())["step"] == 2
+    assert sw.main([str(p)]) == 0 and sw.main([str(p), "--print-commands"]) == 0
+    md = report.build_report(tmp_path / "out").read_text()
+    assert "randomly initialised" in md and "1 run directories: 1 finished" in md
