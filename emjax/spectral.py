@@ -100,11 +100,29 @@ def _pad_last(s, r: int):
 # singular values
 
 
+def _after(dep, x):
+    """On CPU, make ``x`` data-dependent on ``dep`` so two LAPACK calls (QR, SVD) never run concurrently.
+
+    jaxlib's CPU LAPACK kernels split the batch over XLA's intra-op thread pool and block waiting for it;
+    when XLA:CPU runs two such batched calls at once on a small pool (2 cores here) every pool thread can
+    end up waiting and the program hangs forever (seen: the penalty over gate/up/down at 4 × 512 × 1536).
+    ``optimization_barrier`` does not help (XLA:CPU turns it into a control edge its executor ignores), so
+    a cheap select on a never-true NaN test of one element of ``dep`` carries the dependency. No-op off CPU.
+    """
+    if jax.default_backend() != "cpu":
+        return x
+    probe = jax.lax.stop_gradient(jax.tree.leaves(dep)[0])
+    if probe.ndim >= 2:  # a stacked (..., m, n) result: one element per leading index, so sharded
+        probe = probe[..., :1, :1]  # leading dims stay aligned with x (no cross-device traffic)
+    never = jnp.isnan(probe) & jnp.isinf(probe)  # always False, but XLA cannot prove it
+    return jax.tree.map(lambda y: jnp.where(never, jnp.zeros_like(y), y), x)
+
+
 def _sv_plain(a, b):
     """σ(a@b), descending, length r, from QR (R factors only) + SVD of the small core."""
     r = a.shape[-1]
     ra = jnp.linalg.qr(a, mode="r")  # (..., ka, r), ka = min(d_in, r)
-    rb = jnp.linalg.qr(_mT(b), mode="r")  # (..., kb, r)
+    rb = jnp.linalg.qr(_after(ra, _mT(b)), mode="r")  # (..., kb, r)
     core = _mm(ra, _mT(rb))  # (..., ka, kb)
     return _pad_last(jnp.linalg.svd(core, compute_uv=False), r)
 
@@ -117,7 +135,7 @@ def _sv(a, b):
 def _sv_fwd(a, b):
     r = a.shape[-1]
     qa, ra = jnp.linalg.qr(a)  # (..., d_in, ka), (..., ka, r)
-    qb, rb = jnp.linalg.qr(_mT(b))  # (..., d_out, kb), (..., kb, r)
+    qb, rb = jnp.linalg.qr(_after((qa, ra), _mT(b)))  # (..., d_out, kb), (..., kb, r)
     u, s, vt = jnp.linalg.svd(_mm(ra, _mT(rb)), full_matrices=False)
     return _pad_last(s, r), (qa, ra, qb, rb, u, s, vt)
 
@@ -283,6 +301,8 @@ def penalty(adapters: Adapters, scale=1.0, kind: str = "fn_ratio", reduce: str =
             raise TypeError(f"spectral: module {name!r}: expected an (a, b) pair, got {type(pair).__name__}")
         a, b = pair
         _check_pair(a, b, name)
+        if count:
+            a, b = _after(total, (a, b))  # one module after another on CPU, see _after
         per = per_module_penalty(a, b, scale, kind)
         total, count = total + jnp.sum(per), count + per.size  # per-module sums: no gather of sharded values
     return total if reduce == "sum" else total / count

@@ -317,8 +317,21 @@ def _run_inprocess(run: Run, train_fn: Callable) -> str:
     return status
 
 
+def _pump(src, log, echo) -> None:
+    """Copy a child's output to its train.log and, for a single job, to our stderr (live progress bars)."""
+    for chunk in iter(lambda: src.read1(4096), b""):
+        log.write(chunk)
+        log.flush()
+        if echo:
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.buffer.flush()
+
+
 def _run_subprocesses(runs: list[Run], jobs: int, program: Sequence[str], bar) -> dict[str, str]:
-    """Up to ``jobs`` runs at once as ``emjax train`` subprocesses; output to ``<workdir>/train.log``."""
+    """Up to ``jobs`` runs at once as ``emjax train`` subprocesses (each run gets a fresh process: no state, memory
+    or compiled programs leak between runs); output to ``<workdir>/train.log``, echoed live when ``jobs == 1``."""
+    import threading
+
     results: dict[str, str] = {}
     pending = list(runs)
     active: list[tuple[Run, subprocess.Popen, Any]] = []
@@ -335,13 +348,18 @@ def _run_subprocesses(runs: list[Run], jobs: int, program: Sequence[str], bar) -
             run.workdir.mkdir(parents=True, exist_ok=True)
             log = open(run.workdir / "train.log", "ab")
             cmd = [*program, "train", run.config_file, *run.args]
-            active.append((run, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            pump = threading.Thread(target=_pump, args=(proc.stdout, log, jobs == 1), daemon=True)
+            pump.start()
+            proc.pump = pump
+            active.append((run, proc, log))
         still = []
         for run, proc, log in active:
             rc = proc.poll()
             if rc is None:
                 still.append((run, proc, log))
                 continue
+            proc.pump.join()
             log.close()
             if rc == 0 and (run.workdir / "DONE").exists():
                 results[run.name] = "done"
@@ -371,11 +389,9 @@ def run_sweep(sweep: Sweep, *, jobs: int = 1, train_fn: Callable | None = None,
         (r.workdir / "FAILED").unlink(missing_ok=True)  # a retry starts clean
     bar = tqdm(total=len(todo), desc=f"sweep {sweep.path.stem}", unit="run", disable=not progress)
     try:
-        if jobs > 1:
+        if jobs > 1 or train_fn is None:
             results.update(_run_subprocesses(todo, jobs, program or (sys.executable, "-m", "emjax.cli"), bar))
-        else:
-            if train_fn is None:
-                from emjax.train import train as train_fn
+        else:  # an injected train_fn (tests, notebooks) runs in this process
             for run in todo:
                 bar.set_postfix_str(run.name[-60:])
                 status = _run_inprocess(run, train_fn)

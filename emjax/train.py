@@ -185,14 +185,14 @@ class RunResult:
 
 
 def _maybe_init_distributed(cfg) -> None:
-    if jax.process_count() > 1 or getattr(_maybe_init_distributed, "done", False):
+    """``jax.distributed`` from the config/environment; must run before anything touches a JAX backend."""
+    if getattr(_maybe_init_distributed, "done", False):
         return
     addr = cfg.coordinator_address or os.environ.get("EMJAX_COORDINATOR")
     if addr:
         nproc = cfg.num_processes or int(os.environ["EMJAX_NUM_PROCESSES"])
         pid = cfg.process_id if cfg.process_id is not None else int(os.environ["EMJAX_PROCESS_ID"])
-        if jax.devices()[0].platform == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives; no effect on GPU/TPU
         jax.distributed.initialize(coordinator_address=addr, num_processes=nproc, process_id=pid)
     elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
         jax.distributed.initialize()  # TPU pods: everything comes from the environment

@@ -340,3 +340,26 @@ def test_bad_inputs_raise_clear_errors():
         sp.singular_values(jnp.ones((8, 4), jnp.int32), b[0])
     with pytest.raises(ValueError, match="already registered"):
         sp.register_penalty("fn_ratio")(lambda s, m: s)
+
+
+def test_no_lapack_thread_pool_hang_on_one_cpu_device(tmp_path):
+    """Regression: concurrent batched LAPACK calls hung XLA:CPU's small thread pool (see spectral._after)."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "hang.py"
+    script.write_text(
+        "import jax, jax.numpy as jnp\n"
+        "from emjax import spectral as sp\n"
+        "k = jax.random.key(0)\n"
+        "shp = [(512, 512), (512, 128), (512, 128), (512, 512), (512, 1536), (512, 1536), (1536, 512)]\n"
+        "ad = {str(i): (jax.random.normal(k, (4, m, 16)), jax.random.normal(k, (4, 16, n)))"
+        " for i, (m, n) in enumerate(shp)}\n"
+        "v, g = jax.jit(jax.value_and_grad(lambda ad: sp.penalty(ad, 16.0)))(ad)\n"
+        "print(float(v))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, the pool shape that hung
+    out = subprocess.run([sys.executable, str(script)], env=env, timeout=120, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert math.isfinite(float(out.stdout.strip().splitlines()[-1]))
