@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import time
 
 import jax
@@ -51,14 +50,14 @@ def make_adapters(layers: int, r: int, shp, seed: int = 0):
 
 
 def timeit(fn, *args, repeat: int = 3) -> float:
-    """Median wall time of ``fn(*args)`` (blocked), after one warm-up call."""
+    """Best wall time of ``fn(*args)`` (blocked) after one warm-up call: the least-disturbed run on a shared host."""
     jax.block_until_ready(fn(*args))
     ts = []
     for _ in range(repeat):
         t = time.perf_counter()
         jax.block_until_ready(fn(*args))
         ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return min(ts)
 
 
 def dense_penalty(adapters, scale: float):

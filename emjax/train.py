@@ -351,7 +351,9 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
 
     qc = model.config
     fpt = flops_per_token(qc, data_cfg.max_length)
-    peak = peak_flops(cfg.peak_tflops) * len(jax.devices())
+    # simulated CPU devices share the same cores: count the CPU once per process
+    on_cpu = jax.devices()[0].platform == "cpu"
+    peak = peak_flops(cfg.peak_tflops) * (jax.process_count() if on_cpu else len(jax.devices()))
 
     def validate(step):
         val_cfg = cfglib.replace(data_cfg, num_epochs=1, shuffle=False, drop_remainder=jax.process_count() > 1)
