@@ -51,10 +51,12 @@ def make_eval_hook(cfg, tokenizer, workdir: str | Path) -> Callable[[int, Any], 
                 jm = from_pretrained(ecfg.judge_checkpoint, dtype=jnp.dtype(cfg.model.dtype))
                 fn, params = model_judge_fn(jm)
                 judge_cache["j"] = LocalJudge(fn, load_tokenizer(ecfg.judge_checkpoint), params=params,
-                                              gathered=True, name=f"local:{ecfg.judge_checkpoint}")
+                                              gathered=True, name=f"local:{ecfg.judge_checkpoint}",
+                                              top_k=ecfg.judge_top_k)
             return judge_cache["j"]
         fn, params = model_judge_fn(model)
-        return LocalJudge(fn, tokenizer, params=_adapter_off(params), gathered=True, name="local:base")
+        return LocalJudge(fn, tokenizer, params=_adapter_off(params), gathered=True, name="local:base",
+                          top_k=ecfg.judge_top_k)
 
     def hook(step: int, model) -> dict:
         def generate_fn(prompts, *, max_new_tokens, temperature, top_p, seed):
@@ -65,7 +67,8 @@ def make_eval_hook(cfg, tokenizer, workdir: str | Path) -> Callable[[int, Any], 
                            samples_per_question=ecfg.samples_per_question, max_new_tokens=ecfg.max_new_tokens,
                            temperature=ecfg.temperature, top_p=ecfg.top_p, seed=cfg.seed,
                            out_dir=workdir / "eval" / f"step_{step:06d}", sample_batch=ecfg.batch_size,
-                           judge_batch=ecfg.batch_size, stop_ids=tokenizer.eos_ids)
+                           judge_batch=ecfg.batch_size, stop_ids=tokenizer.eos_ids,
+                           min_mass=ecfg.judge_min_mass)
         overall = summary["overall"]
         return {f"eval/{k}": v for k, v in overall.items() if isinstance(v, (int, float)) and v is not None}
 

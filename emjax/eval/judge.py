@@ -40,7 +40,7 @@ def score_from_probs(probs: Mapping[str, float], *, min_mass: float = 0.25) -> f
         if k is not None:
             total += p
             weighted += k * p
-    if total < min_mass:
+    if total < min_mass or total <= 0.0:
         return None
     return weighted / total
 
@@ -339,12 +339,12 @@ class LocalJudge:
 
         def first_only(p, tokens, mask, last):
             logp = jax.nn.log_softmax(logits_at(p, tokens, mask, last[:, None])[:, 0], axis=-1)
-            return jax.lax.top_k(logp, top_k)
+            return jax.lax.top_k(logp, top_k or logp.shape[-1])  # top_k=0: every token
 
         def digits(p, tokens, mask, last):
             # rows are prompt + d + "0": read after the prompt, after d, and after d "0"
             lg = logits_at(p, tokens, mask, last[:, None] + jnp.arange(3)[None, :])
-            top_lp, top_id = jax.lax.top_k(jax.nn.log_softmax(lg[:, 0], -1), top_k)
+            top_lp, top_id = jax.lax.top_k(jax.nn.log_softmax(lg[:, 0], -1), top_k or lg.shape[-1])
             nxt = jax.nn.softmax(lg[:, 1:], -1)[:, :, self.digit_ids]  # [B, 2, 10]
             return top_lp, top_id, nxt[:, 0], nxt[:, 1]
 

@@ -69,7 +69,7 @@ def evaluate(generate_fn: GenerateFn, tokenizer: Any, judge: Judge, questions: S
              samples_per_question: int = 10, max_new_tokens: int = 600, temperature: float = 1.0,
              top_p: float = 1.0, seed: int = 0, out_dir: str | os.PathLike, sample_batch: int = 64,
              judge_batch: int = 64, stop_ids: Sequence[int] = (IM_END, END_OF_TEXT),
-             aggregate_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+             aggregate_kwargs: dict[str, Any] | None = None, min_mass: float = 0.25) -> dict[str, Any]:
     """Sample ``samples_per_question`` answers per question, judge alignment and coherence, write and return
     the summary. ``generate_fn(prompts, *, max_new_tokens, temperature, top_p, seed) -> new token ids``.
 
@@ -121,7 +121,7 @@ def evaluate(generate_fn: GenerateFn, tokenizer: Any, judge: Judge, questions: S
                     groups.setdefault(by_id[r["question_id"]].judge_prompts[kind], []).append(j)
                 for tmpl, js in groups.items():
                     pairs = [(by_id[batch[j]["question_id"]].text, batch[j]["text"]) for j in js]
-                    for j, sv in zip(js, score_answers(judge, kind, tmpl, pairs)):
+                    for j, sv in zip(js, score_answers(judge, kind, tmpl, pairs, min_mass=min_mass)):
                         res[j] = sv
                 scored[kind] = res
             rows = [{"question_id": r["question_id"], "question_set": r["question_set"], "sample": r["sample"],
@@ -136,7 +136,7 @@ def evaluate(generate_fn: GenerateFn, tokenizer: Any, judge: Judge, questions: S
     summary = aggregate(final, **(aggregate_kwargs or {}))
     summary["config"] = {"judge": judge.name, "n_questions": len(questions),
                          "samples_per_question": samples_per_question, "max_new_tokens": max_new_tokens,
-                         "temperature": temperature, "top_p": top_p, "seed": seed}
+                         "temperature": temperature, "top_p": top_p, "seed": seed, "min_mass": min_mass}
     tmp = out / "summary.json.part"
     tmp.write_text(json.dumps(summary, indent=2))
     tmp.replace(out / "summary.json")

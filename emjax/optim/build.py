@@ -33,6 +33,7 @@ import optax
 from flax import nnx
 
 from emjax.optim.muon import SCALINGS, muon
+from emjax.sharding import path_str  # one path spelling for the sharding rules and the label tree
 
 LORA_NAMES = ("lora_a", "lora_b")
 LABELS = ("lora", "other", "frozen")
@@ -217,19 +218,6 @@ def make_schedule(cfg: OptimConfig) -> optax.Schedule:
 
 def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
-
-
-def path_str(path) -> str:
-    """'blocks/q_proj/lora_a' from a pytree key path (dict keys, attributes, indices)."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
 
 
 def labels(params: Any, frozen_patterns: tuple[str, ...] | list[str] = ()) -> Any:

@@ -82,10 +82,10 @@ def test_labels_nnx_state():
     assert jax.tree.structure(lab) == jax.tree.structure(state)
     flat = {eo.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(lab)[0]}
     assert flat == {
-        "gate_proj/kernel/value": "other", "gate_proj/lora_a/value": "lora",
-        "gate_proj/lora_b/value": "lora", "norm/value": "other",
-        "q_proj/kernel/value": "other", "q_proj/lora_a/value": "lora",
-        "q_proj/lora_b/value": "lora", "stats/value": "frozen",
+        "gate_proj/kernel": "other", "gate_proj/lora_a": "lora",
+        "gate_proj/lora_b": "lora", "norm": "other",
+        "q_proj/kernel": "other", "q_proj/lora_a": "lora",
+        "q_proj/lora_b": "lora", "stats": "frozen",
     }
     # the trainable LoRA state as the trainer splits it: all "lora"
     _, lora_state, _ = nnx.split(_Tiny(), nnx.LoRAParam, ...)
