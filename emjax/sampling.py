@@ -22,24 +22,34 @@ PAD_ID = 151643
 
 
 def sample_logits(logits, rng, temperature, top_p=1.0, top_k: int = 0):
-    """Next token per row from fp32 logits (B, V). ``temperature`` 0 is greedy; ``top_k`` is static (0 = off)."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    t = jnp.maximum(jnp.asarray(temperature, jnp.float32), 1e-6)
-    scaled = logits.astype(jnp.float32) / t
+    """Next token per row from fp32 logits (B, V). ``temperature`` 0 is greedy; ``top_k`` is static (0 = off).
+
+    The sampling path (and its vocabulary sort for top-p) only runs when it is needed (``lax.cond``), so greedy
+    decoding costs an argmax per step."""
+    temperature = jnp.asarray(temperature, jnp.float32)
+    top_p = jnp.asarray(top_p, jnp.float32)
     neg = jnp.finfo(jnp.float32).min
-    if top_k and top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(scaled, top_k)[0][..., -1:]
-        scaled = jnp.where(scaled < kth, neg, scaled)
-    # top-p: keep the smallest set of most probable tokens whose mass reaches top_p (the top token always stays)
-    order = jnp.argsort(-scaled, axis=-1)
-    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted = before < jnp.asarray(top_p, jnp.float32)
-    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(scaled.shape[0])[:, None], order].set(keep_sorted)
-    scaled = jnp.where(keep, scaled, neg)
-    sampled = jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
-    return jnp.where(jnp.asarray(temperature) > 0, sampled, greedy)
+
+    def nucleus(scaled):
+        # keep the smallest set of most probable tokens whose mass reaches top_p (the top token always stays)
+        order = jnp.argsort(-scaled, axis=-1)
+        probs = jax.nn.softmax(jnp.take_along_axis(scaled, order, axis=-1), axis=-1)
+        keep_sorted = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(scaled.shape[0])[:, None], order].set(keep_sorted)
+        return jnp.where(keep, scaled, neg)
+
+    def sample(logits):
+        scaled = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
+        if top_k and top_k < logits.shape[-1]:
+            kth = jax.lax.top_k(scaled, top_k)[0][..., -1:]
+            scaled = jnp.where(scaled < kth, neg, scaled)
+        scaled = jax.lax.cond(top_p < 1.0, nucleus, lambda x: x, scaled)
+        return jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+
+    def greedy(logits):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, sample, greedy, logits)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
