@@ -13,7 +13,6 @@ import argparse
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 
 def self_check() -> bool:

@@ -228,7 +228,6 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
     from tqdm.auto import tqdm
 
     from emjax.data import make_loader
-    from emjax.data.pipeline import DataConfig  # noqa: F401  (schema lives there)
     from emjax.optim import build as build_optim, current_lr
     from emjax.tokenizer import load_tokenizer
 

@@ -25,3 +25,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_tfds_dir(tmp_path_factory):
+    """One TFDS directory for the whole run (every xdist worker and every subprocess a test starts), with the
+    insecure-code set built once under a file lock: parallel workers must not build the same dataset at once,
+    and a developer's ~/.cache is left alone."""
+    from filelock import FileLock
+
+    from emjax.data import builders
+
+    shared = tmp_path_factory.getbasetemp().parent  # the same for all xdist workers of this run
+    os.environ["EMJAX_TFDS_DIR"] = str(shared / "tfds")
+    with FileLock(str(shared / "tfds.lock")):
+        builders.build("insecure")
+    yield

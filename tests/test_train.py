@@ -20,7 +20,6 @@ from flax import nnx
 from emjax import config as cfglib
 from emjax import lora as loralib
 from emjax import sharding as shd
-from emjax import spectral
 from emjax.optim import OptimConfig, build
 from emjax.train import TrainError, build_model, make_train_step, train
 
