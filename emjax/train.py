@@ -498,8 +498,11 @@ def main(argv: list[str]) -> int:
     try:
         cfg = cfglib.load(args.config, args.overrides)
         result = train(cfg)
-    except (cfglib.ConfigError, TrainError, FileNotFoundError) as e:
-        print(f"emjax train: {e}", file=sys.stderr)
+    except (cfglib.ConfigError, TrainError, FileNotFoundError, KeyError, ValueError) as e:
+        # emjax's errors name the file, key or tensor; the traceback is for debugging emjax itself
+        if os.environ.get("EMJAX_DEBUG"):
+            raise
+        print(f"emjax train: {type(e).__name__}: {e}\n(set EMJAX_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
     print(json.dumps({"workdir": str(result.workdir), "step": result.step, "train_loss": result.final_loss,
                       "val_loss": result.val_loss, "status": result.status}))
