@@ -10,7 +10,6 @@ import sys
 
 COMMANDS = {
     "demo": ("emjax.demo", "run the CPU demo (the README's main job)"),
-    "convert": ("emjax.models.convert", "convert / check a Hugging Face Qwen3 checkpoint"),
     "data": ("emjax.data.cli", "dataset commands: build, stats, fetch"),
     "train": ("emjax.train", "LoRA fine-tuning from a config"),
     "eval": ("emjax.eval.cli", "sample answers and judge them"),
