@@ -7,7 +7,7 @@
 #   launch/gpu_local.sh -- sweep sweeps/regulariser_8b --only optim=adam
 #   launch/gpu_local.sh --dry-run -- report runs/sweeps/main_grid     # print the commands, run nothing
 #
-# COMMAND is an emjax sub-command: train | sweep | report | eval | data | convert | demo.
+# COMMAND is an emjax sub-command: train | sweep | report | eval | data | demo.
 # --venv DIR      virtual environment to create or reuse (default .venv-gpu in the repo root)
 # --no-install    reuse the venv as is (no pip calls)
 # --python BIN    interpreter used to create the venv (default python3)
@@ -32,8 +32,8 @@ while [[ $# -gt 0 ]]; do
 done
 [[ $# -ge 1 ]] || die "missing the emjax command after -- (e.g. -- train tiny)"
 case "$1" in
-  train|sweep|report|eval|data|convert|demo) ;;
-  *) die "unknown emjax command '$1' (use train, sweep, report, eval, data, convert or demo)" ;;
+  train|sweep|report|eval|data|demo) ;;
+  *) die "unknown emjax command '$1' (use train, sweep, report, eval, data or demo)" ;;
 esac
 VENV="${VENV:-$REPO/.venv-gpu}"
 

@@ -49,8 +49,8 @@ done
   || die "--type '$TYPE': expected e.g. v4-8, v5p-32, v5litepod-16, v6e-8"
 [[ $# -ge 1 ]] || die "missing the emjax command after -- (e.g. -- train tiny)"
 case "$1" in
-  train|sweep|report|eval|data|convert|demo) ;;
-  *) die "unknown emjax command '$1' (use train, sweep, report, eval, data, convert or demo)" ;;
+  train|sweep|report|eval|data|demo) ;;
+  *) die "unknown emjax command '$1' (use train, sweep, report, eval, data or demo)" ;;
 esac
 if [[ -z "$VERSION" ]]; then
   case "$TYPE" in

@@ -50,8 +50,8 @@ done
 [[ "$RESTARTS" =~ ^[0-9]+$ ]] || die "--max-restarts '$RESTARTS': expected a non-negative integer"
 [[ $# -ge 1 ]] || die "missing the emjax command after -- (e.g. -- train tiny)"
 case "$1" in
-  train|sweep|report|eval|data|convert|demo) ;;
-  *) die "unknown emjax command '$1' (use train, sweep, report, eval, data, convert or demo)" ;;
+  train|sweep|report|eval|data|demo) ;;
+  *) die "unknown emjax command '$1' (use train, sweep, report, eval, data or demo)" ;;
 esac
 
 ARGS=(xpk workload create --cluster="$CLUSTER" --workload="$WORKLOAD" --tpu-type="$TPU" --num-slices="$SLICES"

@@ -1,0 +1,29 @@
+"""Every config file in configs/ validates against the schema; overrides and errors name their key."""
+
+from pathlib import Path
+
+import pytest
+
+from emjax import config as cfglib
+
+CONFIGS = sorted(p.name for p in cfglib.CONFIG_DIR.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_files_validate(name):
+    cfg = cfglib.load(name)
+    assert cfg.lora.rank >= 1 and cfg.data.batch_size >= 1
+
+
+def test_overrides_and_errors(tmp_path):
+    cfg = cfglib.load("qwen3_8b", ["optim.name=muon", "data.batch_size=32"])
+    assert (cfg.optim.name, cfg.data.batch_size, cfg.model.checkpoint) == ("muon", 32, "Qwen/Qwen3-8B")
+    with pytest.raises(cfglib.ConfigError, match="data.batch_sz"):
+        cfglib.load("qwen3_8b", ["data.batch_sz=3"])
+    with pytest.raises(cfglib.ConfigError, match="expected key=value"):
+        cfglib.load("qwen3_8b", ["optim.name"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  learning_rat: 1\n")
+    with pytest.raises(cfglib.ConfigError, match=r"bad.yaml.*learning_rat"):
+        cfglib.load(bad)
+    assert Path(cfglib.find_config("tiny")).name == "tiny.yaml"
