@@ -1,0 +1,78 @@
+"""Where the LoRA train step's time goes on this machine: forward vs forward+backward of the ≈35M Qwen3 shape of
+bench/train_step.py (hidden states only, and with the loss), emjax's scan vs the unrolled layer loop, and one
+layer's attention and MLP alone. Prints milliseconds; the "backward ≈ 3× forward" finding in bench/RESULTS.md comes
+from here. Not a test.
+
+    .venv/bin/python bench/profile_step.py
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from emjax.lora import LoraConfig
+from emjax.models import qwen3
+from emjax.train import token_nll
+
+from train_step import B, CFG, T  # noqa: E402  (same shape as the train benchmark)
+
+
+def timed(f, *args, n=3) -> float:
+    jax.block_until_ready(f(*args))
+    t = time.perf_counter()
+    for _ in range(n):
+        out = f(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t) / n * 1e3
+
+
+def main():
+    model = qwen3.Qwen3ForCausalLM(CFG, lora=LoraConfig(rank=32, alpha=64), rngs=nnx.Rngs(0))
+    g, tr, fr = nnx.split(model, nnx.LoRAParam, ...)
+    rng = np.random.default_rng(0)
+    batch = {"tokens": jnp.asarray(rng.integers(0, CFG.vocab_size, (B, T)), jnp.int32),
+             "loss_mask": jnp.ones((B, T), jnp.int32), "segment_ids": jnp.ones((B, T), jnp.int32),
+             "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))}
+
+    def hidden_sum(tr, fr, b):
+        return nnx.merge(g, tr, fr)(b["tokens"], positions=b["positions"], segment_ids=b["segment_ids"],
+                                    return_hidden=True).sum()
+
+    def loss(tr, fr, b):
+        return token_nll(nnx.merge(g, tr, fr), b)[0]
+
+    rows = [
+        ("hidden states, forward", jax.jit(hidden_sum)),
+        ("hidden states, forward+backward (LoRA grads)", jax.jit(jax.grad(hidden_sum))),
+        ("loss, forward", jax.jit(loss)),
+        ("loss, forward+backward (LoRA grads)", jax.jit(jax.grad(loss))),
+    ]
+    for name, f in rows:
+        print(f"{name:<48} {timed(f, tr, fr, batch):8.1f} ms")
+
+    H, K, hd, D, F = CFG.num_heads, CFG.num_kv_heads, CFG.head_dim, CFG.hidden_size, CFG.intermediate_size
+    q = jnp.asarray(rng.normal(size=(B, T, H, hd)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(B, T, K, hd)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(B, T, D)), jnp.float32)
+    wg = jnp.asarray(rng.normal(size=(D, F)) * 0.02, jnp.float32)
+    wd = jnp.asarray(rng.normal(size=(F, D)) * 0.02, jnp.float32)
+
+    def attn(q, k):
+        return jax.nn.dot_product_attention(q, k, k, is_causal=True).sum()
+
+    def mlp(x):
+        return ((jax.nn.silu(x @ wg) * (x @ wg)) @ wd).sum()
+
+    print(f"{'one layer: attention fwd / fwd+bwd':<48} {timed(jax.jit(attn), q, k):8.1f} / "
+          f"{timed(jax.jit(jax.grad(attn, argnums=(0, 1))), q, k):.1f} ms")
+    print(f"{'one layer: MLP fwd / fwd+bwd':<48} {timed(jax.jit(mlp), x):8.1f} / "
+          f"{timed(jax.jit(jax.grad(mlp)), x):.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
