@@ -112,3 +112,14 @@ def test_top_k_and_top_p_renormalise():
 def test_temperature_zero_is_argmax():
     logits = jnp.asarray([[0.1, 3.0, 2.9], [5.0, -1.0, 0.0]])
     assert sample_logits(logits, jax.random.key(0), 0.0).tolist() == [1, 0]
+
+
+def test_generate_under_a_mesh_matches_single_device(tiny):
+    from emjax.sharding import make_mesh
+
+    _, d = tiny
+    prompts = [[10, 11, 12, 13], [20, 21]]
+    want = generate(from_pretrained(d, dtype=jnp.float32), prompts, max_new_tokens=6, stop_tokens=(STOP,))
+    sharded = from_pretrained(d, dtype=jnp.float32, mesh=make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
+    assert len(sharded.blocks.up_proj.kernel[...].sharding.device_set) == 8
+    assert generate(sharded, prompts, max_new_tokens=6, stop_tokens=(STOP,)) == want
