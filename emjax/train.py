@@ -354,9 +354,19 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
     on_cpu = jax.devices()[0].platform == "cpu"
     peak = peak_flops(cfg.peak_tflops) * (jax.process_count() if on_cpu else len(jax.devices()))
 
+    val_loader = None
+    val_done: dict[int, float] = {}
+
     def validate(step):
-        val_cfg = cfglib.replace(data_cfg, num_epochs=1, shuffle=False, drop_remainder=jax.process_count() > 1)
-        loader = make_loader(val_cfg, tokenizer, split="validation")
+        nonlocal val_loader
+        if step in val_done:  # val_every hit the last step already
+            return val_done[step]
+        if val_loader is None:  # tokenise the split once; later validations rewind the iterator
+            val_cfg = cfglib.replace(data_cfg, num_epochs=1, shuffle=False, drop_remainder=jax.process_count() > 1)
+            val_loader = make_loader(val_cfg, tokenizer, split="validation")
+            val_loader.start_state = val_loader.get_state()
+        loader = val_loader
+        loader.set_state(loader.start_state)
         tot, n = 0.0, 0.0
         for i, batch in enumerate(loader):
             if cfg.val_batches and i >= cfg.val_batches:
@@ -367,6 +377,7 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
             tot, n = tot + float(l), n + float(c)
         val = tot / max(n, 1.0)
         write({"step": step, "split": "val", "loss": val, "log_loss": math.log(max(val, 1e-30))})
+        val_done[step] = val
         return val
 
     def spectral_row(step):

@@ -55,8 +55,12 @@ def make_eval_hook(cfg, tokenizer, workdir: str | Path) -> Callable[[int, Any], 
                                               top_k=ecfg.judge_top_k)
             return judge_cache["j"]
         fn, params = model_judge_fn(model)
-        return LocalJudge(fn, tokenizer, params=_adapter_off(params), gathered=True, name="local:base",
-                          top_k=ecfg.judge_top_k)
+        params = _adapter_off(params)
+        if "base" not in judge_cache:  # one judge (one compilation) per run; each call brings the current weights
+            judge_cache["base"] = LocalJudge(fn, tokenizer, params=params, gathered=True, name="local:base",
+                                             top_k=ecfg.judge_top_k)
+        judge_cache["base"].params = params
+        return judge_cache["base"]
 
     def hook(step: int, model) -> dict:
         def generate_fn(prompts, *, max_new_tokens, temperature, top_p, seed):

@@ -177,13 +177,14 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=jnp.bfloat16, co
         names = [template.format(i=i) for i in range(shape[0])] if stacked else [template]
         views = [ckpt.tensor(n, hf_shape) for n in names]  # validates presence and shapes up front
 
+        def read(view, idx):  # only the bytes of this shard; HF (out, in) -> JAX (in, out)
+            return view[tuple(reversed(idx))].T if transpose else view[idx]
+
         def cb(index):
-            idx = index[1:] if stacked else index
-            sel = tuple(reversed(idx)) if transpose else idx
-            chosen = views[index[0]] if stacked else views
-            parts = [(v[sel].T if transpose else v[sel]) for v in chosen] if stacked else \
-                [(chosen[0][sel].T if transpose else chosen[0][sel])]
-            out = np.stack(parts) if stacked else parts[0]
+            if stacked:
+                out = np.stack([read(v, index[1:]) for v in views[index[0]]])
+            else:
+                out = read(views[0], index)
             return np.asarray(out, dtype=leaf_dtype)
 
         return jax.make_array_from_callback(tuple(shape), sharding, cb)
