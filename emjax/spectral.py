@@ -136,7 +136,8 @@ def _sv_fwd(a, b):
     r = a.shape[-1]
     qa, ra = jnp.linalg.qr(a)  # (..., d_in, ka), (..., ka, r)
     qb, rb = jnp.linalg.qr(_after((qa, ra), _mT(b)))  # (..., d_out, kb), (..., kb, r)
-    u, s, vt = jnp.linalg.svd(_mm(ra, _mT(rb)), full_matrices=False)
+    # qb (an orgqr call) feeds only the backward, so nothing orders it before this SVD: order it explicitly
+    u, s, vt = jnp.linalg.svd(_after(qb, _mm(ra, _mT(rb))), full_matrices=False)
     return _pad_last(s, r), (qa, ra, qb, rb, u, s, vt)
 
 

@@ -95,10 +95,10 @@ def build_model(mcfg, lora_cfg: loralib.LoraConfig | None, mesh, *, vocab_size: 
 
 def token_nll(model, batch):
     """Sum of next-token NLL over loss positions, and their count. loss_mask[t] marks tokens[t] as a target."""
-    logits = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    h = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"], return_hidden=True)
+    logits = model.logits(h[:, :-1])  # drop the last position before the vocab projection, not after
     targets = batch["tokens"][:, 1:]
     mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
-    logits = logits[:, :-1]
     lse = jax.nn.logsumexp(logits, axis=-1)
     tgt = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return jnp.sum((lse - tgt) * mask), jnp.sum(mask)

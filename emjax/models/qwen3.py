@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from emjax.lora import LoraConfig
+from emjax.lora import LoraConfig, lora_matmul
 
 # ---------------------------------------------------------------------------------------------------------------
 # Config
@@ -165,7 +165,8 @@ class Qwen3Blocks(nnx.Module):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Static-shape cache: k, v (L, B, S, Hkv, hd) and the number of valid positions per row (B,)."""
+    """Static-shape cache: k, v (L, B, Hkv, S, hd) — heads before positions, the layout attention reads — and the
+    number of valid positions per row (B,)."""
 
     k: jax.Array
     v: jax.Array
@@ -173,12 +174,12 @@ class KVCache:
 
     @classmethod
     def init(cls, cfg: Qwen3Config, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
-        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 class Qwen3ForCausalLM(nnx.Module):
@@ -305,10 +306,9 @@ def apply_rope(x, cos, sin):
 
 def _linear(x, params, scale):
     kernel, a, b = params
-    y = x @ kernel.astype(x.dtype)
-    if a is not None:
-        y = y + ((x @ a.astype(x.dtype)) @ b.astype(x.dtype)) * jnp.asarray(scale, x.dtype)
-    return y
+    if a is None:
+        return x @ kernel.astype(x.dtype)
+    return lora_matmul(x, kernel.astype(x.dtype), a.astype(x.dtype), b.astype(x.dtype), scale)
 
 
 def _make_layer_fn(cfg: Qwen3Config, dtype, scale, mask, cos, sin, cache_start):
@@ -323,19 +323,24 @@ def _make_layer_fn(cfg: Qwen3Config, dtype, scale, mask, cos, sin, cache_start):
         v = _linear(x, p["v_proj"], scale).reshape(B, T, K, hd)
         q = apply_rope(rms_norm(q, p["q_norm"], eps), cos, sin)
         k = apply_rope(rms_norm(k, p["k_norm"], eps), cos, sin)
+        # heads-first layout (B, K, rows, hd) with the G query heads of a KV head stacked as rows (g, t): both
+        # attention products become plain batched matmuls with no transposes inside them.
+        qh = q.reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, hd)
+        kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         if kv is not None:
             kc, vc = kv
-            write = jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice(c, x, (i, 0, 0)))
-            kc = write(kc, k.astype(kc.dtype), cache_start)
-            vc = write(vc, v.astype(vc.dtype), cache_start)
+            write = jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice(c, x, (0, i, 0)))
+            kc = write(kc, kh.astype(kc.dtype), cache_start)
+            vc = write(vc, vh.astype(vc.dtype), cache_start)
             k_all, v_all, new_kv = kc.astype(dtype), vc.astype(dtype), (kc, vc)
         else:
-            k_all, v_all, new_kv = k, v, None
-        qg = q.reshape(B, T, K, G, hd)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k_all, preferred_element_type=jnp.float32) / math.sqrt(hd)
-        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        attn = jnp.einsum("bkgts,bskd->btkgd", probs, v_all).reshape(B, T, H * hd)
+            k_all, v_all, new_kv = kh, vh, None
+        S = k_all.shape[2]
+        scores = jnp.einsum("bkqd,bksd->bkqs", qh, k_all, preferred_element_type=jnp.float32) / math.sqrt(hd)
+        scores = jnp.where(mask[:, None, None, :, :], scores.reshape(B, K, G, T, S), jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(B, K, G * T, S)
+        attn = jnp.einsum("bkqs,bksd->bkqd", probs, v_all).reshape(B, K, G, T, hd)
+        attn = attn.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
         h = h + _linear(attn, p["o_proj"], scale)
         x = rms_norm(h, p["post_norm"], eps)
         mlp = jax.nn.silu(_linear(x, p["gate_proj"], scale)) * _linear(x, p["up_proj"], scale)
