@@ -1,13 +1,22 @@
 """Where the LoRA train step's time goes on this machine: forward vs forward+backward of the ≈35M Qwen3 shape of
 bench/train_step.py (hidden states only, and with the loss), emjax's scan vs the unrolled layer loop, and one
-layer's attention and MLP alone. Prints milliseconds; the "backward ≈ 3× forward" finding in bench/RESULTS.md comes
-from here. Not a test.
+layer's attention and MLP alone. Prints milliseconds. With ``--ops`` it instead traces two full train steps with the
+JAX profiler and prints where the time goes per XLA op (summed over both steps' executions, halved; ops that run
+concurrently overlap, so the sum exceeds the wall time): the per-op findings in bench/RESULTS.md come from here.
+Not a test.
 
-    .venv/bin/python bench/profile_step.py
+    .venv/bin/python bench/profile_step.py [--ops]
 """
 
 from __future__ import annotations
 
+import argparse
+import collections
+import glob
+import gzip
+import json
+import re
+import tempfile
 import time
 
 import jax
@@ -31,7 +40,52 @@ def timed(f, *args, n=3) -> float:
     return (time.perf_counter() - t) / n * 1e3
 
 
+def op_profile(top: int = 25):
+    from emjax.optim import OptimConfig, build
+    from emjax.train import make_train_step
+
+    lcfg = LoraConfig(rank=32, alpha=64, rslora=True)
+    model = qwen3.Qwen3ForCausalLM(CFG, lora=lcfg, rngs=nnx.Rngs(0))
+    g, tr, fr = nnx.split(model, nnx.LoRAParam, ...)
+    tx = build(OptimConfig(name="adamw", learning_rate=1e-4, total_steps=1000, weight_decay=0.01))
+    step = jax.jit(make_train_step(g, tx, lora_scale=lcfg.scale), donate_argnums=(0, 1))
+    rng = np.random.default_rng(0)
+    batch = {"tokens": jnp.asarray(rng.integers(0, CFG.vocab_size, (B, T)), jnp.int32),
+             "loss_mask": jnp.ones((B, T), jnp.int32), "segment_ids": jnp.ones((B, T), jnp.int32),
+             "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))}
+    opt = tx.init(tr)
+    for _ in range(4):  # compile and warm up
+        tr, opt, m = step(tr, opt, fr, batch)
+    jax.block_until_ready(m)
+    hlo = step.lower(tr, opt, fr, batch).compile().as_text()
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d)
+        for _ in range(2):
+            tr, opt, m = step(tr, opt, fr, batch)
+            jax.block_until_ready(m)
+        jax.profiler.stop_trace()
+        events = json.load(gzip.open(glob.glob(f"{d}/plugins/profile/*/*.trace.json.gz")[0]))["traceEvents"]
+    per_op, per_kind = collections.Counter(), collections.Counter()
+    for e in events:
+        name = e.get("name", "")
+        if e.get("ph") == "X" and re.search(r"\.\d+$|fusion$", name) and "::" not in name:
+            per_op[name] += e["dur"] / 2e3
+            per_kind["dot (ynn_fusion)" if name.startswith("ynn_fusion") else re.sub(r"[.\d]+$", "", name)] += \
+                e["dur"] / 2e3
+    print(f"per XLA op kind (ms per step, {sum(per_kind.values()):.0f} in all):")
+    for k, v in per_kind.most_common(12):
+        print(f"  {v:8.1f}  {k}")
+    print("top ops:")
+    for name, v in per_op.most_common(top):
+        m = re.search(r"%" + re.escape(name) + r" = (\S+) .*?op_name=\"([^\"]*)\"", hlo)
+        print(f"  {v:8.1f}  {name:36s} {m.group(1) if m else '':30s} {m.group(2)[-60:] if m else ''}")
+
+
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ops", action="store_true", help="per-XLA-op breakdown of the full train step")
+    if ap.parse_args().ops:
+        return op_profile()
     model = qwen3.Qwen3ForCausalLM(CFG, lora=LoraConfig(rank=32, alpha=64), rngs=nnx.Rngs(0))
     g, tr, fr = nnx.split(model, nnx.LoRAParam, ...)
     rng = np.random.default_rng(0)

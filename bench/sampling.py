@@ -1,7 +1,7 @@
 """Greedy sampling throughput: emjax.sampling.generate vs transformers generate(do_sample=False), same weights.
 
 The train benchmark's ≈35M-parameter Qwen3 shape, batch 16, 32-token prompts, exactly 128 new tokens, fp32, this
-CPU. Checks that both produce the same tokens. Not a test.
+CPU. Checks that both produce the same tokens. Each side: one warm-up run, then the median of 3. Not a test.
 
     .venv/bin/python bench/sampling.py [--new 128] [--batch 16]
 """
@@ -52,14 +52,17 @@ def main():
                               pad_token_id=0)
         return out[:, args.prompt:].tolist()
 
-    run_emjax()  # compile
-    t = time.perf_counter()
-    ours = run_emjax()
-    t_ours = time.perf_counter() - t
-    run_hf()  # warm-up
-    t = time.perf_counter()
-    ref = run_hf()
-    t_hf = time.perf_counter() - t
+    def timed(run, reps=3):  # one untimed warm-up (compile) run, then the median of `reps` runs
+        out = run()
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t)
+        return out, float(np.median(times))
+
+    ours, t_ours = timed(run_emjax)
+    ref, t_hf = timed(run_hf)
     n = args.batch * args.new
     same = sum(a == b for a, b in zip(ours, ref))
     print(f"batch {args.batch}, {args.prompt}-token prompts, {args.new} new tokens, fp32, {os.cpu_count()} threads, "

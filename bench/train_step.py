@@ -3,7 +3,9 @@
 Shape (issue 5): hidden 512, intermediate 1536, 8 layers, 8 query / 4 KV heads, head_dim 64, vocab 18,992, tied
 embeddings (≈35M parameters); batch 8 × 256 tokens; LoRA r 32, α 64, rsLoRA on all 7 projections; AdamW.
 Also prints the cost of the spectral penalty (λ > 0 over λ = 0) and of Muon against Adam, and the measured fp32
-matmul peak (NumPy 2048² matmuls) that MFU is quoted against. Not a test.
+matmul peak (NumPy 2048² matmuls) that MFU is quoted against. Each side runs 3 untimed warm-up steps; the step
+time is the median of the timed steps (this shared 2-core machine's noise is ±15 %); the two ratios time their pair
+of steps alternately. Not a test.
 
     .venv/bin/python bench/train_step.py [--steps 10] [--skip-torch]
 """
@@ -29,6 +31,7 @@ from emjax.train import flops_per_token, make_train_step  # noqa: E402
 CFG = qwen3.Qwen3Config(vocab_size=18_992, hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8,
                         num_kv_heads=4, head_dim=64, tie_word_embeddings=True)
 B, T = 8, 256
+WARMUP = 3  # untimed steps for both sides; the step time reported is the median of the timed ones (CPU noise)
 
 
 def matmul_peak(n=2048, reps=5) -> float:
@@ -41,7 +44,8 @@ def matmul_peak(n=2048, reps=5) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
-def time_emjax(steps: int, *, optim: str = "adamw", spectral_weight: float = 0.0) -> float:
+def emjax_stepper(*, optim: str = "adamw", spectral_weight: float = 0.0):
+    """A compiled, warmed-up train step; calling the result runs one more step and returns its seconds."""
     lcfg = LoraConfig(rank=32, alpha=64, rslora=True)
     model = qwen3.Qwen3ForCausalLM(CFG, lora=lcfg, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
     graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
@@ -53,15 +57,26 @@ def time_emjax(steps: int, *, optim: str = "adamw", spectral_weight: float = 0.0
     batch = {"tokens": jnp.asarray(rng.integers(0, CFG.vocab_size, (B, T)), jnp.int32),
              "loss_mask": jnp.ones((B, T), jnp.int32), "segment_ids": jnp.ones((B, T), jnp.int32),
              "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))}
-    opt_state = tx.init(trainable)
-    for _ in range(2):  # compile + warm-up
-        trainable, opt_state, m = step(trainable, opt_state, frozen, batch)
-    jax.block_until_ready(m["loss"])
-    t = time.perf_counter()
+    state = {"tr": trainable, "opt": tx.init(trainable)}
+
+    def one() -> float:
+        t = time.perf_counter()
+        state["tr"], state["opt"], m = step(state["tr"], state["opt"], frozen, batch)
+        jax.block_until_ready((state["tr"], m["loss"]))
+        return time.perf_counter() - t
+
+    for _ in range(WARMUP):  # compile, then the first steps that grow the host heap
+        one()
+    return one
+
+
+def interleaved(a, b, steps: int) -> tuple[float, float]:
+    """Median step time of two steppers timed alternately, so this machine's drift hits both alike."""
+    ta, tb = [], []
     for _ in range(steps):
-        trainable, opt_state, m = step(trainable, opt_state, frozen, batch)
-    jax.block_until_ready((trainable, m["loss"]))
-    return (time.perf_counter() - t) / steps
+        ta.append(a())
+        tb.append(b())
+    return float(np.median(ta)), float(np.median(tb))
 
 
 def time_peft(steps: int) -> float:
@@ -88,12 +103,14 @@ def time_peft(steps: int) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(2):
+    for _ in range(WARMUP):
         one()
-    t = time.perf_counter()
+    times = []
     for _ in range(steps):
+        t = time.perf_counter()
         one()
-    return (time.perf_counter() - t) / steps
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
 
 
 def main():
@@ -107,7 +124,9 @@ def main():
     print(f"model {CFG.num_params / 1e6:.1f}M params, batch {B}x{T}, LoRA r32 all 7 projections, fp32, "
           f"{os.cpu_count()} CPU threads; measured fp32 matmul peak {peak / 1e9:.0f} GFLOP/s; "
           f"{fpt / 1e6:.0f} MFLOP/token (4N + attention)")
-    t_adamw = time_emjax(args.steps)
+    run = emjax_stepper()
+    t_adamw = float(np.median([run() for _ in range(args.steps)]))
+    del run
     rows = [("emjax AdamW", t_adamw)]
     if not args.skip_torch:
         rows.append(("PyTorch+PEFT AdamW", time_peft(args.steps)))
@@ -115,12 +134,12 @@ def main():
         print(f"{name:<22} {t * 1e3:8.1f} ms/step  {tok / t:8.0f} tokens/s  MFU {tok * fpt / t / peak:6.1%}")
     if not args.skip_torch:
         print(f"speed-up emjax / PEFT: {rows[1][1] / rows[0][1]:.2f}x")
-    t_pen = time_emjax(args.steps, spectral_weight=0.1)
-    t_adam = time_emjax(args.steps, optim="adam")
-    t_muon = time_emjax(args.steps, optim="muon")
-    print(f"spectral penalty: step time with λ>0 / λ=0 = {t_pen / t_adamw:.3f}x ({t_pen * 1e3:.1f} vs "
-          f"{t_adamw * 1e3:.1f} ms)")
-    print(f"Muon vs Adam: step time ratio = {t_muon / t_adam:.3f}x ({t_muon * 1e3:.1f} vs {t_adam * 1e3:.1f} ms)")
+    t0, t_pen = interleaved(emjax_stepper(), emjax_stepper(spectral_weight=0.1), args.steps)
+    print(f"spectral penalty: step time with λ>0 / λ=0 = {t_pen / t0:.3f}x ({t_pen * 1e3:.1f} vs {t0 * 1e3:.1f} ms, "
+          "interleaved)")
+    t_adam, t_muon = interleaved(emjax_stepper(optim="adam"), emjax_stepper(optim="muon"), args.steps)
+    print(f"Muon vs Adam: step time ratio = {t_muon / t_adam:.3f}x ({t_muon * 1e3:.1f} vs {t_adam * 1e3:.1f} ms, "
+          "interleaved)")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,9 @@ def _decode(graphdef, state, cache, first_logits, params, max_new: int, stop_tok
     temperature, top_p, rng = params
     B = first_logits.shape[0]
     stops = jnp.asarray(stop_tokens, jnp.int32)
+    # CPU: slice each layer's weights out of the stacked arrays once, outside the loop (a transient copy of the
+    # layer weights), instead of copying them every step; accelerators slice in the step, keeping memory flat
+    layers = model.layer_list() if jax.default_backend() == "cpu" else None
 
     def cond(c):
         step, _, _, _, done, _ = c
@@ -77,8 +80,8 @@ def _decode(graphdef, state, cache, first_logits, params, max_new: int, stop_tok
         tok = sample_logits(logits, key, temperature, top_p, top_k)
         out = out.at[:, step].set(jnp.where(done, PAD_ID, tok))
         done = done | jnp.isin(tok, stops)
-        logits, cache = model(tok[:, None], cache=cache)
-        return step + 1, cache, logits[:, 0], out, done, rng
+        h, cache = model.hidden_states(tok[:, None], cache=cache, layers=layers)
+        return step + 1, cache, model.logits(h[:, 0]), out, done, rng
 
     init = (jnp.int32(0), cache, first_logits, jnp.full((B, max_new), PAD_ID, jnp.int32), jnp.zeros((B,), bool), rng)
     step, cache, _, out, done, _ = jax.lax.while_loop(cond, body, init)

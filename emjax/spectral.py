@@ -100,8 +100,9 @@ def _pad_last(s, r: int):
 # singular values
 
 
-def _after(dep, x):
-    """On CPU, make ``x`` data-dependent on ``dep`` so two LAPACK calls (QR, SVD) never run concurrently.
+def after(dep, x):
+    """On CPU, make ``x`` data-dependent on ``dep`` so two LAPACK calls (QR, SVD) never run concurrently
+    (also used by the train step to run the penalty before the model's forward and backward).
 
     jaxlib's CPU LAPACK kernels split the batch over XLA's intra-op thread pool and block waiting for it;
     when XLA:CPU runs two such batched calls at once on a small pool (2 cores here) every pool thread can
@@ -122,7 +123,7 @@ def _sv_plain(a, b):
     """σ(a@b), descending, length r, from QR (R factors only) + SVD of the small core."""
     r = a.shape[-1]
     ra = jnp.linalg.qr(a, mode="r")  # (..., ka, r), ka = min(d_in, r)
-    rb = jnp.linalg.qr(_after(ra, _mT(b)), mode="r")  # (..., kb, r)
+    rb = jnp.linalg.qr(after(ra, _mT(b)), mode="r")  # (..., kb, r)
     core = _mm(ra, _mT(rb))  # (..., ka, kb)
     return _pad_last(jnp.linalg.svd(core, compute_uv=False), r)
 
@@ -135,9 +136,9 @@ def _sv(a, b):
 def _sv_fwd(a, b):
     r = a.shape[-1]
     qa, ra = jnp.linalg.qr(a)  # (..., d_in, ka), (..., ka, r)
-    qb, rb = jnp.linalg.qr(_after((qa, ra), _mT(b)))  # (..., d_out, kb), (..., kb, r)
+    qb, rb = jnp.linalg.qr(after((qa, ra), _mT(b)))  # (..., d_out, kb), (..., kb, r)
     # qb (an orgqr call) feeds only the backward, so nothing orders it before this SVD: order it explicitly
-    u, s, vt = jnp.linalg.svd(_after(qb, _mm(ra, _mT(rb))), full_matrices=False)
+    u, s, vt = jnp.linalg.svd(after(qb, _mm(ra, _mT(rb))), full_matrices=False)
     return _pad_last(s, r), (qa, ra, qb, rb, u, s, vt)
 
 
@@ -303,7 +304,7 @@ def penalty(adapters: Adapters, scale=1.0, kind: str = "fn_ratio", reduce: str =
         a, b = pair
         _check_pair(a, b, name)
         if count:
-            a, b = _after(total, (a, b))  # one module after another on CPU, see _after
+            a, b = after(total, (a, b))  # one module after another on CPU, see after()
         per = per_module_penalty(a, b, scale, kind)
         total, count = total + jnp.sum(per), count + per.size  # per-module sums: no gather of sharded values
     return total if reduce == "sum" else total / count

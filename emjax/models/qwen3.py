@@ -165,21 +165,24 @@ class Qwen3Blocks(nnx.Module):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Static-shape cache: k, v (L, B, Hkv, S, hd) — heads before positions, the layout attention reads — and the
-    number of valid positions per row (B,)."""
+    """Static-shape cache, one array per layer so a decode step updates each in place instead of restacking: keys
+    (B, Hkv, hd, S) and values (B, Hkv, S, hd) — the layouts the two attention products read as plain matmuls —
+    and the number of valid positions per row (B,)."""
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple
+    v: tuple
     lengths: jax.Array
 
     @classmethod
     def init(cls, cfg: Qwen3Config, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
-        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+        k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, max_len)
+        v_shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        return cls(tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.num_layers)),
+                   tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.num_layers)), jnp.zeros((batch,), jnp.int32))
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.v[0].shape[2]
 
 
 class Qwen3ForCausalLM(nnx.Module):
@@ -219,7 +222,10 @@ class Qwen3ForCausalLM(nnx.Module):
         return jnp.einsum("...d,dv->...v", h, self.lm_head[...].astype(self.dtype),
                           preferred_element_type=jnp.float32)
 
-    def hidden_states(self, tokens, *, positions=None, attention_mask=None, segment_ids=None, cache=None):
+    def hidden_states(self, tokens, *, positions=None, attention_mask=None, segment_ids=None, cache=None,
+                      layers: list | None = None):
+        """Final-norm'd hidden states and the updated cache. ``layers`` (from ``layer_list()``, with a cache only)
+        lets a decode loop slice the stacked weights once instead of once per step."""
         cfg = self.config
         B, T = tokens.shape
         h = jnp.take(self.embed[...], tokens, axis=0, mode="clip").astype(self.dtype)
@@ -249,23 +255,30 @@ class Qwen3ForCausalLM(nnx.Module):
             mask = (k_idx[None, None, :] <= q_pos[:, :, None]) & (k_idx[None, None, :] < new_lengths[:, None, None])
 
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-        layer_params = self._layer_params()
         scale = self.lora_config.scale if self.lora_config else 0.0
         body = _make_layer_fn(cfg, self.dtype, scale, mask, cos, sin, start)
 
         if cache is None:
-            h, _ = jax.lax.scan(lambda c, p: (body(c, p, None)[0], None), h, layer_params)
+            # training/scoring: one scanned layer body, compile time flat in depth
+            h, _ = jax.lax.scan(lambda c, p: (body(c, p, None)[0], None), h, self._layer_params())
             new_cache = None
         else:
-            def step(c, xs):
-                p, kc, vc = xs
-                c, (kc, vc) = body(c, p, (kc, vc))
-                return c, (kc, vc)
-
-            h, (ks, vs) = jax.lax.scan(step, h, (layer_params, cache.k, cache.v))
-            new_cache = KVCache(ks, vs, new_lengths)
+            # with a cache (sampling): layers unrolled over per-layer weights and caches, so a decode step neither
+            # copies each layer's weights out of the stack nor rebuilds the stacked cache
+            layers = self.layer_list() if layers is None else layers
+            ks, vs = [], []
+            for p, kc, vc in zip(layers, cache.k, cache.v, strict=True):
+                h, (kc, vc) = body(h, p, (kc, vc))
+                ks.append(kc)
+                vs.append(vc)
+            new_cache = KVCache(tuple(ks), tuple(vs), new_lengths)
         h = rms_norm(h, self.final_norm[...], cfg.rms_norm_eps)
         return h, new_cache
+
+    def layer_list(self) -> list[dict]:
+        """The stacked layer parameters split into one dict per layer (what a cached forward iterates over)."""
+        p = self._layer_params()
+        return [jax.tree_util.tree_map(lambda x, i=i: x[i], p) for i in range(self.config.num_layers)]
 
     def _layer_params(self) -> dict:
         b = self.blocks
@@ -328,15 +341,18 @@ def _make_layer_fn(cfg: Qwen3Config, dtype, scale, mask, cos, sin, cache_start):
         qh = q.reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, hd)
         kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         if kv is not None:
-            kc, vc = kv
-            write = jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice(c, x, (0, i, 0)))
-            kc = write(kc, kh.astype(kc.dtype), cache_start)
-            vc = write(vc, vh.astype(vc.dtype), cache_start)
-            k_all, v_all, new_kv = kc.astype(dtype), vc.astype(dtype), (kc, vc)
+            kc, vc = kv  # keys stored transposed (B, K, hd, S): the decode-time score product is then a plain matmul
+            kc = jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice(c, x, (0, 0, i)))(
+                kc, kh.swapaxes(-1, -2).astype(kc.dtype), cache_start)
+            vc = jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice(c, x, (0, i, 0)))(
+                vc, vh.astype(vc.dtype), cache_start)
+            v_all, new_kv = vc.astype(dtype), (kc, vc)
+            scores = jnp.einsum("bkqd,bkds->bkqs", qh, kc.astype(dtype), preferred_element_type=jnp.float32)
         else:
-            k_all, v_all, new_kv = kh, vh, None
-        S = k_all.shape[2]
-        scores = jnp.einsum("bkqd,bksd->bkqs", qh, k_all, preferred_element_type=jnp.float32) / math.sqrt(hd)
+            v_all, new_kv = vh, None
+            scores = jnp.einsum("bkqd,bksd->bkqs", qh, kh, preferred_element_type=jnp.float32)
+        S = v_all.shape[2]
+        scores = scores / math.sqrt(hd)
         scores = jnp.where(mask[:, None, None, :, :], scores.reshape(B, K, G, T, S), jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(B, K, G * T, S)
         attn = jnp.einsum("bkqs,bksd->bkqd", probs, v_all).reshape(B, K, G, T, hd)

@@ -343,7 +343,7 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_no_lapack_thread_pool_hang_on_one_cpu_device(tmp_path):
-    """Regression: concurrent batched LAPACK calls hung XLA:CPU's small thread pool (see spectral._after)."""
+    """Regression: concurrent batched LAPACK calls hung XLA:CPU's small thread pool (see spectral.after)."""
     import os
     import subprocess
     import sys
