@@ -70,7 +70,7 @@ def op_profile(top: int = 25):
         name = e.get("name", "")
         if e.get("ph") == "X" and re.search(r"\.\d+$|fusion$", name) and "::" not in name:
             per_op[name] += e["dur"] / 2e3
-            per_kind["dot (ynn_fusion)" if name.startswith("ynn_fusion") else re.sub(r"[.\d]+$", "", name)] += \
+            per_kind["ynn_fusion (mostly dots)" if name.startswith("ynn_fusion") else re.sub(r"[.\d]+$", "", name)] += \
                 e["dur"] / 2e3
     print(f"per XLA op kind (ms per step, {sum(per_kind.values()):.0f} in all):")
     for k, v in per_kind.most_common(12):

@@ -47,7 +47,10 @@ def sample_logits(logits, rng, temperature, top_p=1.0, top_k: int = 0):
         return jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
 
     def greedy(logits):
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        # first index of the maximum, as argmax; two plain reductions run ≈ 2.5x faster than XLA:CPU's argmax
+        V = logits.shape[-1]
+        first = jnp.min(jnp.where(logits == jnp.max(logits, axis=-1, keepdims=True), jnp.arange(V), V), axis=-1)
+        return jnp.minimum(first, V - 1).astype(jnp.int32)  # all-NaN row: a valid id rather than V
 
     return jax.lax.cond(temperature > 0, sample, greedy, logits)
 
@@ -68,7 +71,11 @@ def _decode(graphdef, state, cache, first_logits, params, max_new: int, stop_tok
     stops = jnp.asarray(stop_tokens, jnp.int32)
     # CPU: slice each layer's weights out of the stacked arrays once, outside the loop (a transient copy of the
     # layer weights), instead of copying them every step; accelerators slice in the step, keeping memory flat
-    layers = model.layer_list() if jax.default_backend() == "cpu" else None
+    on_cpu = jax.default_backend() == "cpu"
+    layers = model.layer_list() if on_cpu else None
+    # likewise the output projection as a (D, V) matrix (tied: a transposed copy of the embedding), read in the
+    # layout a small-batch matmul streams fastest
+    head = model.head_matrix() if on_cpu else None
 
     def cond(c):
         step, _, _, _, done, _ = c
@@ -81,7 +88,9 @@ def _decode(graphdef, state, cache, first_logits, params, max_new: int, stop_tok
         out = out.at[:, step].set(jnp.where(done, PAD_ID, tok))
         done = done | jnp.isin(tok, stops)
         h, cache = model.hidden_states(tok[:, None], cache=cache, layers=layers)
-        return step + 1, cache, model.logits(h[:, 0]), out, done, rng
+        logits = model.logits(h[:, 0]) if head is None else jnp.dot(h[:, 0], head,
+                                                                    preferred_element_type=jnp.float32)
+        return step + 1, cache, logits, out, done, rng
 
     init = (jnp.int32(0), cache, first_logits, jnp.full((B, max_new), PAD_ID, jnp.int32), jnp.zeros((B,), bool), rng)
     step, cache, _, out, done, _ = jax.lax.while_loop(cond, body, init)

@@ -222,6 +222,11 @@ class Qwen3ForCausalLM(nnx.Module):
         return jnp.einsum("...d,dv->...v", h, self.lm_head[...].astype(self.dtype),
                           preferred_element_type=jnp.float32)
 
+    def head_matrix(self):
+        """The output projection as a (D, V) matrix in the compute dtype (tied: the embedding transposed)."""
+        w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        return w.astype(self.dtype)
+
     def hidden_states(self, tokens, *, positions=None, attention_mask=None, segment_ids=None, cache=None,
                       layers: list | None = None):
         """Final-norm'd hidden states and the updated cache. ``layers`` (from ``layer_list()``, with a cache only)
