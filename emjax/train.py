@@ -124,7 +124,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, grad_accum: i
         if spectral_weight:
             pen, pen_grads = jax.value_and_grad(penalty_fn)(trainable)
             # CPU: the penalty's batched LAPACK calls block XLA pool threads while they run; overlapped with the
-            # model's backward they cost 1.6x a step here, run first and alone ~1.02x (no-op on accelerators)
+            # model's backward they cost 1.6x a step here, run first 1.03-1.07x (no-op on accelerators)
             model_in = spectral.after(pen, trainable)
 
         def body(carry, mb):
