@@ -1,11 +1,11 @@
 """Where the LoRA train step's time goes on this machine: forward vs forward+backward of the ≈35M Qwen3 shape of
-bench/train_step.py (hidden states only, and with the loss), emjax's scan vs the unrolled layer loop, and one
-layer's attention and MLP alone. Prints milliseconds. With ``--ops`` it instead traces two full train steps with the
+bench/train_step.py (hidden states only, and with the loss), and one layer's attention (jax.nn.dot_product_attention)
+and MLP alone. Prints milliseconds. With ``--ops`` it instead traces two full train steps with the
 JAX profiler and prints where the time goes per XLA op (summed over both steps' executions, halved; ops that run
 concurrently overlap, so the sum exceeds the wall time): the per-op findings in bench/RESULTS.md come from here.
 Not a test.
 
-    .venv/bin/python bench/profile_step.py [--ops]
+    .venv/bin/python bench/profile_step.py [--ops [--spectral-weight 0.1]]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from emjax.lora import LoraConfig
 from emjax.models import qwen3
 from emjax.train import token_nll
 
-from train_step import B, CFG, T  # noqa: E402  (same shape as the train benchmark)
+from train_step import B, CFG, T, emjax_stepper, make_batch  # noqa: E402  (the train benchmark's shape and step)
 
 
 def timed(f, *args, n=3) -> float:
@@ -40,29 +40,13 @@ def timed(f, *args, n=3) -> float:
     return (time.perf_counter() - t) / n * 1e3
 
 
-def op_profile(top: int = 25):
-    from emjax.optim import OptimConfig, build
-    from emjax.train import make_train_step
-
-    lcfg = LoraConfig(rank=32, alpha=64, rslora=True)
-    model = qwen3.Qwen3ForCausalLM(CFG, lora=lcfg, rngs=nnx.Rngs(0))
-    g, tr, fr = nnx.split(model, nnx.LoRAParam, ...)
-    tx = build(OptimConfig(name="adamw", learning_rate=1e-4, total_steps=1000, weight_decay=0.01))
-    step = jax.jit(make_train_step(g, tx, lora_scale=lcfg.scale), donate_argnums=(0, 1))
-    rng = np.random.default_rng(0)
-    batch = {"tokens": jnp.asarray(rng.integers(0, CFG.vocab_size, (B, T)), jnp.int32),
-             "loss_mask": jnp.ones((B, T), jnp.int32), "segment_ids": jnp.ones((B, T), jnp.int32),
-             "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))}
-    opt = tx.init(tr)
-    for _ in range(4):  # compile and warm up
-        tr, opt, m = step(tr, opt, fr, batch)
-    jax.block_until_ready(m)
-    hlo = step.lower(tr, opt, fr, batch).compile().as_text()
+def op_profile(spectral_weight: float = 0.0, top: int = 25):
+    step = emjax_stepper(spectral_weight=spectral_weight)  # compiled and warmed up, AdamW
+    hlo = step.hlo()
     with tempfile.TemporaryDirectory() as d:
         jax.profiler.start_trace(d)
         for _ in range(2):
-            tr, opt, m = step(tr, opt, fr, batch)
-            jax.block_until_ready(m)
+            step()
         jax.profiler.stop_trace()
         events = json.load(gzip.open(glob.glob(f"{d}/plugins/profile/*/*.trace.json.gz")[0]))["traceEvents"]
     per_op, per_kind = collections.Counter(), collections.Counter()
@@ -84,14 +68,14 @@ def op_profile(top: int = 25):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ops", action="store_true", help="per-XLA-op breakdown of the full train step")
-    if ap.parse_args().ops:
-        return op_profile()
+    ap.add_argument("--spectral-weight", type=float, default=0.0, help="λ of the step --ops profiles")
+    args = ap.parse_args()
+    if args.ops:
+        return op_profile(args.spectral_weight)
     model = qwen3.Qwen3ForCausalLM(CFG, lora=LoraConfig(rank=32, alpha=64), rngs=nnx.Rngs(0))
     g, tr, fr = nnx.split(model, nnx.LoRAParam, ...)
+    batch = make_batch()
     rng = np.random.default_rng(0)
-    batch = {"tokens": jnp.asarray(rng.integers(0, CFG.vocab_size, (B, T)), jnp.int32),
-             "loss_mask": jnp.ones((B, T), jnp.int32), "segment_ids": jnp.ones((B, T), jnp.int32),
-             "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))}
 
     def hidden_sum(tr, fr, b):
         return nnx.merge(g, tr, fr)(b["tokens"], positions=b["positions"], segment_ids=b["segment_ids"],

@@ -44,6 +44,14 @@ def matmul_peak(n=2048, reps=5) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
+def make_batch() -> dict:
+    """The benchmark batch: B × T random tokens, every position a loss target, one segment per row."""
+    rng = np.random.default_rng(0)
+    return {"tokens": jnp.asarray(rng.integers(0, CFG.vocab_size, (B, T)), jnp.int32),
+            "loss_mask": jnp.ones((B, T), jnp.int32), "segment_ids": jnp.ones((B, T), jnp.int32),
+            "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))}
+
+
 def emjax_stepper(*, optim: str = "adamw", spectral_weight: float = 0.0):
     """A compiled, warmed-up train step; calling the result runs one more step and returns its seconds."""
     lcfg = LoraConfig(rank=32, alpha=64, rslora=True)
@@ -53,10 +61,7 @@ def emjax_stepper(*, optim: str = "adamw", spectral_weight: float = 0.0):
                            else 0.0, muon_scaling="rms"))
     step = jax.jit(make_train_step(graphdef, tx, spectral_weight=spectral_weight, lora_scale=lcfg.scale),
                    donate_argnums=(0, 1))
-    rng = np.random.default_rng(0)
-    batch = {"tokens": jnp.asarray(rng.integers(0, CFG.vocab_size, (B, T)), jnp.int32),
-             "loss_mask": jnp.ones((B, T), jnp.int32), "segment_ids": jnp.ones((B, T), jnp.int32),
-             "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))}
+    batch = make_batch()
     state = {"tr": trainable, "opt": tx.init(trainable)}
 
     def one() -> float:
@@ -67,6 +72,7 @@ def emjax_stepper(*, optim: str = "adamw", spectral_weight: float = 0.0):
 
     for _ in range(WARMUP):  # compile, then the first steps that grow the host heap
         one()
+    one.hlo = lambda: step.lower(state["tr"], state["opt"], frozen, batch).compile().as_text()  # for profile_step
     return one
 
 

@@ -2,8 +2,8 @@
 
 Why: XLA:CPU allocates each execution's temporaries afresh, and glibc serves blocks above 32 MiB (or any block a
 worker thread allocates from its 64 MiB arena) with ``mmap`` and unmaps them on free, so every train step
-page-faults its activations in again: writing a fresh 128 MiB buffer took 41 ms here against 6 ms into a reused one,
-≈ 250 ms of a ≈ 2.9 s CPU train step (bench/RESULTS.md). Serving large blocks from the one main heap and never
+page-faults its activations in again (``bench/host_alloc.py``: a fresh 128 MiB output 41 ms against 5 ms into a
+donated buffer; ≈ 10 % of a CPU train step, bench/RESULTS.md). Serving large blocks from the one main heap and never
 trimming it removes that cost, at the price of the process keeping its peak host memory. Applied on import of
 ``emjax`` before JAX starts its threads; ``EMJAX_MALLOC_TUNING=0`` turns it off.
 """

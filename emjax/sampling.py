@@ -88,9 +88,7 @@ def _decode(graphdef, state, cache, first_logits, params, max_new: int, stop_tok
         out = out.at[:, step].set(jnp.where(done, PAD_ID, tok))
         done = done | jnp.isin(tok, stops)
         h, cache = model.hidden_states(tok[:, None], cache=cache, layers=layers)
-        logits = model.logits(h[:, 0]) if head is None else jnp.dot(h[:, 0], head,
-                                                                    preferred_element_type=jnp.float32)
-        return step + 1, cache, logits, out, done, rng
+        return step + 1, cache, model.logits(h[:, 0], head=head), out, done, rng
 
     init = (jnp.int32(0), cache, first_logits, jnp.full((B, max_new), PAD_ID, jnp.int32), jnp.zeros((B,), bool), rng)
     step, cache, _, out, done, _ = jax.lax.while_loop(cond, body, init)

@@ -112,6 +112,9 @@ def test_top_k_and_top_p_renormalise():
 def test_temperature_zero_is_argmax():
     logits = jnp.asarray([[0.1, 3.0, 2.9], [5.0, -1.0, 0.0]])
     assert sample_logits(logits, jax.random.key(0), 0.0).tolist() == [1, 0]
+    # ties go to the first maximum, as argmax; a NaN row still yields a valid id
+    ties = jnp.asarray([[1.0, 3.0, 3.0], [2.0, 2.0, 2.0], [jnp.nan, jnp.nan, jnp.nan]])
+    assert sample_logits(ties, jax.random.key(0), 0.0).tolist() == [1, 0, 2]
 
 
 def test_generate_under_a_mesh_matches_single_device(tiny):

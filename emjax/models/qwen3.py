@@ -214,8 +214,11 @@ class Qwen3ForCausalLM(nnx.Module):
         out = h if return_hidden else self.logits(h)
         return out if cache is None else (out, new_cache)
 
-    def logits(self, h):
-        """Final-norm'd hidden states (..., D) -> fp32 logits (..., V)."""
+    def logits(self, h, head=None):
+        """Final-norm'd hidden states (..., D) -> fp32 logits (..., V). ``head``: a precomputed ``head_matrix()``
+        (the sampler makes it once per call)."""
+        if head is not None:
+            return jnp.dot(h, head, preferred_element_type=jnp.float32)
         if self.lm_head is None:
             w = self.embed[...].astype(self.dtype)
             return jnp.einsum("...d,vd->...v", h, w, preferred_element_type=jnp.float32)
@@ -223,7 +226,7 @@ class Qwen3ForCausalLM(nnx.Module):
                           preferred_element_type=jnp.float32)
 
     def head_matrix(self):
-        """The output projection as a (D, V) matrix in the compute dtype (tied: the embedding transposed)."""
+        """The output projection as a (D, V) matrix in the compute dtype (tied: the embedding transposed, a copy)."""
         w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         return w.astype(self.dtype)
 
