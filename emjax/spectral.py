@@ -102,7 +102,7 @@ def _pad_last(s, r: int):
 
 def after(dep, x):
     """On CPU, make ``x`` data-dependent on ``dep`` so two LAPACK calls (QR, SVD) never run concurrently
-    (also used by the train step to run the penalty before the model's forward and backward).
+    (also used by the train step to run the penalty after the model's backward, see emjax/train.py).
 
     jaxlib's CPU LAPACK kernels split the batch over XLA's intra-op thread pool and block waiting for it;
     when XLA:CPU runs two such batched calls at once on a small pool (2 cores here) every pool thread can

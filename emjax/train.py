@@ -120,16 +120,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, grad_accum: i
         # interleave so every micro-batch spans all batch shards
         mbs = jax.tree_util.tree_map(lambda x: x.reshape(-1, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-        model_in = trainable
-        if spectral_weight:
-            pen, pen_grads = jax.value_and_grad(penalty_fn)(trainable)
-            # CPU: the penalty's batched LAPACK calls block XLA pool threads while they run; overlapped with the
-            # model's backward they cost 1.6x a step here, run first 1.03-1.07x (no-op on accelerators)
-            model_in = spectral.after(pen, trainable)
-
         def body(carry, mb):
             g_acc, l_acc, n_acc = carry
-            (l, n), g = grad_fn(model_in, frozen, mb)
+            (l, n), g = grad_fn(trainable, frozen, mb)
             return (jax.tree_util.tree_map(jnp.add, g_acc, g), l_acc + l, n_acc + n), None
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
@@ -139,6 +132,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, grad_accum: i
         ce = l_sum / denom
         metrics = {"loss": ce, "tokens": n_tok}
         if spectral_weight:
+            # CPU: jaxlib's batched LAPACK calls block XLA pool threads while they wait; run next to the model's
+            # forward or backward they are slowed several-fold (and slow it), so the penalty runs after it
+            pen, pen_grads = jax.value_and_grad(penalty_fn)(spectral.after(g_sum, trainable))
             grads = jax.tree_util.tree_map(lambda g, p: g + spectral_weight * p, grads, pen_grads)
             metrics["penalty"] = pen
             metrics["total_loss"] = ce + spectral_weight * pen

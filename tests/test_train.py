@@ -38,16 +38,22 @@ def _batch(rng, B=8, T=32, vocab=200):
             "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(), "segment_ids": seg}
 
 
-@pytest.mark.parametrize("spectral_weight", [0.0, 0.1])
-def test_sharded_step_equals_single_device(tmp_path, spectral_weight):
+def _tiny_split(tmp_path, seed: int):
+    """Tiny rank-4 model split into (lora config, graphdef, trainable, frozen), B non-zero so every gradient path is
+    exercised."""
     cfg = _cfg(tmp_path, "model.vocab=full")
     lcfg = loralib.LoraConfig(rank=4, alpha=8)
     model = build_model(cfg.model, lcfg, None, vocab_size=200, seed=0)
     graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
-    # non-zero B so every gradient path is exercised
     trainable = jax.tree_util.tree_map_with_path(
-        lambda p, x: x + 0.01 * jax.random.normal(jax.random.key(1), x.shape) if "lora_b" in shd.path_str(p) else x,
-        trainable)
+        lambda p, x: x + 0.01 * jax.random.normal(jax.random.key(seed), x.shape) if "lora_b" in shd.path_str(p)
+        else x, trainable)
+    return lcfg, graphdef, trainable, frozen
+
+
+@pytest.mark.parametrize("spectral_weight", [0.0, 0.1])
+def test_sharded_step_equals_single_device(tmp_path, spectral_weight):
+    lcfg, graphdef, trainable, frozen = _tiny_split(tmp_path, seed=1)
     tx = build(OptimConfig(name="adamw", learning_rate=1e-2, total_steps=10, weight_decay=0.01))
     step = make_train_step(graphdef, tx, grad_accum=2, spectral_weight=spectral_weight, lora_scale=lcfg.scale)
     batch = _batch(np.random.default_rng(0))
@@ -63,6 +69,30 @@ def test_sharded_step_equals_single_device(tmp_path, spectral_weight):
     for a, b in zip(jax.tree_util.tree_leaves(t1), jax.tree_util.tree_leaves(t2)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
     assert abs(float(m1["loss"]) - float(m2["loss"])) < 1e-6 * abs(float(m1["loss"]))  # fp32 sum order
+
+
+def test_penalty_adds_its_own_gradient(tmp_path):
+    """λ > 0: the update is the λ = 0 update plus −lr·λ·∇penalty, the penalty taken on the step's input adapters
+    (the step orders the penalty after the model's backward on CPU; the values must not depend on that)."""
+    from emjax import spectral
+
+    lcfg, graphdef, trainable, frozen = _tiny_split(tmp_path, seed=2)
+    lr, lam = 0.1, 0.5
+    tx = optax.sgd(lr)
+    batch = {k: jnp.asarray(v) for k, v in _batch(np.random.default_rng(3)).items()}
+    step0 = jax.jit(make_train_step(graphdef, tx, lora_scale=lcfg.scale))
+    t0, _, m0 = step0(trainable, tx.init(trainable), frozen, batch)
+    t1, _, m1 = jax.jit(make_train_step(graphdef, tx, spectral_weight=lam, lora_scale=lcfg.scale))(
+        trainable, tx.init(trainable), frozen, batch)
+    pen_fn = lambda tr: spectral.penalty(loralib.adapter_pairs_from_state(tr), lcfg.scale)  # noqa: E731
+    pen, g_pen = jax.value_and_grad(pen_fn)(trainable)
+    assert float(pen) > 0 and abs(float(m1["penalty"]) - float(pen)) < 1e-6
+    assert float(m1["loss"]) == float(m0["loss"])
+    moved = 0
+    for a, b, g in zip(*(jax.tree_util.tree_leaves(t) for t in (t0, t1, g_pen))):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a) - lr * lam * np.asarray(g), atol=1e-6, rtol=0)
+        moved += int(np.abs(np.asarray(b) - np.asarray(a)).max() > 1e-5)
+    assert moved > 0  # the penalty changed the update
 
 
 def test_grad_accum_equals_one_big_batch(tmp_path):
