@@ -24,7 +24,7 @@ from train_step import CFG
 ROWS = 16
 
 
-def best_of(f, reps: int = 20) -> float:
+def median_s(f, reps: int = 20) -> float:
     f()
     times = []
     for _ in range(reps):
@@ -44,7 +44,7 @@ def main():
     flops = sum(2 * ROWS * a * b for a, b in shapes)
 
     big = np.ones(64 * 2**20, np.float32)
-    bw = big.nbytes / best_of(big.sum, 5)
+    bw = big.nbytes / median_s(big.sum, 5)
 
     def chain(x, ws):  # each matmul's input is the previous output cut to the next input width, as in a layer
         outs = []
@@ -57,7 +57,7 @@ def main():
     f = jax.jit(chain)
     x = jnp.ones((ROWS, D), jnp.float32)
     jws = [jnp.asarray(w) for w in ws]
-    t_xla = best_of(lambda: jax.block_until_ready(f(x, jws)))
+    t_xla = median_s(lambda: jax.block_until_ready(f(x, jws)))
 
     tws = [torch.from_numpy(w.T.copy()) for w in ws]  # nn.Linear stores (out, in)
     tx = torch.ones(ROWS, D)
@@ -70,7 +70,7 @@ def main():
                                                else y.repeat(1, w.shape[1] // y.shape[1]), w)
         return y
 
-    t_torch = best_of(torch_chain)
+    t_torch = median_s(torch_chain)
     print(f"one decode step's weight matmuls, batch {ROWS}: {len(ws)} matmuls, {nbytes / 1e6:.0f} MB fp32, "
           f"{flops / 1e9:.2f} GFLOP")
     print(f"DRAM read (NumPy sum, 256 MB): {bw / 1e9:.1f} GB/s -> bytes-only floor {nbytes / bw * 1e3:.1f} ms")

@@ -3,9 +3,10 @@ bench/train_step.py (hidden states only, and with the loss), and one layer's att
 and MLP alone. Prints milliseconds. With ``--ops`` it instead traces two full train steps with the
 JAX profiler and prints where the time goes per XLA op (summed over both steps' executions, halved; ops that run
 concurrently overlap, so the sum exceeds the wall time): the per-op findings in bench/RESULTS.md come from here.
-Not a test.
+With ``--faults`` it prints the time and the minor page faults of each of the first 10 steps after compiling (why
+bench/train_step.py warms up 6 steps). Not a test.
 
-    .venv/bin/python bench/profile_step.py [--ops [--spectral-weight 0.1]]
+    .venv/bin/python bench/profile_step.py [--ops [--spectral-weight 0.1] | --faults]
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import glob
 import gzip
 import json
 import re
+import resource
 import tempfile
 import time
 
@@ -65,11 +67,23 @@ def op_profile(spectral_weight: float = 0.0, top: int = 25):
         print(f"  {v:8.1f}  {name:36s} {m.group(1) if m else '':30s} {m.group(2)[-60:] if m else ''}")
 
 
+def fault_profile(steps: int = 10):
+    step = emjax_stepper(warmup=1)  # compiled only
+    for i in range(2, steps + 2):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t = step()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+        print(f"step {i:2d}: {t * 1e3:7.0f} ms, {faults:7d} minor faults")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ops", action="store_true", help="per-XLA-op breakdown of the full train step")
     ap.add_argument("--spectral-weight", type=float, default=0.0, help="λ of the step --ops profiles")
+    ap.add_argument("--faults", action="store_true", help="time and page faults of the first steps")
     args = ap.parse_args()
+    if args.faults:
+        return fault_profile()
     if args.ops:
         return op_profile(args.spectral_weight)
     model = qwen3.Qwen3ForCausalLM(CFG, lora=LoraConfig(rank=32, alpha=64), rngs=nnx.Rngs(0))

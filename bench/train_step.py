@@ -5,10 +5,11 @@ embeddings (≈35M parameters); batch 8 × 256 tokens; LoRA r 32, α 64, rsLoRA 
 PEFT is timed twice: in this process, its steps alternating with emjax's (so it gets emjax's allocator setting,
 emjax/_malloc.py), and in its own process with glibc's default allocator, as a user would run it. Also prints the cost
 of the spectral penalty (λ > 0 over λ = 0) and of Muon against Adam, and the measured fp32 matmul peak (NumPy 2048²
-matmuls) that MFU is quoted against. Each side runs 6 untimed warm-up steps (on this machine XLA:CPU's host heap still
-grows, page-faulting ≈1.4 GB a step, through the 5th step); the step time is the median of the timed steps (this
-shared 2-core machine's noise is ±15 %, with outliers to 2x). Each pair (emjax and PEFT in this process, λ > 0 and
-λ = 0, Muon and Adam) is timed alternately, and the ratio of its fastest steps is printed too. Not a test.
+matmuls) that MFU is quoted against. Each side runs 6 untimed warm-up steps (in some runs XLA:CPU's host heap still
+grows, page-faulting ≈1.4 GB a step, up to the 5th step: bench/profile_step.py --faults); the step time is the median
+of the timed steps (this shared 2-core machine's noise is ±15 %, with outliers to 2x). Each pair (emjax and PEFT in
+this process, λ > 0 and λ = 0, Muon and Adam) is timed alternately, and the ratio of its fastest steps is printed too.
+Not a test.
 
     .venv/bin/python bench/train_step.py [--steps 10] [--skip-torch]
 """
@@ -60,7 +61,7 @@ def make_batch() -> dict:
             "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))}
 
 
-def emjax_stepper(*, optim: str = "adamw", spectral_weight: float = 0.0):
+def emjax_stepper(*, optim: str = "adamw", spectral_weight: float = 0.0, warmup: int = WARMUP):
     """A compiled, warmed-up train step; calling the result runs one more step and returns its seconds."""
     lcfg = LoraConfig(rank=32, alpha=64, rslora=True)
     model = qwen3.Qwen3ForCausalLM(CFG, lora=lcfg, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
@@ -78,7 +79,7 @@ def emjax_stepper(*, optim: str = "adamw", spectral_weight: float = 0.0):
         jax.block_until_ready((state["tr"], m["loss"]))
         return time.perf_counter() - t
 
-    for _ in range(WARMUP):  # compile, then the first steps that grow the host heap
+    for _ in range(warmup):  # compile, then the first steps that grow the host heap
         one()
     one.hlo = lambda: step.lower(state["tr"], state["opt"], frozen, batch).compile().as_text()  # for profile_step
     return one

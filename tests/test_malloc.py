@@ -6,21 +6,22 @@ import sys
 
 import pytest
 
-CHECK = "import emjax, emjax._malloc as m; print(m.APPLIED)"
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 
 
-def _applied(env_value):
+def _run(code: str, tuning: str | None) -> str:
+    """stdout of ``code`` in a fresh interpreter with EMJAX_MALLOC_TUNING unset (None) or set to ``tuning``."""
     env = {k: v for k, v in os.environ.items() if k != "EMJAX_MALLOC_TUNING"}
-    if env_value is not None:
-        env["EMJAX_MALLOC_TUNING"] = env_value
-    out = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, check=True)
-    return out.stdout.strip()
+    if tuning is not None:
+        env["EMJAX_MALLOC_TUNING"] = tuning
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_applied_by_default_and_can_be_turned_off():
-    assert _applied(None) == "True"
-    assert _applied("0") == "False"
+    check = "import emjax, emjax._malloc as m; print(m.APPLIED)"
+    assert _run(check, None) == "True"
+    assert _run(check, "0") == "False"
 
 
 def test_large_buffers_stay_mapped():
@@ -33,13 +34,5 @@ def test_large_buffers_stay_mapped():
         "a = np.ones(64 << 20, np.float32); del a\n"
         "f0 = faults(); b = np.ones(64 << 20, np.float32); print(faults() - f0)\n"
     )
-
-    def minor_faults(value):
-        env = dict(os.environ, EMJAX_MALLOC_TUNING=value)
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-        return int(out.stdout.strip())
-
-    if not sys.platform.startswith("linux"):
-        pytest.skip("glibc only")
-    tuned, default = minor_faults("1"), minor_faults("0")
+    tuned, default = int(_run(code, "1")), int(_run(code, "0"))
     assert tuned < 64 and default > 10 * max(tuned, 10), (tuned, default)
