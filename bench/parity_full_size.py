@@ -1,6 +1,8 @@
-"""Real Qwen3-0.6B config with random weights: max-abs logits difference, emjax vs transformers, fp32.
+"""Real Qwen3-0.6B config with random weights: max-abs logits difference, emjax vs transformers (fp32, on the CPU).
 
-Not a test (needs ~8 GB RAM and a minute or two on 2 cores). Run:
+emjax runs on this machine's default device at full fp32 ("highest") and at JAX's default matmul precision (which on
+recent NVIDIA GPUs lets XLA use TF32 for fp32 matmuls; emjax's fp32 training and sampling run at that default unless
+told otherwise). Not a test (needs ~8 GB RAM and a minute or two on 2 cores). Run:
     .venv/bin/python bench/parity_full_size.py [--size 0.6b] [--tokens 64]
 """
 
@@ -24,14 +26,11 @@ def main():
     ap.add_argument("--size", default="0.6b", choices=sorted(qwen3.SIZES))
     ap.add_argument("--tokens", type=int, default=64)
     args = ap.parse_args()
-    jax.config.update("jax_default_matmul_precision", "highest")
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
-    c = qwen3.SIZES[args.size]()
-    hc = Qwen3Config(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                     num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-                     num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, rope_theta=c.rope_theta,
-                     tie_word_embeddings=c.tie_word_embeddings, rms_norm_eps=c.rms_norm_eps)
+    from emjax.testing import hf_config
+
+    hc = hf_config(qwen3.SIZES[args.size]())
     torch.manual_seed(0)
     hf = Qwen3ForCausalLM(hc).eval()
     tokens = np.random.default_rng(0).integers(0, 151_669, (1, args.tokens))
@@ -42,10 +41,15 @@ def main():
         load_s = time.perf_counter() - t0
         with torch.no_grad():
             ref = hf(torch.tensor(tokens)).logits.numpy()
-        out = np.asarray(jax.jit(lambda m, t: m(t))(model, jnp.asarray(tokens)))
-    diff = np.abs(out - ref)
-    print(f"Qwen3-{args.size} random weights, fp32, {args.tokens} tokens: max-abs logits diff {diff.max():.3e} "
-          f"(mean {diff.mean():.3e}; logits scale {np.abs(ref).max():.2f}); conversion {load_s:.1f}s")
+        outs = {}
+        for precision in ("highest", None):
+            with jax.default_matmul_precision(precision):
+                outs[precision or "default"] = np.asarray(jax.jit(lambda m, t: m(t))(model, jnp.asarray(tokens)))
+    for precision, out in outs.items():
+        diff = np.abs(out - ref)
+        print(f"Qwen3-{args.size} random weights, fp32, {args.tokens} tokens, emjax on {jax.devices()[0].device_kind} "
+              f"at {precision} matmul precision: max-abs logits diff {diff.max():.3e} (mean {diff.mean():.3e}; logits "
+              f"scale {np.abs(ref).max():.2f}); conversion {load_s:.1f}s")
 
 
 if __name__ == "__main__":

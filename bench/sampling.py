@@ -1,9 +1,14 @@
 """Greedy sampling throughput: emjax.sampling.generate vs transformers generate(do_sample=False), same weights.
 
-The train benchmark's ≈35M-parameter Qwen3 shape, batch 16, 32-token prompts, exactly 128 new tokens, fp32, this
-CPU. Checks that both produce the same tokens. Each side: one warm-up run, then the median of 3. Not a test.
+The train benchmark's ≈35M-parameter Qwen3 shape, batch 16, 32-token prompts, exactly 128 new tokens, fp32 (full fp32
+on a GPU too: JAX "highest", PyTorch without TF32), on this machine's accelerator (PyTorch on the GPU too, if there is
+one). ``--size 0.6b --dtype bfloat16`` times a real Qwen3 shape with random weights in bf16 instead (both libraries'
+default precision; bf16 rounding may let a few rows part ways after a near tie). Counts the rows where both produce
+the same tokens. Each side: one warm-up run (its time, with compilation, is printed too), then the median of 3.
+``--forms both`` times emjax with both KV cache forms (unrolled per-layer, the CPU default; scanned stacked, the
+accelerator default). Not a test.
 
-    .venv/bin/python bench/sampling.py [--new 128] [--batch 16]
+    .venv/bin/python bench/sampling.py [--new 128] [--batch 16] [--size 0.6b --dtype bfloat16] [--forms both]
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from emjax.models import from_pretrained  # noqa: E402
+from emjax.models import from_pretrained, qwen3  # noqa: E402
 from emjax.sampling import generate  # noqa: E402
+from emjax.testing import hf_config  # noqa: E402
+from train_step import BENCH  # noqa: E402  (the train benchmark's shape)
 
 
 def main():
@@ -29,48 +36,68 @@ def main():
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--size", default="bench", choices=["bench", *qwen3.SIZES], help="bench: the train bench's shape")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--forms", default="default", choices=["default", "both"],
+                    help="both: time emjax with the unrolled per-layer and the scanned stacked KV cache")
     args = ap.parse_args()
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
+    if args.dtype == "float32":
+        jax.config.update("jax_default_matmul_precision", "highest")
+    gpu = jax.default_backend() == "gpu"
+    dev = "cuda" if gpu else "cpu"
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
-    hc = Qwen3Config(vocab_size=18_992, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                     num_attention_heads=8, num_key_value_heads=4, head_dim=64, tie_word_embeddings=True)
-    hf = Qwen3ForCausalLM(hc).eval()
+    hc = hf_config(BENCH if args.size == "bench" else qwen3.SIZES[args.size]())
+    hf = Qwen3ForCausalLM(hc).eval().to(dev, getattr(torch, args.dtype))
     prompts = np.random.default_rng(0).integers(0, hc.vocab_size, (args.batch, args.prompt))
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
-        model = from_pretrained(d, dtype=jnp.float32)
+        t = time.perf_counter()
+        model = from_pretrained(d, dtype=jnp.dtype(args.dtype))
+        print(f"  from_pretrained {time.perf_counter() - t:.1f} s", flush=True)
 
-    def run_emjax():
-        return generate(model, prompts.tolist(), max_new_tokens=args.new, stop_tokens=(), length_bucket=32)
+    def emjax_runner(scan_layers):
+        return lambda: generate(model, prompts.tolist(), max_new_tokens=args.new, stop_tokens=(), length_bucket=32,
+                                scan_layers=scan_layers)
 
     def run_hf():
+        ids = torch.tensor(prompts, device=dev)
         with torch.no_grad():
-            out = hf.generate(torch.tensor(prompts), attention_mask=torch.ones_like(torch.tensor(prompts)),
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids),
                               do_sample=False, max_new_tokens=args.new, min_new_tokens=args.new, eos_token_id=None,
                               pad_token_id=0)
-        return out[:, args.prompt:].tolist()
+        return out[:, args.prompt:].tolist()  # .tolist() waits for the GPU
 
     def timed(run, reps=3):  # one untimed warm-up (compile) run, then the median of `reps` runs
+        t = time.perf_counter()
         out = run()
+        first = time.perf_counter() - t
         times = []
         for _ in range(reps):
+            sync()
             t = time.perf_counter()
             run()
             times.append(time.perf_counter() - t)
-        return out, float(np.median(times))
+        return out, float(np.median(times)), first
 
-    ours, t_ours = timed(run_emjax)
-    ref, t_hf = timed(run_hf)
+    forms = {"emjax generate": None} if args.forms == "default" else {"emjax, unrolled layers": False,
+                                                                      "emjax, scanned layers": True}
+    ours = {name: timed(emjax_runner(scan)) for name, scan in forms.items()}
+    ref, t_hf, first_hf = timed(run_hf)
     n = args.batch * args.new
-    same = sum(a == b for a, b in zip(ours, ref))
-    print(f"batch {args.batch}, {args.prompt}-token prompts, {args.new} new tokens, fp32, {os.cpu_count()} threads, "
-          f"jax {jax.__version__} / torch {torch.__version__}")
-    print(f"emjax generate        {n / t_ours:8.0f} new tokens/s ({t_ours:.2f} s)")
-    print(f"transformers generate {n / t_hf:8.0f} new tokens/s ({t_hf:.2f} s)")
-    print(f"speed-up: {t_hf / t_ours:.2f}x; rows token-identical: {same}/{args.batch}")
-
+    where = jax.devices()[0].device_kind if gpu else f"{os.cpu_count()} CPU threads"
+    print(f"Qwen3 shape {args.size}, batch {args.batch}, {args.prompt}-token prompts, {args.new} new tokens, "
+          f"{args.dtype}, {where}, jax {jax.__version__} / torch {torch.__version__}")
+    for name, (out, t, first) in ours.items():
+        same = sum(a == b for a, b in zip(out, ref))
+        print(f"{name:<24} {n / t:8.0f} new tokens/s ({t:.2f} s; first call, compiling included, {first:.1f} s); "
+              f"rows token-identical to transformers: {same}/{args.batch}")
+    print(f"{'transformers generate':<24} {n / t_hf:8.0f} new tokens/s ({t_hf:.2f} s; first call {first_hf:.1f} s)")
+    for name, (_, t, _) in ours.items():
+        print(f"speed-up {name} / transformers: {t_hf / t:.2f}x")
 
 if __name__ == "__main__":
     main()

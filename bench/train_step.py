@@ -1,9 +1,13 @@
-"""LoRA train step: emjax (jitted, donated) vs PyTorch + PEFT on the same Qwen3-shaped model, fp32, this CPU.
+"""LoRA train step: emjax (jitted, donated) vs PyTorch + PEFT on the same Qwen3-shaped model.
 
-Shape (issue 5): hidden 512, intermediate 1536, 8 layers, 8 query / 4 KV heads, head_dim 64, vocab 18,992, tied
-embeddings (≈35M parameters); batch 8 × 256 tokens; LoRA r 32, α 64, rsLoRA on all 7 projections; AdamW.
-PEFT is timed twice: in this process, its steps alternating with emjax's (so it gets emjax's allocator setting,
-emjax/_malloc.py), and in its own process with glibc's default allocator, as a user would run it. Also prints the cost
+Default shape (issue 5): hidden 512, intermediate 1536, 8 layers, 8 query / 4 KV heads, head_dim 64, vocab 18,992,
+tied embeddings (≈35M parameters); batch 8 × 256 tokens; LoRA r 32, α 64, rsLoRA on all 7 projections; AdamW; fp32
+(on a GPU at full fp32 precision on both sides: JAX "highest", PyTorch without TF32). ``--size 0.6b --dtype bfloat16``
+times a real Qwen3 shape with random weights instead (frozen weights and compute in bf16 on both sides, LoRA factors
+fp32; both libraries' default matmul precision). On a GPU the peak that MFU is quoted against is the fastest of 15 JAX
+8192² matmuls in the bench's dtype, and PyTorch runs on the GPU too. On a CPU, PEFT is timed twice: in this process,
+its steps alternating with emjax's (so it gets emjax's allocator setting, emjax/_malloc.py), and in its own process
+with glibc's default allocator, as a user would run it. Also prints the cost
 of the spectral penalty (λ > 0 over λ = 0) and of Muon against Adam, and the measured fp32 matmul peak (NumPy 2048²
 matmuls) that MFU is quoted against. Each side runs 6 untimed warm-up steps (in some runs XLA:CPU's host heap still
 grows, page-faulting ≈1.4 GB a step, up to the 5th step: bench/profile_step.py --faults); the step time is the median
@@ -11,7 +15,8 @@ of the timed steps (this shared 2-core machine's noise is ±15 %, with outliers 
 this process, λ > 0 and λ = 0, Muon and Adam) is timed alternately, and the ratio of its fastest steps is printed too.
 Not a test.
 
-    .venv/bin/python bench/train_step.py [--steps 10] [--skip-torch]
+    .venv/bin/python bench/train_step.py [--steps 10] [--skip-torch] [--size 0.6b --dtype bfloat16 --seq 512]
+                                         [--only peft,penalty,muon]
 """
 
 from __future__ import annotations
@@ -34,14 +39,28 @@ from emjax.models import qwen3  # noqa: E402
 from emjax.optim import OptimConfig, build  # noqa: E402
 from emjax.train import flops_per_token, make_train_step  # noqa: E402
 
-CFG = qwen3.Qwen3Config(vocab_size=18_992, hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8,
-                        num_kv_heads=4, head_dim=64, tie_word_embeddings=True)
-B, T = 8, 256
+BENCH = qwen3.Qwen3Config(vocab_size=18_992, hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8,
+                          num_kv_heads=4, head_dim=64, tie_word_embeddings=True)
+# The benchmark's shape, dtype and device; main() sets them from the command line (profile_step imports the defaults)
+CFG, B, T, DTYPE = BENCH, 8, 256, "float32"
 WARMUP = 6  # untimed steps for both sides (compile, then heap growth); reported: the median of the timed ones
+ON_GPU = jax.default_backend() == "gpu"
 
 
 def matmul_peak(n=2048, reps=15) -> float:
-    """Fastest of ``reps`` NumPy n² fp32 matmuls, in FLOP/s (a peak: the fastest, not the mean, on a noisy host)."""
+    """Fastest of ``reps`` n² matmuls, in FLOP/s (a peak: the fastest, not the mean, on a noisy host): NumPy fp32 on a
+    CPU; on a GPU, JAX 8192² in the bench's dtype and matmul precision."""
+    if ON_GPU:
+        n = 8192
+        a = jax.random.normal(jax.random.key(0), (n, n), DTYPE)
+        mm = jax.jit(lambda x, y: x @ y)
+        mm(a, a).block_until_ready()
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            mm(a, a).block_until_ready()
+            best = min(best, time.perf_counter() - t)
+        return 2 * n**3 / best
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
     b = a.copy()
     a @ b
@@ -64,7 +83,7 @@ def make_batch() -> dict:
 def emjax_stepper(*, optim: str = "adamw", spectral_weight: float = 0.0, warmup: int = WARMUP):
     """A compiled, warmed-up train step; calling the result runs one more step and returns its seconds."""
     lcfg = LoraConfig(rank=32, alpha=64, rslora=True)
-    model = qwen3.Qwen3ForCausalLM(CFG, lora=lcfg, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    model = qwen3.Qwen3ForCausalLM(CFG, lora=lcfg, param_dtype=jnp.dtype(DTYPE), rngs=nnx.Rngs(0))
     graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
     tx = build(OptimConfig(name=optim, learning_rate=1e-4, total_steps=1000, weight_decay=0.01 if optim != "adam"
                            else 0.0, muon_scaling="rms"))
@@ -79,8 +98,11 @@ def emjax_stepper(*, optim: str = "adamw", spectral_weight: float = 0.0, warmup:
         jax.block_until_ready((state["tr"], m["loss"]))
         return time.perf_counter() - t
 
+    t = time.perf_counter()
     for _ in range(warmup):  # compile, then the first steps that grow the host heap
         one()
+    print(f"  emjax {optim} λ={spectral_weight}: compile + {warmup} warm-up steps {time.perf_counter() - t:.1f} s",
+          flush=True)
     one.hlo = lambda: step.lower(state["tr"], state["opt"], frozen, batch).compile().as_text()  # for profile_step
     return one
 
@@ -100,27 +122,30 @@ def peft_stepper():
     result runs one more step and returns its seconds."""
     import torch
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
+
+    from emjax.testing import hf_config
 
     torch.set_num_threads(os.cpu_count() or 1)
-    hc = Qwen3Config(vocab_size=CFG.vocab_size, hidden_size=CFG.hidden_size, intermediate_size=CFG.intermediate_size,
-                     num_hidden_layers=CFG.num_layers, num_attention_heads=CFG.num_heads,
-                     num_key_value_heads=CFG.num_kv_heads, head_dim=CFG.head_dim, tie_word_embeddings=True)
-    model = Qwen3ForCausalLM(hc)
+    dev = "cuda" if ON_GPU else "cpu"
+    model = Qwen3ForCausalLM(hf_config(CFG)).to(dev, getattr(torch, DTYPE))
     model = get_peft_model(model, PeftLoraConfig(r=32, lora_alpha=64, use_rslora=True, lora_dropout=0.0,
                                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                                  "up_proj", "down_proj"], task_type="CAUSAL_LM"))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
-    tokens = torch.randint(0, CFG.vocab_size, (B, T))
+    tokens = torch.randint(0, CFG.vocab_size, (B, T), device=dev)
+    sync = torch.cuda.synchronize if ON_GPU else (lambda: None)
 
     def one() -> float:
+        sync()
         t = time.perf_counter()
         out = model(input_ids=tokens, labels=tokens)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         return time.perf_counter() - t
 
     for _ in range(WARMUP):
@@ -129,43 +154,62 @@ def peft_stepper():
 
 
 def main():
+    global CFG, B, T, DTYPE
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--size", default="bench", choices=["bench", *qwen3.SIZES], help="bench: issue 5's ≈35M shape")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--only", default="peft,penalty,muon", help="comparisons to run (comma list)")
     ap.add_argument("--peft-only", action="store_true", help=argparse.SUPPRESS)  # the default-allocator PEFT run
     args = ap.parse_args()
+    CFG = BENCH if args.size == "bench" else qwen3.SIZES[args.size]()
+    B, T, DTYPE = args.batch, args.seq, args.dtype
+    only = set(args.only.split(","))
+    full_fp32 = DTYPE == "float32"
+    if full_fp32:  # fp32 means fp32 on a GPU too (JAX would use TF32 by default; PyTorch's default is full fp32)
+        jax.config.update("jax_default_matmul_precision", "highest")
     if args.peft_only:
         run = peft_stepper()
         return print(f"PEFT_SECONDS {np.median([run() for _ in range(args.steps)])}")
     peak = matmul_peak()
     fpt = flops_per_token(CFG, T)
     tok = B * T
-    print(f"model {CFG.num_params / 1e6:.1f}M params, batch {B}x{T}, LoRA r32 all 7 projections, fp32, "
-          f"{os.cpu_count()} CPU threads; measured fp32 matmul peak {peak / 1e9:.0f} GFLOP/s; "
-          f"{fpt / 1e6:.0f} MFLOP/token (4N + attention)")
-    if args.skip_torch:
+    where = (f"{jax.devices()[0].device_kind}, {'full fp32' if full_fp32 else 'default'} matmul precision"
+             if ON_GPU else f"{os.cpu_count()} CPU threads")
+    print(f"model {CFG.num_params / 1e6:.1f}M params, batch {B}x{T}, LoRA r32 all 7 projections, {DTYPE}, {where}; "
+          f"measured {DTYPE} matmul peak {peak / 1e9:.0f} GFLOP/s; {fpt / 1e6:.0f} MFLOP/token (4N + attention)")
+    if args.skip_torch or "peft" not in only:
         run = emjax_stepper()
         rows = [("emjax AdamW", float(np.median([run() for _ in range(args.steps)])))]
         del run
     else:  # the two steps timed alternately in this process
         t_adamw, t_peft, fastest = interleaved(emjax_stepper(), peft_stepper(), args.steps)
         rows = [("emjax AdamW", t_adamw), ("PyTorch+PEFT AdamW", t_peft)]
-        # PEFT as a user runs it: its own process, glibc's default allocator (emjax's mallopt setting is off)
-        out = subprocess.run([sys.executable, __file__, "--peft-only", "--steps", str(args.steps)], check=True,
-                             capture_output=True, text=True, env={**os.environ, "EMJAX_MALLOC_TUNING": "0"}).stdout
-        rows.append(("  same, own process*", float(out.split("PEFT_SECONDS")[-1])))
+        if not ON_GPU:  # PEFT as a user runs it: its own process, glibc's default allocator (emjax's mallopt is off)
+            cmd = [sys.executable, __file__, "--peft-only", "--steps", str(args.steps), "--size", args.size,
+                   "--dtype", DTYPE, "--batch", str(B), "--seq", str(T)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                 env={**os.environ, "EMJAX_MALLOC_TUNING": "0"}).stdout
+            rows.append(("  same, own process*", float(out.split("PEFT_SECONDS")[-1])))
     for name, t in rows:
         print(f"{name:<22} {t * 1e3:8.1f} ms/step  {tok / t:8.0f} tokens/s  MFU {tok * fpt / t / peak:6.1%}")
-    if not args.skip_torch:
-        print(f"speed-up emjax / PEFT: {rows[1][1] / rows[0][1]:.2f}x (medians, interleaved in this process, where "
-              f"PEFT gets emjax's allocator setting too; fastest steps {fastest:.2f}x); {rows[2][1] / rows[0][1]:.2f}x "
-              "against PEFT in its own process with glibc's default allocator (*)")
-    t0, t_pen, fastest = interleaved(emjax_stepper(), emjax_stepper(spectral_weight=0.1), args.steps)
-    print(f"spectral penalty: step time with λ>0 / λ=0 = {t_pen / t0:.3f}x ({t_pen * 1e3:.1f} vs {t0 * 1e3:.1f} ms, "
-          f"medians, interleaved; fastest steps {fastest:.3f}x)")
-    t_adam, t_muon, fastest = interleaved(emjax_stepper(optim="adam"), emjax_stepper(optim="muon"), args.steps)
-    print(f"Muon vs Adam: step time ratio = {t_muon / t_adam:.3f}x ({t_muon * 1e3:.1f} vs {t_adam * 1e3:.1f} ms, "
-          f"medians, interleaved; fastest steps {fastest:.3f}x)")
+    if len(rows) > 1:
+        own = (f"; {rows[2][1] / rows[0][1]:.2f}x against PEFT in its own process with glibc's default allocator (*)"
+               if len(rows) > 2 else "")
+        alloc = "" if ON_GPU else ", where PEFT gets emjax's allocator setting too"
+        print(f"speed-up emjax / PEFT: {rows[1][1] / rows[0][1]:.2f}x (medians, interleaved in this process{alloc}; "
+              f"fastest steps {fastest:.2f}x){own}")
+    if "penalty" in only:
+        t0, t_pen, fastest = interleaved(emjax_stepper(), emjax_stepper(spectral_weight=0.1), args.steps)
+        print(f"spectral penalty: step time with λ>0 / λ=0 = {t_pen / t0:.3f}x ({t_pen * 1e3:.1f} vs {t0 * 1e3:.1f} "
+              f"ms, medians, interleaved; fastest steps {fastest:.3f}x)")
+    if "muon" in only:
+        t_adam, t_muon, fastest = interleaved(emjax_stepper(optim="adam"), emjax_stepper(optim="muon"), args.steps)
+        print(f"Muon vs Adam: step time ratio = {t_muon / t_adam:.3f}x ({t_muon * 1e3:.1f} vs {t_adam * 1e3:.1f} ms, "
+              f"medians, interleaved; fastest steps {fastest:.3f}x)")
 
 
 if __name__ == "__main__":

@@ -69,10 +69,11 @@ def _decode(graphdef, state, cache, first_logits, params, max_new: int, stop_tok
     temperature, top_p, rng = params
     B = first_logits.shape[0]
     stops = jnp.asarray(stop_tokens, jnp.int32)
-    # CPU: slice each layer's weights out of the stacked arrays once, outside the loop (a transient copy of the
-    # layer weights), instead of copying them every step; accelerators slice in the step, keeping memory flat
+    # CPU with a per-layer cache (unrolled layers): slice each layer's weights out of the stacked arrays once,
+    # outside the loop (a transient copy of the layer weights), instead of copying them every step; accelerators
+    # slice in the step, keeping memory flat
     on_cpu = jax.default_backend() == "cpu"
-    layers = model.layer_list() if on_cpu else None
+    layers = model.layer_list() if on_cpu and not cache.stacked else None
     # likewise the output projection as a (D, V) matrix (tied: a transposed copy of the embedding), read in the
     # layout a small-batch matmul streams fastest
     head = model.head_matrix() if on_cpu else None
@@ -102,9 +103,13 @@ def _bucket(n: int, size: int) -> int:
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, rng: jax.Array | int | None = None,
              stop_tokens: Sequence[int] = STOP_TOKENS, length_bucket: int = 64, batch_bucket: int = 8,
-             cache_dtype=None) -> list[list[int]]:
+             cache_dtype=None, scan_layers: bool | None = None) -> list[list[int]]:
     """Generate continuations of token-id prompts; each result ends at (and includes) its stop token, or has
-    ``max_new_tokens`` tokens. Greedy when ``temperature == 0``."""
+    ``max_new_tokens`` tokens. Greedy when ``temperature == 0``.
+
+    ``scan_layers``: scan one layer body over a stacked KV cache (compile time flat in depth) instead of unrolling
+    the layers over per-layer caches (the faster decode step on a CPU). Default: unrolled on a CPU, scanned on
+    accelerators."""
     if not prompts:
         return []
     if any(len(p) == 0 for p in prompts):
@@ -123,7 +128,9 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
     elif isinstance(rng, int):
         rng = jax.random.key(rng)
     graphdef, state = nnx.split(model)
-    cache = KVCache.init(model.config, B, T + max_new_tokens, dtype=cache_dtype or model.dtype)
+    if scan_layers is None:
+        scan_layers = jax.default_backend() != "cpu"
+    cache = KVCache.init(model.config, B, T + max_new_tokens, dtype=cache_dtype or model.dtype, stacked=scan_layers)
     logits, cache = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), cache)
     params = (jnp.float32(temperature), jnp.float32(top_p), rng)
     out, _, _ = _decode(graphdef, state, cache, logits, params, int(max_new_tokens),

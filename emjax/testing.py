@@ -32,3 +32,13 @@ def tiny_hf_checkpoint(path: str | os.PathLike, *, seed: int = 0, max_shard_size
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
     return path
+
+
+def hf_config(cfg):
+    """transformers' ``Qwen3Config`` for an emjax ``Qwen3Config`` (benchmarks build the same model on both sides)."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                       num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                       num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rope_theta=cfg.rope_theta,
+                       tie_word_embeddings=cfg.tie_word_embeddings, rms_norm_eps=cfg.rms_norm_eps)

@@ -30,15 +30,16 @@ def _hf_greedy(hf, prompt, n, stop=STOP):
     return out[0, len(prompt):].tolist()
 
 
-def test_greedy_matches_transformers_and_rows_are_independent(tiny):
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
+def test_greedy_matches_transformers_and_rows_are_independent(tiny, scan_layers):
     hf, d = tiny
     model = from_pretrained(d, dtype=jnp.float32)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(8, 256, n).tolist() for n in (5, 17, 9)]
-    batch = generate(model, prompts, max_new_tokens=12, stop_tokens=(STOP,))
+    batch = generate(model, prompts, max_new_tokens=12, stop_tokens=(STOP,), scan_layers=scan_layers)
     for p, got in zip(prompts, batch):
         assert got == _hf_greedy(hf, p, 12)
-        assert generate(model, [p], max_new_tokens=12, stop_tokens=(STOP,))[0] == got
+        assert generate(model, [p], max_new_tokens=12, stop_tokens=(STOP,), scan_layers=scan_layers)[0] == got
 
 
 def test_stops_at_stop_token(tiny):
@@ -52,7 +53,8 @@ def test_stops_at_stop_token(tiny):
     assert got == _hf_greedy(hf, prompt, 10, stop=stop)
 
 
-def test_greedy_with_adapter_matches_peft(tiny, tmp_path):
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
+def test_greedy_with_adapter_matches_peft(tiny, tmp_path, scan_layers):
     from peft import PeftModel
 
     hf, d = tiny
@@ -63,10 +65,10 @@ def test_greedy_with_adapter_matches_peft(tiny, tmp_path):
     lora.export_peft(model, tmp_path / "ad")
     pm = PeftModel.from_pretrained(tiny_hf_model(seed=11, noise=0.2), tmp_path / "ad").eval()
     prompt = r.integers(8, 256, 6).tolist()
-    got = generate(model, [prompt], max_new_tokens=10, stop_tokens=(STOP,))[0]
+    got = generate(model, [prompt], max_new_tokens=10, stop_tokens=(STOP,), scan_layers=scan_layers)[0]
     assert got == _hf_greedy(pm, prompt, 10)
     assert got != generate(from_pretrained(d, dtype=jnp.float32), [prompt], max_new_tokens=10,
-                           stop_tokens=(STOP,))[0]
+                           stop_tokens=(STOP,), scan_layers=scan_layers)[0]
 
 
 def test_no_recompilation_for_same_buckets(tiny):
@@ -117,7 +119,8 @@ def test_temperature_zero_is_argmax():
     assert sample_logits(ties, jax.random.key(0), 0.0).tolist() == [1, 0, 2]
 
 
-def test_generate_under_a_mesh_matches_single_device(tiny):
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
+def test_generate_under_a_mesh_matches_single_device(tiny, scan_layers):
     from emjax.sharding import make_mesh
 
     _, d = tiny
@@ -125,4 +128,4 @@ def test_generate_under_a_mesh_matches_single_device(tiny):
     want = generate(from_pretrained(d, dtype=jnp.float32), prompts, max_new_tokens=6, stop_tokens=(STOP,))
     sharded = from_pretrained(d, dtype=jnp.float32, mesh=make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
     assert len(sharded.blocks.up_proj.kernel[...].sharding.device_set) == 8
-    assert generate(sharded, prompts, max_new_tokens=6, stop_tokens=(STOP,)) == want
+    assert generate(sharded, prompts, max_new_tokens=6, stop_tokens=(STOP,), scan_layers=scan_layers) == want

@@ -82,7 +82,8 @@ def test_per_layer_hidden_states(tmp_path):
         assert np.abs(np.asarray(h) - ref[k].numpy()).max() < TOL
 
 
-def test_kv_cache_decoding_matches_full_forward(tmp_path):
+@pytest.mark.parametrize("stacked", [False, True], ids=["per_layer", "stacked"])
+def test_kv_cache_decoding_matches_full_forward(tmp_path, stacked):
     hf = tiny_hf_model(seed=5)
     hf.save_pretrained(tmp_path)
     model = from_pretrained(tmp_path, dtype=jnp.float32)
@@ -92,7 +93,8 @@ def test_kv_cache_decoding_matches_full_forward(tmp_path):
     prompt_len = np.array([10, 6])
     prompt = np.asarray(tokens).copy()
     pmask = (np.arange(12)[None] < prompt_len[:, None]).astype(np.int32)
-    cache = KVCache.init(model.config, 2, 40)
+    cache = KVCache.init(model.config, 2, 40, stacked=stacked)
+    assert cache.stacked == stacked and cache.max_len == 40
     logits, cache = model(jnp.asarray(prompt[:, :12] * pmask), attention_mask=jnp.asarray(pmask), cache=cache)
     for b in range(2):
         n = prompt_len[b]

