@@ -64,7 +64,7 @@ def dense_penalty(adapters, scale: float):
     total, count = 0.0, 0
     for a, b in adapters.values():
         if count:
-            a, b = sp._after(total, (a, b))  # serialise the LAPACK calls on CPU (see emjax.spectral._after)
+            a, b = sp.after(total, (a, b))  # serialise the LAPACK calls on CPU (see emjax.spectral.after)
         r = a.shape[-1]
         s = jnp.linalg.svd(scale * jnp.matmul(a, b, precision="highest"), compute_uv=False)
         v = jnp.sqrt(jnp.sum(s**2, -1)) / jnp.sum(s, -1) - 1 / math.sqrt(r)

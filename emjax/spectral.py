@@ -13,7 +13,9 @@ Gradients: differentiating ``jnp.linalg.qr`` needs R⁻¹, which is infinite at 
 rank-deficient factors. The singular values therefore carry their own VJP: for cotangent g,
 ∂/∂ΔW Σ gᵢσᵢ = Σ_{σᵢ>tol} gᵢ uᵢvᵢᵀ, which through the QR factors is
 ∂a = Q_A·(U_c diag(g) V_cᵀ)·R_B and ∂b = R_Aᵀ·(U_c diag(g) V_cᵀ)·Q_Bᵀ — no division anywhere, so it is
-finite for any finite input. Singular values at (numerical) zero get no gradient: that picks the
+finite for any finite input. Q_A and Q_B are never formed: the backward multiplies by them through the Householder
+reflectors of the forward's ``geqrf`` in compact WY form (matmuls only; jaxlib's GPU ``orgqr`` would be one
+cuSOLVER call per matrix of the batch). Singular values at (numerical) zero get no gradient: that picks the
 minimum-norm subgradient where σ is not differentiable (σ = 0), and is exact elsewhere.
 
 A collection of adapters is a ``Mapping[str, (a, b)]`` (module name → factors); most functions also take a
@@ -119,11 +121,40 @@ def after(dep, x):
     return jax.tree.map(lambda y: jnp.where(never, jnp.zeros_like(y), y), x)
 
 
+def _householder_qr(x):
+    """Thin QR of x (..., m, c) from one ``geqrf``: the Householder reflectors (packed (..., m, k), taus (..., k)) and
+    R (..., k, c), k = min(m, c). Q is never formed: ``_q_apply`` multiplies by it (an ``orgqr`` would be one cuSOLVER
+    call per matrix on GPUs, where jaxlib loops over the batch)."""
+    h, taus = jnp.linalg.qr(x, mode="raw")  # geqrf; numpy's convention returns the packed factors transposed
+    packed, k = _mT(h), min(x.shape[-2], x.shape[-1])
+    return (packed[..., :, :k], taus), jnp.triu(packed[..., :k, :])
+
+
+def _q_apply(reflectors, y):
+    """Q @ y for the thin Q (..., m, k) of ``_householder_qr`` and y (..., k, n), with matmuls only: Q = H₁…H_k =
+    I − V T Vᵀ (compact WY, LAPACK's larft), so Q @ y = [y; 0] − V (T (V[:k]ᵀ y))."""
+    packed, taus = reflectors
+    m, k = packed.shape[-2:]
+    v = jnp.tril(packed, -1) + jnp.eye(m, k, dtype=packed.dtype)  # unit lower trapezoidal Householder vectors
+    w = _mm(_mT(v), v)
+    idx = jnp.arange(k)
+
+    def column(i, t):  # larft: T[:i, i] = −τᵢ T[:i, :i] (V[:, :i]ᵀ vᵢ), T[i, i] = τᵢ (T's columns ≥ i still zero)
+        w_i = jnp.where(idx < i, jnp.take(w, i, axis=-1), 0.0)
+        tau_i = jnp.take(taus, i, axis=-1)[..., None]
+        col = jnp.where(idx == i, tau_i, -tau_i * jnp.einsum("...jl,...l->...j", t, w_i, precision=_HI))
+        return jnp.where(idx == i, col[..., :, None], t)
+
+    t = jax.lax.fori_loop(0, k, column, jnp.zeros_like(w))  # rolled: unrolled, 14 of these took 20 s to compile
+    y_full = jnp.concatenate([y, jnp.zeros(y.shape[:-2] + (m - k, y.shape[-1]), y.dtype)], axis=-2)
+    return y_full - _mm(v, _mm(t, _mm(_mT(v[..., :k, :]), y)))
+
+
 def _sv_plain(a, b):
     """σ(a@b), descending, length r, from QR (R factors only) + SVD of the small core."""
     r = a.shape[-1]
-    ra = jnp.linalg.qr(a, mode="r")  # (..., ka, r), ka = min(d_in, r)
-    rb = jnp.linalg.qr(after(ra, _mT(b)), mode="r")  # (..., kb, r)
+    _, ra = _householder_qr(a)  # (..., ka, r), ka = min(d_in, r)
+    _, rb = _householder_qr(after(ra, _mT(b)))  # (..., kb, r)
     core = _mm(ra, _mT(rb))  # (..., ka, kb)
     return _pad_last(jnp.linalg.svd(core, compute_uv=False), r)
 
@@ -135,23 +166,22 @@ def _sv(a, b):
 
 def _sv_fwd(a, b):
     r = a.shape[-1]
-    qa, ra = jnp.linalg.qr(a)  # (..., d_in, ka), (..., ka, r)
-    qb, rb = jnp.linalg.qr(after((qa, ra), _mT(b)))  # (..., d_out, kb), (..., kb, r)
-    # qb (an orgqr call) feeds only the backward, so nothing orders it before this SVD: order it explicitly
-    u, s, vt = jnp.linalg.svd(after(qb, _mm(ra, _mT(rb))), full_matrices=False)
-    return _pad_last(s, r), (qa, ra, qb, rb, u, s, vt)
+    refl_a, ra = _householder_qr(a)  # Q_A as reflectors, (..., ka, r)
+    refl_b, rb = _householder_qr(after(ra, _mT(b)))  # Q_B as reflectors, (..., kb, r)
+    u, s, vt = jnp.linalg.svd(_mm(ra, _mT(rb)), full_matrices=False)  # runs after both geqrfs (it reads rb)
+    return _pad_last(s, r), (refl_a, ra, refl_b, rb, u, s, vt)
 
 
 def _sv_bwd(res, g):
-    qa, ra, qb, rb, u, s, vt = res
+    refl_a, ra, refl_b, rb, u, s, vt = res
     k = s.shape[-1]
     g = g[..., :k]
     # numerical-rank cut-off as in numpy.linalg.matrix_rank: no gradient for σ that are zero up to rounding
     tol = s[..., :1] * (max(u.shape[-2], vt.shape[-1]) * jnp.finfo(s.dtype).eps)
     g = jnp.where(s > tol, g, 0.0)
     mid = _mm(u * g[..., None, :], vt)  # U_c diag(g) V_cᵀ, (..., ka, kb)
-    grad_a = _mm(qa, _mm(mid, rb))
-    grad_b = _mm(_mm(_mT(ra), mid), _mT(qb))
+    grad_a = _q_apply(refl_a, _mm(mid, rb))  # Q_A (mid R_B)
+    grad_b = _mT(_q_apply(refl_b, _mm(_mT(mid), ra)))  # (R_Aᵀ mid) Q_Bᵀ = (Q_B (midᵀ R_A))ᵀ
     return grad_a, grad_b
 
 

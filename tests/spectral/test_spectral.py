@@ -72,6 +72,22 @@ def test_singular_values_match_numpy_svd(case, lead):
         _assert_sv_close(s, ref, floor=0.0)
 
 
+@pytest.mark.parametrize("shape", [(3, 40, 8), (2, 6, 8), (8, 8)], ids=["tall", "wide", "square"])
+def test_q_apply_equals_the_explicit_q_x64(shape):
+    """The backward multiplies by Q through geqrf's reflectors (compact WY), never forming Q: the same product as
+    jnp.linalg.qr's explicit Q, also where a column is already zero (τ = 0, the reflector is the identity)."""
+    rng = np.random.default_rng(20)
+    x = rng.standard_normal(shape)
+    if len(shape) == 3:
+        x[0, :, 3:] = 0.0  # rank 3: trailing reflectors are identities
+    with jax.enable_x64(True):
+        reflectors, r = sp._householder_qr(jnp.asarray(x))
+        q, r_ref = jnp.linalg.qr(jnp.asarray(x))
+        y = rng.standard_normal(shape[:-2] + (r.shape[-2], 5))
+        np.testing.assert_allclose(sp._q_apply(reflectors, jnp.asarray(y)), q @ y, atol=1e-12)
+        np.testing.assert_array_equal(r, r_ref)
+
+
 def test_gram_cholesky_route_loses_small_singular_values():
     """Why QR: the paper's σ(a·chol(b bᵀ + 1e-8 I)) in float32 misses the same tolerance by orders of magnitude."""
     rng = np.random.default_rng(1)
