@@ -99,5 +99,6 @@ def main():
     for name, (_, t, _) in ours.items():
         print(f"speed-up {name} / transformers: {t_hf / t:.2f}x")
 
+
 if __name__ == "__main__":
     main()
