@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from train_step import CFG
+from train_step import BENCH as CFG  # the train benchmark's shape
 
 ROWS = 16
 

@@ -158,12 +158,13 @@ def main():
     global CFG, B, T, DTYPE
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--skip-torch", action="store_true", help="time emjax's step alone instead of the PEFT pair")
     ap.add_argument("--size", default="bench", choices=["bench", *qwen3.SIZES], help="bench: issue 5's ≈35M shape")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--only", default="peft,penalty,muon", help="comparisons to run (comma list)")
+    ap.add_argument("--only", default="peft,penalty,muon", help="comparisons to run (comma list of peft, penalty, "
+                    "muon); each pair is compiled and timed on its own")
     ap.add_argument("--peft-only", action="store_true", help=argparse.SUPPRESS)  # the default-allocator PEFT run
     args = ap.parse_args()
     CFG = BENCH if args.size == "bench" else qwen3.SIZES[args.size]()
@@ -182,11 +183,12 @@ def main():
              if ON_GPU else f"{os.cpu_count()} CPU threads")
     print(f"model {CFG.num_params / 1e6:.1f}M params, batch {B}x{T}, LoRA r32 all 7 projections, {DTYPE}, {where}; "
           f"measured {DTYPE} matmul peak {peak / 1e9:.0f} GFLOP/s; {fpt / 1e6:.0f} MFLOP/token (4N + attention)")
-    if args.skip_torch or "peft" not in only:
+    rows = []
+    if args.skip_torch:  # emjax's step alone
         run = emjax_stepper()
         rows = [("emjax AdamW", float(np.median([run() for _ in range(args.steps)])))]
         del run
-    else:  # the two steps timed alternately in this process
+    elif "peft" in only:  # the two steps timed alternately in this process
         t_adamw, t_peft, fastest = interleaved(emjax_stepper(), peft_stepper(), args.steps)
         rows = [("emjax AdamW", t_adamw), ("PyTorch+PEFT AdamW", t_peft)]
         if not ON_GPU:  # PEFT as a user runs it: its own process, glibc's default allocator (emjax's mallopt is off)

@@ -244,8 +244,8 @@ class Qwen3ForCausalLM(nnx.Module):
 
     def hidden_states(self, tokens, *, positions=None, attention_mask=None, segment_ids=None, cache=None,
                       layers: list | None = None):
-        """Final-norm'd hidden states and the updated cache. ``layers`` (from ``layer_list()``, with a cache only)
-        lets a decode loop slice the stacked weights once instead of once per step."""
+        """Final-norm'd hidden states and the updated cache. ``layers`` (from ``layer_list()``, with a per-layer
+        cache only) lets a decode loop slice the stacked weights once instead of once per step."""
         cfg = self.config
         B, T = tokens.shape
         h = jnp.take(self.embed[...], tokens, axis=0, mode="clip").astype(self.dtype)
