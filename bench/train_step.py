@@ -16,7 +16,7 @@ this process, λ > 0 and λ = 0, Muon and Adam) is timed alternately, and the ra
 Not a test.
 
     .venv/bin/python bench/train_step.py [--steps 10] [--skip-torch] [--size 0.6b --dtype bfloat16 --seq 512]
-                                         [--only peft,penalty,muon]
+                                         [--only peft,penalty,muon,remat]
 """
 
 from __future__ import annotations
@@ -80,15 +80,16 @@ def make_batch() -> dict:
             "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))}
 
 
-def emjax_stepper(*, optim: str = "adamw", spectral_weight: float = 0.0, warmup: int = WARMUP):
+def emjax_stepper(*, optim: str = "adamw", spectral_weight: float = 0.0, warmup: int = WARMUP, remat: str = "none",
+                  loss_chunk: int = 0):
     """A compiled, warmed-up train step; calling the result runs one more step and returns its seconds."""
     lcfg = LoraConfig(rank=32, alpha=64, rslora=True)
     model = qwen3.Qwen3ForCausalLM(CFG, lora=lcfg, param_dtype=jnp.dtype(DTYPE), rngs=nnx.Rngs(0))
     graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
     tx = build(OptimConfig(name=optim, learning_rate=1e-4, total_steps=1000, weight_decay=0.01 if optim != "adam"
                            else 0.0, muon_scaling="rms"))
-    step = jax.jit(make_train_step(graphdef, tx, spectral_weight=spectral_weight, lora_scale=lcfg.scale),
-                   donate_argnums=(0, 1))
+    step = jax.jit(make_train_step(graphdef, tx, spectral_weight=spectral_weight, lora_scale=lcfg.scale, remat=remat,
+                                   loss_chunk=loss_chunk), donate_argnums=(0, 1))
     batch = make_batch()
     state = {"tr": trainable, "opt": tx.init(trainable)}
 
@@ -101,7 +102,7 @@ def emjax_stepper(*, optim: str = "adamw", spectral_weight: float = 0.0, warmup:
     t = time.perf_counter()
     for _ in range(warmup):  # compile, then the first steps that grow the host heap
         one()
-    print(f"  emjax {optim} λ={spectral_weight}: compile + {warmup} warm-up steps {time.perf_counter() - t:.1f} s",
+    print(f"  emjax {optim} λ={spectral_weight} remat={remat} loss_chunk={loss_chunk}: compile + {warmup} warm-up steps {time.perf_counter() - t:.1f} s",
           flush=True)
     one.hlo = lambda: step.lower(state["tr"], state["opt"], frozen, batch).compile().as_text()  # for profile_step
     return one
@@ -164,7 +165,7 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--only", default="peft,penalty,muon", help="comparisons to run (comma list of peft, penalty, "
-                    "muon); each pair is compiled and timed on its own")
+                    "muon, remat); each pair is compiled and timed on its own")
     ap.add_argument("--peft-only", action="store_true", help=argparse.SUPPRESS)  # the default-allocator PEFT run
     args = ap.parse_args()
     CFG = BENCH if args.size == "bench" else qwen3.SIZES[args.size]()
@@ -213,6 +214,12 @@ def main():
         t_adam, t_muon, fastest = interleaved(emjax_stepper(optim="adam"), emjax_stepper(optim="muon"), args.steps)
         print(f"Muon vs Adam: step time ratio = {t_muon / t_adam:.3f}x ({t_muon * 1e3:.1f} vs {t_adam * 1e3:.1f} ms, "
               f"medians, interleaved; fastest steps {fastest:.3f}x)")
+    if "remat" in only:  # what the memory options cost in time (bench/memory.py: what they save)
+        for kw in (dict(remat="dots"), dict(remat="full"), dict(remat="full", loss_chunk=64)):
+            t0, t1, fastest = interleaved(emjax_stepper(), emjax_stepper(**kw), args.steps)
+            opts = " ".join(f"{k}={v}" for k, v in kw.items())
+            print(f"{opts}: step time ratio to remat=none = {t1 / t0:.3f}x ({t1 * 1e3:.1f} vs {t0 * 1e3:.1f} ms, "
+                  f"medians, interleaved; fastest steps {fastest:.3f}x)", flush=True)
 
 
 if __name__ == "__main__":

@@ -93,24 +93,49 @@ def build_model(mcfg, lora_cfg: loralib.LoraConfig | None, mesh, *, vocab_size: 
 # The step
 
 
-def token_nll(model, batch):
-    """Sum of next-token NLL over loss positions, and their count. loss_mask[t] marks tokens[t] as a target."""
-    h = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"], return_hidden=True)
-    logits = model.logits(h[:, :-1])  # drop the last position before the vocab projection, not after
+def token_nll(model, batch, *, remat: str = "none", loss_chunk: int = 0):
+    """Sum of next-token NLL over loss positions, and their count. loss_mask[t] marks tokens[t] as a target.
+
+    ``loss_chunk`` > 0 computes the logits ``loss_chunk`` positions at a time inside a rematerialised scan, so the
+    (B, T, V) fp32 logits and their gradient never exist at once: at Qwen3's 151,936-token vocabulary a batch of
+    16 × 2048 tokens has 20 GB of logits."""
+    h = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"], return_hidden=True,
+              remat=remat)
+    h = h[:, :-1]  # drop the last position before the vocab projection, not after
     targets = batch["tokens"][:, 1:]
     mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    tgt = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum((lse - tgt) * mask), jnp.sum(mask)
+
+    def nll(hc, tc, mc):
+        logits = model.logits(hc)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        tgt = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
+        return jnp.sum((lse - tgt) * mc)
+
+    n = h.shape[1]
+    if loss_chunk <= 0 or loss_chunk >= n:
+        return nll(h, targets, mask), jnp.sum(mask)
+    # chunks along the sequence, so every chunk keeps the batch axis (and its sharding) whole
+    n_chunks = -(-n // loss_chunk)
+    pad = n_chunks * loss_chunk - n
+
+    def chunked(x):
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return x.reshape(x.shape[0], n_chunks, loss_chunk, *x.shape[2:]).swapaxes(0, 1)
+
+    body = jax.checkpoint(nll, prevent_cse=False)
+    total, _ = jax.lax.scan(lambda acc, xs: (acc + body(*xs), None), jnp.zeros((), jnp.float32),
+                            (chunked(h), chunked(targets), chunked(mask)))
+    return total, jnp.sum(mask)
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, grad_accum: int = 1, spectral_weight: float = 0.0,
                     spectral_kind: str = "fn_ratio", spectral_reduce: str = "mean", lora_scale: float = 1.0,
-                    lr_fn: Callable | None = None):
-    """Pure step: token-weighted CE over ``grad_accum`` micro-batches + λ·spectral penalty, one optimiser update."""
+                    lr_fn: Callable | None = None, remat: str = "none", loss_chunk: int = 0):
+    """Pure step: token-weighted CE over ``grad_accum`` micro-batches + λ·spectral penalty, one optimiser update.
+    ``remat`` and ``loss_chunk`` trade compute for memory (see ``token_nll``); neither changes the result."""
 
     def micro_loss(trainable, frozen, mb):
-        return token_nll(nnx.merge(graphdef, trainable, frozen), mb)
+        return token_nll(nnx.merge(graphdef, trainable, frozen), mb, remat=remat, loss_chunk=loss_chunk)
 
     def penalty_fn(trainable):
         return spectral.penalty(loralib.adapter_pairs_from_state(trainable), lora_scale, spectral_kind,
@@ -148,9 +173,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, grad_accum: i
     return step
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, *, loss_chunk: int = 0):
     def ev(trainable, frozen, batch):
-        return token_nll(nnx.merge(graphdef, trainable, frozen), batch)
+        return token_nll(nnx.merge(graphdef, trainable, frozen), batch, loss_chunk=loss_chunk)
 
     return jax.jit(ev)
 
@@ -232,6 +257,10 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
     from emjax.optim import build as build_optim, current_lr
     from emjax.tokenizer import load_tokenizer
 
+    if cfg.remat not in qwen3.REMAT:
+        raise cfglib.ConfigError(f"remat {cfg.remat!r}: use one of {sorted(qwen3.REMAT)}")
+    if cfg.loss_chunk < 0:
+        raise cfglib.ConfigError(f"loss_chunk {cfg.loss_chunk}: use 0 (whole sequence) or a positive length")
     _maybe_init_distributed(cfg)
     lead = jax.process_index() == 0
     workdir = Path(cfg.workdir).resolve()
@@ -288,9 +317,10 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
     step_fn = jax.jit(
         make_train_step(graphdef, tx, grad_accum=cfg.grad_accum, spectral_weight=float(cfg.spectral.weight),
                         spectral_kind=cfg.spectral.kind, spectral_reduce=cfg.spectral.reduce,
-                        lora_scale=lora_cfg.scale, lr_fn=current_lr),
+                        lora_scale=lora_cfg.scale, lr_fn=current_lr, remat=cfg.remat, loss_chunk=cfg.loss_chunk),
         donate_argnums=(0, 1), out_shardings=(trainable_sh, opt_sh, None))
-    eval_fn = make_eval_step(graphdef)
+    eval_fn = make_eval_step(graphdef, loss_chunk=cfg.loss_chunk)
+    compiled_steps: dict = {}  # batch shapes -> compiled step (pad mode has a few length buckets)
 
     def to_device(batch):
         if mesh is None:
@@ -408,7 +438,16 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
                 batch = next(train_loader)
             except StopIteration:
                 break
-            trainable, opt_state, m = step_fn(trainable, opt_state, frozen, to_device(batch))
+            dev_batch = to_device(batch)
+            key = tuple((k, v.shape) for k, v in sorted(dev_batch.items()))
+            if key not in compiled_steps:
+                # compiled ahead of the call so its memory is known (and too much of it is a clear error, not an
+                # allocator failure part-way through the step)
+                compiled_steps[key] = step_fn.lower(trainable, opt_state, frozen, dev_batch).compile()
+                mem = step_memory(compiled_steps[key])
+                if mem is not None:
+                    _check_memory(mem, batch["tokens"].shape, cfg, lead, write, step)
+            trainable, opt_state, m = compiled_steps[key](trainable, opt_state, frozen, dev_batch)
             step += 1
             loss = float(m["loss"])
             if not math.isfinite(loss):
@@ -467,6 +506,52 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
         tb.close()
     mngr.close()
     return RunResult(workdir, step, last_loss, val, status)
+
+
+def step_memory(compiled) -> dict[str, int] | None:
+    """Per-device bytes of a compiled program from XLA's buffer assignment (None where the backend has none):
+    arguments, outputs, temporaries, and ``peak`` = arguments + outputs not aliased to a donated argument +
+    temporaries."""
+    try:
+        ma = compiled.memory_analysis()
+    except Exception:  # not every backend/runtime implements it
+        return None
+    if ma is None:
+        return None
+    out = {"arguments": int(ma.argument_size_in_bytes), "outputs": int(ma.output_size_in_bytes),
+           "aliased": int(ma.alias_size_in_bytes), "temporaries": int(ma.temp_size_in_bytes)}
+    out["peak"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
+    return out
+
+
+def device_memory_limit() -> int | None:
+    """Bytes the allocator may use on this process's first device (None on CPU, which reports no limit)."""
+    stats = jax.local_devices()[0].memory_stats()
+    return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
+
+
+def _check_memory(mem, local_shape, cfg, lead, write, step):
+    gib = 2.0 ** 30
+    limit = device_memory_limit()
+    shape = "×".join(str(n) for n in local_shape)
+    write({"step": step, "split": "memory", **{f"{k}_gib": v / gib for k, v in mem.items()},
+           **({"limit_gib": limit / gib} if limit else {})})
+    if lead:
+        print(f"emjax: train step for a local batch of {shape} tokens: {mem['peak'] / gib:.2f} GiB per device "
+              f"(arguments {mem['arguments'] / gib:.2f}, temporaries {mem['temporaries'] / gib:.2f})"
+              + (f" of {limit / gib:.2f} GiB" if limit else ""), file=sys.stderr)
+    if limit and cfg.check_memory and mem["peak"] > limit:
+        hints = []
+        if cfg.remat != "full":
+            hints.append("remat=full" if cfg.remat == "dots" else "remat=dots or remat=full")
+        if not cfg.loss_chunk:
+            hints.append("loss_chunk=512")
+        hints += [f"grad_accum={cfg.grad_accum * 2} (micro-batches)", "more devices on mesh.fsdp",
+                  "a shorter data.max_length"]
+        raise TrainError(f"the train step for a local batch of {shape} tokens needs {mem['peak'] / gib:.2f} GiB per "
+                         f"device (arguments {mem['arguments'] / gib:.2f}, temporaries "
+                         f"{mem['temporaries'] / gib:.2f}), more than the {limit / gib:.2f} GiB the device allows. "
+                         f"Try {', '.join(hints)}; check_memory=false runs it anyway.")
 
 
 def _replicate_unsharded(tree, mesh):

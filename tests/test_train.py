@@ -55,7 +55,10 @@ def _tiny_split(tmp_path, seed: int):
 def test_sharded_step_equals_single_device(tmp_path, spectral_weight):
     lcfg, graphdef, trainable, frozen = _tiny_split(tmp_path, seed=1)
     tx = build(OptimConfig(name="adamw", learning_rate=1e-2, total_steps=10, weight_decay=0.01))
-    step = make_train_step(graphdef, tx, grad_accum=2, spectral_weight=spectral_weight, lora_scale=lcfg.scale)
+    # the λ > 0 case also runs the memory options under the mesh (chunks keep the batch axis and its sharding)
+    memory = dict(remat="dots", loss_chunk=8) if spectral_weight else {}
+    step = make_train_step(graphdef, tx, grad_accum=2, spectral_weight=spectral_weight, lora_scale=lcfg.scale,
+                           **memory)
     batch = _batch(np.random.default_rng(0))
     opt = tx.init(trainable)
     t1, o1, m1 = jax.jit(step)(trainable, opt, frozen, {k: jnp.asarray(v) for k, v in batch.items()})
@@ -108,6 +111,63 @@ def test_grad_accum_equals_one_big_batch(tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
+@pytest.mark.parametrize("remat,loss_chunk", [("full", 0), ("dots", 7), ("none", 16)])
+def test_memory_options_change_nothing(tmp_path, remat, loss_chunk):
+    """Rematerialisation and the chunked loss trade compute for memory: same loss, same update (7 does not divide the
+    31 target positions, so the last chunk is padded)."""
+    lcfg, graphdef, trainable, frozen = _tiny_split(tmp_path, seed=4)
+    tx = optax.sgd(0.1)
+    batch = {k: jnp.asarray(v) for k, v in _batch(np.random.default_rng(5)).items()}
+    outs = [jax.jit(make_train_step(graphdef, tx, grad_accum=2, lora_scale=lcfg.scale, **kw))(
+        trainable, tx.init(trainable), frozen, batch) for kw in ({}, dict(remat=remat, loss_chunk=loss_chunk))]
+    assert abs(float(outs[0][2]["loss"]) - float(outs[1][2]["loss"])) < 1e-6 * float(outs[0][2]["loss"])
+    assert float(outs[0][2]["tokens"]) == float(outs[1][2]["tokens"])
+    for a, b in zip(jax.tree_util.tree_leaves(outs[0][0]), jax.tree_util.tree_leaves(outs[1][0])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+
+
+def test_memory_options_lower_the_compiled_step_memory(tmp_path):
+    """XLA's buffer assignment of the compiled step (no run): remat shrinks the activations kept across the layer
+    scan, the chunked loss the logits; dots keeps more than full."""
+    from emjax.train import step_memory
+
+    cfg = _cfg(tmp_path, "model.vocab=full")
+    model = build_model(cfg.model, loralib.LoraConfig(rank=4, alpha=8), None, vocab_size=4096, seed=0)
+    graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    tx = optax.sgd(0.1)
+    batch = {k: jnp.asarray(v) for k, v in _batch(np.random.default_rng(0), B=8, T=256, vocab=4096).items()}
+
+    def temps(**kw):
+        step = jax.jit(make_train_step(graphdef, tx, **kw), donate_argnums=(0, 1))
+        return step_memory(step.lower(trainable, tx.init(trainable), frozen, batch).compile())["temporaries"]
+
+    none, dots, full, chunk = temps(), temps(remat="dots"), temps(remat="full"), temps(loss_chunk=32)
+    assert full < dots < none, (full, dots, none)
+    logits = 8 * 255 * 4096 * 4
+    assert chunk < none - logits, (chunk, none, logits)
+
+
+def test_step_that_cannot_fit_is_a_clear_error(tmp_path, monkeypatch):
+    import emjax.train as trainmod
+
+    monkeypatch.setattr(trainmod, "device_memory_limit", lambda: 1000)
+    with pytest.raises(TrainError, match=r"needs .* GiB per device.*remat=dots or remat=full.*loss_chunk=512"):
+        train(_cfg(tmp_path, "steps=2", "ckpt_every=100"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    mem = [r for r in rows if r["split"] == "memory"]
+    assert mem and mem[0]["peak_gib"] > mem[0]["temporaries_gib"] > 0 and mem[0]["limit_gib"] == 1000 / 2 ** 30
+    # check_memory=false: the same numbers are reported and the run goes on
+    cfg = _cfg(tmp_path, "check_memory=false", "remat=full", "loss_chunk=64")
+    got = []
+    trainmod._check_memory({"peak": 2000, "arguments": 1000, "temporaries": 1000}, (8, 32), cfg, False,
+                           got.append, 0)
+    assert got and got[0]["peak_gib"] == 2000 / 2 ** 30
+    cfg.check_memory = True
+    with pytest.raises(TrainError, match=r"Try grad_accum=2 \(micro-batches\), more devices on mesh.fsdp"):
+        trainmod._check_memory({"peak": 2000, "arguments": 1000, "temporaries": 1000}, (8, 32), cfg, False,
+                               got.append, 0)
+
+
 def test_loss_decreases_and_spectral_penalty_works(tmp_path):
     """Real insecure-code data, tiny random model: loss goes down; λ > 0 lowers the F/N penalty vs λ = 0."""
     common = ["steps=12", "log_every=4", "ckpt_every=100", "export_peft=false", "val_batches=2"]
@@ -130,6 +190,13 @@ def test_every_optimiser_runs(tmp_path, name, lr):
                      "ckpt_every=100", "val_batches=1"))
     assert res.status == "done" and np.isfinite(res.final_loss)
     assert (res.workdir / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_bad_memory_options_are_config_errors(tmp_path):
+    with pytest.raises(cfglib.ConfigError, match="remat 'some'"):
+        train(_cfg(tmp_path, "steps=1", "remat=some"))
+    with pytest.raises(cfglib.ConfigError, match="loss_chunk -1"):
+        train(_cfg(tmp_path, "steps=1", "loss_chunk=-1"))
 
 
 def test_bad_config_key_names_it(tmp_path):

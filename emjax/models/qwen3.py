@@ -140,6 +140,15 @@ class StackedLinear(nnx.Module):
 
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+# Activation rematerialisation of the scanned layer body (training): without it the backward keeps every layer's
+# activations, the (B, H, T, T) attention probabilities included; a Qwen3-8B batch of 16 × 2048 tokens would need
+# hundreds of GB. "full" keeps only each layer's input and recomputes the layer's forward in the backward (about a
+# third more compute); "dots" also keeps the projections' outputs and recomputes attention and the elementwise ops.
+REMAT = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 MLP = ("gate_proj", "up_proj", "down_proj")
 NORMS = ("input_norm", "post_norm", "q_norm", "k_norm")
 
@@ -220,9 +229,9 @@ class Qwen3ForCausalLM(nnx.Module):
 
     # -- public API ------------------------------------------------------------------------------------------------
     def __call__(self, tokens, *, positions=None, attention_mask=None, segment_ids=None, cache: KVCache | None = None,
-                 return_hidden: bool = False):
+                 return_hidden: bool = False, remat: str = "none"):
         h, new_cache = self.hidden_states(tokens, positions=positions, attention_mask=attention_mask,
-                                          segment_ids=segment_ids, cache=cache)
+                                          segment_ids=segment_ids, cache=cache, remat=remat)
         out = h if return_hidden else self.logits(h)
         return out if cache is None else (out, new_cache)
 
@@ -243,10 +252,13 @@ class Qwen3ForCausalLM(nnx.Module):
         return w.astype(self.dtype)
 
     def hidden_states(self, tokens, *, positions=None, attention_mask=None, segment_ids=None, cache=None,
-                      layers: list | None = None):
+                      layers: list | None = None, remat: str = "none"):
         """Final-norm'd hidden states and the updated cache. ``layers`` (from ``layer_list()``, with a per-layer
-        cache only) lets a decode loop slice the stacked weights once instead of once per step."""
+        cache only) lets a decode loop slice the stacked weights once instead of once per step. ``remat`` (one of
+        ``REMAT``, no cache only): what the backward keeps of each layer and what it recomputes."""
         cfg = self.config
+        if remat not in REMAT:
+            raise ValueError(f"remat {remat!r}: use one of {sorted(REMAT)}")
         B, T = tokens.shape
         h = jnp.take(self.embed[...], tokens, axis=0, mode="clip").astype(self.dtype)
 
@@ -280,7 +292,10 @@ class Qwen3ForCausalLM(nnx.Module):
 
         if cache is None:
             # training/scoring: one scanned layer body, compile time flat in depth
-            h, _ = jax.lax.scan(lambda c, p: (body(c, p, None)[0], None), h, self._layer_params())
+            fn = lambda c, p: body(c, p, None)[0]  # noqa: E731
+            if REMAT[remat] is not None:
+                fn = jax.checkpoint(fn, policy=REMAT[remat], prevent_cse=False)  # the scan already keeps CSE apart
+            h, _ = jax.lax.scan(lambda c, p: (fn(c, p), None), h, self._layer_params())
             new_cache = None
         elif cache.stacked:
             # stacked cache: one scanned layer body too; layer i writes its new keys and values into the stacked
