@@ -1,13 +1,15 @@
-"""Per-device memory of the LoRA train step at a real Qwen3 size, with and without rematerialisation and the chunked
-loss: XLA's buffer assignment of the compiled step (``emjax.train.step_memory``), compiled for abstract inputs, so
-nothing of the model's size is allocated and a laptop can read the numbers for Qwen3-8B.
+"""Per-device memory of the LoRA train step at a real Qwen3 size, with and without the memory options (``remat``,
+``loss_chunk``, ``attn_chunk``): XLA's buffer assignment of the compiled step (``emjax.train.step_memory``),
+compiled for abstract inputs, so nothing of the model's size is allocated and a laptop can read the numbers for
+Qwen3-8B.
 
-The numbers are the current backend's (on a CPU, XLA:CPU's buffer assignment; a GPU's differs in its fusions but not
-in what the options remove). The baseline is the step a user gets without the options (``remat=none
-loss_chunk=0``); the ratio column is each setting's peak over it. Not a test.
+The numbers are the current backend's. On a CPU read ``--dtype float32``: XLA:CPU computes bf16 matmuls in fp32 and
+keeps an fp32 copy of the frozen weights (≈ 29 GiB of "temporaries" at 8B, whatever the batch), which a GPU or TPU
+does not; a GPU's fusions differ too, but not what the options remove. The baseline is the step a user gets without
+the options (``remat=none loss_chunk=0 attn_chunk=0``); the ratio column is each setting's peak over it. Not a test.
 
-    .venv/bin/python bench/memory.py [--size 8b] [--batch 16] [--seq 2048] [--dtype bfloat16]
-                                     [--settings none:0,dots:0,full:0,none:512,full:512]
+    .venv/bin/python bench/memory.py [--size 8b] [--batch 16] [--seq 2048] [--dtype float32]
+                                     [--settings none:0:0,dots:0:0,full:0:0,full:128:0,full:128:256]
 """
 
 from __future__ import annotations
@@ -35,10 +37,10 @@ def main() -> None:
     ap.add_argument("--size", default="8b", choices=sorted(qwen3.SIZES))
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="float32" if jax.default_backend() == "cpu" else "bfloat16")
     ap.add_argument("--grad-accum", type=int, default=1)
-    ap.add_argument("--settings", default="none:0,dots:0,full:0,none:512,full:512",
-                    help="remat:loss_chunk pairs; the first is the baseline")
+    ap.add_argument("--settings", default="none:0:0,dots:0:0,full:0:0,full:128:0,full:128:256",
+                    help="remat:loss_chunk:attn_chunk triples; the first is the baseline")
     args = ap.parse_args()
 
     cfg = qwen3.SIZES[args.size]()
@@ -53,20 +55,20 @@ def main() -> None:
     print(f"Qwen3-{args.size} ({cfg.num_params / 1e9:.2f}B parameters, {args.dtype}), LoRA r 32 on all 7 "
           f"projections, AdamW, batch {B} x {T} tokens, grad_accum {args.grad_accum}; backend "
           f"{jax.default_backend()}, jax {jax.__version__}")
-    print(f"{'remat':>6} {'loss_chunk':>10} {'peak GiB':>10} {'temps GiB':>10} {'args GiB':>9} {'ratio':>7} "
-          f"{'compile s':>9}")
+    print(f"{'remat':>6} {'loss_chunk':>10} {'attn_chunk':>10} {'peak GiB':>10} {'temps GiB':>10} {'args GiB':>9} "
+          f"{'ratio':>7} {'compile s':>9}")
     base = None
     for setting in args.settings.split(","):
-        remat, chunk = setting.split(":")
+        remat, chunk, attn = setting.split(":")
         step = jax.jit(make_train_step(graphdef, tx, grad_accum=args.grad_accum, lora_scale=lora.scale, remat=remat,
-                                       loss_chunk=int(chunk)), donate_argnums=(0, 1))
+                                       loss_chunk=int(chunk), attn_chunk=int(attn)), donate_argnums=(0, 1))
         t0 = time.perf_counter()
         mem = step_memory(step.lower(trainable, opt, frozen, batch).compile())
         dt = time.perf_counter() - t0
         if mem is None:
             raise SystemExit(f"backend {jax.default_backend()} reports no memory analysis")
         base = base or mem["peak"]
-        print(f"{remat:>6} {chunk:>10} {mem['peak'] / GIB:>10.2f} {mem['temporaries'] / GIB:>10.2f} "
+        print(f"{remat:>6} {chunk:>10} {attn:>10} {mem['peak'] / GIB:>10.2f} {mem['temporaries'] / GIB:>10.2f} "
               f"{mem['arguments'] / GIB:>9.2f} {mem['peak'] / base:>7.3f} {dt:>9.1f}", flush=True)
 
 

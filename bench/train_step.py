@@ -81,7 +81,7 @@ def make_batch() -> dict:
 
 
 def emjax_stepper(*, optim: str = "adamw", spectral_weight: float = 0.0, warmup: int = WARMUP, remat: str = "none",
-                  loss_chunk: int = 0):
+                  loss_chunk: int = 0, attn_chunk: int = 0):
     """A compiled, warmed-up train step; calling the result runs one more step and returns its seconds."""
     lcfg = LoraConfig(rank=32, alpha=64, rslora=True)
     model = qwen3.Qwen3ForCausalLM(CFG, lora=lcfg, param_dtype=jnp.dtype(DTYPE), rngs=nnx.Rngs(0))
@@ -89,7 +89,7 @@ def emjax_stepper(*, optim: str = "adamw", spectral_weight: float = 0.0, warmup:
     tx = build(OptimConfig(name=optim, learning_rate=1e-4, total_steps=1000, weight_decay=0.01 if optim != "adam"
                            else 0.0, muon_scaling="rms"))
     step = jax.jit(make_train_step(graphdef, tx, spectral_weight=spectral_weight, lora_scale=lcfg.scale, remat=remat,
-                                   loss_chunk=loss_chunk), donate_argnums=(0, 1))
+                                   loss_chunk=loss_chunk, attn_chunk=attn_chunk), donate_argnums=(0, 1))
     batch = make_batch()
     state = {"tr": trainable, "opt": tx.init(trainable)}
 
@@ -102,8 +102,10 @@ def emjax_stepper(*, optim: str = "adamw", spectral_weight: float = 0.0, warmup:
     t = time.perf_counter()
     for _ in range(warmup):  # compile, then the first steps that grow the host heap
         one()
-    print(f"  emjax {optim} λ={spectral_weight} remat={remat} loss_chunk={loss_chunk}: compile + {warmup} warm-up steps {time.perf_counter() - t:.1f} s",
-          flush=True)
+    opts = "" if (remat, loss_chunk, attn_chunk) == ("none", 0, 0) else \
+        f" remat={remat} loss_chunk={loss_chunk} attn_chunk={attn_chunk}"
+    print(f"  emjax {optim} λ={spectral_weight}{opts}: compile + {warmup} warm-up steps "
+          f"{time.perf_counter() - t:.1f} s", flush=True)
     one.hlo = lambda: step.lower(state["tr"], state["opt"], frozen, batch).compile().as_text()  # for profile_step
     return one
 
@@ -215,7 +217,8 @@ def main():
         print(f"Muon vs Adam: step time ratio = {t_muon / t_adam:.3f}x ({t_muon * 1e3:.1f} vs {t_adam * 1e3:.1f} ms, "
               f"medians, interleaved; fastest steps {fastest:.3f}x)")
     if "remat" in only:  # what the memory options cost in time (bench/memory.py: what they save)
-        for kw in (dict(remat="dots"), dict(remat="full"), dict(remat="full", loss_chunk=64)):
+        for kw in (dict(remat="dots"), dict(remat="full"), dict(remat="full", loss_chunk=64),
+                   dict(remat="full", loss_chunk=64, attn_chunk=64)):
             t0, t1, fastest = interleaved(emjax_stepper(), emjax_stepper(**kw), args.steps)
             opts = " ".join(f"{k}={v}" for k, v in kw.items())
             print(f"{opts}: step time ratio to remat=none = {t1 / t0:.3f}x ({t1 * 1e3:.1f} vs {t0 * 1e3:.1f} ms, "

@@ -76,11 +76,13 @@ class TrainConfig:
     seed: int = 0
     steps: Optional[int] = None  # default: data.num_epochs passes over the training split
     grad_accum: int = 1  # micro-batches per step (data.batch_size is the effective batch)
-    # Memory for compute; neither changes the numbers. remat: none | dots | full (what the backward keeps of each
-    # layer); loss_chunk: logits this many positions at a time (0 = all at once). check_memory: stop before the
-    # first step when the compiled step cannot fit the device's memory.
+    # Memory for compute; none changes the numbers. remat: none | dots | full (what the backward keeps of each
+    # layer); loss_chunk: logits this many positions at a time; attn_chunk: attention scores this many query
+    # positions at a time (0 = all at once). check_memory: stop before the first step when the compiled step
+    # cannot fit the device's memory.
     remat: str = "none"
     loss_chunk: int = 0
+    attn_chunk: int = 0
     check_memory: bool = True
     log_every: int = 10
     val_every: int = 0  # 0: validation loss at the end only

@@ -93,14 +93,14 @@ def build_model(mcfg, lora_cfg: loralib.LoraConfig | None, mesh, *, vocab_size: 
 # The step
 
 
-def token_nll(model, batch, *, remat: str = "none", loss_chunk: int = 0):
+def token_nll(model, batch, *, remat: str = "none", loss_chunk: int = 0, attn_chunk: int = 0):
     """Sum of next-token NLL over loss positions, and their count. loss_mask[t] marks tokens[t] as a target.
 
     ``loss_chunk`` > 0 computes the logits ``loss_chunk`` positions at a time inside a rematerialised scan, so the
     (B, T, V) fp32 logits and their gradient never exist at once: at Qwen3's 151,936-token vocabulary a batch of
-    16 × 2048 tokens has 20 GB of logits."""
+    16 × 2048 tokens has 20 GB of logits. ``remat`` and ``attn_chunk``: see ``Qwen3ForCausalLM.hidden_states``."""
     h = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"], return_hidden=True,
-              remat=remat)
+              remat=remat, attn_chunk=attn_chunk)
     h = h[:, :-1]  # drop the last position before the vocab projection, not after
     targets = batch["tokens"][:, 1:]
     mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
@@ -130,12 +130,14 @@ def token_nll(model, batch, *, remat: str = "none", loss_chunk: int = 0):
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, grad_accum: int = 1, spectral_weight: float = 0.0,
                     spectral_kind: str = "fn_ratio", spectral_reduce: str = "mean", lora_scale: float = 1.0,
-                    lr_fn: Callable | None = None, remat: str = "none", loss_chunk: int = 0):
+                    lr_fn: Callable | None = None, remat: str = "none", loss_chunk: int = 0, attn_chunk: int = 0):
     """Pure step: token-weighted CE over ``grad_accum`` micro-batches + λ·spectral penalty, one optimiser update.
-    ``remat`` and ``loss_chunk`` trade compute for memory (see ``token_nll``); neither changes the result."""
+    ``remat``, ``loss_chunk`` and ``attn_chunk`` trade compute for memory (see ``token_nll``); none changes the
+    result."""
 
     def micro_loss(trainable, frozen, mb):
-        return token_nll(nnx.merge(graphdef, trainable, frozen), mb, remat=remat, loss_chunk=loss_chunk)
+        return token_nll(nnx.merge(graphdef, trainable, frozen), mb, remat=remat, loss_chunk=loss_chunk,
+                         attn_chunk=attn_chunk)
 
     def penalty_fn(trainable):
         return spectral.penalty(loralib.adapter_pairs_from_state(trainable), lora_scale, spectral_kind,
@@ -173,9 +175,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, grad_accum: i
     return step
 
 
-def make_eval_step(graphdef, *, loss_chunk: int = 0):
+def make_eval_step(graphdef, *, loss_chunk: int = 0, attn_chunk: int = 0):
     def ev(trainable, frozen, batch):
-        return token_nll(nnx.merge(graphdef, trainable, frozen), batch, loss_chunk=loss_chunk)
+        return token_nll(nnx.merge(graphdef, trainable, frozen), batch, loss_chunk=loss_chunk, attn_chunk=attn_chunk)
 
     return jax.jit(ev)
 
@@ -259,8 +261,9 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
 
     if cfg.remat not in qwen3.REMAT:
         raise cfglib.ConfigError(f"remat {cfg.remat!r}: use one of {sorted(qwen3.REMAT)}")
-    if cfg.loss_chunk < 0:
-        raise cfglib.ConfigError(f"loss_chunk {cfg.loss_chunk}: use 0 (whole sequence) or a positive length")
+    for key in ("loss_chunk", "attn_chunk"):
+        if cfg[key] < 0:
+            raise cfglib.ConfigError(f"{key} {cfg[key]}: use 0 (whole sequence) or a positive length")
     _maybe_init_distributed(cfg)
     lead = jax.process_index() == 0
     workdir = Path(cfg.workdir).resolve()
@@ -317,9 +320,10 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
     step_fn = jax.jit(
         make_train_step(graphdef, tx, grad_accum=cfg.grad_accum, spectral_weight=float(cfg.spectral.weight),
                         spectral_kind=cfg.spectral.kind, spectral_reduce=cfg.spectral.reduce,
-                        lora_scale=lora_cfg.scale, lr_fn=current_lr, remat=cfg.remat, loss_chunk=cfg.loss_chunk),
+                        lora_scale=lora_cfg.scale, lr_fn=current_lr, remat=cfg.remat, loss_chunk=cfg.loss_chunk,
+                        attn_chunk=cfg.attn_chunk),
         donate_argnums=(0, 1), out_shardings=(trainable_sh, opt_sh, None))
-    eval_fn = make_eval_step(graphdef, loss_chunk=cfg.loss_chunk)
+    eval_fn = make_eval_step(graphdef, loss_chunk=cfg.loss_chunk, attn_chunk=cfg.attn_chunk)
     compiled_steps: dict = {}  # batch shapes -> compiled step (pad mode has a few length buckets)
 
     def to_device(batch):
@@ -545,7 +549,9 @@ def _check_memory(mem, local_shape, cfg, lead, write, step):
         if cfg.remat != "full":
             hints.append("remat=full" if cfg.remat == "dots" else "remat=dots or remat=full")
         if not cfg.loss_chunk:
-            hints.append("loss_chunk=512")
+            hints.append("loss_chunk=128")
+        if not cfg.attn_chunk:
+            hints.append("attn_chunk=256")
         hints += [f"grad_accum={cfg.grad_accum * 2} (micro-batches)", "more devices on mesh.fsdp",
                   "a shorter data.max_length"]
         raise TrainError(f"the train step for a local batch of {shape} tokens needs {mem['peak'] / gib:.2f} GiB per "

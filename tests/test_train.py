@@ -56,7 +56,7 @@ def test_sharded_step_equals_single_device(tmp_path, spectral_weight):
     lcfg, graphdef, trainable, frozen = _tiny_split(tmp_path, seed=1)
     tx = build(OptimConfig(name="adamw", learning_rate=1e-2, total_steps=10, weight_decay=0.01))
     # the λ > 0 case also runs the memory options under the mesh (chunks keep the batch axis and its sharding)
-    memory = dict(remat="dots", loss_chunk=8) if spectral_weight else {}
+    memory = dict(remat="dots", loss_chunk=8, attn_chunk=8) if spectral_weight else {}
     step = make_train_step(graphdef, tx, grad_accum=2, spectral_weight=spectral_weight, lora_scale=lcfg.scale,
                            **memory)
     batch = _batch(np.random.default_rng(0))
@@ -111,15 +111,18 @@ def test_grad_accum_equals_one_big_batch(tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
-@pytest.mark.parametrize("remat,loss_chunk", [("full", 0), ("dots", 7), ("none", 16)])
-def test_memory_options_change_nothing(tmp_path, remat, loss_chunk):
-    """Rematerialisation and the chunked loss trade compute for memory: same loss, same update (7 does not divide the
-    31 target positions, so the last chunk is padded)."""
+@pytest.mark.parametrize("remat,loss_chunk,attn_chunk", [("full", 0, 0), ("dots", 7, 0), ("none", 16, 12),
+                                                         ("full", 0, 8)])
+def test_memory_options_change_nothing(tmp_path, remat, loss_chunk, attn_chunk):
+    """Rematerialisation and the chunked loss and attention trade compute for memory: same loss, same update (7 does
+    not divide the 31 target positions, nor 12 the 32 query positions, so the last chunk is padded; the batch has
+    padding)."""
     lcfg, graphdef, trainable, frozen = _tiny_split(tmp_path, seed=4)
     tx = optax.sgd(0.1)
     batch = {k: jnp.asarray(v) for k, v in _batch(np.random.default_rng(5)).items()}
+    options = dict(remat=remat, loss_chunk=loss_chunk, attn_chunk=attn_chunk)
     outs = [jax.jit(make_train_step(graphdef, tx, grad_accum=2, lora_scale=lcfg.scale, **kw))(
-        trainable, tx.init(trainable), frozen, batch) for kw in ({}, dict(remat=remat, loss_chunk=loss_chunk))]
+        trainable, tx.init(trainable), frozen, batch) for kw in ({}, options)]
     assert abs(float(outs[0][2]["loss"]) - float(outs[1][2]["loss"])) < 1e-6 * float(outs[0][2]["loss"])
     assert float(outs[0][2]["tokens"]) == float(outs[1][2]["tokens"])
     for a, b in zip(jax.tree_util.tree_leaves(outs[0][0]), jax.tree_util.tree_leaves(outs[1][0])):
@@ -128,7 +131,7 @@ def test_memory_options_change_nothing(tmp_path, remat, loss_chunk):
 
 def test_memory_options_lower_the_compiled_step_memory(tmp_path):
     """XLA's buffer assignment of the compiled step (no run): remat shrinks the activations kept across the layer
-    scan, the chunked loss the logits; dots keeps more than full."""
+    scan, the chunked loss the logits, the chunked attention the (B, H, T, T) scores; dots keeps more than full."""
     from emjax.train import step_memory
 
     cfg = _cfg(tmp_path, "model.vocab=full")
@@ -145,19 +148,24 @@ def test_memory_options_lower_the_compiled_step_memory(tmp_path):
     assert full < dots < none, (full, dots, none)
     logits = 8 * 255 * 4096 * 4
     assert chunk < none - logits, (chunk, none, logits)
+    scores = 8 * 4 * 256 * 256 * 4  # one layer's fp32 scores (B, H, T, T)
+    # with the logits chunked too (they set the peak otherwise)
+    full_chunk, full_both = temps(remat="full", loss_chunk=32), temps(remat="full", loss_chunk=32, attn_chunk=32)
+    assert full_both < full_chunk - scores, (full_both, full_chunk, scores)
 
 
 def test_step_that_cannot_fit_is_a_clear_error(tmp_path, monkeypatch):
     import emjax.train as trainmod
 
     monkeypatch.setattr(trainmod, "device_memory_limit", lambda: 1000)
-    with pytest.raises(TrainError, match=r"needs .* GiB per device.*remat=dots or remat=full.*loss_chunk=512"):
+    with pytest.raises(TrainError, match=r"needs .* GiB per device.*remat=dots or remat=full, loss_chunk=128, "
+                                         r"attn_chunk=256"):
         train(_cfg(tmp_path, "steps=2", "ckpt_every=100"))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     mem = [r for r in rows if r["split"] == "memory"]
     assert mem and mem[0]["peak_gib"] > mem[0]["temporaries_gib"] > 0 and mem[0]["limit_gib"] == 1000 / 2 ** 30
     # check_memory=false: the same numbers are reported and the run goes on
-    cfg = _cfg(tmp_path, "check_memory=false", "remat=full", "loss_chunk=64")
+    cfg = _cfg(tmp_path, "check_memory=false", "remat=full", "loss_chunk=64", "attn_chunk=64")
     got = []
     trainmod._check_memory({"peak": 2000, "arguments": 1000, "temporaries": 1000}, (8, 32), cfg, False,
                            got.append, 0)
@@ -195,8 +203,9 @@ def test_every_optimiser_runs(tmp_path, name, lr):
 def test_bad_memory_options_are_config_errors(tmp_path):
     with pytest.raises(cfglib.ConfigError, match="remat 'some'"):
         train(_cfg(tmp_path, "steps=1", "remat=some"))
-    with pytest.raises(cfglib.ConfigError, match="loss_chunk -1"):
-        train(_cfg(tmp_path, "steps=1", "loss_chunk=-1"))
+    for key in ("loss_chunk", "attn_chunk"):
+        with pytest.raises(cfglib.ConfigError, match=f"{key} -1"):
+            train(_cfg(tmp_path, "steps=1", f"{key}=-1"))
 
 
 def test_bad_config_key_names_it(tmp_path):

@@ -229,9 +229,9 @@ class Qwen3ForCausalLM(nnx.Module):
 
     # -- public API ------------------------------------------------------------------------------------------------
     def __call__(self, tokens, *, positions=None, attention_mask=None, segment_ids=None, cache: KVCache | None = None,
-                 return_hidden: bool = False, remat: str = "none"):
+                 return_hidden: bool = False, remat: str = "none", attn_chunk: int = 0):
         h, new_cache = self.hidden_states(tokens, positions=positions, attention_mask=attention_mask,
-                                          segment_ids=segment_ids, cache=cache, remat=remat)
+                                          segment_ids=segment_ids, cache=cache, remat=remat, attn_chunk=attn_chunk)
         out = h if return_hidden else self.logits(h)
         return out if cache is None else (out, new_cache)
 
@@ -252,10 +252,11 @@ class Qwen3ForCausalLM(nnx.Module):
         return w.astype(self.dtype)
 
     def hidden_states(self, tokens, *, positions=None, attention_mask=None, segment_ids=None, cache=None,
-                      layers: list | None = None, remat: str = "none"):
+                      layers: list | None = None, remat: str = "none", attn_chunk: int = 0):
         """Final-norm'd hidden states and the updated cache. ``layers`` (from ``layer_list()``, with a per-layer
         cache only) lets a decode loop slice the stacked weights once instead of once per step. ``remat`` (one of
-        ``REMAT``, no cache only): what the backward keeps of each layer and what it recomputes."""
+        ``REMAT``) and ``attn_chunk`` (> 0: queries this many positions at a time, each chunk's scores recomputed
+        in the backward, so no (B, H, T, T) array is kept) trade compute for memory; no cache only."""
         cfg = self.config
         if remat not in REMAT:
             raise ValueError(f"remat {remat!r}: use one of {sorted(REMAT)}")
@@ -288,7 +289,7 @@ class Qwen3ForCausalLM(nnx.Module):
 
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
         scale = self.lora_config.scale if self.lora_config else 0.0
-        body = _make_layer_fn(cfg, self.dtype, scale, mask, cos, sin, start)
+        body = _make_layer_fn(cfg, self.dtype, scale, mask, cos, sin, start, attn_chunk if cache is None else 0)
 
         if cache is None:
             # training/scoring: one scanned layer body, compile time flat in depth
@@ -371,7 +372,33 @@ def _linear(x, params, scale):
     return lora_matmul(x, kernel.astype(x.dtype), a.astype(x.dtype), b.astype(x.dtype), scale)
 
 
-def _make_layer_fn(cfg: Qwen3Config, dtype, scale, mask, cos, sin, cache_start):
+def _attend(q, k, v, mask, dtype, keys_transposed: bool = False):
+    """Softmax attention with the G query heads of a KV head stacked as rows (both products plain batched matmuls):
+    q (B, K, G, Tq, hd), k (B, K, S, hd) or, from the cache, (B, K, hd, S), v (B, K, S, hd), mask (B, Tq, S)
+    -> (B, K, G, Tq, hd)."""
+    B, K, G, Tq, hd = q.shape
+    spec = "bkqd,bkds->bkqs" if keys_transposed else "bkqd,bksd->bkqs"
+    scores = jnp.einsum(spec, q.reshape(B, K, G * Tq, hd), k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None], scores.reshape(B, K, G, Tq, -1) / math.sqrt(hd),
+                       jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(B, K, G * Tq, -1)
+    return jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(B, K, G, Tq, hd)
+
+
+def _attend_chunked(q, k, v, mask, dtype, chunk):
+    """``_attend`` over query chunks in a scan whose body is rematerialised: every query row still sees all its keys
+    (the same softmax), but only one chunk's (B, H, chunk, S) scores exist at a time, in the backward too."""
+    B, K, G, T, hd = q.shape
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    q = jnp.pad(q, [(0, 0)] * 3 + [(0, pad), (0, 0)]).reshape(B, K, G, n, chunk, hd).transpose(3, 0, 1, 2, 4, 5)
+    mask = jnp.pad(mask, [(0, 0), (0, pad), (0, 0)]).reshape(B, n, chunk, -1).swapaxes(0, 1)
+    body = jax.checkpoint(lambda qc, mc: _attend(qc, k, v, mc, dtype), prevent_cse=False)
+    _, out = jax.lax.scan(lambda c, xs: (c, body(*xs)), None, (q, mask))  # (n, B, K, G, chunk, hd)
+    return out.transpose(1, 2, 3, 0, 4, 5).reshape(B, K, G, n * chunk, hd)[:, :, :, :T]
+
+
+def _make_layer_fn(cfg: Qwen3Config, dtype, scale, mask, cos, sin, cache_start, attn_chunk=0):
     H, K, hd, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
     G = H // K
 
@@ -385,7 +412,7 @@ def _make_layer_fn(cfg: Qwen3Config, dtype, scale, mask, cos, sin, cache_start):
         k = apply_rope(rms_norm(k, p["k_norm"], eps), cos, sin)
         # heads-first layout (B, K, rows, hd) with the G query heads of a KV head stacked as rows (g, t): both
         # attention products become plain batched matmuls with no transposes inside them.
-        qh = q.reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, hd)
+        q5 = q.reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4)  # (B, K, G, T, hd)
         kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         if kv is not None:
             # keys stored transposed (B, K, hd, S): the decode-time score product is then a plain matmul; each row
@@ -405,16 +432,11 @@ def _make_layer_fn(cfg: Qwen3Config, dtype, scale, mask, cos, sin, cache_start):
                 vc = jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice(c, x, (0, i, 0)))(
                     vc, vh.astype(vc.dtype), cache_start)
                 new_kv = (kc, vc)
-            v_all = vc.astype(dtype)
-            scores = jnp.einsum("bkqd,bkds->bkqs", qh, kc.astype(dtype), preferred_element_type=jnp.float32)
+            attn = _attend(q5, kc.astype(dtype), vc.astype(dtype), mask, dtype, keys_transposed=True)
         else:
-            v_all, new_kv = vh, None
-            scores = jnp.einsum("bkqd,bksd->bkqs", qh, kh, preferred_element_type=jnp.float32)
-        S = v_all.shape[2]
-        scores = scores / math.sqrt(hd)
-        scores = jnp.where(mask[:, None, None, :, :], scores.reshape(B, K, G, T, S), jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(B, K, G * T, S)
-        attn = jnp.einsum("bkqs,bksd->bkqd", probs, v_all).reshape(B, K, G, T, hd)
+            new_kv = None
+            attn = (_attend_chunked(q5, kh, vh, mask, dtype, attn_chunk) if 0 < attn_chunk < T
+                    else _attend(q5, kh, vh, mask, dtype))
         attn = attn.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
         h = h + _linear(attn, p["o_proj"], scale)
         x = rms_norm(h, p["post_norm"], eps)

@@ -38,7 +38,9 @@ def test_logits_match_transformers(tmp_path, case):
     assert diff < TOL, diff
 
 
-def test_right_padded_batch_with_mask(tmp_path):
+@pytest.mark.parametrize("attn_chunk", [0, 16], ids=["whole", "attn_chunk16"])
+def test_right_padded_batch_with_mask(tmp_path, attn_chunk):
+    """attn_chunk=16 (queries in chunks, 40 = 16 + 16 + 8 padded) must give the same logits."""
     hf = tiny_hf_model(seed=2)
     hf.save_pretrained(tmp_path)
     model = from_pretrained(tmp_path, dtype=jnp.float32)
@@ -47,7 +49,7 @@ def test_right_padded_batch_with_mask(tmp_path):
     mask = (np.arange(40)[None] < lengths[:, None]).astype(np.int64)
     tokens = np.where(mask > 0, tokens, 0)
     ref = _ref_logits(hf, tokens, mask)
-    out = np.asarray(model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask)))
+    out = np.asarray(model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask), attn_chunk=attn_chunk))
     for b, n in enumerate(lengths):
         assert np.abs(out[b, :n] - ref[b, :n]).max() < TOL
         solo = _ref_logits(hf, tokens[b:b + 1, :n])[0]  # and each row equals that row alone
