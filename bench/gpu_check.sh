@@ -49,7 +49,7 @@ step() {
   echo "--- $name: rc $rc, $((SECONDS - t)) s" | tee -a "$LOG"
 }
 
-STEPS=${STEPS:-env parity train_0.6b_bf16 sampling_0.6b_bf16 train_35m_fp32 sampling_35m_fp32 tests demo}
+STEPS=${STEPS:-env parity train_0.6b_bf16 sampling_0.6b_bf16 memory_8b train_35m_fp32 sampling_35m_fp32 tests demo}
 for s in $STEPS; do
   case $s in
   env) step env 60 12 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv;
@@ -64,6 +64,9 @@ print(jax.devices())'" ;;
   muon_0.6b_bf16) step $s 200 6 $PY bench/traced.py 60 bench/train_step.py --size 0.6b --dtype bfloat16 --seq 512 \
     --steps 20 --only muon ;;
   sampling_0.6b_bf16) step $s 200 6 $PY bench/traced.py 30 bench/sampling.py --size 0.6b --dtype bfloat16 ;;
+  memory_8b) step $s 120 8 $PY bench/memory.py --size 8b --dtype bfloat16 ;;
+  remat_0.6b_bf16) step $s 300 6 $PY bench/traced.py 60 bench/train_step.py --size 0.6b --dtype bfloat16 --seq 512 \
+    --steps 10 --only remat ;;
   train_35m_fp32) step $s 150 8 $PY bench/train_step.py --only peft --steps 20 ;;
   sampling_35m_fp32) step $s 120 6 $PY bench/sampling.py ;;
   tests) step tests 200 25 env JAX_PLATFORMS=cuda $PY -m pytest -q -n 8 -p no:cacheprovider tests/models \
