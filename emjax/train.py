@@ -450,7 +450,8 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
                 compiled_steps[key] = step_fn.lower(trainable, opt_state, frozen, dev_batch).compile()
                 mem = step_memory(compiled_steps[key])
                 if mem is not None:
-                    _check_memory(mem, batch["tokens"].shape, cfg, lead, write, step)
+                    _check_memory(mem, batch["tokens"].shape, cfg, write, step,
+                                  echo=(lambda msg: tqdm.write(msg, file=sys.stderr)) if lead else None)
             trainable, opt_state, m = compiled_steps[key](trainable, opt_state, frozen, dev_batch)
             step += 1
             loss = float(m["loss"])
@@ -534,16 +535,18 @@ def device_memory_limit() -> int | None:
     return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
 
 
-def _check_memory(mem, local_shape, cfg, lead, write, step):
+def _check_memory(mem, local_shape, cfg, write, step, echo=None):
+    """Log the compiled step's memory (a ``memory`` row; ``echo`` prints it beside the progress bar) and stop with
+    what to change when it exceeds the device's limit."""
     gib = 2.0 ** 30
     limit = device_memory_limit()
     shape = "×".join(str(n) for n in local_shape)
     write({"step": step, "split": "memory", **{f"{k}_gib": v / gib for k, v in mem.items()},
            **({"limit_gib": limit / gib} if limit else {})})
-    if lead:
-        print(f"emjax: train step for a local batch of {shape} tokens: {mem['peak'] / gib:.2f} GiB per device "
-              f"(arguments {mem['arguments'] / gib:.2f}, temporaries {mem['temporaries'] / gib:.2f})"
-              + (f" of {limit / gib:.2f} GiB" if limit else ""), file=sys.stderr)
+    if echo is not None:
+        echo(f"emjax: train step for a local batch of {shape} tokens: {mem['peak'] / gib:.2f} GiB per device "
+             f"(arguments {mem['arguments'] / gib:.2f}, temporaries {mem['temporaries'] / gib:.2f})"
+             + (f" of {limit / gib:.2f} GiB" if limit else ""))
     if limit and cfg.check_memory and mem["peak"] > limit:
         hints = []
         if cfg.remat != "full":

@@ -167,13 +167,14 @@ def test_step_that_cannot_fit_is_a_clear_error(tmp_path, monkeypatch):
     # check_memory=false: the same numbers are reported and the run goes on
     cfg = _cfg(tmp_path, "check_memory=false", "remat=full", "loss_chunk=64", "attn_chunk=64")
     got = []
-    trainmod._check_memory({"peak": 2000, "arguments": 1000, "temporaries": 1000}, (8, 32), cfg, False,
-                           got.append, 0)
+    said = []
+    trainmod._check_memory({"peak": 2000, "arguments": 1000, "temporaries": 1000}, (8, 32), cfg, got.append, 0,
+                           echo=said.append)
     assert got and got[0]["peak_gib"] == 2000 / 2 ** 30
+    assert said and "local batch of 8×32 tokens" in said[0]
     cfg.check_memory = True
     with pytest.raises(TrainError, match=r"Try grad_accum=2 \(micro-batches\), more devices on mesh.fsdp"):
-        trainmod._check_memory({"peak": 2000, "arguments": 1000, "temporaries": 1000}, (8, 32), cfg, False,
-                               got.append, 0)
+        trainmod._check_memory({"peak": 2000, "arguments": 1000, "temporaries": 1000}, (8, 32), cfg, got.append, 0)
 
 
 def test_loss_decreases_and_spectral_penalty_works(tmp_path):
