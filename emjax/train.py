@@ -228,14 +228,17 @@ def _maybe_init_distributed(cfg) -> None:
 
 
 def _check_compatible(workdir: Path, cfg) -> None:
-    """A work directory belongs to one run: refuse to resume it with a different model, adapter, data or optimiser."""
+    """A work directory belongs to one run: refuse to resume it with a different model, adapter, data or optimiser.
+    How the step is computed (grad_accum, remat, loss_chunk, attn_chunk) may change: it changes no number beyond
+    summation order, and it is what a run that stopped for memory needs. Nothing to resume, nothing to refuse."""
     from omegaconf import OmegaConf
 
     saved_path = workdir / "config.yaml"
-    if not saved_path.exists():
+    ckpts = workdir / "checkpoints"
+    if not saved_path.exists() or not (ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())):
         return
     saved = OmegaConf.load(saved_path)
-    for section in ("model", "lora", "optim", "data", "spectral", "grad_accum", "seed", "steps"):
+    for section in ("model", "lora", "optim", "data", "spectral", "seed", "steps"):
         a = OmegaConf.select(saved, section)
         b = OmegaConf.select(cfg, section)
         a = OmegaConf.to_container(a) if OmegaConf.is_config(a) else a

@@ -226,9 +226,19 @@ def test_missing_dataset_file_is_clear(tmp_path):
 
 
 def test_incompatible_checkpoint(tmp_path):
+    from emjax.train import _check_compatible
+
     train(_cfg(tmp_path, "steps=2", "ckpt_every=1", "val_batches=1"))
     with pytest.raises(TrainError, match=r"incompatible checkpoint — lora.rank: saved 4, now 8"):
         train(_cfg(tmp_path, "steps=2", "lora.rank=8"))
+    # the memory options and micro-batching change no number, so a run that did not fit resumes with them
+    _check_compatible(tmp_path / "run", _cfg(tmp_path, "steps=2", "remat=full", "loss_chunk=8", "attn_chunk=8",
+                                             "grad_accum=2"))
+    # a directory with a config but no checkpoint (a run stopped before its first save) starts afresh
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
+    _check_compatible(tmp_path / "run", _cfg(tmp_path, "steps=2", "lora.rank=8"))
 
 
 def test_nan_loss_stops_naming_the_step(tmp_path):

@@ -140,17 +140,17 @@ class StackedLinear(nnx.Module):
 
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+NORMS = ("input_norm", "post_norm", "q_norm", "k_norm")
 # Activation rematerialisation of the scanned layer body (training): without it the backward keeps every layer's
 # activations, the (B, H, T, T) attention probabilities included; a Qwen3-8B batch of 16 × 2048 tokens would need
-# hundreds of GB. "full" keeps only each layer's input and recomputes the layer's forward in the backward (about a
+# over a TB (bench/memory.py). "full" keeps only each layer's input and recomputes the layer's forward in the backward (up to a
 # third more compute); "dots" also keeps the projections' outputs and recomputes attention and the elementwise ops.
 REMAT = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-MLP = ("gate_proj", "up_proj", "down_proj")
-NORMS = ("input_norm", "post_norm", "q_norm", "k_norm")
 
 
 class Qwen3Blocks(nnx.Module):
