@@ -3,6 +3,7 @@ down on the real insecure-code data, every optimiser runs, λ > 0 lowers the pen
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -235,8 +236,6 @@ def test_incompatible_checkpoint(tmp_path):
     _check_compatible(tmp_path / "run", _cfg(tmp_path, "steps=2", "remat=full", "loss_chunk=8", "attn_chunk=8",
                                              "grad_accum=2"))
     # a directory with a config but no checkpoint (a run stopped before its first save) starts afresh
-    import shutil
-
     shutil.rmtree(tmp_path / "run" / "checkpoints")
     _check_compatible(tmp_path / "run", _cfg(tmp_path, "steps=2", "lora.rank=8"))
 
