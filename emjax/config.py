@@ -79,11 +79,14 @@ class TrainConfig:
     # Memory for compute; none changes the numbers. remat: none | dots | full (what the backward keeps of each
     # layer); loss_chunk: logits this many positions at a time; attn_chunk: attention scores this many query
     # positions at a time (0 = all at once). check_memory: stop before the first step when the compiled step
-    # cannot fit the device's memory.
+    # cannot fit the device's memory. auto_memory: on a device that reports its memory, start from these options
+    # and take the first setting that fits (dots, full, + loss_chunk 128, + attn_chunk 256).
     remat: str = "none"
     loss_chunk: int = 0
     attn_chunk: int = 0
     check_memory: bool = True
+    auto_memory: bool = False
+    memory_limit_gib: Optional[float] = None  # per device; default: what the device reports (a CPU reports none)
     log_every: int = 10
     val_every: int = 0  # 0: validation loss at the end only
     val_batches: int = 0  # 0: the whole validation split

@@ -44,6 +44,11 @@ PEAK_TFLOPS = {"cpu": 0.07, "h100": 989.0, "h200": 989.0, "a100": 312.0, "v5p": 
                "v5 lite": 197.0, "v6e": 918.0, "v6 lite": 918.0, "v4": 275.0}
 
 
+# auto_memory takes a setting whose compiled peak is at most this fraction of the device's limit (the allocator
+# fragments; the estimate is XLA's buffer assignment, not the allocator's)
+AUTO_MEMORY_FILL = 0.95
+
+
 class TrainError(RuntimeError):
     pass
 
@@ -320,14 +325,54 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
     opt_state = _replicate_unsharded(jax.jit(tx.init)(trainable), mesh)
     trainable_sh = jax.tree_util.tree_map(lambda x: x.sharding, trainable)
     opt_sh = jax.tree_util.tree_map(lambda x: x.sharding, opt_state)
-    step_fn = jax.jit(
-        make_train_step(graphdef, tx, grad_accum=cfg.grad_accum, spectral_weight=float(cfg.spectral.weight),
-                        spectral_kind=cfg.spectral.kind, spectral_reduce=cfg.spectral.reduce,
-                        lora_scale=lora_cfg.scale, lr_fn=current_lr, remat=cfg.remat, loss_chunk=cfg.loss_chunk,
-                        attn_chunk=cfg.attn_chunk),
-        donate_argnums=(0, 1), out_shardings=(trainable_sh, opt_sh, None))
+    step_fns: dict = {}  # memory options -> jitted step
+
+    def step_fn(opts: dict):
+        key = tuple(sorted(opts.items()))
+        if key not in step_fns:
+            step_fns[key] = jax.jit(
+                make_train_step(graphdef, tx, grad_accum=cfg.grad_accum, spectral_weight=float(cfg.spectral.weight),
+                                spectral_kind=cfg.spectral.kind, spectral_reduce=cfg.spectral.reduce,
+                                lora_scale=lora_cfg.scale, lr_fn=current_lr, **opts),
+                donate_argnums=(0, 1), out_shardings=(trainable_sh, opt_sh, None))
+        return step_fns[key]
+
     eval_fn = make_eval_step(graphdef, loss_chunk=cfg.loss_chunk, attn_chunk=cfg.attn_chunk)
     compiled_steps: dict = {}  # batch shapes -> compiled step (pad mode has a few length buckets)
+
+    def compile_step(dev_batch, local_shape):
+        """Compiled ahead of the call so its memory is known: too much of it is a clear error (or, with
+        auto_memory, the next memory option is tried), not an allocator failure part-way through the step. With
+        several processes all run the setting the neediest one took, and all stop if any cannot fit."""
+        limit = memory_limit(cfg)
+        configured = dict(remat=cfg.remat, loss_chunk=cfg.loss_chunk, attn_chunk=cfg.attn_chunk)
+        tries = memory_escalation(**configured) if cfg.auto_memory and limit else [configured]
+        fill = AUTO_MEMORY_FILL if len(tries) > 1 else 1.0
+
+        def build(i):
+            compiled = step_fn(tries[i]).lower(trainable, opt_state, frozen, dev_batch).compile()
+            return compiled, step_memory(compiled)
+
+        for i in range(len(tries)):
+            compiled, mem = build(i)
+            if mem is None or limit is None or mem["peak"] <= fill * limit:
+                break
+        over = bool(mem is not None and limit and mem["peak"] > limit)
+        if jax.process_count() > 1 and (len(tries) > 1 or cfg.check_memory):
+            from jax.experimental import multihost_utils
+
+            agreed = int(np.max(multihost_utils.process_allgather(np.int32(i))))
+            if agreed != i:
+                i = agreed
+                compiled, mem = build(i)
+                over = bool(mem is not None and limit and mem["peak"] > limit)
+            over_any = bool(np.max(multihost_utils.process_allgather(np.int32(over))))
+        else:
+            over_any = over
+        if mem is not None:
+            _check_memory(mem, local_shape, tries[i], cfg, write, step, limit=limit, elsewhere=over_any and not over,
+                          echo=(lambda msg: tqdm.write(msg, file=sys.stderr)) if lead else None)
+        return compiled
 
     def to_device(batch):
         if mesh is None:
@@ -448,13 +493,7 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
             dev_batch = to_device(batch)
             key = tuple((k, v.shape) for k, v in sorted(dev_batch.items()))
             if key not in compiled_steps:
-                # compiled ahead of the call so its memory is known (and too much of it is a clear error, not an
-                # allocator failure part-way through the step)
-                compiled_steps[key] = step_fn.lower(trainable, opt_state, frozen, dev_batch).compile()
-                mem = step_memory(compiled_steps[key])
-                if mem is not None:
-                    _check_memory(mem, batch["tokens"].shape, cfg, write, step,
-                                  echo=(lambda msg: tqdm.write(msg, file=sys.stderr)) if lead else None)
+                compiled_steps[key] = compile_step(dev_batch, batch["tokens"].shape)
             trainable, opt_state, m = compiled_steps[key](trainable, opt_state, frozen, dev_batch)
             step += 1
             loss = float(m["loss"])
@@ -538,26 +577,57 @@ def device_memory_limit() -> int | None:
     return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
 
 
-def _check_memory(mem, local_shape, cfg, write, step, echo=None):
-    """Log the compiled step's memory (a ``memory`` row; ``echo`` prints it beside the progress bar) and stop with
-    what to change when it exceeds the device's limit."""
+def memory_limit(cfg) -> int | None:
+    """The per-device bytes the memory check and auto_memory plan against: ``memory_limit_gib`` when set (to plan
+    for another device, or leave room for the evaluation sampler), else the device's own limit."""
+    if cfg.memory_limit_gib is not None:
+        return int(cfg.memory_limit_gib * 2 ** 30)
+    return device_memory_limit()
+
+
+def memory_escalation(remat: str = "none", loss_chunk: int = 0, attn_chunk: int = 0) -> list[dict]:
+    """The given memory options, then each setting that saves more, in order of time cost (bench/train_step.py
+    --only remat on a CPU: dots ≈ 1.0×, full 1.06–1.13×, + loss_chunk 1.24×, + attn_chunk 1.37×)."""
+    out = [dict(remat=remat, loss_chunk=loss_chunk, attn_chunk=attn_chunk)]
+
+    def then(**kw):
+        if {**out[-1], **kw} != out[-1]:
+            out.append({**out[-1], **kw})
+
+    if remat == "none":
+        then(remat="dots")
+    then(remat="full")
+    then(loss_chunk=loss_chunk or 128)
+    then(attn_chunk=attn_chunk or 256)
+    return out
+
+
+def _check_memory(mem, local_shape, opts, cfg, write, step, *, limit=None, echo=None, elsewhere=False):
+    """Log the compiled step's memory and its options (a ``memory`` row; ``echo`` prints it beside the progress
+    bar) and stop with what to change when it exceeds the device's ``limit`` (here, or ``elsewhere``: on another
+    process's device)."""
     gib = 2.0 ** 30
-    limit = device_memory_limit()
     shape = "×".join(str(n) for n in local_shape)
-    write({"step": step, "split": "memory", **{f"{k}_gib": v / gib for k, v in mem.items()},
+    write({"step": step, "split": "memory", **opts, **{f"{k}_gib": v / gib for k, v in mem.items()},
            **({"limit_gib": limit / gib} if limit else {})})
     if echo is not None:
-        echo(f"emjax: train step for a local batch of {shape} tokens: {mem['peak'] / gib:.2f} GiB per device "
-             f"(arguments {mem['arguments'] / gib:.2f}, temporaries {mem['temporaries'] / gib:.2f})"
+        echo(f"emjax: train step for a local batch of {shape} tokens with "
+             f"{' '.join(f'{k}={v}' for k, v in opts.items())}: {mem['peak'] / gib:.2f} GiB per device (arguments "
+             f"{mem['arguments'] / gib:.2f}, temporaries {mem['temporaries'] / gib:.2f})"
              + (f" of {limit / gib:.2f} GiB" if limit else ""))
+    if cfg.check_memory and elsewhere:
+        raise TrainError(f"the train step for a local batch of {shape} tokens does not fit another process's device "
+                         f"(that process names what to change); check_memory=false runs it anyway.")
     if limit and cfg.check_memory and mem["peak"] > limit:
         hints = []
-        if cfg.remat != "full":
-            hints.append("remat=full" if cfg.remat == "dots" else "remat=dots or remat=full")
-        if not cfg.loss_chunk:
+        if opts["remat"] != "full":
+            hints.append("remat=full" if opts["remat"] == "dots" else "remat=dots or remat=full")
+        if not opts["loss_chunk"]:
             hints.append("loss_chunk=128")
-        if not cfg.attn_chunk:
+        if not opts["attn_chunk"]:
             hints.append("attn_chunk=256")
+        if hints and not cfg.auto_memory:
+            hints.append("auto_memory=true (the first of these that fits)")
         hints += [f"grad_accum={cfg.grad_accum * 2} (micro-batches)", "more devices on mesh.fsdp",
                   "a shorter data.max_length"]
         raise TrainError(f"the train step for a local batch of {shape} tokens needs {mem['peak'] / gib:.2f} GiB per "

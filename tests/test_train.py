@@ -155,27 +155,50 @@ def test_memory_options_lower_the_compiled_step_memory(tmp_path):
     assert full_both < full_chunk - scores, (full_both, full_chunk, scores)
 
 
-def test_step_that_cannot_fit_is_a_clear_error(tmp_path, monkeypatch):
+def test_step_that_cannot_fit_is_a_clear_error_or_auto_memory_fits_it(tmp_path):
     import emjax.train as trainmod
 
-    monkeypatch.setattr(trainmod, "device_memory_limit", lambda: 1000)
+    gib = 2 ** 30
     with pytest.raises(TrainError, match=r"needs .* GiB per device.*remat=dots or remat=full, loss_chunk=128, "
-                                         r"attn_chunk=256"):
-        train(_cfg(tmp_path, "steps=2", "ckpt_every=100"))
+                                         r"attn_chunk=256, auto_memory=true"):
+        train(_cfg(tmp_path, "steps=2", "ckpt_every=100", "memory_limit_gib=0.001"))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     mem = [r for r in rows if r["split"] == "memory"]
-    assert mem and mem[0]["peak_gib"] > mem[0]["temporaries_gib"] > 0 and mem[0]["limit_gib"] == 1000 / 2 ** 30
+    assert mem and mem[0]["peak_gib"] > mem[0]["temporaries_gib"] > 0 and mem[0]["remat"] == "none"
+    assert mem[0]["limit_gib"] == int(0.001 * gib) / gib
     # check_memory=false: the same numbers are reported and the run goes on
-    cfg = _cfg(tmp_path, "check_memory=false", "remat=full", "loss_chunk=64", "attn_chunk=64")
-    got = []
-    said = []
-    trainmod._check_memory({"peak": 2000, "arguments": 1000, "temporaries": 1000}, (8, 32), cfg, got.append, 0,
-                           echo=said.append)
-    assert got and got[0]["peak_gib"] == 2000 / 2 ** 30
-    assert said and "local batch of 8×32 tokens" in said[0]
+    cfg = _cfg(tmp_path, "check_memory=false")
+    opts = dict(remat="full", loss_chunk=64, attn_chunk=64)
+    got, said = [], []
+    big = {"peak": 2000, "arguments": 1000, "temporaries": 1000}
+    trainmod._check_memory(big, (8, 32), opts, cfg, got.append, 0, limit=1000, echo=said.append)
+    assert got and got[0]["peak_gib"] == 2000 / gib and got[0]["remat"] == "full"
+    assert said and "local batch of 8×32 tokens with remat=full loss_chunk=64 attn_chunk=64" in said[0]
     cfg.check_memory = True
     with pytest.raises(TrainError, match=r"Try grad_accum=2 \(micro-batches\), more devices on mesh.fsdp"):
-        trainmod._check_memory({"peak": 2000, "arguments": 1000, "temporaries": 1000}, (8, 32), cfg, got.append, 0)
+        trainmod._check_memory(big, (8, 32), opts, cfg, got.append, 0, limit=1000)
+    with pytest.raises(TrainError, match="does not fit another process's device"):  # all processes stop together
+        trainmod._check_memory(big, (8, 32), opts, cfg, got.append, 0, limit=4000, elsewhere=True)
+
+    # auto_memory with a limit just under the plain step's peak: it compiles the next settings until one fits and
+    # trains with it; the memory row says which
+    plain = mem[0]["peak_gib"] * gib
+    res = train(_cfg(tmp_path / "auto", "steps=2", "ckpt_every=100", "auto_memory=true", "export_peft=false",
+                     "val_batches=1", f"memory_limit_gib={(plain - 1) / gib}"))
+    assert res.step == 2
+    rows = [json.loads(x) for x in (tmp_path / "auto" / "run" / "metrics.jsonl").read_text().splitlines()]
+    mem = [r for r in rows if r["split"] == "memory"]
+    assert mem and mem[0]["remat"] != "none" and mem[0]["peak_gib"] * gib <= plain - 1
+
+
+def test_memory_escalation_order():
+    from emjax.train import memory_escalation
+
+    assert [tuple(o.values()) for o in memory_escalation()] == [
+        ("none", 0, 0), ("dots", 0, 0), ("full", 0, 0), ("full", 128, 0), ("full", 128, 256)]
+    assert [tuple(o.values()) for o in memory_escalation("dots", 64, 0)] == [
+        ("dots", 64, 0), ("full", 64, 0), ("full", 64, 256)]
+    assert len(memory_escalation("full", 8, 8)) == 1
 
 
 def test_loss_decreases_and_spectral_penalty_works(tmp_path):
@@ -310,11 +333,18 @@ def _free_port():
 
 
 def test_two_processes_match_one(tmp_path):
+    """Also auto_memory across processes: process 1 plans for less memory than the plain step needs, process 0 for
+    plenty; both must run the setting process 1 needs (different programs would hang the collectives)."""
     one = _env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
     common = ["steps=4", "ckpt_every=2", "data.pad_multiple=256", "mesh.fsdp=2"]
     subprocess.run(_cli(tmp_path / "single", *common), env=one, check=True, cwd=ROOT, capture_output=True)
+    rows = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    plain = next(r for r in rows if r["split"] == "memory")["peak_gib"]
+    assert next(r for r in rows if r["split"] == "memory")["remat"] == "none"
+    limits = [1000.0, plain * 0.9]
     port = _free_port()
-    procs = [subprocess.Popen(_cli(tmp_path / "multi", *common), cwd=ROOT, stdout=subprocess.PIPE,
+    procs = [subprocess.Popen(_cli(tmp_path / "multi", *common, "auto_memory=true", f"memory_limit_gib={limits[i]}"),
+                              cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True,
                               env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=1",
                                        EMJAX_COORDINATOR=f"127.0.0.1:{port}", EMJAX_NUM_PROCESSES="2",
@@ -331,3 +361,5 @@ def test_two_processes_match_one(tmp_path):
     lb = [json.loads(x)["loss"] for x in (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()
           if '"train"' in x]
     np.testing.assert_allclose(la, lb, rtol=1e-5)
+    rows = [json.loads(x) for x in (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()]
+    assert next(r for r in rows if r["split"] == "memory")["remat"] != "none"  # process 0 ran process 1's setting
