@@ -632,7 +632,8 @@ def _check_memory(mem, local_shape, opts, cfg, write, step, *, limit=None, echo=
                   "a shorter data.max_length"]
         raise TrainError(f"the train step for a local batch of {shape} tokens needs {mem['peak'] / gib:.2f} GiB per "
                          f"device (arguments {mem['arguments'] / gib:.2f}, temporaries "
-                         f"{mem['temporaries'] / gib:.2f}), more than the {limit / gib:.2f} GiB the device allows. "
+                         f"{mem['temporaries'] / gib:.2f}), more than its {limit / gib:.2f} GiB limit "
+                         f"({'memory_limit_gib' if cfg.memory_limit_gib is not None else 'the device'}). "
                          f"Try {', '.join(hints)}; check_memory=false runs it anyway.")
 
 

@@ -159,8 +159,8 @@ def test_step_that_cannot_fit_is_a_clear_error_or_auto_memory_fits_it(tmp_path):
     import emjax.train as trainmod
 
     gib = 2 ** 30
-    with pytest.raises(TrainError, match=r"needs .* GiB per device.*remat=dots or remat=full, loss_chunk=128, "
-                                         r"attn_chunk=256, auto_memory=true"):
+    with pytest.raises(TrainError, match=r"needs .* GiB per device.*GiB limit \(memory_limit_gib\)\. Try remat=dots "
+                                         r"or remat=full, loss_chunk=128, attn_chunk=256, auto_memory=true"):
         train(_cfg(tmp_path, "steps=2", "ckpt_every=100", "memory_limit_gib=0.001"))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     mem = [r for r in rows if r["split"] == "memory"]
