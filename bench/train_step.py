@@ -80,16 +80,16 @@ def make_batch() -> dict:
             "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))}
 
 
-def emjax_stepper(*, optim: str = "adamw", spectral_weight: float = 0.0, warmup: int = WARMUP, remat: str = "none",
-                  loss_chunk: int = 0, attn_chunk: int = 0):
-    """A compiled, warmed-up train step; calling the result runs one more step and returns its seconds."""
+def emjax_stepper(*, optim: str = "adamw", spectral_weight: float = 0.0, warmup: int = WARMUP, **memory):
+    """A compiled, warmed-up train step; calling the result runs one more step and returns its seconds. ``memory``:
+    make_train_step's remat / loss_chunk / attn_chunk."""
     lcfg = LoraConfig(rank=32, alpha=64, rslora=True)
     model = qwen3.Qwen3ForCausalLM(CFG, lora=lcfg, param_dtype=jnp.dtype(DTYPE), rngs=nnx.Rngs(0))
     graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
     tx = build(OptimConfig(name=optim, learning_rate=1e-4, total_steps=1000, weight_decay=0.01 if optim != "adam"
                            else 0.0, muon_scaling="rms"))
-    step = jax.jit(make_train_step(graphdef, tx, spectral_weight=spectral_weight, lora_scale=lcfg.scale, remat=remat,
-                                   loss_chunk=loss_chunk, attn_chunk=attn_chunk), donate_argnums=(0, 1))
+    step = jax.jit(make_train_step(graphdef, tx, spectral_weight=spectral_weight, lora_scale=lcfg.scale, **memory),
+                   donate_argnums=(0, 1))
     batch = make_batch()
     state = {"tr": trainable, "opt": tx.init(trainable)}
 
@@ -102,8 +102,7 @@ def emjax_stepper(*, optim: str = "adamw", spectral_weight: float = 0.0, warmup:
     t = time.perf_counter()
     for _ in range(warmup):  # compile, then the first steps that grow the host heap
         one()
-    opts = "" if (remat, loss_chunk, attn_chunk) == ("none", 0, 0) else \
-        f" remat={remat} loss_chunk={loss_chunk} attn_chunk={attn_chunk}"
+    opts = "".join(f" {k}={v}" for k, v in memory.items())
     print(f"  emjax {optim} λ={spectral_weight}{opts}: compile + {warmup} warm-up steps "
           f"{time.perf_counter() - t:.1f} s", flush=True)
     one.hlo = lambda: step.lower(state["tr"], state["opt"], frozen, batch).compile().as_text()  # for profile_step

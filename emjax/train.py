@@ -116,20 +116,12 @@ def token_nll(model, batch, *, remat: str = "none", loss_chunk: int = 0, attn_ch
         tgt = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
         return jnp.sum((lse - tgt) * mc)
 
-    n = h.shape[1]
-    if loss_chunk <= 0 or loss_chunk >= n:
+    if loss_chunk <= 0 or loss_chunk >= h.shape[1]:
         return nll(h, targets, mask), jnp.sum(mask)
-    # chunks along the sequence, so every chunk keeps the batch axis (and its sharding) whole
-    n_chunks = -(-n // loss_chunk)
-    pad = n_chunks * loss_chunk - n
-
-    def chunked(x):
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        return x.reshape(x.shape[0], n_chunks, loss_chunk, *x.shape[2:]).swapaxes(0, 1)
-
+    # chunks along the sequence (padded positions have mask 0), so every chunk keeps the batch axis whole
     body = jax.checkpoint(nll, prevent_cse=False)
-    total, _ = jax.lax.scan(lambda acc, xs: (acc + body(*xs), None), jnp.zeros((), jnp.float32),
-                            (chunked(h), chunked(targets), chunked(mask)))
+    xs = tuple(qwen3.split_chunks(x, 1, loss_chunk) for x in (h, targets, mask))
+    total, _ = jax.lax.scan(lambda acc, c: (acc + body(*c), None), jnp.zeros((), jnp.float32), xs)
     return total, jnp.sum(mask)
 
 
@@ -353,11 +345,14 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
             compiled = step_fn(tries[i]).lower(trainable, opt_state, frozen, dev_batch).compile()
             return compiled, step_memory(compiled)
 
+        def needs(mem, fraction=1.0):  # more than this fraction of the limit
+            return bool(mem is not None and limit and mem["peak"] > fraction * limit)
+
         for i in range(len(tries)):
             compiled, mem = build(i)
-            if mem is None or limit is None or mem["peak"] <= fill * limit:
+            if not needs(mem, fill):
                 break
-        over = bool(mem is not None and limit and mem["peak"] > limit)
+        over_any = needs(mem)
         if jax.process_count() > 1 and (len(tries) > 1 or cfg.check_memory):
             from jax.experimental import multihost_utils
 
@@ -365,12 +360,10 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
             if agreed != i:
                 i = agreed
                 compiled, mem = build(i)
-                over = bool(mem is not None and limit and mem["peak"] > limit)
-            over_any = bool(np.max(multihost_utils.process_allgather(np.int32(over))))
-        else:
-            over_any = over
+            over_any = bool(np.max(multihost_utils.process_allgather(np.int32(needs(mem)))))
         if mem is not None:
-            _check_memory(mem, local_shape, tries[i], cfg, write, step, limit=limit, elsewhere=over_any and not over,
+            _check_memory(mem, local_shape, tries[i], cfg, write, step, limit=limit,
+                          elsewhere=over_any and not needs(mem),
                           echo=(lambda msg: tqdm.write(msg, file=sys.stderr)) if lead else None)
         return compiled
 

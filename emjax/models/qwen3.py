@@ -144,8 +144,9 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 NORMS = ("input_norm", "post_norm", "q_norm", "k_norm")
 # Activation rematerialisation of the scanned layer body (training): without it the backward keeps every layer's
 # activations, the (B, H, T, T) attention probabilities included; a Qwen3-8B batch of 16 × 2048 tokens would need
-# over a TB (bench/memory.py). "full" keeps only each layer's input and recomputes the layer's forward in the backward (up to a
-# third more compute); "dots" also keeps the projections' outputs and recomputes attention and the elementwise ops.
+# over a TB (bench/memory.py). "full" keeps only each layer's input and recomputes the layer's forward in the
+# backward (up to a third more compute); "dots" also keeps the projections' outputs and recomputes attention and the
+# elementwise ops.
 REMAT = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -385,17 +386,24 @@ def _attend(q, k, v, mask, dtype, keys_transposed: bool = False):
     return jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(B, K, G, Tq, hd)
 
 
+def split_chunks(x, axis: int, size: int):
+    """x with ``axis`` zero-padded to a multiple of ``size`` and split into chunks: (n_chunks, ..., size, ...), the
+    chunk index first (what a ``lax.scan`` over chunks takes); the other axes, and their sharding, stay whole."""
+    n = -(-x.shape[axis] // size)
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, n * size - x.shape[axis])
+    x = jnp.pad(x, pad)
+    return jnp.moveaxis(x.reshape(*x.shape[:axis], n, size, *x.shape[axis + 1:]), axis, 0)
+
+
 def _attend_chunked(q, k, v, mask, dtype, chunk):
     """``_attend`` over query chunks in a scan whose body is rematerialised: every query row still sees all its keys
     (the same softmax), but only one chunk's (B, H, chunk, S) scores exist at a time, in the backward too."""
     B, K, G, T, hd = q.shape
-    n = -(-T // chunk)
-    pad = n * chunk - T
-    q = jnp.pad(q, [(0, 0)] * 3 + [(0, pad), (0, 0)]).reshape(B, K, G, n, chunk, hd).transpose(3, 0, 1, 2, 4, 5)
-    mask = jnp.pad(mask, [(0, 0), (0, pad), (0, 0)]).reshape(B, n, chunk, -1).swapaxes(0, 1)
     body = jax.checkpoint(lambda qc, mc: _attend(qc, k, v, mc, dtype), prevent_cse=False)
-    _, out = jax.lax.scan(lambda c, xs: (c, body(*xs)), None, (q, mask))  # (n, B, K, G, chunk, hd)
-    return out.transpose(1, 2, 3, 0, 4, 5).reshape(B, K, G, n * chunk, hd)[:, :, :, :T]
+    _, out = jax.lax.scan(lambda c, xs: (c, body(*xs)), None,
+                          (split_chunks(q, 3, chunk), split_chunks(mask, 1, chunk)))  # (n, B, K, G, chunk, hd)
+    return jnp.moveaxis(out, 0, 3).reshape(B, K, G, -1, hd)[:, :, :, :T]
 
 
 def _make_layer_fn(cfg: Qwen3Config, dtype, scale, mask, cos, sin, cache_start, attn_chunk=0):
