@@ -27,7 +27,7 @@ from flax import nnx  # noqa: E402
 from emjax.lora import LoraConfig  # noqa: E402
 from emjax.models import qwen3  # noqa: E402
 from emjax.optim import OptimConfig, build  # noqa: E402
-from emjax.train import make_train_step, step_memory  # noqa: E402
+from emjax.train import compile_oom, make_train_step, step_memory  # noqa: E402
 
 GIB = 2.0 ** 30
 
@@ -63,7 +63,14 @@ def main() -> None:
         step = jax.jit(make_train_step(graphdef, tx, grad_accum=args.grad_accum, lora_scale=lora.scale, remat=remat,
                                        loss_chunk=int(chunk), attn_chunk=int(attn)), donate_argnums=(0, 1))
         t0 = time.perf_counter()
-        mem = step_memory(step.lower(trainable, opt, frozen, batch).compile())
+        try:
+            mem = step_memory(step.lower(trainable, opt, frozen, batch).compile())
+        except Exception as e:  # XLA:GPU's autotuner runs kernels on real buffers: a huge step can fail to compile
+            if not compile_oom(e):
+                raise
+            print(f"{remat:>6} {chunk:>10} {attn:>10}   could not compile: out of device memory while autotuning "
+                  f"({time.perf_counter() - t0:.1f} s)", flush=True)
+            continue
         dt = time.perf_counter() - t0
         if mem is None:
             raise SystemExit(f"backend {jax.default_backend()} reports no memory analysis")

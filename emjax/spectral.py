@@ -14,9 +14,11 @@ rank-deficient factors. The singular values therefore carry their own VJP: for c
 ∂/∂ΔW Σ gᵢσᵢ = Σ_{σᵢ>tol} gᵢ uᵢvᵢᵀ, which through the QR factors is
 ∂a = Q_A·(U_c diag(g) V_cᵀ)·R_B and ∂b = R_Aᵀ·(U_c diag(g) V_cᵀ)·Q_Bᵀ — no division anywhere, so it is
 finite for any finite input. Q_A and Q_B are never formed: the backward multiplies by them through the Householder
-reflectors of the forward's ``geqrf`` in compact WY form (matmuls only; jaxlib's GPU ``orgqr`` would be one
-cuSOLVER call per matrix of the batch). Singular values at (numerical) zero get no gradient: that picks the
-minimum-norm subgradient where σ is not differentiable (σ = 0), and is exact elsewhere.
+reflectors of the forward's QR in compact WY form (matmuls only; jaxlib's GPU ``orgqr`` would be one cuSOLVER call
+per matrix of the batch). The reflectors come from ``geqrf`` on CPUs and TPUs and from the same algorithm written as
+a loop in JAX on GPUs (``QR_IMPLS``: 5.7× faster there at Qwen3-0.6B's shapes, bench/RESULTS.md). Singular values at
+(numerical) zero get no gradient: that picks the minimum-norm subgradient where σ is not differentiable (σ = 0),
+and is exact elsewhere.
 
 A collection of adapters is a ``Mapping[str, (a, b)]`` (module name → factors); most functions also take a
 single ``(a, b)`` pair.
@@ -121,12 +123,72 @@ def after(dep, x):
     return jax.tree.map(lambda y: jnp.where(never, jnp.zeros_like(y), y), x)
 
 
-def _householder_qr(x):
-    """Thin QR of x (..., m, c) from one ``geqrf``: the Householder reflectors (packed (..., m, k), taus (..., k)) and
-    R (..., k, c), k = min(m, c). Q is never formed: ``_q_apply`` multiplies by it (an ``orgqr`` would be one cuSOLVER
-    call per matrix on GPUs, where jaxlib loops over the batch)."""
-    h, taus = jnp.linalg.qr(x, mode="raw")  # geqrf; numpy's convention returns the packed factors transposed
-    packed, k = _mT(h), min(x.shape[-2], x.shape[-1])
+QR_IMPLS = ("geqrf", "loop")
+"""How the thin QRs of the factors are computed (``qr=`` of the functions below; None picks by backend):
+
+- ``"geqrf"``: ``jnp.linalg.qr(mode="raw")``, the backend's solver (LAPACK on a CPU, XLA's own expansion on a TPU).
+- ``"loop"``: the same Householder reflectors from a rolled loop over the r columns written in JAX (a few fused
+  elementwise ops and reductions per column over the whole stack of layers). The default on GPUs,
+  where jaxlib hands a stack of tall, thin matrices to cuBLAS's batched QR, which is built for small ones:
+  ``bench/gpu_check.sh`` (step spectral_0.6b) times both."""
+
+
+def _default_qr() -> str:
+    return "loop" if jax.default_backend() == "gpu" else "geqrf"
+
+
+def _resolve_qr(qr: str | None) -> str:
+    if qr is None:
+        return _default_qr()
+    if qr not in QR_IMPLS:
+        raise ValueError(f"spectral: qr must be one of {QR_IMPLS} or None, got {qr!r}")
+    return qr
+
+
+def _geqrf_loop(x):
+    """LAPACK's unblocked geqr2 in JAX: x (..., m, c) -> packed (..., m, c) (R on and above the diagonal, the
+    Householder vectors below it, unit diagonal implied) and taus (..., k), k = min(m, c), with larfg's conventions
+    (β = −sign(α)‖x‖, τ = (β − α)/β, τ = 0 where the column below the diagonal is already zero), so it is a drop-in
+    for geqrf's output."""
+    m, c = x.shape[-2:]
+    k = min(m, c)
+    rows, cols = jnp.arange(m), jnp.arange(c)
+
+    def column(j, carry):
+        a, taus = carry
+        col = jax.lax.dynamic_index_in_dim(a, j, axis=-1, keepdims=False)  # (..., m)
+        alpha = jax.lax.dynamic_index_in_dim(col, j, axis=-1, keepdims=False)  # (...,)
+        below = jnp.where(rows > j, col, 0.0)
+        # norms of x / 2^e (an exact scaling, so no extra rounding): no under- or overflow in the squares
+        _, e = jnp.frexp(jnp.maximum(jnp.max(jnp.abs(below), axis=-1), jnp.abs(alpha)))
+        big = jnp.ldexp(jnp.ones_like(alpha), e)
+        xnorm = big * jnp.sqrt(jnp.sum(jnp.square(below / big[..., None]), axis=-1))
+        reflect = xnorm > 0
+        beta = -jnp.where(alpha >= 0, 1.0, -1.0) * big * jnp.sqrt(jnp.square(alpha / big) + jnp.square(xnorm / big))
+        beta = jnp.where(reflect, beta, alpha)
+        tau = jnp.where(reflect, (beta - alpha) / beta, 0.0)
+        v = jnp.where(rows == j, 1.0, below / jnp.where(reflect, alpha - beta, 1.0)[..., None])  # (..., m)
+        # vᵀa as a product and a sum, not a matrix-vector dot: XLA:CPU's dot accumulates float32 less accurately
+        # (the smallest σ of an ill-conditioned factor came out twice as far off as LAPACK's)
+        w = jnp.sum(v[..., :, None] * a, axis=-2)
+        applied = a - (tau[..., None] * v)[..., :, None] * w[..., None, :]  # (I − τ v vᵀ) a, columns > j kept
+        new_col = jnp.where(rows == j, beta[..., None], jnp.where(rows > j, v, col))
+        a = jnp.where(cols == j, new_col[..., :, None], jnp.where(cols > j, applied, a))
+        return a, jnp.where(jnp.arange(k) == j, tau[..., None], taus)
+
+    return jax.lax.fori_loop(0, k, column, (x, jnp.zeros(x.shape[:-2] + (k,), x.dtype)))
+
+
+def _householder_qr(x, qr: str = "geqrf"):
+    """Thin QR of x (..., m, c): the Householder reflectors (packed (..., m, k), taus (..., k)) and R (..., k, c),
+    k = min(m, c), from geqrf or its loop form (``QR_IMPLS``). Q is never formed: ``_q_apply`` multiplies by it (an
+    ``orgqr`` would be one cuSOLVER call per matrix on GPUs, where jaxlib loops over the batch)."""
+    k = min(x.shape[-2], x.shape[-1])
+    if qr == "loop":
+        packed, taus = _geqrf_loop(x)
+    else:
+        h, taus = jnp.linalg.qr(x, mode="raw")  # geqrf; numpy's convention returns the packed factors transposed
+        packed = _mT(h)
     return (packed[..., :, :k], taus), jnp.triu(packed[..., :k, :])
 
 
@@ -150,29 +212,29 @@ def _q_apply(reflectors, y):
     return y_full - _mm(v, _mm(t, _mm(_mT(v[..., :k, :]), y)))
 
 
-def _sv_plain(a, b):
+def _sv_plain(a, b, qr):
     """σ(a@b), descending, length r, from QR (R factors only) + SVD of the small core."""
     r = a.shape[-1]
-    _, ra = _householder_qr(a)  # (..., ka, r), ka = min(d_in, r)
-    _, rb = _householder_qr(after(ra, _mT(b)))  # (..., kb, r)
+    _, ra = _householder_qr(a, qr)  # (..., ka, r), ka = min(d_in, r)
+    _, rb = _householder_qr(after(ra, _mT(b)), qr)  # (..., kb, r)
     core = _mm(ra, _mT(rb))  # (..., ka, kb)
     return _pad_last(jnp.linalg.svd(core, compute_uv=False), r)
 
 
-@jax.custom_vjp
-def _sv(a, b):
-    return _sv_plain(a, b)
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _sv(a, b, qr):
+    return _sv_plain(a, b, qr)
 
 
-def _sv_fwd(a, b):
+def _sv_fwd(a, b, qr):
     r = a.shape[-1]
-    refl_a, ra = _householder_qr(a)  # Q_A as reflectors, (..., ka, r)
-    refl_b, rb = _householder_qr(after(ra, _mT(b)))  # Q_B as reflectors, (..., kb, r)
+    refl_a, ra = _householder_qr(a, qr)  # Q_A as reflectors, (..., ka, r)
+    refl_b, rb = _householder_qr(after(ra, _mT(b)), qr)  # Q_B as reflectors, (..., kb, r)
     u, s, vt = jnp.linalg.svd(_mm(ra, _mT(rb)), full_matrices=False)  # runs after both geqrfs (it reads rb)
     return _pad_last(s, r), (refl_a, ra, refl_b, rb, u, s, vt)
 
 
-def _sv_bwd(res, g):
+def _sv_bwd(qr, res, g):
     refl_a, ra, refl_b, rb, u, s, vt = res
     k = s.shape[-1]
     g = g[..., :k]
@@ -194,23 +256,24 @@ def active(b) -> jax.Array:
     return jnp.sqrt(jnp.sum(jnp.square(b32), axis=(-2, -1))) >= B_NORM_TOL
 
 
-@jax.jit
-def _singular_values(a, b, scale):
+@partial(jax.jit, static_argnames="qr")
+def _singular_values(a, b, scale, qr="geqrf"):
     dt = _compute_dtype(a, b)
     mask = jax.lax.stop_gradient(active(b))
-    s = _sv(a.astype(dt), b.astype(dt)) * jnp.abs(jnp.asarray(scale, dt))
+    s = _sv(a.astype(dt), b.astype(dt), qr) * jnp.abs(jnp.asarray(scale, dt))
     return jnp.where(mask[..., None], s, 0.0), mask
 
 
-def singular_values(a, b, scale=1.0, return_mask: bool = False):
+def singular_values(a, b, scale=1.0, return_mask: bool = False, qr: str | None = None):
     """Singular values of ΔW = scale·a@b, shape (..., r), descending, float32 (float64 for float64 inputs).
 
     Never forms ΔW; cost O(d·r²). Skipped modules (‖b‖_F < 1e-12) get σ = 0 exactly; with
     ``return_mask=True`` also returns the boolean ``active`` mask (...,) so they can be reported as
     skipped. Differentiable (finite gradients even at b = 0 and for rank-deficient factors) and jittable.
+    ``qr``: how the factors' QRs are computed (``QR_IMPLS``; None: by backend).
     """
     _check_pair(a, b)
-    s, mask = _singular_values(a, b, scale)
+    s, mask = _singular_values(a, b, scale, qr=_resolve_qr(qr))
     return (s, mask) if return_mask else s
 
 
@@ -300,21 +363,22 @@ def _entropy_penalty(s, act):
     return jnp.where(ok, math.log(r) - _safe_entropy(s, total, ok), 0.0)
 
 
-def per_module_penalty(a, b, scale=1.0, kind: str = "fn_ratio") -> jax.Array:
+def per_module_penalty(a, b, scale=1.0, kind: str = "fn_ratio", qr: str | None = None) -> jax.Array:
     """Penalty of one (stacked) module, shape (...,) over its leading dims; 0 for skipped entries."""
     if kind not in PENALTIES:
         raise ValueError(f"spectral: unknown penalty kind {kind!r}; registered: {sorted(PENALTIES)}")
     _check_pair(a, b)
-    return _per_module_penalty(a, b, scale, kind)
+    return _per_module_penalty(a, b, scale, kind, _resolve_qr(qr))
 
 
-@partial(jax.jit, static_argnames="kind")
-def _per_module_penalty(a, b, scale, kind):
-    s, act = _singular_values(a, b, scale)
+@partial(jax.jit, static_argnames=("kind", "qr"))
+def _per_module_penalty(a, b, scale, kind, qr):
+    s, act = _singular_values(a, b, scale, qr=qr)
     return PENALTIES[kind](s, act)
 
 
-def penalty(adapters: Adapters, scale=1.0, kind: str = "fn_ratio", reduce: str = "mean") -> jax.Array:
+def penalty(adapters: Adapters, scale=1.0, kind: str = "fn_ratio", reduce: str = "mean",
+            qr: str | None = None) -> jax.Array:
     """Spectral regulariser: ``kind`` per module and layer, reduced over all modules × layers.
 
     ``reduce="mean"`` divides by the total count of modules × layers, skipped ones (b = 0) included as 0, so
@@ -323,7 +387,9 @@ def penalty(adapters: Adapters, scale=1.0, kind: str = "fn_ratio", reduce: str =
 
     The fn_ratio and entropy penalties are scale invariant (unchanged by ΔW → cΔW), so their gradient
     grows like 1/‖ΔW‖ right after initialisation: pair them with an adaptive optimiser or a small λ.
+    ``qr``: how the factors' QRs are computed (``QR_IMPLS``; None: by backend).
     """
+    qr = _resolve_qr(qr)
     if reduce not in ("mean", "sum"):
         raise ValueError(f"spectral: reduce must be 'mean' or 'sum', got {reduce!r}")
     mods = _as_mapping(adapters)
@@ -335,7 +401,7 @@ def penalty(adapters: Adapters, scale=1.0, kind: str = "fn_ratio", reduce: str =
         _check_pair(a, b, name)
         if count:
             a, b = after(total, (a, b))  # one module after another on CPU, see after()
-        per = per_module_penalty(a, b, scale, kind)
+        per = per_module_penalty(a, b, scale, kind, qr)
         total, count = total + jnp.sum(per), count + per.size  # per-module sums: no gather of sharded values
     return total if reduce == "sum" else total / count
 

@@ -342,10 +342,18 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
         fill = AUTO_MEMORY_FILL if len(tries) > 1 else 1.0
 
         def build(i):
-            compiled = step_fn(tries[i]).lower(trainable, opt_state, frozen, dev_batch).compile()
+            try:
+                compiled = step_fn(tries[i]).lower(trainable, opt_state, frozen, dev_batch).compile()
+            except Exception as e:
+                if not compile_oom(e):
+                    raise
+                lines = str(e).strip().splitlines()
+                return None, {"compile_oom": next((x for x in lines if "Out of memory" in x), lines[0]).strip()}
             return compiled, step_memory(compiled)
 
-        def needs(mem, fraction=1.0):  # more than this fraction of the limit
+        def needs(mem, fraction=1.0):  # more than this fraction of the limit (or too large to compile at all)
+            if mem is not None and "compile_oom" in mem:
+                return True
             return bool(mem is not None and limit and mem["peak"] > fraction * limit)
 
         for i in range(len(tries)):
@@ -548,6 +556,14 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
     return RunResult(workdir, step, last_loss, val, status)
 
 
+def compile_oom(err: BaseException) -> bool:
+    """Whether compiling failed for lack of device memory: XLA:GPU's autotuner runs candidate kernels on real buffers
+    of the program's sizes, so a step far too large for the device fails to compile (RESOURCE_EXHAUSTED) rather
+    than to run."""
+    msg = str(err)
+    return isinstance(err, jax.errors.JaxRuntimeError) and ("RESOURCE_EXHAUSTED" in msg or "Out of memory" in msg)
+
+
 def step_memory(compiled) -> dict[str, int] | None:
     """Per-device bytes of a compiled program from XLA's buffer assignment (None where the backend has none):
     arguments, outputs, temporaries, and ``peak`` = arguments + outputs not aliased to a donated argument +
@@ -601,6 +617,12 @@ def _check_memory(mem, local_shape, opts, cfg, write, step, *, limit=None, echo=
     process's device)."""
     gib = 2.0 ** 30
     shape = "×".join(str(n) for n in local_shape)
+    if "compile_oom" in mem:  # no program, so nothing to run, whatever check_memory says
+        write({"step": step, "split": "memory", **opts, "compile_oom": True})
+        raise TrainError(f"the train step for a local batch of {shape} tokens with "
+                         f"{' '.join(f'{k}={v}' for k, v in opts.items())} could not be compiled: XLA ran out of "
+                         f"device memory while compiling it ({mem['compile_oom']}). Try "
+                         f"{', '.join(_memory_hints(opts, cfg))}.")
     write({"step": step, "split": "memory", **opts, **{f"{k}_gib": v / gib for k, v in mem.items()},
            **({"limit_gib": limit / gib} if limit else {})})
     if echo is not None:
@@ -612,22 +634,27 @@ def _check_memory(mem, local_shape, opts, cfg, write, step, *, limit=None, echo=
         raise TrainError(f"the train step for a local batch of {shape} tokens does not fit another process's device "
                          f"(that process names what to change); check_memory=false runs it anyway.")
     if limit and cfg.check_memory and mem["peak"] > limit:
-        hints = []
-        if opts["remat"] != "full":
-            hints.append("remat=full" if opts["remat"] == "dots" else "remat=dots or remat=full")
-        if not opts["loss_chunk"]:
-            hints.append("loss_chunk=128")
-        if not opts["attn_chunk"]:
-            hints.append("attn_chunk=256")
-        if hints and not cfg.auto_memory:
-            hints.append("auto_memory=true (the first of these that fits)")
-        hints += [f"grad_accum={cfg.grad_accum * 2} (micro-batches)", "more devices on mesh.fsdp",
-                  "a shorter data.max_length"]
+        hints = _memory_hints(opts, cfg)
         raise TrainError(f"the train step for a local batch of {shape} tokens needs {mem['peak'] / gib:.2f} GiB per "
                          f"device (arguments {mem['arguments'] / gib:.2f}, temporaries "
                          f"{mem['temporaries'] / gib:.2f}), more than its {limit / gib:.2f} GiB limit "
                          f"({'memory_limit_gib' if cfg.memory_limit_gib is not None else 'the device'}). "
                          f"Try {', '.join(hints)}; check_memory=false runs it anyway.")
+
+
+def _memory_hints(opts, cfg) -> list[str]:
+    """What to change for a train step that does not fit, most specific first."""
+    hints = []
+    if opts["remat"] != "full":
+        hints.append("remat=full" if opts["remat"] == "dots" else "remat=dots or remat=full")
+    if not opts["loss_chunk"]:
+        hints.append("loss_chunk=128")
+    if not opts["attn_chunk"]:
+        hints.append("attn_chunk=256")
+    if hints and not cfg.auto_memory:
+        hints.append("auto_memory=true (the first of these that fits)")
+    return hints + [f"grad_accum={cfg.grad_accum * 2} (micro-batches)", "more devices on mesh.fsdp",
+                    "a shorter data.max_length"]
 
 
 def _replicate_unsharded(tree, mesh):

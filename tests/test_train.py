@@ -191,6 +191,38 @@ def test_step_that_cannot_fit_is_a_clear_error_or_auto_memory_fits_it(tmp_path):
     assert mem and mem[0]["remat"] != "none" and mem[0]["peak_gib"] * gib <= plain - 1
 
 
+def test_step_too_large_to_compile_escalates_or_is_a_clear_error(tmp_path, monkeypatch):
+    """XLA:GPU's autotuner runs kernels at the step's sizes, so a step far too large fails to compile (seen on an
+    H100 for Qwen3-8B at 16 × 2048 without remat). auto_memory takes that as "does not fit" and tries the next
+    setting; without it the run stops before step 1 with what to change. Simulated: the first compile fails."""
+    import jax.stages
+
+    real, calls = jax.stages.Lowered.compile, []
+
+    def compile_once_oom(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise jax.errors.JaxRuntimeError("NOT_FOUND: All configs failed during profiling.\nFailures (1):\n"
+                                             "EXECUTION FAILED: RESOURCE_EXHAUSTED: Out of memory while trying to "
+                                             "allocate 18.02GiB with allocator GPU_0_bfc on device 0.")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", compile_once_oom)
+    res = train(_cfg(tmp_path / "auto", "steps=2", "ckpt_every=100", "auto_memory=true", "export_peft=false",
+                     "val_batches=1", "memory_limit_gib=100"))
+    assert res.step == 2
+    rows = [json.loads(x) for x in (tmp_path / "auto" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["remat"] for r in rows if r["split"] == "memory"] == ["dots"]
+    calls.clear()
+    with pytest.raises(TrainError, match=r"local batch of .* tokens with remat=none loss_chunk=0 attn_chunk=0 could "
+                                         r"not be compiled: XLA ran out of device memory while compiling it "
+                                         r"\(EXECUTION FAILED: RESOURCE_EXHAUSTED: Out of memory while trying to "
+                                         r"allocate 18.02GiB .*\)\. Try remat=dots or remat=full, loss_chunk=128"):
+        train(_cfg(tmp_path / "plain", "steps=2", "ckpt_every=100", "check_memory=false"))
+    rows = [json.loads(x) for x in (tmp_path / "plain" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in rows if r["split"] == "memory"][0]["compile_oom"] is True
+
+
 def test_memory_escalation_order():
     from emjax.train import memory_escalation
 

@@ -1,5 +1,8 @@
 """emjax.spectral against NumPy: full SVDs of the dense product, direct metric formulas, finite differences.
 
+Every test runs twice, once with each QR form (``sp.QR_IMPLS``) as the default: geqrf (the CPU and TPU default) and
+the loop in JAX (the GPU default).
+
 Singular-value tolerance (float32 maths): |σᵢ − σᵢ_ref| ≤ 1e-4·max(σᵢ_ref, 1e-2·σ₁_ref), i.e. 1e-4 relative
 per value, and 1e-6·σ₁ absolute for values below 1e-2·σ₁ (the zeros of rank-deficient updates).
 """
@@ -14,6 +17,14 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from emjax import spectral as sp
+
+
+@pytest.fixture(autouse=True, params=sp.QR_IMPLS)
+def qr_impl(request, monkeypatch):
+    monkeypatch.setattr(sp, "_default_qr", lambda: request.param)
+    jax.clear_caches()  # jitted report/summary resolve the default at trace time
+    yield request.param
+    jax.clear_caches()
 
 
 def _orth(rng, m, n):
@@ -73,19 +84,58 @@ def test_singular_values_match_numpy_svd(case, lead):
 
 
 @pytest.mark.parametrize("shape", [(3, 40, 8), (2, 6, 8), (8, 8)], ids=["tall", "wide", "square"])
-def test_q_apply_equals_the_explicit_q_x64(shape):
-    """The backward multiplies by Q through geqrf's reflectors (compact WY), never forming Q: the same product as
+def test_q_apply_equals_the_explicit_q_x64(shape, qr_impl):
+    """The backward multiplies by Q through the reflectors (compact WY), never forming Q: the same product as
     jnp.linalg.qr's explicit Q, also where a column is already zero (τ = 0, the reflector is the identity)."""
     rng = np.random.default_rng(20)
     x = rng.standard_normal(shape)
     if len(shape) == 3:
         x[0, :, 3:] = 0.0  # rank 3: trailing reflectors are identities
     with jax.enable_x64(True):
-        reflectors, r = sp._householder_qr(jnp.asarray(x))
+        reflectors, r = sp._householder_qr(jnp.asarray(x), qr_impl)
         q, r_ref = jnp.linalg.qr(jnp.asarray(x))
         y = rng.standard_normal(shape[:-2] + (r.shape[-2], 5))
         np.testing.assert_allclose(sp._q_apply(reflectors, jnp.asarray(y)), q @ y, atol=1e-12)
-        np.testing.assert_array_equal(r, r_ref)
+        np.testing.assert_allclose(r, r_ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "zero_columns", "negative", "zero", "tiny", "huge", "wide"])
+def test_loop_qr_gives_geqrf_reflectors_x64(kind):
+    """The loop form is a drop-in for geqrf: the same packed reflectors, R and τ (larfg's sign and τ = 0
+    conventions), and no under- or overflow in the column norms at float32's extremes (1e-30, 1e30)."""
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((2, 3, 9, 5) if kind == "wide" else (3, 40, 6))
+    if kind == "zero_columns":
+        x[..., 2] = 0.0
+        x[1, 5:, 4] = 0.0  # nothing below the diagonal: τ = 0
+    x = {"negative": -np.abs(x), "zero": 0 * x, "tiny": 1e-30 * x, "huge": 1e30 * x}.get(kind, x)
+    dtype = np.float32 if kind in ("tiny", "huge") else np.float64
+    with jax.enable_x64(True):
+        h, taus = jnp.linalg.qr(jnp.asarray(x, dtype), mode="raw")
+        packed, taus_loop = jax.jit(sp._geqrf_loop)(jnp.asarray(x, dtype))
+        packed, taus_loop, taus, ref = map(np.asarray, (packed, taus_loop, taus, jnp.swapaxes(h, -1, -2)))
+    big = np.max(np.abs(x)) if kind in ("tiny", "huge") else 1.0
+    upper = np.triu(np.ones(ref.shape[-2:], bool))  # R: scales with x; the reflectors below: O(1)
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    assert packed.dtype == dtype and np.isfinite(packed).all()
+    np.testing.assert_allclose(np.where(upper, packed / big, 0), np.where(upper, ref / big, 0), atol=tol)
+    np.testing.assert_allclose(np.where(upper, 0, packed), np.where(upper, 0, ref), atol=tol)
+    np.testing.assert_allclose(taus_loop, taus, atol=tol)
+
+
+def test_penalty_qr_forms_agree():
+    """The penalty and its gradient are the same with either QR form, up to float32 rounding, at init (b = 0) too."""
+    rng = np.random.default_rng(22)
+    mods = {"q": (rng.standard_normal((2, 48, 8)) / 7, rng.standard_normal((2, 8, 32)) * 1e-3),
+            "down": (rng.standard_normal((2, 64, 8)) / 8, _factor(rng, 8, 40, rank=3)[None].repeat(2, 0)),
+            "fresh": (rng.standard_normal((2, 32, 8)), np.zeros((2, 8, 24)))}
+    mods = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), mods)
+    out = {qr: jax.jit(jax.value_and_grad(lambda m, qr=qr: sp.penalty(m, 2.0, qr=qr)))(mods) for qr in sp.QR_IMPLS}
+    (v0, g0), (v1, g1) = out.values()
+    np.testing.assert_allclose(v1, v0, rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(y, x, rtol=1e-3, atol=1e-5 * float(jnp.max(jnp.abs(x))))
+    assert not np.any(np.asarray(g0["fresh"][0])) and not np.any(np.asarray(g1["fresh"][0]))
 
 
 def test_gram_cholesky_route_loses_small_singular_values():
