@@ -557,9 +557,9 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
 
 
 def compile_oom(err: BaseException) -> bool:
-    """Whether compiling failed for lack of device memory: XLA:GPU's autotuner runs candidate kernels on real buffers
-    of the program's sizes, so a step far too large for the device fails to compile (RESOURCE_EXHAUSTED) rather
-    than to run."""
+    """Whether compiling failed for lack of device memory (RESOURCE_EXHAUSTED): XLA:GPU's autotuner runs candidate
+    kernels on real buffers of the program's sizes, and XLA:TPU refuses a program larger than HBM ("Ran out of memory
+    in memory space hbm"), so there a step far too large fails to compile rather than to run."""
     msg = str(err)
     return isinstance(err, jax.errors.JaxRuntimeError) and ("RESOURCE_EXHAUSTED" in msg or "Out of memory" in msg)
 

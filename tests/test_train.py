@@ -223,6 +223,17 @@ def test_step_too_large_to_compile_escalates_or_is_a_clear_error(tmp_path, monke
     assert [r for r in rows if r["split"] == "memory"][0]["compile_oom"] is True
 
 
+def test_compile_oom_recognises_gpu_and_tpu_messages():
+    from emjax.train import compile_oom
+
+    gpu = ("NOT_FOUND: All configs failed during profiling or were excluded from selection.\nFailures (3):\nEXECUTION "
+           "FAILED: RESOURCE_EXHAUSTED: Out of memory while trying to allocate 18.02GiB with allocator GPU_0_bfc")
+    tpu = "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used 90G of 31G"
+    assert compile_oom(jax.errors.JaxRuntimeError(gpu)) and compile_oom(jax.errors.JaxRuntimeError(tpu))
+    assert not compile_oom(jax.errors.JaxRuntimeError("INTERNAL: ptxas exited with non-zero error code"))
+    assert not compile_oom(ValueError("RESOURCE_EXHAUSTED"))  # only XLA's own errors
+
+
 def test_memory_escalation_order():
     from emjax.train import memory_escalation
 
