@@ -80,7 +80,8 @@ class TrainConfig:
     # layer); loss_chunk: logits this many positions at a time; attn_chunk: attention scores this many query
     # positions at a time (0 = all at once). check_memory: stop before the first step when the compiled step
     # cannot fit the device's memory. auto_memory: on a device that reports its memory, start from these options
-    # and take the first setting that fits (dots, full, + loss_chunk 128, + attn_chunk 256).
+    # and take the first setting that fits (dots, full, + loss_chunk 128, + attn_chunk 256, then grad_accum ×2
+    # while the batch still splits evenly over its shards).
     remat: str = "none"
     loss_chunk: int = 0
     attn_chunk: int = 0

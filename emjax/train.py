@@ -323,7 +323,7 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
         key = tuple(sorted(opts.items()))
         if key not in step_fns:
             step_fns[key] = jax.jit(
-                make_train_step(graphdef, tx, grad_accum=cfg.grad_accum, spectral_weight=float(cfg.spectral.weight),
+                make_train_step(graphdef, tx, spectral_weight=float(cfg.spectral.weight),
                                 spectral_kind=cfg.spectral.kind, spectral_reduce=cfg.spectral.reduce,
                                 lora_scale=lora_cfg.scale, lr_fn=current_lr, **opts),
                 donate_argnums=(0, 1), out_shardings=(trainable_sh, opt_sh, None))
@@ -337,8 +337,12 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
         auto_memory, the next memory option is tried), not an allocator failure part-way through the step. With
         several processes all run the setting the neediest one took, and all stop if any cannot fit."""
         limit = memory_limit(cfg)
-        configured = dict(remat=cfg.remat, loss_chunk=cfg.loss_chunk, attn_chunk=cfg.attn_chunk)
-        tries = memory_escalation(**configured) if cfg.auto_memory and limit else [configured]
+        configured = dict(remat=cfg.remat, loss_chunk=cfg.loss_chunk, attn_chunk=cfg.attn_chunk,
+                          grad_accum=cfg.grad_accum)
+        tokens = dev_batch["tokens"]
+        shards = tokens.shape[0] // tokens.sharding.shard_shape(tokens.shape)[0]  # devices the batch rows split over
+        tries = (memory_escalation(**configured, batch_size=int(tokens.shape[0]), shards=shards)
+                 if cfg.auto_memory and limit else [configured])
         fill = AUTO_MEMORY_FILL if len(tries) > 1 else 1.0
 
         def build(i):
@@ -594,10 +598,13 @@ def memory_limit(cfg) -> int | None:
     return device_memory_limit()
 
 
-def memory_escalation(remat: str = "none", loss_chunk: int = 0, attn_chunk: int = 0) -> list[dict]:
+def memory_escalation(remat: str = "none", loss_chunk: int = 0, attn_chunk: int = 0, grad_accum: int = 1,
+                      batch_size: int | None = None, shards: int = 1) -> list[dict]:
     """The given memory options, then each setting that saves more, in order of time cost (bench/train_step.py
-    --only remat on a CPU: dots ≈ 1.0×, full 1.06–1.13×, + loss_chunk 1.24×, + attn_chunk 1.37×)."""
-    out = [dict(remat=remat, loss_chunk=loss_chunk, attn_chunk=attn_chunk)]
+    --only remat on a CPU: dots ≈ 1.0×, full 1.06–1.13×, + loss_chunk 1.24×, + attn_chunk 1.37×; on an H100 dots and
+    full were faster than none), then twice as many micro-batches at a time while the global ``batch_size`` still
+    splits into micro-batches that divide evenly over the ``shards`` the batch is sharded over."""
+    out = [dict(remat=remat, loss_chunk=loss_chunk, attn_chunk=attn_chunk, grad_accum=grad_accum)]
 
     def then(**kw):
         if {**out[-1], **kw} != out[-1]:
@@ -608,6 +615,10 @@ def memory_escalation(remat: str = "none", loss_chunk: int = 0, attn_chunk: int 
     then(remat="full")
     then(loss_chunk=loss_chunk or 128)
     then(attn_chunk=attn_chunk or 256)
+    ga = grad_accum
+    while batch_size and batch_size % (2 * ga) == 0 and (batch_size // (2 * ga)) % shards == 0:
+        ga *= 2
+        then(grad_accum=ga)
     return out
 
 
@@ -653,8 +664,9 @@ def _memory_hints(opts, cfg) -> list[str]:
         hints.append("attn_chunk=256")
     if hints and not cfg.auto_memory:
         hints.append("auto_memory=true (the first of these that fits)")
-    return hints + [f"grad_accum={cfg.grad_accum * 2} (micro-batches)", "more devices on mesh.fsdp",
-                    "a shorter data.max_length"]
+    if not cfg.auto_memory:  # auto_memory has already tried as many micro-batches as the batch splits into
+        hints.append(f"grad_accum={opts.get('grad_accum', cfg.grad_accum) * 2} (micro-batches)")
+    return hints + ["more devices on mesh.fsdp", "a shorter data.max_length"]
 
 
 def _replicate_unsharded(tree, mesh):

@@ -214,8 +214,8 @@ def test_step_too_large_to_compile_escalates_or_is_a_clear_error(tmp_path, monke
     rows = [json.loads(x) for x in (tmp_path / "auto" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["remat"] for r in rows if r["split"] == "memory"] == ["dots"]
     calls.clear()
-    with pytest.raises(TrainError, match=r"local batch of .* tokens with remat=none loss_chunk=0 attn_chunk=0 could "
-                                         r"not be compiled: XLA ran out of device memory while compiling it "
+    with pytest.raises(TrainError, match=r"local batch of .* tokens with remat=none loss_chunk=0 attn_chunk=0 "
+                                         r"grad_accum=1 could not be compiled: XLA ran out of device memory while compiling it "
                                          r"\(EXECUTION FAILED: RESOURCE_EXHAUSTED: Out of memory while trying to "
                                          r"allocate 18.02GiB .*\)\. Try remat=dots or remat=full, loss_chunk=128"):
         train(_cfg(tmp_path / "plain", "steps=2", "ckpt_every=100", "check_memory=false"))
@@ -234,13 +234,39 @@ def test_compile_oom_recognises_gpu_and_tpu_messages():
     assert not compile_oom(ValueError("RESOURCE_EXHAUSTED"))  # only XLA's own errors
 
 
+def test_auto_memory_splits_the_batch_when_the_options_are_spent(tmp_path):
+    """With remat and both chunks already on, auto_memory's last resort is more micro-batches: with a limit that the
+    configured step exceeds and the step over two micro-batches fits, it trains with grad_accum 2 (the same numbers:
+    test_grad_accum_equals_one_big_batch)."""
+    gib = 2 ** 30
+    opts = ("remat=full", "loss_chunk=16", "attn_chunk=16", "steps=2", "ckpt_every=100", "export_peft=false",
+            "val_batches=1")
+
+    # the step's peak over two micro-batches, from its memory row (a tiny limit stops the run before step 1)
+    with pytest.raises(TrainError, match="more than its"):
+        train(_cfg(tmp_path / "two", *opts, "grad_accum=2", "memory_limit_gib=1e-6"))
+    rows = [json.loads(x) for x in (tmp_path / "two" / "run" / "metrics.jsonl").read_text().splitlines()]
+    (two,) = [r["peak_gib"] for r in rows if r["split"] == "memory"]
+    # planned so that it just fits: grad_accum 2 is taken only if the configured step (1) did not fit
+    res = train(_cfg(tmp_path / "auto", *opts, "auto_memory=true", f"memory_limit_gib={two / 0.95 + 64 / gib}"))
+    assert res.step == 2
+    rows = [json.loads(x) for x in (tmp_path / "auto" / "run" / "metrics.jsonl").read_text().splitlines()]
+    (mem,) = [r for r in rows if r["split"] == "memory"]
+    assert (mem["remat"], mem["loss_chunk"], mem["attn_chunk"], mem["grad_accum"]) == ("full", 16, 16, 2), mem
+
+
 def test_memory_escalation_order():
     from emjax.train import memory_escalation
 
     assert [tuple(o.values()) for o in memory_escalation()] == [
-        ("none", 0, 0), ("dots", 0, 0), ("full", 0, 0), ("full", 128, 0), ("full", 128, 256)]
+        ("none", 0, 0, 1), ("dots", 0, 0, 1), ("full", 0, 0, 1), ("full", 128, 0, 1), ("full", 128, 256, 1)]
     assert [tuple(o.values()) for o in memory_escalation("dots", 64, 0)] == [
-        ("dots", 64, 0), ("full", 64, 0), ("full", 64, 256)]
+        ("dots", 64, 0, 1), ("full", 64, 0, 1), ("full", 64, 256, 1)]
+    # then more micro-batches while each still splits evenly over the batch shards: 48 rows over 4 shards in
+    # micro-batches of 24 and 12, not 6
+    assert [tuple(o.values()) for o in memory_escalation("full", 64, 32, 2, batch_size=48, shards=4)] == [
+        ("full", 64, 32, 2), ("full", 64, 32, 4)]
+    assert [o["grad_accum"] for o in memory_escalation("full", 8, 8, batch_size=8)] == [1, 2, 4, 8]
     assert len(memory_escalation("full", 8, 8)) == 1
 
 
