@@ -65,10 +65,10 @@ def main() -> None:
         t0 = time.perf_counter()
         try:
             mem = step_memory(step.lower(trainable, opt, frozen, batch).compile())
-        except Exception as e:  # XLA:GPU's autotuner runs kernels on real buffers: a huge step can fail to compile
+        except Exception as e:  # XLA:GPU autotunes on real buffers, XLA:TPU checks HBM: a huge step fails to compile
             if not compile_oom(e):
                 raise
-            print(f"{remat:>6} {chunk:>10} {attn:>10}   could not compile: out of device memory while autotuning "
+            print(f"{remat:>6} {chunk:>10} {attn:>10}   could not compile: out of device memory "
                   f"({time.perf_counter() - t0:.1f} s)", flush=True)
             continue
         dt = time.perf_counter() - t0
