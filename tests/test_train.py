@@ -215,9 +215,10 @@ def test_step_too_large_to_compile_escalates_or_is_a_clear_error(tmp_path, monke
     assert [r["remat"] for r in rows if r["split"] == "memory"] == ["dots"]
     calls.clear()
     with pytest.raises(TrainError, match=r"local batch of .* tokens with remat=none loss_chunk=0 attn_chunk=0 "
-                                         r"grad_accum=1 could not be compiled: XLA ran out of device memory while compiling it "
-                                         r"\(EXECUTION FAILED: RESOURCE_EXHAUSTED: Out of memory while trying to "
-                                         r"allocate 18.02GiB .*\)\. Try remat=dots or remat=full, loss_chunk=128"):
+                                         r"grad_accum=1 could not be compiled: XLA ran out of device memory while "
+                                         r"compiling it \(EXECUTION FAILED: RESOURCE_EXHAUSTED: Out of memory while "
+                                         r"trying to allocate 18.02GiB .*\)\. Try remat=dots or remat=full, "
+                                         r"loss_chunk=128"):
         train(_cfg(tmp_path / "plain", "steps=2", "ckpt_every=100", "check_memory=false"))
     rows = [json.loads(x) for x in (tmp_path / "plain" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r for r in rows if r["split"] == "memory"][0]["compile_oom"] is True
