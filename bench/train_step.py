@@ -192,7 +192,7 @@ def main():
         run = base()
         rows = [("emjax AdamW", float(np.median([run() for _ in range(args.steps)])))]
     elif "peft" in only:  # the two steps timed alternately in this process
-        t_adamw, t_peft, fastest = interleaved(emjax_stepper(), peft_stepper(), args.steps)
+        t_adamw, t_peft, fastest = interleaved(base(), peft_stepper(), args.steps)
         rows = [("emjax AdamW", t_adamw), ("PyTorch+PEFT AdamW", t_peft)]
         if not ON_GPU:  # PEFT as a user runs it: its own process, glibc's default allocator (emjax's mallopt is off)
             cmd = [sys.executable, __file__, "--peft-only", "--steps", str(args.steps), "--size", args.size,

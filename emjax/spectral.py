@@ -168,8 +168,8 @@ def _geqrf_loop(x):
         beta = jnp.where(reflect, beta, alpha)
         tau = jnp.where(reflect, (beta - alpha) / beta, 0.0)
         v = jnp.where(rows == j, 1.0, below / jnp.where(reflect, alpha - beta, 1.0)[..., None])  # (..., m)
-        # vᵀa as a product and a sum, not a matrix-vector dot: XLA:CPU's dot accumulates float32 less accurately
-        # (the smallest σ of an ill-conditioned factor came out twice as far off as LAPACK's)
+        # vᵀa as a product and a sum, not a matrix-vector dot: with XLA:CPU's float32 dot the smallest σ of
+        # ill-conditioned factors came out less accurate than LAPACK's (test_singular_values_match_numpy_svd)
         w = jnp.sum(v[..., :, None] * a, axis=-2)
         applied = a - (tau[..., None] * v)[..., :, None] * w[..., None, :]  # (I − τ v vᵀ) a, columns > j kept
         new_col = jnp.where(rows == j, beta[..., None], jnp.where(rows > j, v, col))
@@ -410,9 +410,9 @@ def penalty(adapters: Adapters, scale=1.0, kind: str = "fn_ratio", reduce: str =
 # reports
 
 
-@jax.jit
-def _module_stats(a, b, scale):
-    s, act = singular_values(a, b, scale, return_mask=True)
+@partial(jax.jit, static_argnames="qr")
+def _module_stats(a, b, scale, qr):
+    s, act = _singular_values(a, b, scale, qr=qr)
     m = metrics(s)
     m["active"] = act & m["active"]
     m["sigma_max"] = s[..., 0]
@@ -443,7 +443,7 @@ def report(adapters: Adapters, scale=1.0, include_sigma: bool = False) -> dict[s
     rows: list[dict[str, Any]] = []
     for name, (a, b) in mods.items():
         _check_pair(a, b, name)
-        s, m = jax.device_get(_module_stats(a, b, jnp.asarray(scale, jnp.float32)))
+        s, m = jax.device_get(_module_stats(a, b, jnp.asarray(scale, jnp.float32), _default_qr()))
         lead = s.shape[:-1]
         for idx in np.ndindex(*lead):
             on = bool(m["active"][idx])

@@ -346,14 +346,7 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
         fill = AUTO_MEMORY_FILL if len(tries) > 1 else 1.0
 
         def build(i):
-            try:
-                compiled = step_fn(tries[i]).lower(trainable, opt_state, frozen, dev_batch).compile()
-            except Exception as e:
-                if not compile_oom(e):
-                    raise
-                lines = str(e).strip().splitlines()
-                return None, {"compile_oom": next((x for x in lines if "Out of memory" in x), lines[0]).strip()}
-            return compiled, step_memory(compiled)
+            return compile_measured(step_fn(tries[i]).lower(trainable, opt_state, frozen, dev_batch))
 
         def needs(mem, fraction=1.0):  # more than this fraction of the limit (or too large to compile at all)
             if mem is not None and "compile_oom" in mem:
@@ -568,6 +561,19 @@ def compile_oom(err: BaseException) -> bool:
     return isinstance(err, jax.errors.JaxRuntimeError) and ("RESOURCE_EXHAUSTED" in msg or "Out of memory" in msg)
 
 
+def compile_measured(lowered) -> tuple[Any, dict | None]:
+    """``lowered.compile()`` and its ``step_memory``; ``(None, {"compile_oom": message})`` where compiling itself ran
+    out of device memory (``compile_oom``), so the caller can treat it as "does not fit"."""
+    try:
+        compiled = lowered.compile()
+    except Exception as e:
+        if not compile_oom(e):
+            raise
+        lines = str(e).strip().splitlines()
+        return None, {"compile_oom": next((x for x in lines if "Out of memory" in x), lines[0]).strip()}
+    return compiled, step_memory(compiled)
+
+
 def step_memory(compiled) -> dict[str, int] | None:
     """Per-device bytes of a compiled program from XLA's buffer assignment (None where the backend has none):
     arguments, outputs, temporaries, and ``peak`` = arguments + outputs not aliased to a donated argument +
@@ -665,7 +671,7 @@ def _memory_hints(opts, cfg) -> list[str]:
     if hints and not cfg.auto_memory:
         hints.append("auto_memory=true (the first of these that fits)")
     if not cfg.auto_memory:  # auto_memory has already tried as many micro-batches as the batch splits into
-        hints.append(f"grad_accum={opts.get('grad_accum', cfg.grad_accum) * 2} (micro-batches)")
+        hints.append(f"grad_accum={opts['grad_accum'] * 2} (micro-batches)")
     return hints + ["more devices on mesh.fsdp", "a shorter data.max_length"]
 
 

@@ -168,7 +168,7 @@ def test_step_that_cannot_fit_is_a_clear_error_or_auto_memory_fits_it(tmp_path):
     assert mem[0]["limit_gib"] == int(0.001 * gib) / gib
     # check_memory=false: the same numbers are reported and the run goes on
     cfg = _cfg(tmp_path, "check_memory=false")
-    opts = dict(remat="full", loss_chunk=64, attn_chunk=64)
+    opts = dict(remat="full", loss_chunk=64, attn_chunk=64, grad_accum=1)
     got, said = [], []
     big = {"peak": 2000, "arguments": 1000, "temporaries": 1000}
     trainmod._check_memory(big, (8, 32), opts, cfg, got.append, 0, limit=1000, echo=said.append)
