@@ -7,10 +7,13 @@ The numbers are the current backend's. On a CPU read ``--dtype float32``: XLA:CP
 keeps an fp32 copy of the frozen weights (≈ 29 GiB of "temporaries" at 8B, whatever the batch), which a GPU or TPU
 does not; a GPU's fusions differ too, but not what the options remove. The baseline is the step a user gets without
 the options (``remat=none loss_chunk=0 attn_chunk=0``); the ratio column is each setting's peak over it (over the
-first setting that compiled, where the baseline ran out of device memory compiling). Not a test.
+first setting that compiled, where the baseline ran out of device memory compiling). ``--kept`` prints instead, for
+each setting, the activations the step's backward keeps at the end of the forward (the leaves of ``jax.vjp``'s
+backward function, traced abstractly, less the parameters), by dtype: a backend-independent count, so it reads bf16
+correctly on a CPU. Not a test.
 
     .venv/bin/python bench/memory.py [--size 8b] [--batch 16] [--seq 2048] [--dtype float32]
-                                     [--settings none:0:0,dots:0:0,full:0:0,full:128:0,full:128:256]
+                                     [--settings none:0:0,dots:0:0,full:0:0,full:128:0,full:128:256] [--kept]
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from flax import nnx  # noqa: E402
 from emjax.lora import LoraConfig  # noqa: E402
 from emjax.models import qwen3  # noqa: E402
 from emjax.optim import OptimConfig, build  # noqa: E402
-from emjax.train import compile_measured, make_train_step  # noqa: E402
+from emjax.train import compile_measured, make_train_step, token_nll  # noqa: E402
 
 GIB = 2.0 ** 30
 
@@ -42,6 +45,7 @@ def main() -> None:
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--settings", default="none:0:0,dots:0:0,full:0:0,full:128:0,full:128:256",
                     help="remat:loss_chunk:attn_chunk triples; the first that compiles is the baseline")
+    ap.add_argument("--kept", action="store_true", help="the activations the backward keeps, instead of compiling")
     args = ap.parse_args()
 
     cfg = qwen3.SIZES[args.size]()
@@ -56,6 +60,8 @@ def main() -> None:
     print(f"Qwen3-{args.size} ({cfg.num_params / 1e9:.2f}B parameters, {args.dtype}), LoRA r 32 on all 7 "
           f"projections, AdamW, batch {B} x {T} tokens, grad_accum {args.grad_accum}; backend "
           f"{jax.default_backend()}, jax {jax.__version__}")
+    if args.kept:
+        return print_kept(args, graphdef, trainable, frozen, batch)
     print(f"{'remat':>6} {'loss_chunk':>10} {'attn_chunk':>10} {'peak GiB':>10} {'temps GiB':>10} {'args GiB':>9} "
           f"{'ratio':>7} {'compile s':>9}")
     base = None
@@ -75,6 +81,28 @@ def main() -> None:
         base = base or mem["peak"]
         print(f"{remat:>6} {chunk:>10} {attn:>10} {mem['peak'] / GIB:>10.2f} {mem['temporaries'] / GIB:>10.2f} "
               f"{mem['arguments'] / GIB:>9.2f} {mem['peak'] / base:>7.3f} {dt:>9.1f}", flush=True)
+
+
+def print_kept(args, graphdef, trainable, frozen, batch) -> None:
+    params = {(x.shape, x.dtype) for x in jax.tree.leaves((trainable, frozen))}
+    print(f"{'remat':>6} {'loss_chunk':>10} {'attn_chunk':>10} {'kept GiB':>9}  by dtype (GiB), largest arrays")
+    for setting in args.settings.split(","):
+        remat, chunk, attn = setting.split(":")
+
+        def kept(t, f, b):
+            loss = lambda t: token_nll(nnx.merge(graphdef, t, f), b, remat=remat, loss_chunk=int(chunk),  # noqa: E731
+                                       attn_chunk=int(attn))[0]
+            return jax.tree.leaves(jax.vjp(loss, t)[1])
+
+        acts = [x for x in jax.eval_shape(kept, trainable, frozen, batch) if (x.shape, x.dtype) not in params]
+        nbytes = lambda x: x.size * x.dtype.itemsize  # noqa: E731
+        by_dtype = {}
+        for x in acts:
+            by_dtype[str(x.dtype)] = by_dtype.get(str(x.dtype), 0) + nbytes(x)
+        top = sorted(acts, key=nbytes, reverse=True)[:3]
+        print(f"{remat:>6} {chunk:>10} {attn:>10} {sum(map(nbytes, acts)) / GIB:>9.2f}  "
+              + " ".join(f"{k} {v / GIB:.2f}" for k, v in sorted(by_dtype.items())) + "; "
+              + ", ".join(f"{x.dtype}{list(x.shape)}" for x in top), flush=True)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ q/k norm before split-halves RoPE, fp32 softmax).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
 
 from emjax.lora import LoraConfig, lora_matmul
@@ -343,12 +345,23 @@ class Qwen3ForCausalLM(nnx.Module):
 # Pure layer math
 
 
-def rms_norm(x, w, eps):
-    """transformers' Qwen3RMSNorm: variance in fp32, normalised x cast back to the input dtype, then × weight."""
+def _rms_norm(x, w, eps):
     dtype = x.dtype
     xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    xf = xf * checkpoint_name(jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps), "rms_inv")
     return w.astype(dtype) * xf.astype(dtype)
+
+
+def rms_norm(x, w, eps):
+    """transformers' Qwen3RMSNorm: variance in fp32, normalised x cast back to the input dtype, then × weight.
+
+    Below fp32 the backward keeps x and recomputes its fp32 copy, which autodiff would otherwise keep for every
+    layer when it is not rematerialised: half the bytes for each norm's residual. The gradient is the same bit for
+    bit, except where XLA's excess precision let autodiff keep a bf16 input's unrounded fp32 source instead."""
+    if x.dtype == jnp.float32:
+        return _rms_norm(x, w, eps)
+    return jax.checkpoint(_rms_norm, static_argnums=(2,),
+                          policy=jax.checkpoint_policies.save_only_these_names("rms_inv"))(x, w, eps)
 
 
 def rope_tables(positions, head_dim, theta):
@@ -376,14 +389,26 @@ def _linear(x, params, scale):
 def _attend(q, k, v, mask, dtype, keys_transposed: bool = False):
     """Softmax attention with the G query heads of a KV head stacked as rows (both products plain batched matmuls):
     q (B, K, G, Tq, hd), k (B, K, S, hd) or, from the cache, (B, K, hd, S), v (B, K, S, hd), mask (B, Tq, S)
-    -> (B, K, G, Tq, hd)."""
+    -> (B, K, G, Tq, hd).
+
+    Below fp32 the backward keeps the fp32 probabilities (the softmax's own residual) and recasts them, rather than
+    also keeping their ``dtype`` copy for the second product: a third fewer bytes for the largest activation of a
+    layer that is not rematerialised, the same gradient bit for bit."""
+    f = functools.partial(_attend_math, dtype=dtype, keys_transposed=keys_transposed)
+    if jnp.dtype(dtype) != jnp.float32:
+        f = jax.checkpoint(f, policy=jax.checkpoint_policies.save_only_these_names("attn_probs"))
+    return f(q, k, v, mask)
+
+
+def _attend_math(q, k, v, mask, dtype, keys_transposed):
     B, K, G, Tq, hd = q.shape
     spec = "bkqd,bkds->bkqs" if keys_transposed else "bkqd,bksd->bkqs"
     scores = jnp.einsum(spec, q.reshape(B, K, G * Tq, hd), k, preferred_element_type=jnp.float32)
     scores = jnp.where(mask[:, None, None], scores.reshape(B, K, G, Tq, -1) / math.sqrt(hd),
                        jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(B, K, G * Tq, -1)
-    return jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(B, K, G, Tq, hd)
+    probs = checkpoint_name(jax.nn.softmax(scores, axis=-1), "attn_probs")
+    out = jnp.einsum("bkqs,bksd->bkqd", probs.astype(dtype).reshape(B, K, G * Tq, -1), v)
+    return out.reshape(B, K, G, Tq, hd)
 
 
 def split_chunks(x, axis: int, size: int):

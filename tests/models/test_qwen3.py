@@ -221,3 +221,75 @@ def test_offline_hub_id_gives_clear_error(monkeypatch):
 def test_missing_directory_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
         from_pretrained(tmp_path / "nope" / "deeper")
+
+
+def _bf16_lora_vjp(attention_mask=None, remat="none"):
+    """Loss, LoRA gradients and the arrays the backward keeps, for a tiny bf16 model with adapters."""
+    from flax import nnx
+
+    from emjax.lora import LoraConfig
+
+    cfg = qwen3.Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4,
+                            num_kv_heads=2, head_dim=16)
+    model = qwen3.Qwen3ForCausalLM(cfg, lora=LoraConfig(rank=4), param_dtype=jnp.bfloat16, rngs=nnx.Rngs(3))
+    graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+    # B non-zero, so every factor has a gradient that depends on the whole layer
+    lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape, x.dtype), lora)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 8)))
+
+    def loss(lora):
+        m = nnx.merge(graphdef, lora, rest)
+        return jnp.mean(m(tokens, attention_mask=attention_mask, remat=remat).astype(jnp.float32) ** 2)
+
+    @jax.jit
+    def run(lora):
+        value, vjp = jax.vjp(loss, lora)
+        return value, vjp(jnp.ones_like(value))[0], jax.tree.leaves(vjp)
+
+    # XLA may otherwise keep a bf16 value's unrounded fp32 source for an fp32 use (excess precision), which
+    # autodiff of the plain rms_norm exploits and its recomputation cannot: bit-for-bit only without it
+    exact = run.lower(lora).compile({"xla_allow_excess_precision": False})
+    return *exact(lora), cfg
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["causal", "padded"])
+def test_bf16_backward_keeps_no_fp32_norm_inputs_or_cast_probs(monkeypatch, padded):
+    # Below fp32, rms_norm keeps its input rather than its fp32 copy, and attention keeps the fp32 probabilities
+    # rather than those and their bf16 cast; the gradient must not change by a bit.
+    mask = jnp.asarray([[1] * 8, [1] * 5 + [0] * 3]) if padded else None
+    value, grads, kept, cfg = _bf16_lora_vjp(mask)
+    with monkeypatch.context() as m:  # autodiff of the plain math
+        m.setattr(qwen3, "rms_norm", qwen3._rms_norm)
+        m.setattr(qwen3, "_attend", lambda q, k, v, mask, dtype, keys_transposed=False:
+                  qwen3._attend_math(q, k, v, mask, dtype, keys_transposed))
+        value0, grads0, kept0, _ = _bf16_lora_vjp(mask)
+    assert float(value) == float(value0)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0), strict=True):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+    L, B, T, H, K, hd, D = 3, 2, 8, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+    probs = (L, B, K, H // K, T, T)
+
+    def layer_f32(leaves):  # fp32 activations the scanned layers keep (not per-row scalars such as 1/rms)
+        return sorted(x.shape for x in leaves if x.dtype == jnp.float32 and x.ndim > 2 and x.shape[0] == L
+                      and x.shape[-1] > 1)
+
+    def layer_bytes(leaves):
+        return sum(x.nbytes for x in leaves if x.ndim > 2 and x.shape[0] == L)
+
+    assert layer_f32(kept) == [probs]
+    # autodiff of the plain math keeps the two hidden-state norms' and the q/k norms' fp32 inputs too, and the
+    # probabilities' bf16 cast; the norms' bf16 inputs are kept instead
+    assert layer_f32(kept0) == sorted([probs, (L, B, T, D), (L, B, T, D), (L, B, T, H, hd), (L, B, T, K, hd)])
+    probs_bf16 = B * H * T * T * 2
+    qk_norm_inputs = B * T * (H + K) * hd * 2  # the bf16 halves of the q/k norms' fp32 inputs
+    assert layer_bytes(kept0) - layer_bytes(kept) >= L * (probs_bf16 + qk_norm_inputs)
+
+
+@pytest.mark.parametrize("remat", ["dots", "full"])
+def test_bf16_residual_savings_keep_remat_policies(remat):
+    # the inner checkpoints must not make a rematerialised layer keep more
+    _, _, kept, _ = _bf16_lora_vjp(remat=remat)
+    _, _, kept_none, _ = _bf16_lora_vjp()
+    assert sum(x.nbytes for x in kept) < sum(x.nbytes for x in kept_none)
+    assert not [x.shape for x in kept if x.dtype == jnp.float32 and x.ndim == 6]  # no probabilities kept
