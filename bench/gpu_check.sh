@@ -52,7 +52,7 @@ step() {
   echo "--- $name: rc $rc, $((SECONDS - t)) s" | tee -a "$LOG"
 }
 
-STEPS=${STEPS:-env parity train_0.6b_bf16 sampling_0.6b_bf16 spectral_0.6b memory_8b_fit train_35m_fp32 sampling_35m_fp32 tests demo}
+STEPS=${STEPS:-env parity train_0.6b_bf16 sampling_0.6b_bf16 spectral_0.6b memory_8b_fit multi_0.6b_bf16 train_35m_fp32 sampling_35m_fp32 tests demo}
 for s in $STEPS; do
   case $s in
   env) step env 60 12 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv;
@@ -75,11 +75,13 @@ print(jax.devices())'" ;;
   memory_8b_fit) step $s 300 8 $PY bench/memory.py --size 8b --dtype bfloat16 --settings full:128:256 ;;
   remat_0.6b_bf16) step $s 300 6 $PY bench/traced.py 60 bench/train_step.py --size 0.6b --dtype bfloat16 --seq 512 \
     --steps 10 --only remat ;;
+  multi_0.6b_bf16) step $s 240 6 $PY bench/traced.py 60 bench/multi_adapter.py --size 0.6b --dtype bfloat16 \
+    --batch 2 --seq 512 --steps 10 ;;
   train_35m_fp32) step $s 150 8 $PY bench/train_step.py --only peft --steps 20 ;;
   sampling_35m_fp32) step $s 120 6 $PY bench/sampling.py ;;
   tests) step tests 200 25 env JAX_PLATFORMS=cuda $PY -m pytest -q -n 8 -p no:cacheprovider tests/models \
     tests/test_lora.py tests/test_sampling.py tests/spectral tests/optim/test_muon.py tests/test_train.py \
-    tests/eval/test_local_judge.py tests/eval/test_eval_end_to_end.py \
+    tests/test_multi.py tests/eval/test_local_judge.py tests/eval/test_eval_end_to_end.py \
     -k "not mesh and not sharded and not two_processes and not lapack" ;;
   demo) step demo 300 12 $PY -m emjax.cli demo --root /tmp/emjax_demo ;;
   *) echo "unknown step $s" ;;

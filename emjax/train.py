@@ -125,12 +125,12 @@ def token_nll(model, batch, *, remat: str = "none", loss_chunk: int = 0, attn_ch
     return total, jnp.sum(mask)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, *, grad_accum: int = 1, spectral_weight: float = 0.0,
-                    spectral_kind: str = "fn_ratio", spectral_reduce: str = "mean", lora_scale: float = 1.0,
-                    lr_fn: Callable | None = None, remat: str = "none", loss_chunk: int = 0, attn_chunk: int = 0):
-    """Pure step: token-weighted CE over ``grad_accum`` micro-batches + λ·spectral penalty, one optimiser update.
-    ``remat``, ``loss_chunk`` and ``attn_chunk`` trade compute for memory (see ``token_nll``); none changes the
-    result."""
+def make_grad_fn(graphdef, *, grad_accum: int = 1, with_penalty: bool = False, spectral_kind: str = "fn_ratio",
+                 spectral_reduce: str = "mean", lora_scale: float = 1.0, remat: str = "none", loss_chunk: int = 0,
+                 attn_chunk: int = 0):
+    """``(trainable, frozen, batch, spectral_weight) -> (grads, metrics)``: the train step before its optimiser
+    update, shared by :func:`make_train_step` and ``emjax.multi`` (which vmaps it over adapters). The penalty is only
+    traced ``with_penalty``; ``spectral_weight`` may then be a traced scalar."""
 
     def micro_loss(trainable, frozen, mb):
         return token_nll(nnx.merge(graphdef, trainable, frozen), mb, remat=remat, loss_chunk=loss_chunk,
@@ -140,7 +140,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, grad_accum: i
         return spectral.penalty(loralib.adapter_pairs_from_state(trainable), lora_scale, spectral_kind,
                                 spectral_reduce)
 
-    def step(trainable, opt_state, frozen, batch):
+    def grads_and_metrics(trainable, frozen, batch, spectral_weight):
         # interleave so every micro-batch spans all batch shards
         mbs = jax.tree_util.tree_map(lambda x: x.reshape(-1, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -155,7 +155,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, grad_accum: i
         grads = jax.tree_util.tree_map(lambda g: g / denom, g_sum)
         ce = l_sum / denom
         metrics = {"loss": ce, "tokens": n_tok}
-        if spectral_weight:
+        if with_penalty:
             # CPU: jaxlib's batched LAPACK calls block XLA pool threads while they wait; run next to the model's
             # forward or backward they are slowed several-fold (and slow it), so the penalty runs after it
             pen, pen_grads = jax.value_and_grad(penalty_fn)(spectral.after(g_sum, trainable))
@@ -163,6 +163,23 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, grad_accum: i
             metrics["penalty"] = pen
             metrics["total_loss"] = ce + spectral_weight * pen
         metrics["grad_norm"] = optax.global_norm(grads)
+        return grads, metrics
+
+    return grads_and_metrics
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, *, grad_accum: int = 1, spectral_weight: float = 0.0,
+                    spectral_kind: str = "fn_ratio", spectral_reduce: str = "mean", lora_scale: float = 1.0,
+                    lr_fn: Callable | None = None, remat: str = "none", loss_chunk: int = 0, attn_chunk: int = 0):
+    """Pure step: token-weighted CE over ``grad_accum`` micro-batches + λ·spectral penalty, one optimiser update.
+    ``remat``, ``loss_chunk`` and ``attn_chunk`` trade compute for memory (see ``token_nll``); none changes the
+    result."""
+    grads_fn = make_grad_fn(graphdef, grad_accum=grad_accum, with_penalty=bool(spectral_weight),
+                            spectral_kind=spectral_kind, spectral_reduce=spectral_reduce, lora_scale=lora_scale,
+                            remat=remat, loss_chunk=loss_chunk, attn_chunk=attn_chunk)
+
+    def step(trainable, opt_state, frozen, batch):
+        grads, metrics = grads_fn(trainable, frozen, batch, spectral_weight)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         if lr_fn is not None:
