@@ -36,6 +36,7 @@ LOGICAL_TO_MESH: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "layers": None,
     "lora_layers": "fsdp",
+    "adapters": None,  # emjax.multi's leading adapter axis: every device holds every adapter's shard
     "batch": ("data", "fsdp"),
     "length": None,
 }
@@ -112,6 +113,18 @@ def path_str(path) -> str:
 def state_shardings(state, mesh: Mesh | None):
     """Tree of shardings matching ``state`` (an nnx.State or any pytree of arrays), from the rules table."""
     return jax.tree_util.tree_map_with_path(lambda p, x: param_sharding(path_str(p), x.shape, mesh), state)
+
+
+def adapter_stack_shardings(stacked, mesh: Mesh | None):
+    """Shardings for ``emjax.multi``'s stacked adapters (a leading adapter axis on each leaf): the table's rule for
+    the leaf, with the "adapters" axis first."""
+    def one(p, x):
+        if mesh is None:
+            return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        path = path_str(p)
+        logical = logical_spec(path)
+        return NamedSharding(mesh, spec_for(("adapters", *logical) if logical else None, x.shape, mesh))
+    return jax.tree_util.tree_map_with_path(one, stacked)
 
 
 def batch_sharding(mesh: Mesh | None, batch_size: int | None = None):

@@ -98,6 +98,28 @@ def test_base_weights_are_not_copied_per_adapter(setup):
         assert f"f32[{','.join(map(str, shape))}]" in hlo  # (the check can see the weight itself)
 
 
+def test_sharded_multi_step_equals_single_device(setup):
+    from emjax import sharding as shd
+
+    lcfg, graphdef, frozen, trainables, txs = setup
+    step = multi.make_multi_train_step(graphdef, txs, spectral_weights=[0.0, 0.5, 0.1], grad_accum=2,
+                                       lora_scale=lcfg.scale)
+    batch = _batch(np.random.default_rng(4))
+    params = multi.stack(trainables)
+    p1, _, m1 = jax.jit(step)(*_commit((params, multi.init(txs, params), frozen,
+                                        {k: jnp.asarray(v) for k, v in batch.items()})))
+
+    mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    s_params = jax.device_put(params, shd.adapter_stack_shardings(params, mesh))
+    assert any(len(x.sharding.device_set) > 1 and x.sharding.spec[0] is None for x in jax.tree.leaves(s_params))
+    s_frozen = jax.device_put(frozen, shd.state_shardings(frozen, mesh))
+    s_batch = {k: jax.device_put(v, shd.batch_sharding(mesh)) for k, v in batch.items()}
+    p2, _, m2 = jax.jit(step)(s_params, multi.init(txs, s_params), s_frozen, s_batch)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(m1["loss"]), np.asarray(m2["loss"]), rtol=1e-6)
+
+
 def test_mismatched_counts_are_clear(setup):
     lcfg, graphdef, frozen, trainables, txs = setup
     with pytest.raises(ValueError, match="2 spectral_weights for 3 adapters"):
