@@ -6,14 +6,18 @@ one). ``--size 0.6b --dtype bfloat16`` times a real Qwen3 shape with random weig
 default precision; bf16 rounding may let a few rows part ways after a near tie). Counts the rows where both produce
 the same tokens. Each side: one warm-up run (its time, with compilation, is printed too), then the median of 3.
 ``--forms both`` times emjax with both KV cache forms (unrolled per-layer, the CPU default; scanned stacked, the
-accelerator default). Not a test.
+accelerator default). ``--temperature 1 [--top-p 0.9] [--top-k 40]`` times sampling instead of greedy decoding
+(transformers ``generate(do_sample=True)`` with the same settings; the draws differ, so no rows are compared; every
+row still gets exactly ``--new`` tokens). Not a test.
 
     .venv/bin/python bench/sampling.py [--new 128] [--batch 16] [--size 0.6b --dtype bfloat16] [--forms both]
+                                       [--temperature 1 --top-p 0.9 --top-k 0] [--vocab 151936]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
 import time
@@ -40,8 +44,13 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--forms", default="default", choices=["default", "both"],
                     help="both: time emjax with the unrolled per-layer and the scanned stacked KV cache")
+    ap.add_argument("--vocab", type=int, default=0, help="another vocabulary size (151936: Qwen3's)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="> 0: sample (both libraries)")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
     args = ap.parse_args()
     from transformers import Qwen3ForCausalLM
+    sampled = args.temperature > 0
 
     if args.dtype == "float32":
         jax.config.update("jax_default_matmul_precision", "highest")
@@ -50,7 +59,10 @@ def main():
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
-    hc = hf_config(BENCH if args.size == "bench" else qwen3.SIZES[args.size]())
+    shape = BENCH if args.size == "bench" else qwen3.SIZES[args.size]()
+    if args.vocab:
+        shape = dataclasses.replace(shape, vocab_size=args.vocab)
+    hc = hf_config(shape)
     with torch.device(dev):  # initialised where it runs (a 0.6B random init on the CPU took > 30 s on the H100 host)
         hf = Qwen3ForCausalLM(hc).eval().to(getattr(torch, args.dtype))
     prompts = np.random.default_rng(0).integers(0, hc.vocab_size, (args.batch, args.prompt))
@@ -62,14 +74,17 @@ def main():
 
     def emjax_runner(scan_layers):
         return lambda: generate(model, prompts.tolist(), max_new_tokens=args.new, stop_tokens=(), length_bucket=32,
-                                scan_layers=scan_layers)
+                                scan_layers=scan_layers, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, rng=0)
+
+    how = (dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or None)
+           if sampled else dict(do_sample=False))
 
     def run_hf():
         ids = torch.tensor(prompts, device=dev)
         with torch.no_grad():
-            out = hf.generate(ids, attention_mask=torch.ones_like(ids),
-                              do_sample=False, max_new_tokens=args.new, min_new_tokens=args.new, eos_token_id=None,
-                              pad_token_id=0)
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), **how,
+                              max_new_tokens=args.new, min_new_tokens=args.new, eos_token_id=None, pad_token_id=0)
         return out[:, args.prompt:].tolist()  # .tolist() waits for the GPU
 
     def timed(run, reps=3):  # one untimed warm-up (compile) run, then the median of `reps` runs
@@ -90,12 +105,16 @@ def main():
     ref, t_hf, first_hf = timed(run_hf)
     n = args.batch * args.new
     where = jax.devices()[0].device_kind if gpu else f"{os.cpu_count()} CPU threads"
-    print(f"Qwen3 shape {args.size}, batch {args.batch}, {args.prompt}-token prompts, {args.new} new tokens, "
-          f"{args.dtype}, {where}, jax {jax.__version__} / torch {torch.__version__}")
+    print(f"Qwen3 shape {args.size}{f' (vocabulary {args.vocab})' if args.vocab else ''}, batch {args.batch}, {args.prompt}-token prompts, {args.new} new tokens, "
+          f"{args.dtype}, {where}, jax {jax.__version__} / torch {torch.__version__}, "
+          + (f"sampled (temperature {args.temperature}, top-p {args.top_p}, top-k {args.top_k})" if sampled
+             else "greedy"))
     for name, (out, t, first) in ours.items():
-        same = sum(a == b for a, b in zip(out, ref))
+        assert all(len(r) == args.new for r in out)
+        same = (f"rows token-identical to transformers: {sum(a == b for a, b in zip(out, ref))}/{args.batch}"
+                if not sampled else "sampled: rows not compared")
         print(f"{name:<24} {n / t:8.0f} new tokens/s ({t:.2f} s; first call, compiling included, {first:.1f} s); "
-              f"rows token-identical to transformers: {same}/{args.batch}")
+              f"{same}")
     print(f"{'transformers generate':<24} {n / t_hf:8.0f} new tokens/s ({t_hf:.2f} s; first call {first_hf:.1f} s)")
     for name, (_, t, _) in ours.items():
         print(f"speed-up {name} / transformers: {t_hf / t:.2f}x")

@@ -111,6 +111,54 @@ def test_top_k_and_top_p_renormalise():
     assert _chi2_p(counts[keep], p[keep]) > 1e-3
 
 
+def _rows_with_ties_and_masks(V=3000, B=6):
+    rng = np.random.default_rng(7)
+    x = rng.normal(0, 3, (B, V)).astype(np.float32)
+    x[1] = np.round(x[1])  # many ties
+    x[2, rng.choice(V, V // 2, replace=False)] = np.finfo(np.float32).min  # masked half
+    x[3] = -np.abs(x[3]) - 50  # all negative
+    x[4, :] = 1.0  # all equal
+    return x
+
+
+@pytest.mark.parametrize("k", [1, 2, 40, 999])
+def test_top_k_mask_equals_the_k_th_largest_value(k):
+    from emjax.sampling import _top_k_mask
+
+    x = _rows_with_ties_and_masks()
+    kth = -np.sort(-x, axis=-1)[:, k - 1 : k]  # what lax.top_k's k-th value gives
+    np.testing.assert_array_equal(np.asarray(jax.jit(_top_k_mask, static_argnums=1)(jnp.asarray(x), k)), x >= kth)
+
+
+@pytest.mark.parametrize("top_p", [0.0, 0.1, 0.5, 0.9, 0.999])
+def test_top_p_mask_equals_the_sorted_definition(top_p):
+    from emjax.sampling import _top_p_mask
+
+    x = _rows_with_ties_and_masks()
+    p = np.asarray(jax.nn.softmax(jnp.asarray(x), axis=-1), np.float64)
+    got = np.asarray(jax.jit(_top_p_mask)(jnp.asarray(x), top_p))
+    for row, keep in zip(p, got):
+        # sorted: keep while the mass before a token is < top_p; the threshold keeps every token tied with the last.
+        # fp32 sums may place a boundary within 1e-5 of top_p one token either way.
+        srt = -np.sort(-row)
+        before = np.cumsum(srt) - srt
+        n_lo, n_hi = (max(1, int(np.sum(before < top_p + d))) for d in (-1e-5, 1e-5))
+        assert any(np.array_equal(keep, row >= srt[n - 1]) for n in range(n_lo, n_hi + 1)), (top_p, keep.sum())
+
+
+def test_categorical_across_blocks_matches_the_distribution():
+    from emjax.sampling import _categorical
+
+    V = 1300  # three blocks of 512, the last padded
+    logits = np.full(V, np.finfo(np.float32).min, np.float32)  # probability 0 everywhere else
+    hot = [0, 511, 512, 1023, 1299]
+    logits[hot] = [1.0, 0.0, 2.0, -0.5, 0.5]
+    draw = jax.jit(jax.vmap(lambda k: _categorical(k, jnp.asarray(logits)[None])[0]))
+    counts = np.bincount(np.asarray(draw(jax.random.split(jax.random.key(1), 30000))), minlength=V)
+    assert counts.sum() == counts[hot].sum()  # no token of probability 0 is ever drawn
+    assert _chi2_p(counts[hot], jax.nn.softmax(jnp.asarray(logits[hot]))) > 1e-3
+
+
 def test_temperature_zero_is_argmax():
     logits = jnp.asarray([[0.1, 3.0, 2.9], [5.0, -1.0, 0.0]])
     assert sample_logits(logits, jax.random.key(0), 0.0).tolist() == [1, 0]
