@@ -20,15 +20,11 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
 
-import train_step as tsb  # noqa: E402  (the train benchmark's shape and batch)
+import train_step as tsb  # noqa: E402  (the train benchmark's shape, batch, optimisers and timing)
 from emjax import multi  # noqa: E402
-from emjax.lora import LoraConfig  # noqa: E402
 from emjax.models import qwen3  # noqa: E402
-from emjax.optim import OptimConfig, build  # noqa: E402
-from emjax.train import make_train_step, step_memory  # noqa: E402
+from emjax.train import step_memory  # noqa: E402
 
 GIB = 2.0 ** 30
 
@@ -45,46 +41,23 @@ def main() -> None:
     if args.dtype == "float32":
         jax.config.update("jax_default_matmul_precision", "highest")
     tsb.CFG = tsb.BENCH if args.size == "bench" else qwen3.SIZES[args.size]()
-    tsb.B, tsb.T = args.batch, args.seq
+    tsb.B, tsb.T, tsb.DTYPE = args.batch, args.seq, args.dtype
     names = args.optims.split(",")
-    lcfg = LoraConfig(rank=32, alpha=64, rslora=True)
-    model = qwen3.Qwen3ForCausalLM(tsb.CFG, lora=lcfg, param_dtype=jnp.dtype(args.dtype), rngs=nnx.Rngs(0))
-    graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
-    dev = jax.devices()[0]
-    frozen = jax.device_put(frozen, dev)
-    txs = [build(OptimConfig(name=n, learning_rate=1e-4, total_steps=1000, weight_decay=0.0 if n == "adam" else 0.01))
-           for n in names]
-    batch = jax.device_put(tsb.make_batch(), dev)
 
-    singles = []
-    for tx in txs:
-        step = jax.jit(make_train_step(graphdef, tx, lora_scale=lcfg.scale), donate_argnums=(0, 1))
-        own = jax.tree.map(jnp.copy, trainable)  # each donates its own
-        singles.append([step, *jax.device_put((own, tx.init(own)), dev)])
-    mstep = jax.jit(multi.make_multi_train_step(graphdef, txs, lora_scale=lcfg.scale), donate_argnums=(0, 1))
-    params = jax.device_put(multi.stack([trainable] * len(txs)), dev)
-    mstate = {"p": params, "s": jax.device_put(multi.init(txs, params), dev)}
-    mem_single = step_memory(singles[0][0].lower(*singles[0][1:], frozen, batch).compile())
-    mem_multi = step_memory(mstep.lower(mstate["p"], mstate["s"], frozen, batch).compile())
+    # the alternative: one compiled single-adapter step per optimiser, run in turn
+    singles = [tsb.emjax_stepper(optim=n, warmup=3) for n in names]
+    t = time.perf_counter()
+    lcfg, graphdef, trainable, frozen = tsb.bench_model()
+    txs = [tsb.optimiser(n) for n in names]
+    params = multi.stack([trainable] * len(txs))
+    run_multi = tsb.stepper(jax.jit(multi.make_multi_train_step(graphdef, txs, lora_scale=lcfg.scale),
+                                    donate_argnums=(0, 1)), params, multi.init(txs, params), frozen, tsb.make_batch())
+    for _ in range(3):  # the first steps that grow the host heap
+        run_multi()
+    print(f"  emjax.multi: compile + 3 warm-up steps {time.perf_counter() - t:.1f} s", flush=True)
 
-    def run_singles() -> float:
-        t = time.perf_counter()
-        for s in singles:
-            s[1], s[2], m = s[0](s[1], s[2], frozen, batch)
-            jax.block_until_ready((s[1], m["loss"]))
-        return time.perf_counter() - t
-
-    def run_multi() -> float:
-        t = time.perf_counter()
-        mstate["p"], mstate["s"], m = mstep(mstate["p"], mstate["s"], frozen, batch)
-        jax.block_until_ready((mstate["p"], m["loss"]))
-        return time.perf_counter() - t
-
-    t0 = time.perf_counter()
-    for _ in range(3):  # compile, then the steps that grow the host heap
-        run_singles(), run_multi()
-    print(f"  compile + 3 warm-up rounds {time.perf_counter() - t0:.1f} s", flush=True)
-    t_multi, t_single, fastest = tsb.interleaved(run_multi, run_singles, args.steps)
+    t_multi, t_single, fastest = tsb.interleaved(run_multi, lambda: sum(one() for one in singles), args.steps)
+    mem_multi, mem_single = (step_memory(one.compiled) for one in (run_multi, singles[0]))
     n = len(txs)
     where = jax.devices()[0].device_kind if jax.default_backend() != "cpu" else f"{os.cpu_count()} CPU threads"
     print(f"Qwen3 shape {args.size}, {args.dtype}, {n} adapters ({args.optims}), LoRA r 32 on all 7 projections, "

@@ -44,7 +44,7 @@ def timed(f, *args, n=3) -> float:
 
 def op_profile(spectral_weight: float = 0.0, top: int = 25):
     step = emjax_stepper(spectral_weight=spectral_weight)  # compiled and warmed up, AdamW
-    hlo = step.hlo()
+    hlo = step.compiled.as_text()
     with tempfile.TemporaryDirectory() as d:
         jax.profiler.start_trace(d)
         for _ in range(2):
@@ -68,7 +68,7 @@ def op_profile(spectral_weight: float = 0.0, top: int = 25):
 
 
 def fault_profile(steps: int = 10):
-    step = emjax_stepper(warmup=1)  # compiled only
+    step = emjax_stepper(warmup=1)  # compiled, one step run
     for i in range(2, steps + 2):
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t = step()
