@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Mapping, Optional, Sequence
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -153,3 +153,44 @@ def as_object(section):
 
 def replace(obj, **kw):
     return dataclasses.replace(obj, **kw)
+
+
+def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> ``{"a.b": value}`` (an empty mapping stays a value)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+# What may differ between the runs of a pack (``emjax.train.train_many``): each run's own work directory, optimiser
+# and λ. Everything else (model, LoRA shape and seed, data, steps, memory options, logging, evaluation) is shared
+# by the one compiled program.
+PACKABLE = ("workdir", "optim", "spectral.weight")
+
+
+def pack_key(cfg) -> dict[str, Any]:
+    """The resolved config less the ``PACKABLE`` keys, flat: runs with equal keys can train in one pack."""
+    flat = flatten(OmegaConf.to_container(cfg, resolve=True))
+    return {k: v for k, v in flat.items() if not any(k == p or k.startswith(p + ".") for p in PACKABLE)}
+
+
+def check_packable(cfgs: Sequence[Any]) -> None:
+    """A clear error naming the first key (and the two work directories) that keeps two runs out of one pack."""
+    first = pack_key(cfgs[0])
+    seen = {Path(cfgs[0].workdir).resolve()}
+    for c in cfgs[1:]:
+        wd = Path(c.workdir).resolve()
+        if wd in seen:
+            raise ConfigError(f"workdir {c.workdir}: two runs of one pack cannot share a work directory")
+        seen.add(wd)
+        other = pack_key(c)
+        for k in sorted(set(first) | set(other)):
+            if first.get(k) != other.get(k):
+                raise ConfigError(
+                    f"{k}: {first.get(k)!r} in {cfgs[0].workdir} but {other.get(k)!r} in {c.workdir} — the runs of a "
+                    f"pack share one model, batch and program; only {', '.join(PACKABLE)} may differ")

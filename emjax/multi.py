@@ -13,7 +13,8 @@ takes its own optimiser's update (any Optax ``GradientTransformation``; they nee
     trainables, opt_states, metrics = step(trainables, opt_states, frozen, batch)   # metrics["loss"]: (N,)
 
 Each adapter's result equals its own ``emjax.train.make_train_step`` (``tests/test_multi.py``). Activations scale
-with N, the base weights do not.
+with N, the base weights do not. ``emjax.train.train_many`` runs a whole pack of configured runs this way (each with
+its own checkpoints, metrics and PEFT export), and ``emjax sweep --pack N`` packs a sweep's runs.
 """
 
 from __future__ import annotations

@@ -22,6 +22,11 @@ is its overrides, ``key=value`` joined by commas (``/`` -> ``_``; a hash is appe
 exceed 150 characters). Every run is ``emjax train CONFIG OVERRIDES workdir=root/<name>``, whether run here or
 printed for an external launcher, so both paths build the identical config.
 
+``--pack N`` trains up to N runs at once as one *pack* (``emjax train CONFIG --run ... --run ...``): runs that differ
+only in optimiser, ``spectral.weight`` and work directory (``emjax.config.PACKABLE``) and would resume from the same
+step share one copy of the frozen base in one compiled program, and each still writes its own work directory, so
+resuming, skipping and ``emjax report`` see no difference. An optimiser × λ grid on one chip is a few packs.
+
 Re-running a sweep skips runs with a ``DONE`` marker and resumes partial ones from their checkpoints (the trainer
 does that). A failing run leaves ``FAILED`` (the error) in its directory and the sweep goes on; the exit status is
 0 if every selected run finished, 1 if any failed, 2 for a bad sweep file or arguments, 3 if a run was preempted.
@@ -90,7 +95,7 @@ class Run:
         return "new"
 
     def command(self, program: Sequence[str] = ("emjax",)) -> str:
-        return shlex.join([*program, "train", self.config_file, *self.args])
+        return shlex.join(pack_command([self], program))
 
 
 @dataclass
@@ -119,17 +124,6 @@ def format_value(v: Any) -> str:
     return str(v)
 
 
-def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 NAME_KEY = "_name"  # in a mapping value: the label used in run names instead of its key=value pairs
 
 
@@ -140,7 +134,7 @@ def _overrides_of(value: Any, axis: str, where: str) -> tuple[dict[str, Any], st
         label = value.pop(NAME_KEY, None)
         if not value:
             raise SweepError(f"{where}: axis {axis!r} has an empty mapping as a value")
-        ov = _flatten(value)
+        ov = cfglib.flatten(value)
         return ov, (f"{axis}={label}" if label is not None else ",".join(f"{k}={format_value(v)}"
                                                                          for k, v in ov.items()))
     return {axis: value}, f"{axis}={format_value(value)}"
@@ -244,13 +238,13 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = (), *, root: str | P
             config_file = str(cfglib.find_config(spec["base"]))
         except cfglib.ConfigError as e:
             raise SweepError(f"{where}.base: {e}") from None
-        base_args += [f"{k}={format_value(v)}" for k, v in _flatten(raw).items()]  # inline keys over the base
+        base_args += [f"{k}={format_value(v)}" for k, v in cfglib.flatten(raw).items()]  # inline keys over the base
     else:
         config_file = str(path)  # cfglib.load pops `sweep:` itself
     set_ = spec.get("set") or {}
     if not isinstance(set_, Mapping):
         raise SweepError(f"{where}.set: expected a mapping of overrides")
-    base_args += [f"{k}={format_value(v)}" for k, v in _flatten(set_).items()]
+    base_args += [f"{k}={format_value(v)}" for k, v in cfglib.flatten(set_).items()]
     for ov in overrides:
         if "=" not in ov:
             raise SweepError(f"command-line override {ov!r}: expected key=value")
@@ -302,74 +296,122 @@ def _mark_failed(run: Run, message: str) -> None:
     (run.workdir / "FAILED").write_text(message if message.endswith("\n") else message + "\n")
 
 
-def _run_inprocess(run: Run, train_fn: Callable) -> str:
-    """One run in this process -> done | failed | preempted."""
+def resume_step(workdir: Path) -> int:
+    """The step a run would resume from: its latest checkpoint (0 for none)."""
+    ckpts = Path(workdir) / "checkpoints"
+    return max((int(p.name) for p in ckpts.iterdir() if p.name.isdigit()), default=0) if ckpts.is_dir() else 0
+
+
+def make_packs(runs: Sequence[Run], size: int) -> list[list[Run]]:
+    """Runs in groups that can train as one pack (equal ``emjax.config.pack_key`` and resume step), at most ``size``
+    each, in sweep order (a group of 10 with ``size`` 4: 3, 3 and 4, not 4, 4 and 2); ``size`` 1: one run each."""
+    if size <= 1:
+        return [[r] for r in runs]
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        key = json.dumps([cfglib.pack_key(r.cfg), resume_step(r.workdir)], sort_keys=True, default=str)
+        groups.setdefault(key, []).append(r)
+    packs = []
+    for g in groups.values():  # as few packs as the size allows, of sizes differing by at most one
+        k = -(-len(g) // size)
+        cuts = [len(g) * i // k for i in range(k + 1)]
+        packs += [g[a:b] for a, b in zip(cuts, cuts[1:])]
+    return packs
+
+
+def pack_command(pack: Sequence[Run], program: Sequence[str] = ("emjax",)) -> list[str]:
+    """``emjax train`` for one run, or for a pack: each run's overrides as one ``--run`` argument."""
+    if len(pack) == 1:
+        return [*program, "train", pack[0].config_file, *pack[0].args]
+    return [*program, "train", pack[0].config_file, *[a for r in pack for a in ("--run", shlex.join(r.args))]]
+
+
+def _run_inprocess(pack: Sequence[Run], train_fn: Callable, pack_fn: Callable | None) -> dict[str, str]:
+    """One run (``train_fn(cfg)``) or pack (``pack_fn(cfgs)``) in this process -> {name: done | failed | preempted}."""
     try:
-        check_supported(run.cfg)
-        result = train_fn(run.cfg)
+        for run in pack:
+            check_supported(run.cfg)
+        results = [train_fn(pack[0].cfg)] if len(pack) == 1 else pack_fn([r.cfg for r in pack])
     except Exception as e:  # one bad run must not stop the sweep
-        _mark_failed(run, f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
-        return "failed"
-    status = getattr(result, "status", "done")
-    if status == "done" and not (run.workdir / "DONE").exists():
-        _mark_failed(run, "the trainer returned without writing DONE")
-        return "failed"
-    return status
+        for run in pack:
+            _mark_failed(run, f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
+        return {run.name: "failed" for run in pack}
+    out = {}
+    for run, result in zip(pack, results):
+        status = getattr(result, "status", "done")
+        if status == "failed":  # a pack's run whose loss went non-finite
+            _mark_failed(run, f"TrainError: {getattr(result, 'error', None) or 'failed'}")
+        elif status == "done" and not (run.workdir / "DONE").exists():
+            _mark_failed(run, "the trainer returned without writing DONE")
+            status = "failed"
+        out[run.name] = status
+    return out
 
 
-def _pump(src, log, echo) -> None:
-    """Copy a child's output to its train.log and, for a single job, to our stderr (live progress bars)."""
+def _pump(src, logs, echo) -> None:
+    """Copy a child's output to its runs' train.log and, for a single job, to our stderr (live progress bars)."""
     for chunk in iter(lambda: src.read1(4096), b""):
-        log.write(chunk)
-        log.flush()
+        for log in logs:
+            log.write(chunk)
+            log.flush()
         if echo:
             sys.stderr.buffer.write(chunk)
             sys.stderr.buffer.flush()
 
 
-def _run_subprocesses(runs: list[Run], jobs: int, program: Sequence[str], bar) -> dict[str, str]:
-    """Up to ``jobs`` runs at once as ``emjax train`` subprocesses (each run gets a fresh process: no state, memory
-    or compiled programs leak between runs); output to ``<workdir>/train.log``, echoed live when ``jobs == 1``."""
+def _run_subprocesses(packs: list[list[Run]], jobs: int, program: Sequence[str], bar) -> dict[str, str]:
+    """Up to ``jobs`` runs or packs at once as ``emjax train`` subprocesses (each gets a fresh process: no state,
+    memory or compiled programs leak between them); output to each run's ``<workdir>/train.log``, echoed live when
+    ``jobs == 1``."""
     import threading
 
     results: dict[str, str] = {}
-    pending = list(runs)
-    active: list[tuple[Run, subprocess.Popen, Any]] = []
+    pending = list(packs)
+    active: list[tuple[list[Run], subprocess.Popen, list]] = []
     while pending or active:
         while pending and len(active) < jobs:
-            run = pending.pop(0)
-            try:
-                check_supported(run.cfg)
-            except UnsupportedModel as e:
-                _mark_failed(run, str(e))
-                results[run.name] = "failed"
-                bar.update(1)
+            pack = []
+            for run in pending.pop(0):
+                try:
+                    check_supported(run.cfg)
+                except UnsupportedModel as e:
+                    _mark_failed(run, str(e))
+                    results[run.name] = "failed"
+                    bar.update(1)
+                    continue
+                pack.append(run)
+            if not pack:
                 continue
-            run.workdir.mkdir(parents=True, exist_ok=True)
-            log = open(run.workdir / "train.log", "ab")
-            cmd = [*program, "train", run.config_file, *run.args]
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            pump = threading.Thread(target=_pump, args=(proc.stdout, log, jobs == 1), daemon=True)
+            logs = []
+            for run in pack:
+                run.workdir.mkdir(parents=True, exist_ok=True)
+                logs.append(open(run.workdir / "train.log", "ab"))
+            proc = subprocess.Popen(pack_command(pack, program), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            pump = threading.Thread(target=_pump, args=(proc.stdout, logs, jobs == 1), daemon=True)
             pump.start()
             proc.pump = pump
-            active.append((run, proc, log))
+            active.append((pack, proc, logs))
         still = []
-        for run, proc, log in active:
+        for pack, proc, logs in active:
             rc = proc.poll()
             if rc is None:
-                still.append((run, proc, log))
+                still.append((pack, proc, logs))
                 continue
             proc.pump.join()
-            log.close()
-            if rc == 0 and (run.workdir / "DONE").exists():
-                results[run.name] = "done"
-            elif rc == 0:
-                results[run.name] = "preempted"
-            else:
-                tail = (run.workdir / "train.log").read_text(errors="replace")[-4000:]
-                _mark_failed(run, f"exit status {rc}: {shlex.join(proc.args)}\n\n--- end of train.log ---\n{tail}")
-                results[run.name] = "failed"
-            bar.update(1)
+            for log in logs:
+                log.close()
+            for run in pack:
+                if (run.workdir / "DONE").exists():
+                    results[run.name] = "done"
+                elif (run.workdir / "FAILED").exists():  # the trainer stopped this run of a pack; the rest went on
+                    results[run.name] = "failed"
+                elif rc == 0:
+                    results[run.name] = "preempted"
+                else:
+                    tail = (run.workdir / "train.log").read_text(errors="replace")[-4000:]
+                    _mark_failed(run, f"exit status {rc}: {shlex.join(proc.args)}\n\n--- end of train.log ---\n{tail}")
+                    results[run.name] = "failed"
+                bar.update(1)
         active = still
         if active:
             time.sleep(0.2)
@@ -377,8 +419,11 @@ def _run_subprocesses(runs: list[Run], jobs: int, program: Sequence[str], bar) -
 
 
 def run_sweep(sweep: Sweep, *, jobs: int = 1, train_fn: Callable | None = None,
-              program: Sequence[str] | None = None, progress: bool = True) -> dict[str, str]:
-    """Run every unfinished run; {name: done | skipped | failed | preempted}. Stops after a preemption."""
+              program: Sequence[str] | None = None, progress: bool = True, pack: int = 1,
+              pack_fn: Callable | None = None) -> dict[str, str]:
+    """Run every unfinished run, ``pack`` at a time where they can share a program (``make_packs``);
+    {name: done | skipped | failed | preempted}. Stops after a preemption. An injected ``train_fn`` (tests,
+    notebooks) runs in this process, with ``pack_fn`` (default ``emjax.train.train_many``) for packs."""
     from tqdm.auto import tqdm
 
     sweep.root.mkdir(parents=True, exist_ok=True)
@@ -387,17 +432,20 @@ def run_sweep(sweep: Sweep, *, jobs: int = 1, train_fn: Callable | None = None,
     todo = [r for r in sweep.runs if r.status != "done"]
     for r in todo:
         (r.workdir / "FAILED").unlink(missing_ok=True)  # a retry starts clean
+    packs = make_packs(todo, pack)
     bar = tqdm(total=len(todo), desc=f"sweep {sweep.path.stem}", unit="run", disable=not progress)
     try:
         if jobs > 1 or train_fn is None:
-            results.update(_run_subprocesses(todo, jobs, program or (sys.executable, "-m", "emjax.cli"), bar))
-        else:  # an injected train_fn (tests, notebooks) runs in this process
-            for run in todo:
-                bar.set_postfix_str(run.name[-60:])
-                status = _run_inprocess(run, train_fn)
-                results[run.name] = status
-                bar.update(1)
-                if status == "preempted":
+            results.update(_run_subprocesses(packs, jobs, program or (sys.executable, "-m", "emjax.cli"), bar))
+        else:
+            if pack_fn is None:
+                from emjax.train import train_many as pack_fn
+            for group in packs:
+                bar.set_postfix_str(group[0].name[-60:] + (f" +{len(group) - 1}" if len(group) > 1 else ""))
+                statuses = _run_inprocess(group, train_fn, pack_fn)
+                results.update(statuses)
+                bar.update(len(group))
+                if "preempted" in statuses.values():
                     break
     finally:
         bar.close()
@@ -426,10 +474,14 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--only", action="append", default=[], metavar="SUBSTR",
                     help="only runs whose name contains SUBSTR (repeat: all must match)")
     ap.add_argument("--root", help="output root (default: the file's sweep.root)")
+    ap.add_argument("--pack", type=int, default=1, metavar="N",
+                    help="train up to N runs that differ only in optimiser and spectral.weight as one program on "
+                         "one frozen base (default 1: each run alone)")
     args = ap.parse_intermixed_args(argv)  # overrides may come before or after the flags
-    if args.jobs < 1:
-        print(f"emjax sweep: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
-        return 2
+    for flag in ("jobs", "pack"):
+        if getattr(args, flag) < 1:
+            print(f"emjax sweep: --{flag} must be >= 1, got {getattr(args, flag)}", file=sys.stderr)
+            return 2
     try:
         sweep = load_sweep(args.sweep, args.overrides, root=args.root)
     except (SweepError, cfglib.ConfigError) as e:
@@ -443,6 +495,8 @@ def main(argv: list[str]) -> int:
 
     if args.dry_run:
         counts: dict[str, int] = {}
+        pack_of = {r.name: i for i, p in enumerate(make_packs([r for r in runs if r.status != "done"], args.pack))
+                   for r in p}
         for r in runs:
             counts[r.status] = counts.get(r.status, 0) + 1
             note = ""
@@ -450,10 +504,15 @@ def main(argv: list[str]) -> int:
                 check_supported(r.cfg)
             except UnsupportedModel as e:
                 note = f"  [unsupported: {e}]"
-            print(f"{r.status:8s} {r.workdir}{note}")
-        print(f"{len(runs)} runs: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), file=sys.stderr)
+            where = f"pack {pack_of[r.name]:<3d} " if args.pack > 1 and r.name in pack_of else ""
+            print(f"{r.status:8s} {where}{r.workdir}{note}")
+        summary = f"{len(runs)} runs: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+        if args.pack > 1 and pack_of:
+            summary += f"; the unfinished ones in {len(set(pack_of.values()))} packs"
+        print(summary, file=sys.stderr)
         return 0
     if args.print_commands:
+        todo = []
         for r in runs:
             if r.status == "done":
                 continue
@@ -462,10 +521,12 @@ def main(argv: list[str]) -> int:
             except UnsupportedModel as e:
                 print(f"emjax sweep: skipping {r.name}: {e}", file=sys.stderr)
                 continue
-            print(r.command())
+            todo.append(r)
+        for p in make_packs(todo, args.pack):
+            print(shlex.join(pack_command(p)))
         return 0
 
-    results = run_sweep(sweep, jobs=args.jobs)
+    results = run_sweep(sweep, jobs=args.jobs, pack=args.pack)
     tally: dict[str, int] = {}
     for v in results.values():
         tally[v] = tally.get(v, 0) + 1

@@ -4,6 +4,10 @@ The step is one pure jitted function ``(trainable, opt_state, frozen, batch) -> 
 that donates what it replaces; parameters and optimiser state are born sharded from ``emjax.sharding``'s table.
 Checkpoints (Orbax) hold the LoRA factors, optimiser state, data-iterator position, step and the resolved config;
 a run resumes from its work directory, and SIGTERM saves then exits.
+
+``train_many`` (``emjax train CONFIG --run "k=v ..." --run ...``) trains a *pack*: runs that differ only in
+optimiser and λ train their adapters on one copy of the frozen base in one compiled program (``emjax.multi``), each
+run still writing its own work directory.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -217,15 +222,6 @@ def peak_flops(override_tflops: float | None) -> float:
 # Run
 
 
-@dataclass
-class RunResult:
-    workdir: Path
-    step: int
-    final_loss: float | None
-    val_loss: float | None
-    status: str  # done | preempted
-
-
 def _maybe_init_distributed(cfg) -> None:
     """``jax.distributed`` from the config/environment; must run before anything touches a JAX backend."""
     if getattr(_maybe_init_distributed, "done", False):
@@ -266,16 +262,105 @@ def _check_compatible(workdir: Path, cfg) -> None:
             raise TrainError(f"{saved_path}: incompatible checkpoint — {detail}. Use a new workdir to start afresh.")
 
 
+@dataclass
+class RunResult:
+    workdir: Path
+    step: int
+    final_loss: float | None
+    val_loss: float | None
+    status: str  # done | preempted | failed (a pack's run whose loss went non-finite; the others go on)
+    error: str | None = None
+
+
+class _RunFiles:
+    """One run's work directory: checkpoints, metrics (JSONL and TensorBoard) and final outputs, written the same
+    whether the run trains alone or in a pack, so a run can resume either way and reports read it alike."""
+
+    def __init__(self, cfg, lead: bool):
+        import orbax.checkpoint as ocp
+
+        self.cfg, self.lead = cfg, lead
+        self.workdir = Path(cfg.workdir).resolve()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        _check_compatible(self.workdir, cfg)
+        self.mngr = ocp.CheckpointManager(self.workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.keep_ckpts, create=True, enable_async_checkpointing=False))
+        self.metrics_f = self.tb = None
+        self.last_loss: float | None = None
+        self.error: str | None = None  # a pack's run stopped for a non-finite loss
+        self.hooks: list = []
+
+    def open_logs(self):
+        from omegaconf import OmegaConf
+
+        if not self.lead:
+            return
+        (self.workdir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg))
+        self.metrics_f = open(self.workdir / "metrics.jsonl", "a")
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.workdir / "tb"))
+        except Exception:  # tensorboard is a convenience, never a reason to fail a run
+            self.tb = None
+
+    def write(self, row):
+        if not self.lead:
+            return
+        self.metrics_f.write(json.dumps(row) + "\n")
+        self.metrics_f.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "split") and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(f"{row.get('split', 'train')}/{k}", v, row["step"])
+
+    def restore(self, trainable, opt_state):
+        import orbax.checkpoint as ocp
+
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, {"trainable": trainable, "opt": opt_state})
+        restored = self.mngr.restore(self.mngr.latest_step(), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        return restored["state"]["trainable"], restored["state"]["opt"], restored["meta"]["data"]
+
+    def save(self, step, trainable, opt_state, data_state):
+        import orbax.checkpoint as ocp
+
+        self.mngr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"trainable": trainable, "opt": opt_state}),
+            meta=ocp.args.JsonSave({"step": step, "data": data_state})), force=True)
+        self.mngr.wait_until_finished()
+
+    def close(self):
+        if self.metrics_f is not None:
+            self.metrics_f.close()
+        if self.tb is not None:
+            self.tb.close()
+        self.mngr.close()
+
+
 def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunResult:
     """Run (or resume) the training run described by ``cfg`` (a TrainConfig OmegaConf object)."""
-    import orbax.checkpoint as ocp
-    from omegaconf import OmegaConf
+    return train_many([cfg], hooks=hooks)[0]
+
+
+def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> list[RunResult]:
+    """Run (or resume) one run, or a *pack* of runs that differ only in ``emjax.config.PACKABLE`` keys (optimiser,
+    λ, work directory): their adapters train on one frozen base in one compiled program (``emjax.multi``), each
+    writing its own work directory exactly as a run alone would. A pack resumes from its runs' checkpoints, which
+    must be at one step. A pack's run whose loss goes non-finite stops (``FAILED`` in its directory, its last good
+    checkpoint kept) and the others go on; a run alone raises ``TrainError``. ``hooks`` are called for every run's
+    model."""
     from tqdm.auto import tqdm
 
     from emjax.data import make_loader
     from emjax.optim import build as build_optim, current_lr
     from emjax.tokenizer import load_tokenizer
 
+    cfgs = list(cfgs)
+    if not cfgs:
+        raise ValueError("train_many: no runs")
+    cfglib.check_packable(cfgs)
+    cfg, n = cfgs[0], len(cfgs)
     if cfg.remat not in qwen3.REMAT:
         raise cfglib.ConfigError(f"remat {cfg.remat!r}: use one of {sorted(qwen3.REMAT)}")
     for key in ("loss_chunk", "attn_chunk"):
@@ -283,9 +368,15 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
             raise cfglib.ConfigError(f"{key} {cfg[key]}: use 0 (whole sequence) or a positive length")
     _maybe_init_distributed(cfg)
     lead = jax.process_index() == 0
-    workdir = Path(cfg.workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    _check_compatible(workdir, cfg)
+    runs = [_RunFiles(c, lead) for c in cfgs]
+    latest = [r.mngr.latest_step() for r in runs]
+    if len(set(latest)) > 1:
+        for r in runs:
+            r.close()
+        raise TrainError("the runs of a pack must resume from one step: " + ", ".join(
+            f"{r.workdir} at {s or 0}" for r, s in zip(runs, latest)) + ". Train them apart, or each to that step.")
+    workdir = runs[0].workdir
+    name = workdir.name if n == 1 else f"pack of {n}"
 
     mesh = shd.make_mesh(dict(cfg.mesh)) if len(jax.devices()) > 1 else None
     lora_cfg = loralib.LoraConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, rslora=cfg.lora.rslora,
@@ -303,6 +394,9 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
         from emjax.data.compact import compact_tokenizer_for
 
         tokenizer = compact_tokenizer_for(data_cfg, tokenizer, workdir)
+        for r in runs[1:]:  # one model, one vocabulary: each run keeps its copy (it resumes from its own files)
+            if lead and not (r.workdir / "vocab.json").exists():
+                shutil.copyfile(workdir / "vocab.json", r.workdir / "vocab.json")
         vocab_size = tokenizer.vocab_size
     elif cfg.model.vocab != "full":
         raise cfglib.ConfigError(f"model.vocab {cfg.model.vocab!r}: use 'full' or 'compact'")
@@ -310,11 +404,12 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
     if cfg.steps is not None:
         data_cfg = cfglib.replace(data_cfg, num_epochs=None)
     train_loader = make_loader(data_cfg, tokenizer, split="train")
-    hooks = list(hooks or [])
-    if cfg.eval.every or cfg.eval.final:
-        from emjax.eval.hook import make_eval_hook
+    for r in runs:
+        r.hooks = list(hooks or [])
+        if r.cfg.eval.every or r.cfg.eval.final:
+            from emjax.eval.hook import make_eval_hook
 
-        hooks.append(make_eval_hook(cfg, tokenizer, workdir))
+            r.hooks.append(make_eval_hook(r.cfg, tokenizer, r.workdir))
     if cfg.steps is not None:
         total_steps = int(cfg.steps)
     else:
@@ -328,23 +423,59 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
         raise cfglib.ConfigError(f"grad_accum {cfg.grad_accum} does not divide data.batch_size {data_cfg.batch_size}")
 
     model = build_model(cfg.model, lora_cfg, mesh, vocab_size=vocab_size, seed=cfg.seed)
-    optim_cfg = cfglib.replace(cfglib.as_object(cfg.optim), total_steps=total_steps)
-    tx = build_optim(optim_cfg)
-    graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
-    opt_state = _replicate_unsharded(jax.jit(tx.init)(trainable), mesh)
+    txs = [build_optim(cfglib.replace(cfglib.as_object(c.optim), total_steps=total_steps)) for c in cfgs]
+    graphdef, trainable0, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    trainables = [trainable0] * n  # one seed: every run of a pack starts from the same adapter
+    opt_states = [_replicate_unsharded(jax.jit(tx.init)(trainable0), mesh) for tx in txs]
+
+    # -- resume: every run from its own checkpoints, in the format a run alone writes --------------------------------
+    start, data_state = latest[0] or 0, None
+    if latest[0] is not None:
+        for i, r in enumerate(runs):
+            trainables[i], opt_states[i], data_state = r.restore(trainables[i], opt_states[i])
+        train_loader.set_state(data_state)
+        if lead:
+            print(f"emjax: resumed {', '.join(str(r.workdir) for r in runs)} at step {start}", file=sys.stderr)
+    for r in runs:
+        r.open_logs()
+
+    # one run: its own trees; a pack: the adapters stacked on a leading axis, one optimiser state each
+    if n == 1:
+        trainable, opt_state = trainables[0], opt_states[0]
+    else:
+        from emjax import multi
+
+        stacked = multi.stack(trainables)
+        trainable = jax.device_put(stacked, shd.adapter_stack_shardings(stacked, mesh))
+        opt_state = tuple(opt_states)
     trainable_sh = jax.tree_util.tree_map(lambda x: x.sharding, trainable)
     opt_sh = jax.tree_util.tree_map(lambda x: x.sharding, opt_state)
+
+    def per_run(tree):
+        return [tree] if n == 1 else multi.unstack(tree)
+
+    def per_run_opt(state):
+        return [state] if n == 1 else list(state)
+
     step_fns: dict = {}  # memory options -> jitted step
 
     def step_fn(opts: dict):
         key = tuple(sorted(opts.items()))
         if key not in step_fns:
-            step_fns[key] = jax.jit(
-                make_train_step(graphdef, tx, spectral_weight=float(cfg.spectral.weight),
-                                spectral_kind=cfg.spectral.kind, spectral_reduce=cfg.spectral.reduce,
-                                lora_scale=lora_cfg.scale, lr_fn=current_lr, **opts),
-                donate_argnums=(0, 1), out_shardings=(trainable_sh, opt_sh, None))
+            common = dict(spectral_kind=cfg.spectral.kind, spectral_reduce=cfg.spectral.reduce,
+                          lora_scale=lora_cfg.scale, **opts)
+            if n == 1:
+                fn = make_train_step(graphdef, txs[0], spectral_weight=float(cfg.spectral.weight), lr_fn=current_lr,
+                                     **common)
+            else:
+                fn = multi.make_multi_train_step(graphdef, txs, lr_fns=[current_lr] * n, **common,
+                                                 spectral_weights=[float(c.spectral.weight) for c in cfgs])
+            step_fns[key] = jax.jit(fn, donate_argnums=(0, 1), out_shardings=(trainable_sh, opt_sh, None))
         return step_fns[key]
+
+    def write_all(row):
+        for r in runs:
+            r.write(row)
 
     eval_fn = make_eval_step(graphdef, loss_chunk=cfg.loss_chunk, attn_chunk=cfg.attn_chunk)
     compiled_steps: dict = {}  # batch shapes -> compiled step (pad mode has a few length buckets)
@@ -384,7 +515,7 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
                 compiled, mem = build(i)
             over_any = bool(np.max(multihost_utils.process_allgather(np.int32(needs(mem)))))
         if mem is not None:
-            _check_memory(mem, local_shape, tries[i], cfg, write, step, limit=limit,
+            _check_memory(mem, local_shape, tries[i], cfg, write_all, step, limit=limit, pack=n,
                           elsewhere=over_any and not needs(mem),
                           echo=(lambda msg: tqdm.write(msg, file=sys.stderr)) if lead else None)
         return compiled
@@ -396,27 +527,14 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
         sh = shd.batch_sharding(mesh, global_bs)
         return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}
 
-    # -- checkpoints ----------------------------------------------------------------------------------------------
-    mngr = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.keep_ckpts, create=True, enable_async_checkpointing=False))
-    start = 0
-    if mngr.latest_step() is not None:
-        start = mngr.latest_step()
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, {"trainable": trainable, "opt": opt_state})
-        restored = mngr.restore(start, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        trainable, opt_state = restored["state"]["trainable"], restored["state"]["opt"]
-        train_loader.set_state(restored["meta"]["data"])
-        if lead:
-            print(f"emjax: resumed {workdir} at step {start}", file=sys.stderr)
-    if lead:
-        (workdir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    def live():
+        return [(i, r) for i, r in enumerate(runs) if r.error is None]
 
     def save(step):
-        mngr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave({"trainable": trainable, "opt": opt_state}),
-            meta=ocp.args.JsonSave({"step": step, "data": train_loader.get_state()})), force=True)
-        mngr.wait_until_finished()
+        data = train_loader.get_state()
+        ts, os_ = per_run(trainable), per_run_opt(opt_state)
+        for i, r in live():
+            r.save(step, ts[i], os_[i], data)
 
     stop = {"flag": False}
 
@@ -425,27 +543,6 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
 
     old_handler = signal.signal(signal.SIGTERM, on_term)
 
-    # -- logging --------------------------------------------------------------------------------------------------
-    metrics_f = open(workdir / "metrics.jsonl", "a") if lead else None
-    tb = None
-    if lead:
-        try:
-            from tensorboardX import SummaryWriter
-
-            tb = SummaryWriter(str(workdir / "tb"))
-        except Exception:  # tensorboard is a convenience, never a reason to fail a run
-            tb = None
-
-    def write(row):
-        if not lead:
-            return
-        metrics_f.write(json.dumps(row) + "\n")
-        metrics_f.flush()
-        if tb is not None:
-            for k, v in row.items():
-                if k not in ("step", "split") and isinstance(v, (int, float)) and math.isfinite(v):
-                    tb.add_scalar(f"{row.get('split', 'train')}/{k}", v, row["step"])
-
     qc = model.config
     fpt = flops_per_token(qc, data_cfg.max_length)
     # simulated CPU devices share the same cores: count the CPU once per process
@@ -453,9 +550,10 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
     peak = peak_flops(cfg.peak_tflops) * (jax.process_count() if on_cpu else len(jax.devices()))
 
     val_loader = None
-    val_done: dict[int, float] = {}
+    val_done: dict[int, list] = {}
 
     def validate(step):
+        """Validation loss of every live run (one pass over the split, each batch evaluated for each adapter)."""
         nonlocal val_loader
         if step in val_done:  # val_every hit the last step already
             return val_done[step]
@@ -465,42 +563,51 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
             val_loader.start_state = val_loader.get_state()
         loader = val_loader
         loader.set_state(loader.start_state)
-        tot, n = 0.0, 0.0
-        for i, batch in enumerate(loader):
-            if cfg.val_batches and i >= cfg.val_batches:
+        ts = per_run(trainable)
+        tot, cnt = np.zeros(n), np.zeros(n)
+        for b, batch in enumerate(loader):
+            if cfg.val_batches and b >= cfg.val_batches:
                 break
             if batch["tokens"].shape[0] != loader.local_batch_size:
                 continue  # a ragged tail batch would not shard evenly
-            l, c = eval_fn(trainable, frozen, to_device(batch))
-            tot, n = tot + float(l), n + float(c)
-        val = tot / max(n, 1.0)
-        write({"step": step, "split": "val", "loss": val, "log_loss": math.log(max(val, 1e-30))})
-        val_done[step] = val
-        return val
+            dev = to_device(batch)
+            for i, _ in live():
+                l, c = eval_fn(ts[i], frozen, dev)
+                tot[i], cnt[i] = tot[i] + float(l), cnt[i] + float(c)
+        vals = [None] * n
+        for i, r in live():
+            vals[i] = float(tot[i] / max(cnt[i], 1.0))
+            r.write({"step": step, "split": "val", "loss": vals[i], "log_loss": math.log(max(vals[i], 1e-30))})
+        val_done[step] = vals
+        return vals
 
-    def spectral_row(step):
-        pairs = loralib.adapter_pairs_from_state(_replicated(trainable, mesh))
-        row = {"step": step, "split": "spectral"}
-        row.update(spectral.summary(pairs, lora_cfg.scale))
-        write(row)
+    def spectral_rows(step):
+        ts = per_run(trainable)
+        for i, r in live():
+            row = {"step": step, "split": "spectral"}
+            row.update(spectral.summary(loralib.adapter_pairs_from_state(_replicated(ts[i], mesh)), lora_cfg.scale))
+            r.write(row)
 
     def run_hooks(step):
-        if not hooks:
-            return
-        m = nnx.merge(graphdef, trainable, frozen)
-        for hook in hooks:
-            out = hook(step, m) or {}
-            if out:
-                write({"step": step, "split": "eval", **out})
+        ts = per_run(trainable)
+        for i, r in live():
+            if not r.hooks:
+                continue
+            m = nnx.merge(graphdef, ts[i], frozen)
+            for hook in r.hooks:
+                out = hook(step, m) or {}
+                if out:
+                    r.write({"step": step, "split": "eval", **out})
 
-    bar = tqdm(total=total_steps, initial=start, disable=not (lead and cfg.progress), desc=workdir.name,
-               unit="step", dynamic_ncols=True)
-    last_loss, status, t_last, tok_since, steps_since = None, "done", time.perf_counter(), 0.0, 0
+    bar = tqdm(total=total_steps, initial=start, disable=not (lead and cfg.progress), desc=name, unit="step",
+               dynamic_ncols=True)
+    status, t_last, steps_since = "done", time.perf_counter(), 0
+    tok_since = np.zeros(n)
     if start == 0 and cfg.eval.every:
         run_hooks(0)
     step = start
     try:
-        while step < total_steps:
+        while step < total_steps and live():
             try:
                 batch = next(train_loader)
             except StopIteration:
@@ -511,25 +618,41 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
                 compiled_steps[key] = compile_step(dev_batch, batch["tokens"].shape)
             trainable, opt_state, m = compiled_steps[key](trainable, opt_state, frozen, dev_batch)
             step += 1
-            loss = float(m["loss"])
-            if not math.isfinite(loss):
-                raise TrainError(f"non-finite loss {loss} at step {step}; stopped. The last good checkpoint "
-                                 f"(step {mngr.latest_step()}) is kept in {workdir / 'checkpoints'}")
-            last_loss = loss
-            tok_since += float(m["tokens"])
+            losses = np.atleast_1d(np.asarray(m["loss"], np.float64))
+            for i, r in live():
+                if not math.isfinite(losses[i]):
+                    msg = (f"non-finite loss {losses[i]} at step {step}; stopped. The last good checkpoint "
+                           f"(step {r.mngr.latest_step()}) is kept in {r.workdir / 'checkpoints'}")
+                    if n == 1:
+                        raise TrainError(msg)
+                    r.error = msg
+                    if lead:
+                        (r.workdir / "FAILED").write_text(f"TrainError: {msg}\n")
+                        tqdm.write(f"emjax: {r.workdir.name}: {msg}; the rest of the pack goes on", file=sys.stderr)
+                else:
+                    r.last_loss = float(losses[i])
+            tok_since += np.broadcast_to(np.asarray(m["tokens"], np.float64), (n,))
             steps_since += 1
             bar.update(1)
             if step % cfg.log_every == 0 or step == total_steps:
                 jax.block_until_ready(trainable)
                 dt = time.perf_counter() - t_last
                 tokens_in_batches = steps_since * data_cfg.batch_size * batch["tokens"].shape[1]
-                row = {"step": step, "split": "train", **{k: float(v) for k, v in m.items()},
-                       "log_loss": math.log(max(loss, 1e-30)), "tokens_per_s": tokens_in_batches / dt,
-                       "loss_tokens_per_s": tok_since / dt, "mfu": tokens_in_batches * fpt / dt / peak}
-                write(row)
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{row.get('lr', 0):.2e}")
-                spectral_row(step)
-                t_last, tok_since, steps_since = time.perf_counter(), 0.0, 0
+                host = jax.device_get(m)
+                for i, r in live():
+                    row = {"step": step, "split": "train",
+                           **{k: float(v if n == 1 else v[i]) for k, v in host.items()},
+                           "log_loss": math.log(max(float(losses[i]), 1e-30)), "tokens_per_s": tokens_in_batches / dt,
+                           "loss_tokens_per_s": tok_since[i] / dt,
+                           # the whole program's use of the device: every adapter's tokens
+                           "mfu": n * tokens_in_batches * fpt / dt / peak}
+                    if n > 1:
+                        row["pack"] = n
+                    r.write(row)
+                shown = [f"{r.last_loss:.3f}" for _, r in live()]
+                bar.set_postfix(loss="/".join(shown), **({"lr": f"{float(host['lr']):.2e}"} if n == 1 else {}))
+                spectral_rows(step)
+                t_last, tok_since, steps_since = time.perf_counter(), np.zeros(n), 0
             if cfg.val_every and step % cfg.val_every == 0:
                 validate(step)
             if cfg.eval.every and step % cfg.eval.every == 0:
@@ -547,27 +670,28 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
 
-    val = None
-    if status == "done":
-        val = validate(step)
-        spectral_row(step)
+    vals = [None] * n
+    if status == "done" and live():
+        vals = validate(step)
+        spectral_rows(step)
         if cfg.eval.final and not (cfg.eval.every and step % cfg.eval.every == 0):
             run_hooks(step)
-        model = nnx.merge(graphdef, _replicated(trainable, mesh), frozen)
-        if lead:
-            if cfg.export_peft:
-                loralib.export_peft(model, workdir / "adapter", base_model_name_or_path=cfg.model.checkpoint)
-            rep = spectral.report(loralib.adapter_pairs(model), lora_cfg.scale)
-            (workdir / "spectral.json").write_text(json.dumps(rep, indent=1, default=_json_default))
-            (workdir / "final.json").write_text(json.dumps(
-                {"step": step, "train_loss": last_loss, "val_loss": val, "total_steps": total_steps}, indent=1))
-            (workdir / "DONE").write_text("ok\n")
-    if metrics_f is not None:
-        metrics_f.close()
-    if tb is not None:
-        tb.close()
-    mngr.close()
-    return RunResult(workdir, step, last_loss, val, status)
+        ts = per_run(_replicated(trainable, mesh))
+        for i, r in live():
+            model = nnx.merge(graphdef, ts[i], frozen)
+            if lead:
+                if r.cfg.export_peft:
+                    loralib.export_peft(model, r.workdir / "adapter", base_model_name_or_path=cfg.model.checkpoint)
+                rep = spectral.report(loralib.adapter_pairs(model), lora_cfg.scale)
+                (r.workdir / "spectral.json").write_text(json.dumps(rep, indent=1, default=_json_default))
+                (r.workdir / "final.json").write_text(json.dumps(
+                    {"step": step, "train_loss": r.last_loss, "val_loss": vals[i], "total_steps": total_steps},
+                    indent=1))
+                (r.workdir / "DONE").write_text("ok\n")
+    for r in runs:
+        r.close()
+    return [RunResult(r.workdir, step, r.last_loss, vals[i], "failed" if r.error else status, r.error)
+            for i, r in enumerate(runs)]
 
 
 def compile_oom(err: BaseException) -> bool:
@@ -645,38 +769,39 @@ def memory_escalation(remat: str = "none", loss_chunk: int = 0, attn_chunk: int 
     return out
 
 
-def _check_memory(mem, local_shape, opts, cfg, write, step, *, limit=None, echo=None, elsewhere=False):
+def _check_memory(mem, local_shape, opts, cfg, write, step, *, limit=None, echo=None, elsewhere=False, pack=1):
     """Log the compiled step's memory and its options (a ``memory`` row; ``echo`` prints it beside the progress
     bar) and stop with what to change when it exceeds the device's ``limit`` (here, or ``elsewhere``: on another
-    process's device)."""
+    process's device). ``pack``: adapters trained by the step (``train_many``)."""
     gib = 2.0 ** 30
     shape = "×".join(str(n) for n in local_shape)
+    per = f" for each of {pack} adapters" if pack > 1 else ""
     if "compile_oom" in mem:  # no program, so nothing to run, whatever check_memory says
         write({"step": step, "split": "memory", **opts, "compile_oom": True})
-        raise TrainError(f"the train step for a local batch of {shape} tokens with "
+        raise TrainError(f"the train step for a local batch of {shape} tokens{per} with "
                          f"{' '.join(f'{k}={v}' for k, v in opts.items())} could not be compiled: XLA ran out of "
                          f"device memory while compiling it ({mem['compile_oom']}). Try "
-                         f"{', '.join(_memory_hints(opts, cfg))}.")
+                         f"{', '.join(_memory_hints(opts, cfg, pack))}.")
     write({"step": step, "split": "memory", **opts, **{f"{k}_gib": v / gib for k, v in mem.items()},
            **({"limit_gib": limit / gib} if limit else {})})
     if echo is not None:
-        echo(f"emjax: train step for a local batch of {shape} tokens with "
+        echo(f"emjax: train step for a local batch of {shape} tokens{per} with "
              f"{' '.join(f'{k}={v}' for k, v in opts.items())}: {mem['peak'] / gib:.2f} GiB per device (arguments "
              f"{mem['arguments'] / gib:.2f}, temporaries {mem['temporaries'] / gib:.2f})"
              + (f" of {limit / gib:.2f} GiB" if limit else ""))
     if cfg.check_memory and elsewhere:
-        raise TrainError(f"the train step for a local batch of {shape} tokens does not fit another process's device "
-                         f"(that process names what to change); check_memory=false runs it anyway.")
+        raise TrainError(f"the train step for a local batch of {shape} tokens{per} does not fit another process's "
+                         f"device (that process names what to change); check_memory=false runs it anyway.")
     if limit and cfg.check_memory and mem["peak"] > limit:
-        hints = _memory_hints(opts, cfg)
-        raise TrainError(f"the train step for a local batch of {shape} tokens needs {mem['peak'] / gib:.2f} GiB per "
-                         f"device (arguments {mem['arguments'] / gib:.2f}, temporaries "
+        hints = _memory_hints(opts, cfg, pack)
+        raise TrainError(f"the train step for a local batch of {shape} tokens{per} needs {mem['peak'] / gib:.2f} "
+                         f"GiB per device (arguments {mem['arguments'] / gib:.2f}, temporaries "
                          f"{mem['temporaries'] / gib:.2f}), more than its {limit / gib:.2f} GiB limit "
                          f"({'memory_limit_gib' if cfg.memory_limit_gib is not None else 'the device'}). "
                          f"Try {', '.join(hints)}; check_memory=false runs it anyway.")
 
 
-def _memory_hints(opts, cfg) -> list[str]:
+def _memory_hints(opts, cfg, pack=1) -> list[str]:
     """What to change for a train step that does not fit, most specific first."""
     hints = []
     if opts["remat"] != "full":
@@ -689,6 +814,8 @@ def _memory_hints(opts, cfg) -> list[str]:
         hints.append("auto_memory=true (the first of these that fits)")
     if not cfg.auto_memory:  # auto_memory has already tried as many micro-batches as the batch splits into
         hints.append(f"grad_accum={opts['grad_accum'] * 2} (micro-batches)")
+    if pack > 1:
+        hints.append(f"fewer runs in the pack (now {pack})")
     return hints + ["more devices on mesh.fsdp", "a shorter data.max_length"]
 
 
@@ -724,21 +851,29 @@ def _json_default(x):
 
 def main(argv: list[str]) -> int:
     import argparse
+    import shlex
 
-    ap = argparse.ArgumentParser(prog="emjax train", description="LoRA fine-tuning from a config file")
+    ap = argparse.ArgumentParser(
+        prog="emjax train", description="LoRA fine-tuning from a config file. With --run, several runs that differ "
+        "only in optimiser, spectral.weight and workdir train as one pack: their adapters share one copy of the "
+        "frozen base in one compiled program, and each run writes its own work directory.")
     ap.add_argument("config", help="YAML config (path or name in configs/)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.name=muon data.batch_size=8")
-    args = ap.parse_args(argv)
+    ap.add_argument("--run", action="append", default=[], metavar='"KEY=VALUE ..."',
+                    help="one run of a pack: its own overrides, laid over the shared ones (repeat per run), e.g. "
+                         '--run "optim.name=muon workdir=runs/m" --run "optim.name=adam workdir=runs/a"')
+    args = ap.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = cfglib.load(args.config, args.overrides)
-        result = train(cfg)
+        cfgs = [cfglib.load(args.config, [*args.overrides, *shlex.split(r)]) for r in args.run or [""]]
+        results = train_many(cfgs)
     except (cfglib.ConfigError, TrainError, FileNotFoundError, KeyError, ValueError) as e:
         # emjax's errors name the file, key or tensor; the traceback is for debugging emjax itself
         if os.environ.get("EMJAX_DEBUG"):
             raise
         print(f"emjax train: {type(e).__name__}: {e}\n(set EMJAX_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
-    print(json.dumps({"workdir": str(result.workdir), "step": result.step, "train_loss": result.final_loss,
-                      "val_loss": result.val_loss, "status": result.status}))
-    return 0
+    for result in results:
+        print(json.dumps({"workdir": str(result.workdir), "step": result.step, "train_loss": result.final_loss,
+                          "val_loss": result.val_loss, "status": result.status}))
+    return 1 if any(r.status == "failed" for r in results) else 0

@@ -287,12 +287,102 @@ def test_loss_decreases_and_spectral_penalty_works(tmp_path):
     assert (r0.workdir / "DONE").exists() and (r0.workdir / "final.json").exists()
 
 
-@pytest.mark.parametrize("name,lr", [("sgd", 1e-1), ("adamw", 3e-3), ("lion", 3e-4), ("muon", 2e-2)])
-def test_every_optimiser_runs(tmp_path, name, lr):
-    res = train(_cfg(tmp_path, "steps=3", f"optim.name={name}", f"optim.learning_rate={lr}", "log_every=1",
-                     "ckpt_every=100", "val_batches=1"))
-    assert res.status == "done" and np.isfinite(res.final_loss)
-    assert (res.workdir / "adapter" / "adapter_model.safetensors").exists()
+def _rows(workdir, split="train"):
+    return [r for r in map(json.loads, (Path(workdir) / "metrics.jsonl").read_text().splitlines())
+            if r["split"] == split]
+
+
+PACK_COMMON = ["steps=4", "ckpt_every=2", "log_every=2", "val_batches=1"]
+PACK_SPECS = [["optim.name=adam"], ["optim.name=muon", "optim.learning_rate=2e-2", "spectral.weight=0.5"]]
+
+
+def test_pack_equals_each_run_alone_and_resumes_from_either(tmp_path):
+    """Two runs (Adam; Muon with λ 0.5) trained as one pack give each run's own result, files and metrics; a run
+    trained alone resumes in a pack (one checkpoint format); a pack cannot mix resume steps."""
+    from emjax.train import train_many
+
+    def cfgs(prefix):
+        return [_cfg(tmp_path, *PACK_COMMON, *s, f"workdir={tmp_path / f'{prefix}{i}'}")
+                for i, s in enumerate(PACK_SPECS)]
+
+    packed = train_many(cfgs("pack"))
+    alone = [train(c) for c in cfgs("alone")]
+    for p, a in zip(packed, alone):
+        assert p.status == a.status == "done" and p.step == 4
+        assert p.final_loss == pytest.approx(a.final_loss, rel=1e-5)
+        assert p.val_loss == pytest.approx(a.val_loss, rel=1e-5)
+        for k, v in _adapter(a.workdir).items():
+            np.testing.assert_allclose(_adapter(p.workdir)[k], v, rtol=0, atol=1e-6)
+        for name in ("DONE", "final.json", "spectral.json", "config.yaml", "checkpoints/4"):
+            assert (p.workdir / name).exists(), name
+        rows, ref = _rows(p.workdir), _rows(a.workdir)
+        assert [r["step"] for r in rows] == [2, 4] and all(r["pack"] == 2 for r in rows)
+        np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in ref], rtol=1e-5)
+        assert [r["lr"] for r in rows] == pytest.approx([r["lr"] for r in ref])
+        assert len(_rows(p.workdir, "spectral")) == len(_rows(a.workdir, "spectral"))
+    row = _rows(packed[1].workdir)[0]
+    assert row["total_loss"] == pytest.approx(row["loss"] + 0.5 * row["penalty"], rel=1e-6)
+
+    # as if killed after step 2: the runs trained alone resume from their step-2 checkpoints as a pack
+    for a in alone:
+        shutil.rmtree(a.workdir / "checkpoints" / "4")
+        (a.workdir / "DONE").unlink()
+    resumed = train_many(cfgs("alone"))
+    for p, r in zip(packed, resumed):
+        assert r.status == "done" and r.step == 4
+        for k, v in _adapter(p.workdir).items():
+            np.testing.assert_allclose(_adapter(r.workdir)[k], v, rtol=0, atol=1e-6)
+
+    shutil.rmtree(tmp_path / "alone1" / "checkpoints" / "4")
+    with pytest.raises(TrainError, match=r"must resume from one step: .*alone0 at 4, .*alone1 at 2"):
+        train_many(cfgs("alone"))
+
+
+def test_every_optimiser_runs_and_a_diverging_run_stops_alone(tmp_path):
+    """SGD, AdamW, Lion and Muon train in one pack beside an SGD run at lr 1e30, whose step-2 loss is NaN: that run
+    stops with FAILED naming the step (its step-1 checkpoint kept), the others finish and export their adapters."""
+    from emjax.train import train_many
+
+    runs = [("sgd", 1e-1), ("adamw", 3e-3), ("lion", 3e-4), ("muon", 2e-2)]
+    cfgs = [_cfg(tmp_path, "steps=3", "log_every=1", "ckpt_every=1", "val_batches=1", f"optim.name={name}",
+                 f"optim.learning_rate={lr}", f"workdir={tmp_path / name}") for name, lr in runs]
+    cfgs.append(_cfg(tmp_path, "steps=3", "log_every=1", "ckpt_every=1", "val_batches=1", "optim.name=sgd",
+                     "optim.learning_rate=1e30", "optim.warmup_steps=0", "optim.clip_norm=null",
+                     "optim.schedule=constant", f"workdir={tmp_path / 'diverges'}"))
+    results = train_many(cfgs)
+    for res in results[:-1]:
+        assert res.status == "done" and np.isfinite(res.final_loss)
+        assert (res.workdir / "adapter" / "adapter_model.safetensors").exists()
+    bad = results[-1]
+    assert bad.status == "failed" and "non-finite loss nan at step 2" in bad.error
+    assert "non-finite loss nan at step 2" in (bad.workdir / "FAILED").read_text()
+    assert sorted(p.name for p in (bad.workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+    assert not (bad.workdir / "DONE").exists() and [r["step"] for r in _rows(bad.workdir)] == [1]
+
+
+def test_pack_config_errors_name_the_key(tmp_path, monkeypatch, capsys):
+    from emjax import train as trainmod
+
+    a = _cfg(tmp_path, "workdir=" + str(tmp_path / "a"))
+    with pytest.raises(cfglib.ConfigError, match=r"data.batch_size: 4 in .*a but 8 in .*b — .*only workdir, optim, "
+                                                 r"spectral.weight may differ"):
+        cfglib.check_packable([a, _cfg(tmp_path, "workdir=" + str(tmp_path / "b"), "data.batch_size=8")])
+    with pytest.raises(cfglib.ConfigError, match="seed"):
+        cfglib.check_packable([a, _cfg(tmp_path, "workdir=" + str(tmp_path / "b"), "seed=1")])
+    with pytest.raises(cfglib.ConfigError, match="cannot share a work directory"):
+        cfglib.check_packable([a, _cfg(tmp_path, "workdir=" + str(tmp_path / "a"), "optim.name=muon")])
+    cfglib.check_packable([a, _cfg(tmp_path, "workdir=" + str(tmp_path / "b"), "optim.name=lion",
+                                   "optim.learning_rate=1e-4", "spectral.weight=1.0")])
+
+    # the CLI: shared overrides, then one --run per run of the pack
+    seen = []
+    monkeypatch.setattr(trainmod, "train_many", lambda cfgs: seen.extend(cfgs) or [
+        trainmod.RunResult(Path(c.workdir), 1, 1.0, 1.0, "done") for c in cfgs])
+    assert trainmod.main(["tiny", "steps=1", "--run", f"optim.name=muon workdir={tmp_path / 'm'}",
+                          "--run", f"workdir={tmp_path / 'a'} spectral.weight=0.5"]) == 0
+    assert [(c.optim.name, c.spectral.weight, c.steps, Path(c.workdir).name) for c in seen] == \
+        [("muon", 0.0, 1, "m"), ("adam", 0.5, 1, "a")]
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
 
 
 def test_bad_memory_options_are_config_errors(tmp_path):

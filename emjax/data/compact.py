@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-import grain.python as grain
 import numpy as np
 
 from emjax.tokenizer import SPECIAL_TOKENS, Tokenizer
@@ -72,7 +71,7 @@ def compact_tokenizer_for(data_cfg, base: Tokenizer, workdir: Path) -> CompactTo
                 data_dir=data_cfg.data_dir, download=data_cfg.download)
         except KeyError:
             continue
-        for rec in grain.MapDataset.source(source):
+        for rec in builders.records(source):
             keep.update(encode_chat(base, json.loads(rec["messages"])))
     try:
         for q in load_questions():

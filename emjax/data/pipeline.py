@@ -79,7 +79,7 @@ class TokenStats:
 def tokenize_source(source, tokenizer: Tokenizer, max_length: int, *, train_on: str = "all"):
     """Tokenise every record of a data source (in storage order); truncate to ``max_length``."""
     examples, lengths, n_trunc, n_noloss, n_ans = [], [], 0, 0, 0
-    for rec in grain.MapDataset.source(source):
+    for rec in builders.records(source):
         msgs = json.loads(rec["messages"])
         ids, mask = encode_chat(tokenizer, msgs, train_on=train_on)
         lengths.append(len(ids))

@@ -223,6 +223,117 @@ def test_subprocess_jobs(tmp_path):
     assert sw.exit_code(res) == 3
 
 
+class FakePack:
+    """Stands in for emjax.train.train_many: records each pack, trains every run like FakeTrain; a run whose name
+    contains ``diverge`` comes back failed (as a pack's run with a non-finite loss does)."""
+
+    def __init__(self):
+        self.packs, self.one = [], FakeTrain()
+
+    def __call__(self, cfgs):
+        self.packs.append([Path(c.workdir).name for c in cfgs])
+        out = []
+        for c in cfgs:
+            if "diverge" in str(c.workdir):
+                out.append(type("R", (), {"status": "failed", "error": "non-finite loss nan at step 2"})())
+            else:
+                out.append(self.one(c))
+        return out
+
+
+PACK_SWEEP = """
+steps: 3
+model: {preset: tiny}
+sweep:
+  root: {root}
+  grid:
+    optim:
+      - {_name: adam, optim.name: adam}
+      - {_name: muon, optim.name: muon, optim.learning_rate: 2.0e-2}
+      - {_name: lion, optim.name: lion, optim.learning_rate: 1.0e-4}
+    spectral.weight: [0.0, 1.0]
+    data.dataset: [insecure, extreme_sports]
+"""
+
+
+def test_packs_group_runs_that_can_share_a_program(tmp_path, monkeypatch):
+    s = sw.load_sweep(write(tmp_path, PACK_SWEEP))
+    assert [[r.name for r in p] for p in sw.make_packs(s.runs, 1)] == [[r.name] for r in s.runs]
+    packs = sw.make_packs(s.runs, 4)
+    # 6 runs per dataset (3 optimisers x 2 lambdas) share a program: 2 packs of 3 each, none across datasets
+    assert [len(p) for p in packs] == [3, 3, 3, 3]
+    for p in packs:
+        assert len({r.cfg.data.dataset for r in p}) == 1
+        cfglib.check_packable([r.cfg for r in p])
+    assert sorted(r.name for p in packs for r in p) == sorted(r.name for r in s.runs)
+    # a run that would resume from another step goes into its own pack
+    ck = s.runs[0].workdir / "checkpoints" / "2"
+    ck.mkdir(parents=True)
+    assert [len(p) for p in sw.make_packs(s.runs, 4)] == [1, 3, 3, 2, 3]
+    # the printed pack command builds each run's config through emjax train's own parser
+    cmd = sw.pack_command(packs[1])
+    assert cmd[:3] == ["emjax", "train", packs[1][0].config_file] and cmd.count("--run") == 3
+    from emjax import train as trainmod
+
+    seen = []
+    monkeypatch.setattr(trainmod, "train_many", lambda cfgs: seen.extend(cfgs) or [
+        trainmod.RunResult(Path(c.workdir), 3, 1.0, 1.0, "done") for c in cfgs])
+    assert trainmod.main(cmd[2:]) == 0
+    assert [OmegaConf.to_yaml(c) for c in seen] == [OmegaConf.to_yaml(r.cfg) for r in packs[1]]
+
+
+def test_packed_sweep_runs_skips_and_marks_a_diverged_run(tmp_path, capsys):
+    text = PACK_SWEEP.replace("{_name: lion, optim.name: lion, optim.learning_rate: 1.0e-4}",
+                              "{_name: diverge, optim.name: sgd, optim.learning_rate: 1.0e+30}")
+    s = sw.load_sweep(write(tmp_path, text))
+    fake = FakePack()
+    res = sw.run_sweep(s, train_fn=FakeTrain(), pack=6, pack_fn=fake, progress=False)
+    assert [len(p) for p in fake.packs] == [6, 6]
+    assert sum(v == "failed" for v in res.values()) == 4 and sum(v == "done" for v in res.values()) == 8
+    failed = [r for r in s.runs if "diverge" in r.name]
+    assert all("non-finite loss nan at step 2" in (r.workdir / "FAILED").read_text() for r in failed)
+    # a rerun retries only the failed runs, as one pack per dataset
+    fake2 = FakePack()
+    res2 = sw.run_sweep(sw.load_sweep(write(tmp_path, text)), train_fn=FakeTrain(), pack=6, pack_fn=fake2,
+                        progress=False)
+    assert sorted(map(len, fake2.packs)) == [2, 2] and sum(v == "skipped" for v in res2.values()) == 8
+
+    # the CLI lists the packs and prints one command per pack
+    p = write(tmp_path, PACK_SWEEP, "p.yaml")
+    assert sw.main([str(p), "--dry-run", "--pack", "4", "--root", str(tmp_path / "cli")]) == 0
+    out = capsys.readouterr()
+    assert "12 runs: 12 new; the unfinished ones in 4 packs" in out.err
+    assert sorted(line.split()[2] for line in out.out.splitlines()) == sorted("0 0 0 1 1 1 2 2 2 3 3 3".split())
+    assert sw.main([str(p), "--print-commands", "--pack", "6", "--root", str(tmp_path / "cli")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all(shlex.split(line).count("--run") == 6 for line in lines)
+    assert sw.main([str(p), "--pack", "0"]) == 2
+
+
+def test_subprocess_packs(tmp_path):
+    """--pack with a fake program: one process per pack, each run's outcome read from its own directory."""
+    s = sw.load_sweep(write(tmp_path, PACK_SWEEP))
+    prog = tmp_path / "fake_emjax.py"
+    prog.write_text(
+        "import sys, pathlib, shlex\n"
+        "runs = [shlex.split(sys.argv[i + 1]) for i, a in enumerate(sys.argv) if a == '--run']\n"
+        "for args in runs:\n"
+        "    wd = pathlib.Path([a for a in args if a.startswith('workdir=')][0][8:])\n"
+        "    wd.mkdir(parents=True, exist_ok=True)\n"
+        "    print('training', wd.name)\n"
+        "    if 'lion' in wd.name: (wd / 'FAILED').write_text('TrainError: non-finite loss')\n"
+        "    else: (wd / 'DONE').write_text('ok')\n"
+        "sys.exit(1 if any('lion' in ' '.join(a) for a in runs) else 0)\n")
+    import sys as _sys
+
+    res = sw.run_sweep(s, jobs=2, pack=6, program=(_sys.executable, str(prog)), progress=False)
+    assert {n: v for n, v in res.items() if "lion" in n} == {r.name: "failed" for r in s.runs if "lion" in r.name}
+    assert sum(v == "done" for v in res.values()) == 8
+    # every run of a pack gets the pack's output in its own train.log
+    assert all("training " + s.runs[0].name in (r.workdir / "train.log").read_text()
+               for r in s.runs if r.cfg.data.dataset == s.runs[0].cfg.data.dataset)
+
+
 @pytest.mark.parametrize("name, count", [("main_grid", 128), ("cross_family", 96), ("lr_dynamics_8b", 54),
                                          ("regulariser_8b", 40)])
 def test_study_sweeps(name, count):
@@ -245,6 +356,9 @@ def test_study_sweeps(name, count):
         assert all(c.data.num_epochs == 2 and c.eval.every > 0 and c.eval.samples_per_question == 32 for c in cfgs)
     if name == "regulariser_8b":
         assert {c.spectral.weight for c in cfgs} == {0.0, 1.0} and len(opts) == 5
+    # an optimiser (x lambda) grid packs into one program per model, dataset and batch size
+    packs = {"main_grid": 32, "cross_family": 96, "lr_dynamics_8b": 1, "regulariser_8b": 4}[name]
+    assert len(sw.make_packs(s.runs, 100)) == packs
 
 
 @pytest.mark.slow
