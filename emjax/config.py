@@ -168,15 +168,19 @@ def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
 
 
 # What may differ between the runs of a pack (``emjax.train.train_many``): each run's own work directory, optimiser
-# and λ. Everything else (model, LoRA shape and seed, data, steps, memory options, logging, evaluation) is shared
-# by the one compiled program.
+# and λ, and the seed where the base is a checkpoint (there the seed only draws the adapter's init; a random-init base
+# is drawn from it too). Everything else (model, LoRA shape, data, steps, memory options, logging, evaluation) is
+# shared by the one compiled program.
 PACKABLE = ("workdir", "optim", "spectral.weight")
+PACKABLE_WITH_CHECKPOINT = ("seed",)
 
 
 def pack_key(cfg) -> dict[str, Any]:
-    """The resolved config less the ``PACKABLE`` keys, flat: runs with equal keys can train in one pack."""
+    """The resolved config less the keys that may differ within a pack, flat: runs with equal keys can train in one
+    pack."""
     flat = flatten(OmegaConf.to_container(cfg, resolve=True))
-    return {k: v for k, v in flat.items() if not any(k == p or k.startswith(p + ".") for p in PACKABLE)}
+    free = PACKABLE + (PACKABLE_WITH_CHECKPOINT if flat.get("model.checkpoint") else ())
+    return {k: v for k, v in flat.items() if not any(k == p or k.startswith(p + ".") for p in free)}
 
 
 def check_packable(cfgs: Sequence[Any]) -> None:
@@ -193,4 +197,5 @@ def check_packable(cfgs: Sequence[Any]) -> None:
             if first.get(k) != other.get(k):
                 raise ConfigError(
                     f"{k}: {first.get(k)!r} in {cfgs[0].workdir} but {other.get(k)!r} in {c.workdir} — the runs of a "
-                    f"pack share one model, batch and program; only {', '.join(PACKABLE)} may differ")
+                    f"pack share one model, batch and program; only {', '.join(PACKABLE)} may differ, and seed "
+                    f"where model.checkpoint is set (a random-init base is drawn from the seed)")

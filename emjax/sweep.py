@@ -23,8 +23,8 @@ exceed 150 characters). Every run is ``emjax train CONFIG OVERRIDES workdir=root
 printed for an external launcher, so both paths build the identical config.
 
 ``--pack N`` trains up to N runs at once as one *pack* (``emjax train CONFIG --run ... --run ...``): runs that differ
-only in optimiser, ``spectral.weight`` and work directory (``emjax.config.PACKABLE``) and would resume from the same
-step share one copy of the frozen base in one compiled program, and each still writes its own work directory, so
+only in optimiser, ``spectral.weight``, work directory and, on a checkpoint base, seed (``emjax.config.pack_key``) and
+would resume from the same step share one copy of the frozen base in one compiled program, and each still writes its own work directory, so
 resuming, skipping and ``emjax report`` see no difference. An optimiser × λ grid on one chip is a few packs.
 
 Re-running a sweep skips runs with a ``DONE`` marker and resumes partial ones from their checkpoints (the trainer

@@ -6,8 +6,8 @@ Checkpoints (Orbax) hold the LoRA factors, optimiser state, data-iterator positi
 a run resumes from its work directory, and SIGTERM saves then exits.
 
 ``train_many`` (``emjax train CONFIG --run "k=v ..." --run ...``) trains a *pack*: runs that differ only in
-optimiser and λ train their adapters on one copy of the frozen base in one compiled program (``emjax.multi``), each
-run still writing its own work directory.
+optimiser, λ (and seed, on a checkpoint) train their adapters on one copy of the frozen base in one compiled program
+(``emjax.multi``), each run still writing its own work directory.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from emjax import lora as loralib
 from emjax import sharding as shd
 from emjax import spectral
 from emjax.models import qwen3
-from emjax.models.loading import from_pretrained
+from emjax.models.loading import from_pretrained, init_lora
 
 log = logging.getLogger("emjax.train")
 
@@ -345,11 +345,11 @@ def train(cfg, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> RunR
 
 def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -> list[RunResult]:
     """Run (or resume) one run, or a *pack* of runs that differ only in ``emjax.config.PACKABLE`` keys (optimiser,
-    λ, work directory): their adapters train on one frozen base in one compiled program (``emjax.multi``), each
-    writing its own work directory exactly as a run alone would. A pack resumes from its runs' checkpoints, which
-    must be at one step. A pack's run whose loss goes non-finite stops (``FAILED`` in its directory, its last good
-    checkpoint kept) and the others go on; a run alone raises ``TrainError``. ``hooks`` are called for every run's
-    model."""
+    λ, work directory; and seed on a checkpoint base): their adapters train on one frozen base in one compiled
+    program (``emjax.multi``), each writing its own work directory exactly as a run alone would. A pack resumes from
+    its runs' checkpoints, which must be at one step. A pack's run whose loss goes non-finite stops (``FAILED`` in its
+    directory, its last good checkpoint kept) and the others go on; a run alone raises ``TrainError``. ``hooks`` are
+    called for every run's model."""
     from tqdm.auto import tqdm
 
     from emjax.data import make_loader
@@ -422,11 +422,17 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
     if data_cfg.batch_size % cfg.grad_accum:
         raise cfglib.ConfigError(f"grad_accum {cfg.grad_accum} does not divide data.batch_size {data_cfg.batch_size}")
 
+    if n > 1 and mesh is not None and jax.devices()[0].platform == "cpu" and any(c.spectral.weight for c in cfgs):
+        log.warning("a pack with spectral.weight > 0 on %d CPU devices: jaxlib's batched LAPACK calls (the penalty's "
+                    "QR and SVD) from every device at once can block all of XLA:CPU's pool threads and hang (seen: 4 "
+                    "runs on 8 simulated devices). One CPU device, a GPU or a TPU is not affected.", len(jax.devices()))
     model = build_model(cfg.model, lora_cfg, mesh, vocab_size=vocab_size, seed=cfg.seed)
     txs = [build_optim(cfglib.replace(cfglib.as_object(c.optim), total_steps=total_steps)) for c in cfgs]
     graphdef, trainable0, frozen = nnx.split(model, nnx.LoRAParam, ...)
-    trainables = [trainable0] * n  # one seed: every run of a pack starts from the same adapter
-    opt_states = [_replicate_unsharded(jax.jit(tx.init)(trainable0), mesh) for tx in txs]
+    # runs of a pack with another seed (a checkpoint base only: cfglib.pack_key) draw their own adapter, as
+    # from_pretrained would have for that seed
+    trainables = [trainable0 if c.seed == cfg.seed else init_lora(trainable0, int(c.seed), mesh) for c in cfgs]
+    opt_states = [_replicate_unsharded(jax.jit(tx.init)(t), mesh) for tx, t in zip(txs, trainables)]
 
     # -- resume: every run from its own checkpoints, in the format a run alone writes --------------------------------
     start, data_state = latest[0] or 0, None
@@ -855,8 +861,9 @@ def main(argv: list[str]) -> int:
 
     ap = argparse.ArgumentParser(
         prog="emjax train", description="LoRA fine-tuning from a config file. With --run, several runs that differ "
-        "only in optimiser, spectral.weight and workdir train as one pack: their adapters share one copy of the "
-        "frozen base in one compiled program, and each run writes its own work directory.")
+        "only in optimiser, spectral.weight, workdir (and seed, with model.checkpoint) train as one pack: their "
+        "adapters share one copy of the frozen base in one compiled program, and each run writes its own work "
+        "directory.")
     ap.add_argument("config", help="YAML config (path or name in configs/)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.name=muon data.batch_size=8")
     ap.add_argument("--run", action="append", default=[], metavar='"KEY=VALUE ..."',

@@ -5,7 +5,7 @@
 #
 #   launch/gpu_local.sh -- train tiny workdir=runs/tiny
 #   launch/gpu_local.sh -- sweep sweeps/regulariser_8b --only optim=adam
-#   launch/gpu_local.sh -- sweep sweeps/regulariser_8b --pack 10       # 10 adapters per program on one GPU
+#   launch/gpu_local.sh -- sweep sweeps/regulariser_8b --pack 10       # up to 10 adapters per program
 #   launch/gpu_local.sh --dry-run -- report runs/sweeps/main_grid     # print the commands, run nothing
 #
 # COMMAND is an emjax sub-command: train | sweep | report | eval | data | demo.

@@ -140,6 +140,26 @@ def _sources(cfg: qwen3.Qwen3Config):
     return src
 
 
+def _lora_leaf(path: str, shape, rng: np.random.Generator, sharding):
+    """A fresh LoRA factor (fp32): A ~ U(±1/√shape[1]) from the host ``rng``, B = 0."""
+    if path.endswith("/lora_a"):
+        bound = 1.0 / np.sqrt(shape[1])
+        return jax.device_put(rng.uniform(-bound, bound, size=shape).astype(np.float32), sharding)
+    return jax.device_put(np.zeros(shape, np.float32), sharding)
+
+
+def init_lora(lora_state, seed: int, mesh: jax.sharding.Mesh | None = None):
+    """Fresh LoRA factors for ``seed``, drawn exactly as ``from_pretrained(..., seed=seed)`` draws them (the same host
+    RNG over the factors in the same order): what lets runs that differ only in seed share one loaded base."""
+    rng = np.random.default_rng(seed)
+
+    def one(path, var):
+        p = shd.path_str(path)
+        return _lora_leaf(p, var.shape, rng, shd.param_sharding(p, var.shape, mesh))
+
+    return jax.tree_util.tree_map_with_path(one, lora_state)
+
+
 def from_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=jnp.bfloat16, compute_dtype=None,
                     lora: LoraConfig | None = None, mesh: jax.sharding.Mesh | None = None, seed: int = 0):
     """Load a Hugging Face Qwen3 checkpoint into ``Qwen3ForCausalLM``.
@@ -162,12 +182,8 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=jnp.bfloat16, co
         p = shd.path_str(path)
         shape, leaf_dtype = var.shape, var.dtype
         sharding = shd.param_sharding(p, shape, mesh)
-        if p.endswith("/lora_a"):
-            bound = 1.0 / np.sqrt(shape[1])
-            host = rng.uniform(-bound, bound, size=shape).astype(np.float32)
-            return jax.device_put(host, sharding)
-        if p.endswith("/lora_b"):
-            return jax.device_put(np.zeros(shape, np.float32), sharding)
+        if p.endswith(("/lora_a", "/lora_b")):
+            return _lora_leaf(p, shape, rng, sharding)
         if p not in sources:
             raise CheckpointError(f"{root}: no source for parameter {p}")
         template, transpose = sources[p]

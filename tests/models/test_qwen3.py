@@ -164,6 +164,24 @@ def test_config_from_hf_reads_both_rope_forms():
     assert config_from_hf(dict(base, rope_parameters={"rope_type": "default", "rope_theta": 3e5})).rope_theta == 3e5
 
 
+def test_init_lora_draws_what_from_pretrained_draws(tmp_path):
+    """A pack's runs with other seeds get their adapters from init_lora: the same factors from_pretrained(seed=s)
+    gives, with B = 0."""
+    from flax import nnx
+
+    from emjax.lora import LoraConfig
+    from emjax.models.loading import init_lora
+
+    p = tiny_hf_checkpoint(tmp_path)
+    split = [nnx.split(from_pretrained(p, dtype=jnp.float32, lora=LoraConfig(rank=4, alpha=8), seed=s),
+                       nnx.LoRAParam, ...)[1] for s in (0, 1)]
+    drawn = init_lora(split[0], 1)
+    assert jax.tree.structure(drawn) == jax.tree.structure(split[1])
+    for a, b, c in zip(jax.tree.leaves(drawn), jax.tree.leaves(split[1]), jax.tree.leaves(split[0]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert a.dtype == jnp.float32 and (not np.asarray(c).any() or not np.array_equal(a, c))
+
+
 # --- clear errors ---------------------------------------------------------------------------------------------
 
 def test_unknown_model_type(tmp_path):
