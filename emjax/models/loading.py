@@ -141,7 +141,8 @@ def _sources(cfg: qwen3.Qwen3Config):
 
 
 def _lora_leaf(path: str, shape, rng: np.random.Generator, sharding):
-    """A fresh LoRA factor (fp32): A ~ U(±1/√shape[1]) from the host ``rng``, B = 0."""
+    """A fresh LoRA factor (fp32) of the layer-stacked (layers, in, out) shape: A ~ U(±1/√in) from the host ``rng``
+    (PEFT's kaiming-uniform bound), B = 0."""
     if path.endswith("/lora_a"):
         bound = 1.0 / np.sqrt(shape[1])
         return jax.device_put(rng.uniform(-bound, bound, size=shape).astype(np.float32), sharding)
