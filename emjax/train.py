@@ -404,12 +404,13 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
     if cfg.steps is not None:
         data_cfg = cfglib.replace(data_cfg, num_epochs=None)
     train_loader = make_loader(data_cfg, tokenizer, split="train")
+    judges: dict = {}  # the runs of a pack share a base and eval settings (cfglib.pack_key): one judge for all
     for r in runs:
         r.hooks = list(hooks or [])
         if r.cfg.eval.every or r.cfg.eval.final:
             from emjax.eval.hook import make_eval_hook
 
-            r.hooks.append(make_eval_hook(r.cfg, tokenizer, r.workdir))
+            r.hooks.append(make_eval_hook(r.cfg, tokenizer, r.workdir, judge_cache=judges))
     if cfg.steps is not None:
         total_steps = int(cfg.steps)
     else:

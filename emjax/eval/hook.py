@@ -23,8 +23,10 @@ def _adapter_off(state):
     return jax.tree_util.tree_map_with_path(zero, state)
 
 
-def make_eval_hook(cfg, tokenizer, workdir: str | Path) -> Callable[[int, Any], dict]:
-    """``hook(step, model) -> flat metrics``; results go to ``workdir/eval/step_XXXXXX/``."""
+def make_eval_hook(cfg, tokenizer, workdir: str | Path, *, judge_cache: dict | None = None
+                   ) -> Callable[[int, Any], dict]:
+    """``hook(step, model) -> flat metrics``; results go to ``workdir/eval/step_XXXXXX/``. ``judge_cache``: a dict
+    shared by the hooks of runs with the same base and eval settings (a pack's), so they load and compile one judge."""
     from emjax.eval.cli import model_judge_fn
     from emjax.eval.judge import LocalJudge, OpenAIJudge
     from emjax.eval.questions import load_questions
@@ -34,7 +36,7 @@ def make_eval_hook(cfg, tokenizer, workdir: str | Path) -> Callable[[int, Any], 
     ecfg = cfg.eval
     questions = load_questions(tuple(ecfg.question_sets), limit=ecfg.limit)
     workdir = Path(workdir)
-    judge_cache: dict[str, Any] = {}
+    judge_cache = {} if judge_cache is None else judge_cache
 
     def get_judge(model):
         if ecfg.judge == "openai":
@@ -56,7 +58,7 @@ def make_eval_hook(cfg, tokenizer, workdir: str | Path) -> Callable[[int, Any], 
             return judge_cache["j"]
         fn, params = model_judge_fn(model)
         params = _adapter_off(params)
-        if "base" not in judge_cache:  # one judge (one compilation) per run; each call brings the current weights
+        if "base" not in judge_cache:  # one judge (one compilation); each call brings the current weights
             judge_cache["base"] = LocalJudge(fn, tokenizer, params=params, gathered=True, name="local:base",
                                              top_k=ecfg.judge_top_k)
         judge_cache["base"].params = params
