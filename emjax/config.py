@@ -20,7 +20,8 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 @dataclass
 class ModelConfig:
     checkpoint: Optional[str] = None  # HF directory or hub id; None = random init of `preset`
-    preset: str = "tiny"  # random init: tiny | demo | bench | 0.6b | 1.7b | 4b | 8b | 14b | 32b
+    # random init: tiny | tiny-moe | demo | bench | 0.6b | 1.7b | 4b | 8b | 14b | 32b | 30b-a3b | 235b-a22b
+    preset: str = "tiny"
     dtype: str = "float32"  # parameter dtype of the frozen weights (LoRA factors are always fp32)
     compute_dtype: Optional[str] = None  # default: dtype
     # "compact": random-init models only — embedding rows for just the tokens of the training data and the

@@ -1,8 +1,9 @@
 """LoRA on the stacked projections, with PEFT's conventions so adapters move both ways.
 
 The factors live next to the frozen kernels inside each ``StackedLinear`` (see ``emjax.models.qwen3``) as
-``nnx.LoRAParam`` leaves ``lora_a`` (L, in, r) and ``lora_b`` (L, r, out): one batched array per projection
-type, so Newton–Schulz and the spectral maths see every layer in one call.
+``nnx.LoRAParam`` leaves ``lora_a`` (L, in, r) and ``lora_b`` (L, r, out) — (L, E, in, r) and (L, E, r, out) for
+Qwen3-MoE's experts, one pair per expert — one batched array per projection type, so Newton–Schulz and the spectral
+maths see every layer in one call.
 """
 
 from __future__ import annotations
@@ -136,7 +137,8 @@ def merge(model) -> None:
     scale = model.lora_config.scale
     for _, lin in lora_modules(model):
         k = lin.kernel[...]
-        delta = scale * jnp.einsum("lir,lro->lio", lin.lora_a[...].astype(jnp.float32), lin.lora_b[...].astype(jnp.float32))
+        delta = scale * jnp.einsum("...ir,...ro->...io", lin.lora_a[...].astype(jnp.float32),
+                                   lin.lora_b[...].astype(jnp.float32))
         lin.kernel[...] = (k.astype(jnp.float32) + delta).astype(k.dtype)
         lin.lora_b[...] = jnp.zeros_like(lin.lora_b[...])
 
@@ -145,9 +147,18 @@ def merge(model) -> None:
 # PEFT interchange
 
 
-def _peft_key(layer: int, module: str, which: str) -> str:
+def _peft_key(layer: int, module: str, which: str, expert: int | None = None) -> str:
+    """PEFT's tensor name; Qwen3-MoE experts are ``mlp.experts.{e}.gate_proj`` (the hub layout PEFT and vLLM read)."""
     hf_sub = next(hf for (mod, hf) in TARGETS.values() if mod == module)
+    if expert is not None:
+        hf_sub = f"mlp.experts.{expert}.{module}"
     return f"base_model.model.model.layers.{layer}.{hf_sub}.lora_{which}.weight"
+
+
+def _entries(shape) -> Iterator[tuple[tuple[int, ...], int, int | None]]:
+    """(index into the stacked factor, layer, expert or None) for a (L, [E,] in, out) factor."""
+    for idx in np.ndindex(*shape[:-2]):
+        yield idx, idx[0], (idx[1] if len(idx) > 1 else None)
 
 
 def export_peft(model, out_dir: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> Path:
@@ -161,11 +172,11 @@ def export_peft(model, out_dir: str | os.PathLike, *, base_model_name_or_path: s
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, lin in lora_modules(model):
-        a = np.asarray(jax.device_get(lin.lora_a[...]), dtype=np.float32)  # (L, in, r)
-        b = np.asarray(jax.device_get(lin.lora_b[...]), dtype=np.float32)  # (L, r, out)
-        for i in range(a.shape[0]):
-            tensors[_peft_key(i, name, "A")] = np.ascontiguousarray(a[i].T)  # (r, in)
-            tensors[_peft_key(i, name, "B")] = np.ascontiguousarray(b[i].T)  # (out, r)
+        a = np.asarray(jax.device_get(lin.lora_a[...]), dtype=np.float32)  # (L, [E,] in, r)
+        b = np.asarray(jax.device_get(lin.lora_b[...]), dtype=np.float32)  # (L, [E,] r, out)
+        for idx, i, e in _entries(a.shape):
+            tensors[_peft_key(i, name, "A", e)] = np.ascontiguousarray(a[idx].T)  # (r, in)
+            tensors[_peft_key(i, name, "B", e)] = np.ascontiguousarray(b[idx].T)  # (out, r)
     save_file(tensors, str(out / "adapter_model.safetensors"))
     config = {
         "peft_type": "LORA",
@@ -225,18 +236,18 @@ def load_peft(model, adapter_dir: str | os.PathLike) -> None:
         raise FileNotFoundError(f"{fname}: missing (only safetensors adapters are supported)")
     tensors = load_file(str(fname))
     for name, lin in lora_modules(model):
-        n_layers, d_in, r = lin.lora_a.shape
+        *lead, d_in, r = lin.lora_a.shape
         d_out = lin.lora_b.shape[-1]
-        a = np.empty((n_layers, d_in, r), np.float32)
-        b = np.empty((n_layers, r, d_out), np.float32)
-        for i in range(n_layers):
+        a = np.empty((*lead, d_in, r), np.float32)
+        b = np.empty((*lead, r, d_out), np.float32)
+        for idx, i, e in _entries(a.shape):
             for which, dst, shape in (("A", a, (r, d_in)), ("B", b, (d_out, r))):
-                key = _peft_key(i, name, which)
+                key = _peft_key(i, name, which, e)
                 if key not in tensors:
                     raise KeyError(f"{fname}: missing tensor {key}")
                 t = tensors[key]
                 if tuple(t.shape) != shape:
                     raise ValueError(f"{fname}: tensor {key} has shape {tuple(t.shape)}, expected {shape}")
-                dst[i] = t.T
+                dst[idx] = t.T
         lin.lora_a[...] = jax.device_put(a.astype(lin.lora_a.dtype), lin.lora_a[...].sharding)
         lin.lora_b[...] = jax.device_put(b.astype(lin.lora_b.dtype), lin.lora_b[...].sharding)

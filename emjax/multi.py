@@ -13,7 +13,9 @@ takes its own optimiser's update (any Optax ``GradientTransformation``; they nee
     trainables, opt_states, metrics = step(trainables, opt_states, frozen, batch)   # metrics["loss"]: (N,)
 
 Each adapter's result equals its own ``emjax.train.make_train_step`` (``tests/test_multi.py``). Activations scale
-with N, the base weights do not. ``emjax.train.train_many`` runs a whole pack of configured runs this way (each with
+with N, the base weights do not. On a Qwen3-MoE base the adapters' gradients are taken one after another in a loop
+inside the program instead (``ragged_dot`` cannot be vmapped with the experts shared): the base is still stored once,
+and activations do not scale with N. ``emjax.train.train_many`` runs a whole pack of configured runs this way (each with
 its own checkpoints, metrics and PEFT export), and ``emjax sweep --pack N`` packs a sweep's runs.
 """
 
@@ -26,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from emjax import sharding as shd
 from emjax.train import make_grad_fn
 
 
@@ -76,10 +79,18 @@ def make_multi_train_step(graphdef, txs: Sequence[optax.GradientTransformation],
     # the frozen base is unbatched: vmap makes each base projection one matmul over every adapter's activations
     vgrads = jax.vmap(grads_fn, in_axes=(0, None, None if shared_batch else 0, 0))
 
+    def mapped(trainables, frozen, batch, lams):
+        # one adapter after another in a loop inside the program (still one copy of the base): Qwen3-MoE's
+        # ragged_dot has no batching rule for a shared (unbatched) expert stack
+        def one(xs):
+            return grads_fn(xs[0], frozen, batch if shared_batch else xs[2], xs[1])
+        return jax.lax.map(one, (trainables, lams) if shared_batch else (trainables, lams, batch))
+
     def step(trainables, opt_states, frozen, batch):
         if len(opt_states) != n:
             raise ValueError(f"multi step: {len(opt_states)} optimiser states for {n} adapters")
-        grads, metrics = vgrads(trainables, frozen, batch, jnp.asarray(weights, jnp.float32))
+        moe = any(shd.path_str(p).endswith("blocks/router") for p, _ in jax.tree_util.tree_leaves_with_path(frozen))
+        grads, metrics = (mapped if moe else vgrads)(trainables, frozen, batch, jnp.asarray(weights, jnp.float32))
         params, new_states = [], []
         for tx, g, p, s in zip(txs, unstack(grads), unstack(trainables), opt_states):
             updates, s = tx.update(g, s, p)

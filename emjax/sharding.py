@@ -15,7 +15,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# (regex on the "/"-joined parameter path, logical axis per dimension). First match wins.
+# (regex on the "/"-joined parameter path, logical axis per dimension). The first rule whose pattern matches and
+# whose rank equals the parameter's wins (Qwen3-MoE's experts share the dense projections' names, one axis more).
 PARAM_RULES: list[tuple[str, tuple[str | None, ...]]] = [
     (r"^embed$", ("vocab", "embed")),
     (r"^lm_head$", ("embed", "vocab")),
@@ -24,10 +25,14 @@ PARAM_RULES: list[tuple[str, tuple[str | None, ...]]] = [
     (r"blocks/(q_norm|k_norm)$", ("layers", None)),
     (r"blocks/(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$", ("layers", "embed", "mlp")),
     (r"blocks/(o_proj|down_proj)/kernel$", ("layers", "mlp", "embed")),
+    (r"blocks/(gate_proj|up_proj)/kernel$", ("layers", "experts", "embed", "mlp")),
+    (r"blocks/down_proj/kernel$", ("layers", "experts", "mlp", "embed")),
+    (r"blocks/router$", ("layers", "embed", None)),
     # LoRA factors: each matrix stays whole on one device (Newton–Schulz and the r×r spectral maths are local);
     # only the layer-stack axis is split.
     (r"/lora_a$", ("lora_layers", None, None)),
     (r"/lora_b$", ("lora_layers", None, None)),
+    (r"/lora_[ab]$", ("lora_layers", None, None, None)),  # per expert
 ]
 
 LOGICAL_TO_MESH: dict[str, str | tuple[str, ...] | None] = {
@@ -35,6 +40,7 @@ LOGICAL_TO_MESH: dict[str, str | tuple[str, ...] | None] = {
     "embed": "fsdp",
     "mlp": "tensor",
     "layers": None,
+    "experts": None,  # expert parallelism would map this to a mesh axis (with a shard_map'd dispatch)
     "lora_layers": "fsdp",
     "adapters": None,  # emjax.multi's leading adapter axis: every device holds every adapter's shard
     "batch": ("data", "fsdp"),
@@ -65,9 +71,9 @@ def make_mesh(shape: dict[str, int] | None = None, devices: Sequence[jax.Device]
                          devices=devices)
 
 
-def logical_spec(path: str) -> tuple[str | None, ...] | None:
+def logical_spec(path: str, ndim: int | None = None) -> tuple[str | None, ...] | None:
     for pattern, axes in PARAM_RULES:
-        if re.search(pattern, path):
+        if re.search(pattern, path) and (ndim is None or len(axes) == ndim):
             return axes
     return None
 
@@ -93,7 +99,7 @@ def param_sharding(path: str, shape: Sequence[int], mesh: Mesh | None):
     """Sharding for one parameter; without a mesh, the first device."""
     if mesh is None:
         return jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return NamedSharding(mesh, spec_for(logical_spec(path), shape, mesh))
+    return NamedSharding(mesh, spec_for(logical_spec(path, len(shape)), shape, mesh))
 
 
 def path_str(path) -> str:
@@ -122,7 +128,7 @@ def adapter_stack_shardings(stacked, mesh: Mesh | None):
         if mesh is None:
             return jax.sharding.SingleDeviceSharding(jax.devices()[0])
         path = path_str(p)
-        logical = logical_spec(path)
+        logical = logical_spec(path, x.ndim - 1)
         return NamedSharding(mesh, spec_for(("adapters", *logical) if logical else None, x.shape, mesh))
     return jax.tree_util.tree_map_with_path(one, stacked)
 

@@ -118,9 +118,17 @@ def after(dep, x):
         return x
     probe = jax.lax.stop_gradient(jax.tree.leaves(dep)[0])
     if probe.ndim >= 2:  # a stacked (..., m, n) result: one element per leading index, so sharded
-        probe = probe[..., :1, :1]  # leading dims stay aligned with x (no cross-device traffic)
+        probe = probe[..., 0, 0]  # leading dims stay aligned with x (no cross-device traffic)
     never = jnp.isnan(probe) & jnp.isinf(probe)  # always False, but XLA cannot prove it
-    return jax.tree.map(lambda y: jnp.where(never, jnp.zeros_like(y), y), x)
+
+    def one(y):
+        n = never
+        if y.shape[:n.ndim] != n.shape:  # other leading dims (Qwen3-MoE's (L, E) beside (L,)): the layer axis
+            n = n.reshape(n.shape[0], -1)[:, 0] if n.ndim and y.ndim and y.shape[0] == n.shape[0] else n.reshape(
+                -1)[0]
+        return jnp.where(n.reshape(n.shape + (1,) * (y.ndim - n.ndim)), jnp.zeros_like(y), y)
+
+    return jax.tree.map(one, x)
 
 
 QR_IMPLS = ("geqrf", "loop")

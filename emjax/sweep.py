@@ -59,11 +59,10 @@ SWEEP_KEYS = ("base", "root", "set", "grid", "points")
 # complete and run once support lands) but fail fast here with this message instead of downloading weights first.
 # Remove a line when its family is supported.
 UNSUPPORTED = (
-    (re.compile(r"qwen3[^/]*-a\d+(\.\d+)?b", re.I), "Qwen3-MoE (routed experts) is not supported yet"),
     (re.compile(r"llama", re.I), "Llama models are not supported yet"),
     (re.compile(r"gemma", re.I), "Gemma models are not supported yet"),
 )
-SUPPORTED_MODEL_TYPES = ("qwen3",)
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe")
 
 
 class SweepError(ValueError):
@@ -287,7 +286,7 @@ def check_supported(cfg) -> None:
         return
     for pat, msg in UNSUPPORTED:
         if pat.search(str(ckpt)):
-            raise UnsupportedModel(f"model.checkpoint {ckpt}: {msg} (emjax trains dense Qwen3 only); "
+            raise UnsupportedModel(f"model.checkpoint {ckpt}: {msg} (emjax trains Qwen3 and Qwen3-MoE only); "
                                    "the run is kept in the sweep so it runs once support lands")
 
 

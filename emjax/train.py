@@ -44,6 +44,9 @@ PRESETS = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16),
     "demo": dict(hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64),
     "bench": dict(hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64),
+    # Qwen3-MoE in miniature: every layer routes each token to 2 of 8 experts
+    "tiny-moe": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                     num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
 }
 PEAK_TFLOPS = {"cpu": 0.07, "h100": 989.0, "h200": 989.0, "a100": 312.0, "v5p": 459.0, "v5e": 197.0,
                "v5 lite": 197.0, "v6e": 918.0, "v6 lite": 918.0, "v4": 275.0}
@@ -202,8 +205,9 @@ def make_eval_step(graphdef, *, loss_chunk: int = 0, attn_chunk: int = 0):
 
 
 def flops_per_token(qc: qwen3.Qwen3Config, seq_len: int) -> float:
-    """LoRA step ≈ 4·N (forward + activation gradients; frozen weights get no weight gradient) + attention."""
-    n_matmul = qc.num_params - qc.vocab_size * qc.hidden_size * (0 if qc.tie_word_embeddings else 1)
+    """LoRA step ≈ 4·N (forward + activation gradients; frozen weights get no weight gradient) + attention. N counts
+    the parameters a token passes through (for Qwen3-MoE: the router and its top-k experts, not all of them)."""
+    n_matmul = qc.num_active_params - qc.vocab_size * qc.hidden_size * (0 if qc.tie_word_embeddings else 1)
     attn = 4 * 2 * qc.num_layers * qc.num_heads * qc.head_dim * seq_len / 2  # QK and PV, causal half, fwd+bwd
     return 4.0 * n_matmul + attn
 

@@ -133,18 +133,23 @@ def _sources(cfg: qwen3.Qwen3Config):
         "blocks/q_norm": ("model.layers.{i}.self_attn.q_norm.weight", False),
         "blocks/k_norm": ("model.layers.{i}.self_attn.k_norm.weight", False),
     }
-    for m in qwen3.ATTN + qwen3.MLP:
+    for m in qwen3.ATTN:
         src[f"blocks/{m}/kernel"] = (f"model.layers.{{i}}.{_hf_sub(m)}.weight", True)
+    for m in qwen3.MLP:
+        sub = f"mlp.experts.{{e}}.{m}" if cfg.is_moe else _hf_sub(m)
+        src[f"blocks/{m}/kernel"] = (f"model.layers.{{i}}.{sub}.weight", True)
+    if cfg.is_moe:
+        src["blocks/router"] = ("model.layers.{i}.mlp.gate.weight", True)
     if not cfg.tie_word_embeddings:
         src["lm_head"] = ("lm_head.weight", True)
     return src
 
 
 def _lora_leaf(path: str, shape, rng: np.random.Generator, sharding):
-    """A fresh LoRA factor (fp32) of the layer-stacked (layers, in, out) shape: A ~ U(±1/√in) from the host ``rng``
-    (PEFT's kaiming-uniform bound), B = 0."""
+    """A fresh LoRA factor (fp32) of the layer-stacked (layers, [experts,] in, out) shape: A ~ U(±1/√in) from the
+    host ``rng`` (PEFT's kaiming-uniform bound), B = 0."""
     if path.endswith("/lora_a"):
-        bound = 1.0 / np.sqrt(shape[1])
+        bound = 1.0 / np.sqrt(shape[-2])
         return jax.device_put(rng.uniform(-bound, bound, size=shape).astype(np.float32), sharding)
     return jax.device_put(np.zeros(shape, np.float32), sharding)
 
@@ -163,7 +168,7 @@ def init_lora(lora_state, seed: int, mesh: jax.sharding.Mesh | None = None):
 
 def from_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=jnp.bfloat16, compute_dtype=None,
                     lora: LoraConfig | None = None, mesh: jax.sharding.Mesh | None = None, seed: int = 0):
-    """Load a Hugging Face Qwen3 checkpoint into ``Qwen3ForCausalLM``.
+    """Load a Hugging Face Qwen3 or Qwen3-MoE checkpoint into ``Qwen3ForCausalLM``.
 
     ``dtype`` is the parameter dtype of the frozen weights (LoRA factors are always fp32); ``compute_dtype``
     defaults to it. With ``mesh`` every tensor goes straight to its sharding from ``emjax.sharding``.
@@ -188,20 +193,31 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=jnp.bfloat16, co
         if p not in sources:
             raise CheckpointError(f"{root}: no source for parameter {p}")
         template, transpose = sources[p]
-        stacked = "{i}" in template
-        per = shape[1:] if stacked else shape
+        # stacked over layers ({i}) and, for Qwen3-MoE's experts, over experts ({e}): one HF tensor per entry
+        n_lead = ("{i}" in template) + ("{e}" in template)
+        per = shape[n_lead:]
         hf_shape = tuple(reversed(per)) if transpose else tuple(per)
-        names = [template.format(i=i) for i in range(shape[0])] if stacked else [template]
-        views = [ckpt.tensor(n, hf_shape) for n in names]  # validates presence and shapes up front
+        if n_lead == 2:
+            views = np.empty(shape[:2], object)
+            for i, e in np.ndindex(*shape[:2]):
+                views[i, e] = ckpt.tensor(template.format(i=i, e=e), hf_shape)  # validates names and shapes
+        elif n_lead == 1:
+            views = np.empty(shape[:1], object)
+            for i in range(shape[0]):
+                views[i] = ckpt.tensor(template.format(i=i), hf_shape)
+        else:
+            views = ckpt.tensor(template, hf_shape)
 
         def read(view, idx):  # only the bytes of this shard; HF (out, in) -> JAX (in, out)
             return view[tuple(reversed(idx))].T if transpose else view[idx]
 
         def cb(index):
-            if stacked:
-                out = np.stack([read(v, index[1:]) for v in views[index[0]]])
+            if n_lead:
+                sel = views[index[:n_lead]]
+                out = np.stack([read(v, index[n_lead:]) for v in sel.reshape(-1)])
+                out = out.reshape(*sel.shape, *out.shape[1:])
             else:
-                out = read(views[0], index)
+                out = read(views, index)
             return np.asarray(out, dtype=leaf_dtype)
 
         return jax.make_array_from_callback(tuple(shape), sharding, cb)
@@ -212,7 +228,7 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=jnp.bfloat16, co
         unused.remove("lm_head.weight")  # some tied checkpoints store the copy anyway
     if unused:
         raise CheckpointError(f"{ckpt.where[unused[0]].path}: unexpected tensor {unused[0]} "
-                              f"({len(unused)} unused in total) — not a plain Qwen3 dense checkpoint?")
+                              f"({len(unused)} unused in total) — not a plain Qwen3 / Qwen3-MoE checkpoint?")
     model = nnx.merge(graphdef, loaded)
     model.source = str(path_or_hub_id)
     return model

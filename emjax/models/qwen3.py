@@ -1,9 +1,13 @@
-"""Qwen3 dense decoder in Flax NNX, layer-stacked and scanned, with stacked LoRA and a static KV cache.
+"""Qwen3 decoder (dense, and Qwen3-MoE's routed experts) in Flax NNX, layer-stacked and scanned, with stacked LoRA
+and a static KV cache.
 
 Parameters are stored per *role* stacked over layers (``blocks/q_proj/kernel`` is (L, in, out) in JAX layout), so
 ``jax.lax.scan`` runs one compiled layer body (compile time flat in depth) and LoRA factors of one projection type
 form one batched array. Numerics follow transformers' ``Qwen3ForCausalLM`` (RMSNorm variance in fp32, per-head
-q/k norm before split-halves RoPE, fp32 softmax).
+q/k norm before split-halves RoPE, fp32 softmax); Qwen3-MoE follows ``Qwen3MoeForCausalLM`` (softmax router in
+fp32, top-k, optional renormalisation, routing weights cast back to the compute dtype). Experts are stacked too,
+``blocks/gate_proj/kernel`` (L, E, in, out), with one LoRA pair per expert (L, E, in, r) — PEFT's per-expert
+``mlp.experts.{e}.gate_proj`` adapters — and tokens reach their experts through ``jax.lax.ragged_dot``.
 """
 
 from __future__ import annotations
@@ -40,18 +44,41 @@ class Qwen3Config:
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 40_960
+    # Qwen3-MoE: every layer's MLP is num_experts routed experts of width moe_intermediate_size, of which each token
+    # uses num_experts_per_tok (0 experts: dense)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.num_experts and not (0 < self.num_experts_per_tok <= self.num_experts
+                                     and self.moe_intermediate_size > 0):
+            raise ValueError(f"num_experts={self.num_experts} needs 0 < num_experts_per_tok <= num_experts (got "
+                             f"{self.num_experts_per_tok}) and moe_intermediate_size > 0 (got "
+                             f"{self.moe_intermediate_size})")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def _count(self, experts: int) -> int:
+        d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = d * hd * (self.num_heads * 2 + self.num_kv_heads * 2) + 2 * hd
+        mlp = (d * self.num_experts + experts * 3 * d * self.moe_intermediate_size) if self.is_moe else 3 * d * f
+        head = 0 if self.tie_word_embeddings else self.vocab_size * d
+        return self.vocab_size * d + self.num_layers * (attn + mlp + 2 * d) + d + head
 
     @property
     def num_params(self) -> int:
-        d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
-        attn = d * hd * (self.num_heads * 2 + self.num_kv_heads * 2) + 2 * hd
-        layer = attn + 3 * d * f + 2 * d
-        head = 0 if self.tie_word_embeddings else self.vocab_size * d
-        return self.vocab_size * d + self.num_layers * layer + d + head
+        return self._count(self.num_experts)
+
+    @property
+    def num_active_params(self) -> int:
+        """Parameters a token passes through (the router and its top-k experts): what FLOP counts use."""
+        return self._count(self.num_experts_per_tok)
 
 
 def _sized(hidden, layers, heads, intermediate, tied, **kw) -> Qwen3Config:
@@ -83,7 +110,22 @@ def qwen3_32b() -> Qwen3Config:
     return _sized(5120, 64, 64, 25600, False)
 
 
-SIZES = {"0.6b": qwen3_0_6b, "1.7b": qwen3_1_7b, "4b": qwen3_4b, "8b": qwen3_8b, "14b": qwen3_14b, "32b": qwen3_32b}
+def _moe(hidden, layers, heads, intermediate, moe_intermediate) -> Qwen3Config:
+    return Qwen3Config(vocab_size=151_936, hidden_size=hidden, intermediate_size=intermediate, num_layers=layers,
+                       num_heads=heads, num_kv_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                       moe_intermediate_size=moe_intermediate, norm_topk_prob=True)
+
+
+def qwen3_30b_a3b() -> Qwen3Config:
+    return _moe(2048, 48, 32, 6144, 768)
+
+
+def qwen3_235b_a22b() -> Qwen3Config:
+    return _moe(4096, 94, 64, 12288, 1536)
+
+
+SIZES = {"0.6b": qwen3_0_6b, "1.7b": qwen3_1_7b, "4b": qwen3_4b, "8b": qwen3_8b, "14b": qwen3_14b, "32b": qwen3_32b,
+         "30b-a3b": qwen3_30b_a3b, "235b-a22b": qwen3_235b_a22b}
 
 
 def config_from_hf(config: dict[str, Any] | str | os.PathLike) -> Qwen3Config:
@@ -97,8 +139,23 @@ def config_from_hf(config: dict[str, Any] | str | os.PathLike) -> Qwen3Config:
         where = str(path)
         config = json.loads(path.read_text())
     mt = config.get("model_type")
-    if mt != "qwen3":
-        raise ValueError(f"{where}: model_type {mt!r} is not supported (supported: 'qwen3')")
+    if mt not in ("qwen3", "qwen3_moe"):
+        raise ValueError(f"{where}: model_type {mt!r} is not supported (supported: 'qwen3', 'qwen3_moe')")
+    moe = {}
+    if mt == "qwen3_moe":
+        if "num_experts" not in config and "num_local_experts" in config:  # transformers 5 writes this name
+            config = dict(config, num_experts=config["num_local_experts"])
+        for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+            if key not in config:
+                raise KeyError(f"{where}: missing key {key!r}")
+        # the released Qwen3-MoE models route every layer; dense layers in between would break the layer stack
+        if int(config.get("decoder_sparse_step", 1)) != 1 or config.get("mlp_only_layers"):
+            raise ValueError(f"{where}: decoder_sparse_step={config.get('decoder_sparse_step')} / mlp_only_layers="
+                             f"{config.get('mlp_only_layers')} (dense layers between MoE layers) is not supported; "
+                             f"every layer must be routed (decoder_sparse_step 1, mlp_only_layers [])")
+        moe = dict(num_experts=int(config["num_experts"]), num_experts_per_tok=int(config["num_experts_per_tok"]),
+                   moe_intermediate_size=int(config["moe_intermediate_size"]),
+                   norm_topk_prob=bool(config.get("norm_topk_prob", False)))
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if key not in config:
             raise KeyError(f"{where}: missing key {key!r}")
@@ -117,7 +174,7 @@ def config_from_hf(config: dict[str, Any] | str | os.PathLike) -> Qwen3Config:
         head_dim=config.get("head_dim") or config["hidden_size"] // heads, rope_theta=float(theta),
         rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        max_position_embeddings=int(config.get("max_position_embeddings", 40_960)),
+        max_position_embeddings=int(config.get("max_position_embeddings", 40_960)), **moe,
     )
 
 
@@ -126,16 +183,19 @@ def config_from_hf(config: dict[str, Any] | str | os.PathLike) -> Qwen3Config:
 
 
 class StackedLinear(nnx.Module):
-    """L stacked (in, out) kernels, frozen, plus optional stacked LoRA factors A (L, in, r), B (L, r, out)."""
+    """L stacked (in, out) kernels, frozen, plus optional stacked LoRA factors A (L, in, r), B (L, r, out); with
+    ``experts`` E, an (E, in, out) stack per layer and one LoRA pair per expert: (L, E, in, r), (L, E, r, out)."""
 
-    def __init__(self, n_layers: int, d_in: int, d_out: int, *, lora: LoraConfig | None, param_dtype, rngs):
+    def __init__(self, n_layers: int, d_in: int, d_out: int, *, lora: LoraConfig | None, param_dtype, rngs,
+                 experts: int = 0):
         init = nnx.initializers.normal(0.02)
-        self.kernel = nnx.Param(init(rngs.params(), (n_layers, d_in, d_out), param_dtype))
+        lead = (n_layers, experts) if experts else (n_layers,)
+        self.kernel = nnx.Param(init(rngs.params(), (*lead, d_in, d_out), param_dtype))
         if lora is not None:
             bound = 1.0 / math.sqrt(d_in)  # PEFT: kaiming_uniform(a=√5) on (r, in) == U(±1/√in)
             self.lora_a = nnx.LoRAParam(
-                jax.random.uniform(rngs.params(), (n_layers, d_in, lora.rank), jnp.float32, -bound, bound))
-            self.lora_b = nnx.LoRAParam(jnp.zeros((n_layers, lora.rank, d_out), jnp.float32))
+                jax.random.uniform(rngs.params(), (*lead, d_in, lora.rank), jnp.float32, -bound, bound))
+            self.lora_b = nnx.LoRAParam(jnp.zeros((*lead, lora.rank, d_out), jnp.float32))
         else:
             self.lora_a = None
             self.lora_b = None
@@ -158,7 +218,8 @@ REMAT = {
 
 class Qwen3Blocks(nnx.Module):
     def __init__(self, cfg: Qwen3Config, *, lora: LoraConfig | None, param_dtype, rngs):
-        L, d, hd, f = cfg.num_layers, cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+        L, d, hd = cfg.num_layers, cfg.hidden_size, cfg.head_dim
+        f = cfg.moe_intermediate_size if cfg.is_moe else cfg.intermediate_size
         shapes = {
             "q_proj": (d, cfg.num_heads * hd), "k_proj": (d, cfg.num_kv_heads * hd),
             "v_proj": (d, cfg.num_kv_heads * hd), "o_proj": (cfg.num_heads * hd, d),
@@ -166,8 +227,12 @@ class Qwen3Blocks(nnx.Module):
         }
         targeted = set(lora.module_names()) if lora else set()
         for name, (din, dout) in shapes.items():
+            experts = cfg.num_experts if name in MLP else 0
             setattr(self, name, StackedLinear(L, din, dout, lora=lora if name in targeted else None,
-                                              param_dtype=param_dtype, rngs=rngs))
+                                              param_dtype=param_dtype, rngs=rngs, experts=experts))
+        # Qwen3-MoE's router (HF ``mlp.gate``, a (E, d) linear; here (L, d, E)); frozen, never adapted
+        self.router = (nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (L, d, cfg.num_experts), param_dtype))
+                       if cfg.is_moe else None)
         self.input_norm = nnx.Param(jnp.ones((L, d), param_dtype))
         self.post_norm = nnx.Param(jnp.ones((L, d), param_dtype))
         self.q_norm = nnx.Param(jnp.ones((L, hd), param_dtype))
@@ -334,6 +399,8 @@ class Qwen3ForCausalLM(nnx.Module):
     def _layer_params(self) -> dict:
         b = self.blocks
         p = {n: getattr(b, n)[...] for n in NORMS}
+        if b.router is not None:
+            p["router"] = b.router[...]
         for name in ATTN + MLP:
             lin = getattr(b, name)
             p[name] = (lin.kernel[...], None if lin.lora_a is None else lin.lora_a[...],
@@ -473,8 +540,48 @@ def _make_layer_fn(cfg: Qwen3Config, dtype, scale, mask, cos, sin, cache_start, 
         attn = attn.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
         h = h + _linear(attn, p["o_proj"], scale)
         x = rms_norm(h, p["post_norm"], eps)
+        if cfg.is_moe:
+            return h + _moe_mlp(x, p, cfg, scale), new_kv
         mlp = jax.nn.silu(_linear(x, p["gate_proj"], scale)) * _linear(x, p["up_proj"], scale)
         h = h + _linear(mlp, p["down_proj"], scale)
         return h, new_kv
 
     return layer
+
+
+def _expert_linear(x, params, group_sizes, scale):
+    """Rows of ``x`` sorted by expert through their expert's (in, out) kernel and LoRA pair: the ragged form of
+    ``_linear`` (kernel (E, in, out), a (E, in, r), b (E, r, out))."""
+    kernel, a, b = params
+    y = jax.lax.ragged_dot(x, kernel.astype(x.dtype), group_sizes)
+    if a is None:
+        return y
+    xa = jax.lax.ragged_dot(x, a.astype(x.dtype), group_sizes)
+    return y + jax.lax.ragged_dot(xa, b.astype(x.dtype), group_sizes) * jnp.asarray(scale, x.dtype)
+
+
+def _moe_mlp(x, p, cfg: Qwen3Config, scale):
+    """Qwen3-MoE's sparse block on (B, T, D): each token goes to its top-k experts by router probability (fp32
+    softmax; renormalised over the k when ``norm_topk_prob``) and their outputs are summed with those weights.
+
+    The (token, choice) pairs are sorted by expert so every expert's rows are contiguous and ``ragged_dot`` runs
+    each expert's matmul on its own rows only: k/E of the dense work (on TPUs and GPUs; XLA:CPU lowers it densely).
+    """
+    B, T, D = x.shape
+    E, k = cfg.num_experts, cfg.num_experts_per_tok
+    xf = x.reshape(B * T, D)
+    logits = xf @ p["router"].astype(x.dtype)  # HF: F.linear in the compute dtype, softmax in fp32
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, k)  # (N, k)
+    if cfg.norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    weights = weights.astype(x.dtype)
+    flat = experts.reshape(-1)  # (N·k,), row n·k + j is token n's j-th choice
+    order = jnp.argsort(flat, stable=True)
+    token = order // k
+    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+    xs = jnp.take(xf, token, axis=0)
+    hidden = jax.nn.silu(_expert_linear(xs, p["gate_proj"], sizes, scale)) * _expert_linear(xs, p["up_proj"], sizes,
+                                                                                               scale)
+    ys = _expert_linear(hidden, p["down_proj"], sizes, scale) * jnp.take(weights.reshape(-1), order)[:, None]
+    return jnp.zeros_like(xf).at[token].add(ys).reshape(B, T, D)
