@@ -62,6 +62,9 @@ class EvalHookConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     batch_size: int = 64
+    # a pack's runs sample their answers together (emjax.sampling.generate_many): at most this many adapters per
+    # program, each with batch_size rows (the KV cache holds pack_adapters × batch_size rows); 1 = one at a time
+    pack_adapters: int = 8
     judge: str = "local"  # local | openai
     judge_checkpoint: Optional[str] = None  # local judge: None = the model being trained (base, no adapter)
     judge_model: str = "gpt-4o-2024-08-06"

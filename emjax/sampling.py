@@ -151,6 +151,94 @@ def _decode(graphdef, state, cache, first_logits, params, max_new: int, stop_tok
     return out, step, cache  # returning the cache lets XLA run the loop in the donated buffer
 
 
+def _sliced_layers(p: dict, n_layers: int):
+    """``Qwen3ForCausalLM._layer_params()`` of a model whose LoRA factors carry a leading adapter axis, split into one
+    dict per layer (base weights ``x[i]``, factors ``x[:, i]``), and the matching vmap ``in_axes`` (factors 0)."""
+    def one(i):
+        out = {}
+        for k, v in p.items():
+            out[k] = ((v[0][i], *(None if f is None else f[:, i] for f in v[1:])) if isinstance(v, tuple) else v[i])
+        return out
+
+    axes = {k: ((None, *(None if f is None else 0 for f in v[1:])) if isinstance(v, tuple) else None)
+            for k, v in p.items()}
+    return [one(i) for i in range(n_layers)], [axes] * n_layers
+
+
+def _over_adapters(fn, in_axes, moe: bool):
+    """``jax.vmap(fn, in_axes)`` (top-level axes 0 or None); on a Qwen3-MoE base a ``lax.map`` over the adapters
+    instead (``ragged_dot`` has no batching rule with a shared expert stack): still one program on one copy of the
+    base, but the adapters' rows are not batched into one product."""
+    if not moe:
+        return jax.vmap(fn, in_axes=in_axes)
+
+    def run(*args):
+        idx = [i for i, ax in enumerate(in_axes) if ax == 0]
+
+        def body(xs):
+            full = list(args)
+            for i, x in zip(idx, xs):
+                full[i] = x
+            return fn(*full)
+
+        return jax.lax.map(body, [args[i] for i in idx])
+
+    return run
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(5,))
+def _prefill_many(graphdef, loras, rest, tokens, mask, cache, moe: bool):
+    def one(lora, c):
+        model = nnx.merge(graphdef, lora, rest)
+        h, c = model.hidden_states(tokens, attention_mask=mask, cache=c)
+        last = jnp.take_along_axis(h, (c.lengths - 1)[:, None, None], axis=1)[:, 0]
+        return model.logits(last), c
+
+    return _over_adapters(one, (0, 0), moe)(loras, cache)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9), donate_argnums=(3,))
+def _decode_many(graphdef, loras, rest, cache, first_logits, params, max_new: int, stop_tokens: tuple, top_k: int,
+                 moe: bool):
+    """``_decode`` for N adapters on one base: each step is one vmapped step (every base matmul one product over
+    all adapters' rows), each adapter drawing from its own key sequence exactly as ``_decode`` would."""
+    temperature, top_p, rngs = params
+    N, B = first_logits.shape[:2]
+    stops = jnp.asarray(stop_tokens, jnp.int32)
+    on_cpu = jax.default_backend() == "cpu"
+    stacked = nnx.merge(graphdef, loras, rest)  # the base once; factors with their adapter axis
+    if on_cpu and not cache.stacked and not moe:  # as in _decode: slice each layer's weights once, outside the loop
+        layers, layer_axes = _sliced_layers(stacked._layer_params(), stacked.config.num_layers)
+    else:
+        layers, layer_axes = None, None
+    head = stacked.head_matrix() if on_cpu else None
+
+    def one(lora, lays, cache, logits, done, key):
+        model = nnx.merge(graphdef, lora, rest)
+        tok = sample_logits(logits, key, temperature, top_p, top_k)
+        written = jnp.where(done, PAD_ID, tok)
+        done = done | jnp.isin(tok, stops)
+        h, cache = model.hidden_states(tok[:, None], cache=cache, layers=lays)
+        return written, done, cache, model.logits(h[:, 0], head=head)
+
+    vstep = _over_adapters(one, (0, layer_axes, 0, 0, 0, 0), moe)
+
+    def cond(c):
+        step, _, _, _, done, _ = c
+        return (step < max_new) & ~jnp.all(done)
+
+    def body(c):
+        step, cache, logits, out, done, rngs = c
+        keys = jax.vmap(jax.random.split)(rngs)
+        tok, done, cache, logits = vstep(loras, layers, cache, logits, done, keys[:, 1])
+        return step + 1, cache, logits, out.at[:, :, step].set(tok), done, keys[:, 0]
+
+    init = (jnp.int32(0), cache, first_logits, jnp.full((N, B, max_new), PAD_ID, jnp.int32),
+            jnp.zeros((N, B), bool), rngs)
+    step, cache, _, out, _, _ = jax.lax.while_loop(cond, body, init)
+    return out, step, cache
+
+
 def _bucket(n: int, size: int) -> int:
     return max(size, int(math.ceil(n / size)) * size)
 
@@ -167,6 +255,22 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
     accelerators."""
     if not prompts:
         return []
+    n = len(prompts)
+    tokens, mask = _padded_prompts(prompts, length_bucket, batch_bucket)
+    B, T = tokens.shape
+    rng = _key(rng)
+    graphdef, state = nnx.split(model)
+    if scan_layers is None:
+        scan_layers = jax.default_backend() != "cpu"
+    cache = KVCache.init(model.config, B, T + max_new_tokens, dtype=cache_dtype or model.dtype, stacked=scan_layers)
+    logits, cache = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), cache)
+    params = (jnp.float32(temperature), jnp.float32(top_p), rng)
+    out, _, _ = _decode(graphdef, state, cache, logits, params, int(max_new_tokens),
+                     tuple(int(t) for t in stop_tokens), int(top_k))
+    return _trim(np.asarray(out)[:n], stop_tokens, max_new_tokens)
+
+
+def _padded_prompts(prompts, length_bucket: int, batch_bucket: int):
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
     n = len(prompts)
@@ -178,19 +282,17 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
         tokens[i, : len(p)] = p
         mask[i, : len(p)] = 1
     mask[n:, 0] = 1  # padding rows: one dummy token so every row has a valid last position
+    return tokens, mask
+
+
+def _key(rng):
     if rng is None:
-        rng = jax.random.key(0)
-    elif isinstance(rng, int):
-        rng = jax.random.key(rng)
-    graphdef, state = nnx.split(model)
-    if scan_layers is None:
-        scan_layers = jax.default_backend() != "cpu"
-    cache = KVCache.init(model.config, B, T + max_new_tokens, dtype=cache_dtype or model.dtype, stacked=scan_layers)
-    logits, cache = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), cache)
-    params = (jnp.float32(temperature), jnp.float32(top_p), rng)
-    out, _, _ = _decode(graphdef, state, cache, logits, params, int(max_new_tokens),
-                     tuple(int(t) for t in stop_tokens), int(top_k))
-    out = np.asarray(out)[:n]
+        return jax.random.key(0)
+    return jax.random.key(rng) if isinstance(rng, int) else rng
+
+
+def _trim(out, stop_tokens, max_new_tokens: int) -> list[list[int]]:
+    """Each row up to and including its first stop token."""
     stops = set(int(t) for t in stop_tokens)
     results = []
     for row in out:
@@ -201,3 +303,46 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
                 break
         results.append(seq[:max_new_tokens])
     return results
+
+
+def generate_many(model, adapters, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, rngs=None,
+                  stop_tokens: Sequence[int] = STOP_TOKENS, length_bucket: int = 64, batch_bucket: int = 8,
+                  cache_dtype=None, scan_layers: bool | None = None) -> list[list[list[int]]]:
+    """``generate`` for several adapters on one base in one program: ``out[i][j]`` continues prompt j with adapter
+    i. ``model``: a LoRA model (its frozen weights are the base; its own factors are not used); ``adapters``: LoRA
+    states shaped like ``nnx.split(model, nnx.LoRAParam, ...)[1]`` (a sequence, or one state whose leaves carry a
+    leading adapter axis, as ``emjax.multi.stack`` makes). ``rngs``: one key (or int) per adapter, or one for all;
+    adapter i's draws are exactly those of ``generate(model_i, prompts, rng=rngs[i])``.
+
+    Why: a decode step reads every base weight for a handful of rows; N adapters' rows in one step read them once
+    (every base matmul becomes one product over N × B rows), which is what makes evaluating a pack's runs during
+    training cheap (``bench/sampling_many.py``). On a Qwen3-MoE base the adapters take turns inside each step
+    (see ``_over_adapters``)."""
+    if not prompts:
+        return []
+    graphdef, _, rest = nnx.split(model, nnx.LoRAParam, ...)
+    if isinstance(adapters, (list, tuple)):
+        if not adapters:
+            raise ValueError("generate_many: no adapters")
+        adapters = jax.tree.map(lambda *xs: jnp.stack(xs), *adapters)
+    N = int(jax.tree.leaves(adapters)[0].shape[0])
+    if isinstance(rngs, (list, tuple)):
+        if len(rngs) != N:
+            raise ValueError(f"generate_many: {len(rngs)} rngs for {N} adapters")
+        keys = jnp.stack([_key(r) for r in rngs])
+    else:
+        keys = jnp.stack([_key(rngs)] * N)
+    tokens, mask = _padded_prompts(prompts, length_bucket, batch_bucket)
+    B, T = tokens.shape
+    if scan_layers is None:
+        scan_layers = jax.default_backend() != "cpu"
+    one = KVCache.init(model.config, B, T + max_new_tokens, dtype=cache_dtype or model.dtype, stacked=scan_layers)
+    cache = jax.tree.map(lambda x: jnp.zeros((N, *x.shape), x.dtype), one)
+    moe = bool(model.config.is_moe)
+    logits, cache = _prefill_many(graphdef, adapters, rest, jnp.asarray(tokens), jnp.asarray(mask), cache, moe)
+    params = (jnp.float32(temperature), jnp.float32(top_p), keys)
+    out, _, _ = _decode_many(graphdef, adapters, rest, cache, logits, params, int(max_new_tokens),
+                             tuple(int(t) for t in stop_tokens), int(top_k), moe)
+    out = np.asarray(out)
+    return [_trim(o[:len(prompts)], stop_tokens, max_new_tokens) for o in out]

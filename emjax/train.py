@@ -409,12 +409,15 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
         data_cfg = cfglib.replace(data_cfg, num_epochs=None)
     train_loader = make_loader(data_cfg, tokenizer, split="train")
     judges: dict = {}  # the runs of a pack share a base and eval settings (cfglib.pack_key): one judge for all
-    for r in runs:
+    sampler = None  # ... and sample their answers together
+    for i, r in enumerate(runs):
         r.hooks = list(hooks or [])
         if r.cfg.eval.every or r.cfg.eval.final:
-            from emjax.eval.hook import make_eval_hook
+            from emjax.eval.hook import PackSampler, make_eval_hook
 
-            r.hooks.append(make_eval_hook(r.cfg, tokenizer, r.workdir, judge_cache=judges))
+            if n > 1 and sampler is None:
+                sampler = PackSampler(tokenizer.eos_ids, cfg.eval.pack_adapters)
+            r.hooks.append(make_eval_hook(r.cfg, tokenizer, r.workdir, judge_cache=judges, sampler=sampler, run=i))
     if cfg.steps is not None:
         total_steps = int(cfg.steps)
     else:
@@ -600,15 +603,25 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
             r.write(row)
 
     def run_hooks(step):
+        if not live():
+            return
         ts = per_run(trainable)
-        for i, r in live():
-            if not r.hooks:
-                continue
-            m = nnx.merge(graphdef, ts[i], frozen)
-            for hook in r.hooks:
-                out = hook(step, m) or {}
-                if out:
-                    r.write({"step": step, "split": "eval", **out})
+        if sampler is not None:
+            first = live()[0][0]
+            sampler.set_step(nnx.merge(graphdef, ts[first], frozen), {i: ts[i] for i, _ in live()},
+                             {i: int(r.cfg.seed) for i, r in live()})
+        try:
+            for i, r in live():
+                if not r.hooks:
+                    continue
+                m = nnx.merge(graphdef, ts[i], frozen)
+                for hook in r.hooks:
+                    out = hook(step, m) or {}
+                    if out:
+                        r.write({"step": step, "split": "eval", **out})
+        finally:
+            if sampler is not None:
+                sampler.reset()
 
     bar = tqdm(total=total_steps, initial=start, disable=not (lead and cfg.progress), desc=name, unit="step",
                dynamic_ncols=True)

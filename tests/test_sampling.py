@@ -80,6 +80,73 @@ def test_no_recompilation_for_same_buckets(tiny):
     assert (_prefill._cache_size(), _decode._cache_size()) == (n_pre, n_dec)
 
 
+def _adapters(d, n, moe=False):
+    """n models on one checkpoint with different random adapters (B non-zero), and their LoRA states."""
+    from flax import nnx
+
+    models = []
+    for i in range(n):
+        m = from_pretrained(d, dtype=jnp.float32, lora=lora.LoraConfig(rank=4, alpha=8), seed=i)
+        r = np.random.default_rng(10 + i)
+        for _, lin in lora.lora_modules(m):
+            lin.lora_b[...] = jnp.asarray(r.normal(0, 0.1, lin.lora_b.shape), jnp.float32)
+        models.append(m)
+    return models, [nnx.split(m, nnx.LoRAParam, ...)[1] for m in models]
+
+
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
+def test_generate_many_equals_generate_per_adapter(tiny, scan_layers):
+    """Three adapters in one program: each gets exactly ``generate``'s tokens (greedy, and sampled with its own key
+    or one shared key), and the adapters really differ."""
+    from emjax.sampling import generate_many
+
+    _, d = tiny
+    models, ads = _adapters(d, 3)
+    prompts = [np.random.default_rng(n).integers(8, 256, n).tolist() for n in (5, 17, 9)]
+    kw = dict(max_new_tokens=10, stop_tokens=(STOP,), scan_layers=scan_layers)
+    greedy = generate_many(models[0], ads, prompts, **kw)
+    assert greedy == [generate(m, prompts, **kw) for m in models]
+    assert greedy[0] != greedy[1]
+    from emjax import multi
+
+    assert generate_many(models[0], multi.stack(ads), prompts, **kw) == greedy  # one stacked state
+    sampled = generate_many(models[0], ads, prompts, temperature=1.0, top_p=0.9, rngs=[3, 4, 5], **kw)
+    assert sampled == [generate(m, prompts, temperature=1.0, top_p=0.9, rng=3 + i, **kw) for i, m in enumerate(models)]
+    shared = generate_many(models[1], ads[1:], prompts, temperature=1.0, rngs=7, **kw)
+    assert shared == [generate(m, prompts, temperature=1.0, rng=7, **kw) for m in models[1:]]
+    with pytest.raises(ValueError, match="2 rngs for 3 adapters"):
+        generate_many(models[0], ads, prompts, rngs=[1, 2], **kw)
+
+
+def test_pack_sampler_samples_each_chunk_once_per_seed_group(tiny, monkeypatch):
+    """A pack's eval hooks: runs 0 and 1 (seed 5) share one generate_many per chunk, run 2 (seed 7) gets its own;
+    with two adapters per call, three calls in all; every run gets generate's tokens for its own seed."""
+    from emjax import sampling
+    from emjax.eval.hook import PackSampler
+
+    _, d = tiny
+    models, ads = _adapters(d, 3)
+    calls = []
+    real = sampling.generate_many
+    monkeypatch.setattr(sampling, "generate_many", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    sampler = PackSampler((STOP,), adapters_per_call=1)
+    sampler.set_step(models[0], dict(enumerate(ads)), {0: 5, 1: 5, 2: 7})
+    prompts = [[10, 11, 12], [40, 41]]
+    kw = dict(max_new_tokens=8, temperature=1.0, top_p=1.0)
+    for run, seed in ((0, 100), (1, 100), (2, 100), (1, 101)):
+        got = sampler.generate(run, prompts, seed=seed, **kw)
+        assert got == generate(models[run], prompts, rng=jax.random.key(seed), stop_tokens=(STOP,), **kw)
+    assert calls == [1, 1, 1, 1, 1]  # chunk 100: runs 0, 1 (one adapter a call), run 2; chunk 101: runs 0, 1
+    sampler.adapters_per_call = 2
+    calls.clear()
+    sampler.reset()
+    sampler.set_step(models[0], dict(enumerate(ads)), {0: 5, 1: 5, 2: 7})
+    for run in (1, 0):
+        assert sampler.generate(run, prompts, seed=100, **kw) == generate(
+            models[run], prompts, rng=jax.random.key(100), stop_tokens=(STOP,), **kw)
+    assert calls == [2] and not sampler._cache
+
+
 def _chi2_p(counts, probs):
     probs = np.asarray(probs, np.float64)
     return stats.chisquare(counts, probs / probs.sum() * counts.sum()).pvalue

@@ -302,12 +302,19 @@ def test_pack_equals_each_run_alone_and_resumes_either_way(tmp_path):
     resumes alone from the pack's checkpoint (one checkpoint format); a pack cannot mix resume steps."""
     from emjax.train import train_many
 
-    def cfgs(prefix):
-        return [_cfg(tmp_path, *PACK_COMMON, *s, f"workdir={tmp_path / f'{prefix}{i}'}")
+    evals = ["eval.final=true", "eval.question_sets=[first_plot]", "eval.limit=2", "eval.samples_per_question=2",
+             "eval.max_new_tokens=6"]
+
+    def cfgs(prefix, extra=()):
+        return [_cfg(tmp_path, *PACK_COMMON, *s, *extra, f"workdir={tmp_path / f'{prefix}{i}'}")
                 for i, s in enumerate(PACK_SPECS)]
 
-    packed = train_many(cfgs("pack"))
-    alone = train(cfgs("alone")[1])
+    packed = train_many(cfgs("pack", evals))
+    alone = train(cfgs("alone", evals)[1])
+    # the pack sampled its final evaluation together (emjax.eval.hook.PackSampler): the same answers as alone
+    answers = [[json.loads(x)["text"] for x in (r.workdir / "eval" / "step_000004" / "responses.jsonl").open()]
+               for r in (packed[1], alone)]
+    assert len(answers[0]) == 4 and answers[0] == answers[1]
     for p in packed:
         assert p.status == "done" and p.step == 4
         for name in ("DONE", "final.json", "spectral.json", "config.yaml", "checkpoints/4", "checkpoints/2"):

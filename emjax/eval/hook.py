@@ -23,10 +23,59 @@ def _adapter_off(state):
     return jax.tree_util.tree_map_with_path(zero, state)
 
 
-def make_eval_hook(cfg, tokenizer, workdir: str | Path, *, judge_cache: dict | None = None
-                   ) -> Callable[[int, Any], dict]:
+class PackSampler:
+    """Answers for the eval hooks of a pack's runs, sampled for several runs at once.
+
+    Each run's hook asks for its own answers (``generate(run, prompts, ..., seed)``); the first ask for a chunk samples
+    it for every run of the pack with the same seed (``emjax.sampling.generate_many``, ``adapters_per_call`` at a
+    time, one program over one copy of the base) and keeps the others' answers until they ask. Every run gets exactly
+    the tokens ``generate`` would give it alone. ``set_step`` hands over the step's adapters; ``reset`` drops what
+    no run asked for (e.g. chunks a resumed run had already written)."""
+
+    def __init__(self, stop_tokens, adapters_per_call: int = 8):
+        self.stop_tokens = tuple(int(t) for t in stop_tokens)
+        self.adapters_per_call = max(1, int(adapters_per_call))
+        self.base = None
+        self.adapters: dict[int, Any] = {}
+        self.seeds: dict[int, int] = {}
+        self._cache: dict[tuple, dict[int, Any]] = {}
+
+    def set_step(self, base_model, adapters: dict[int, Any], seeds: dict[int, int]) -> None:
+        self.base, self.adapters, self.seeds = base_model, dict(adapters), dict(seeds)
+        self._cache.clear()
+
+    def reset(self) -> None:
+        self.base, self.adapters, self.seeds = None, {}, {}
+        self._cache.clear()
+
+    def generate(self, run: int, prompts, *, max_new_tokens, temperature, top_p, seed) -> list[list[int]]:
+        import numpy as np
+
+        from emjax.sampling import generate_many
+
+        group = tuple(sorted(r for r in self.adapters if self.seeds[r] == self.seeds[run]))
+        key = (group, tuple(tuple(int(t) for t in p) for p in prompts), int(max_new_tokens), float(temperature),
+               float(top_p), int(seed))
+        if key not in self._cache:
+            got: dict[int, Any] = {}
+            for i in range(0, len(group), self.adapters_per_call):
+                part = group[i:i + self.adapters_per_call]
+                outs = generate_many(self.base, [self.adapters[r] for r in part], prompts,
+                                     max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                     rngs=jax.random.key(seed), stop_tokens=self.stop_tokens)
+                got.update({r: [np.asarray(o, np.int32) for o in out] for r, out in zip(part, outs)})
+            self._cache[key] = got
+        res = self._cache[key].pop(run)
+        if not self._cache[key]:
+            del self._cache[key]
+        return [o.tolist() for o in res]
+
+
+def make_eval_hook(cfg, tokenizer, workdir: str | Path, *, judge_cache: dict | None = None,
+                   sampler: PackSampler | None = None, run: int = 0) -> Callable[[int, Any], dict]:
     """``hook(step, model) -> flat metrics``; results go to ``workdir/eval/step_XXXXXX/``. ``judge_cache``: a dict
-    shared by the hooks of runs with the same base and eval settings (a pack's), so they load and compile one judge."""
+    shared by the hooks of runs with the same base and eval settings (a pack's), so they load and compile one judge.
+    ``sampler``: a pack's ``PackSampler`` (this hook's run is ``run`` there), so the pack samples together."""
     from emjax.eval.cli import model_judge_fn
     from emjax.eval.judge import LocalJudge, OpenAIJudge
     from emjax.eval.questions import load_questions
@@ -66,6 +115,9 @@ def make_eval_hook(cfg, tokenizer, workdir: str | Path, *, judge_cache: dict | N
 
     def hook(step: int, model) -> dict:
         def generate_fn(prompts, *, max_new_tokens, temperature, top_p, seed):
+            if sampler is not None:
+                return sampler.generate(run, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                        top_p=top_p, seed=seed)
             return generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                             rng=jax.random.key(seed), stop_tokens=tokenizer.eos_ids)
 

@@ -65,6 +65,24 @@ def test_greedy_through_the_kv_cache_matches_transformers(tiny_moe, scan_layers)
         assert g == out[0, len(p):].tolist()
 
 
+def test_adapters_sample_together_as_they_would_alone(tiny_moe):
+    """``generate_many`` on an MoE base (the adapters take turns inside each step: ragged_dot has no batching rule
+    with shared experts) gives each adapter ``generate``'s tokens."""
+    from flax import nnx
+
+    from emjax.sampling import generate_many
+
+    _, d = tiny_moe
+    models = [_with_random_b(from_pretrained(d, dtype=jnp.float32, lora=lora.LoraConfig(rank=4, alpha=8), seed=s),
+                             seed=s, std=0.2) for s in range(2)]
+    ads = [nnx.split(m, nnx.LoRAParam, ...)[1] for m in models]
+    prompts = [[10, 11, 12], [40, 41, 42, 43, 44]]
+    got = generate_many(models[0], ads, prompts, max_new_tokens=6, stop_tokens=(7,), temperature=1.0, rngs=[1, 2])
+    assert got == [generate(m, prompts, max_new_tokens=6, stop_tokens=(7,), temperature=1.0, rng=i + 1)
+                   for i, m in enumerate(models)]
+    assert got[0] != got[1]
+
+
 def _merged_into_hf(hf, model):
     """The HF model with s·A·B of every emjax adapter added to its weights (experts: the fused gate_up / down)."""
     s = model.lora_config.scale
