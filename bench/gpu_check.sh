@@ -52,7 +52,7 @@ step() {
   echo "--- $name: rc $rc, $((SECONDS - t)) s" | tee -a "$LOG"
 }
 
-STEPS=${STEPS:-env parity train_0.6b_bf16 sampling_0.6b_bf16 spectral_0.6b memory_8b_fit multi_0.6b_bf16 train_35m_fp32 sampling_35m_fp32 tests demo}
+STEPS=${STEPS:-env parity train_0.6b_bf16 sampling_0.6b_bf16 spectral_0.6b memory_8b_fit multi_0.6b_bf16 train_35m_fp32 sampling_35m_fp32 sampling_many_35m_fp32 tests demo}
 for s in $STEPS; do
   case $s in
   env) step env 60 12 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv;
@@ -79,6 +79,7 @@ print(jax.devices())'" ;;
     --batch 2 --seq 512 --steps 10 ;;
   train_35m_fp32) step $s 150 8 $PY bench/train_step.py --only peft --steps 20 ;;
   sampling_35m_fp32) step $s 120 6 $PY bench/sampling.py ;;
+  sampling_many_35m_fp32) step $s 150 6 $PY bench/sampling_many.py ;;
   tests) step tests 200 25 env JAX_PLATFORMS=cuda $PY -m pytest -q -n 8 -p no:cacheprovider tests/models \
     tests/test_lora.py tests/test_sampling.py tests/spectral tests/optim/test_muon.py tests/test_train.py \
     tests/test_multi.py tests/eval/test_local_judge.py tests/eval/test_eval_end_to_end.py \

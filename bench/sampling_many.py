@@ -58,6 +58,9 @@ def main():
     from transformers import Qwen3ForCausalLM
 
     jax.config.update("jax_default_matmul_precision", "highest")
+    dev = "cuda" if jax.default_backend() == "gpu" else "cpu"  # PyTorch on the GPU too, if there is one
+    if dev == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 on both sides
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
     hc = hf_config(BENCH)
@@ -93,7 +96,8 @@ def main():
         pm = PeftModel.from_pretrained(hf, f"{d}/ad0", adapter_name="a0").eval()
         for i in range(1, args.adapters):
             pm.load_adapter(f"{d}/ad{i}", adapter_name=f"a{i}")
-        ids = torch.tensor(prompts)
+        pm = pm.to(dev)
+        ids = torch.tensor(prompts, device=dev)
 
         def peft_loop():
             outs = []
@@ -102,7 +106,7 @@ def main():
                 with torch.no_grad():
                     o = pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                     max_new_tokens=args.new, min_new_tokens=args.new, pad_token_id=0)
-                outs.append(o[:, args.prompt:].tolist())
+                outs.append(o[:, args.prompt:].tolist())  # .tolist() waits for the device
             return outs
 
         ref, f_ref, t_ref = timed(peft_loop)
