@@ -60,6 +60,9 @@ def main() -> None:
     print(f"Qwen3-{args.size} ({cfg.num_params / 1e9:.2f}B parameters, {args.dtype}), LoRA r 32 on all 7 "
           f"projections, AdamW, batch {B} x {T} tokens, grad_accum {args.grad_accum}; backend "
           f"{jax.default_backend()}, jax {jax.__version__}")
+    if cfg.is_moe and jax.default_backend() == "cpu" and not args.kept:
+        print(f"  note: XLA:CPU lowers the experts' ragged_dot densely (every token through all {cfg.num_experts} "
+              f"experts), so its temporaries overstate what a GPU or TPU needs; --kept counts backend-independently")
     if args.kept:
         return print_kept(args, graphdef, trainable, frozen, batch)
     print(f"{'remat':>6} {'loss_chunk':>10} {'attn_chunk':>10} {'peak GiB':>10} {'temps GiB':>10} {'args GiB':>9} "

@@ -440,7 +440,9 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
     # runs of a pack with another seed (a checkpoint base only: cfglib.pack_key) draw their own adapter, as
     # from_pretrained would have for that seed
     trainables = [trainable0 if c.seed == cfg.seed else init_lora(trainable0, int(c.seed), mesh) for c in cfgs]
-    opt_states = [_replicate_unsharded(jax.jit(tx.init)(t), mesh) for tx, t in zip(txs, trainables)]
+    # every run's optimiser state from one compiled program (a 54-run pack compiled 54 inits)
+    born = jax.jit(lambda ts: tuple(tx.init(t) for tx, t in zip(txs, ts)))(tuple(trainables))
+    opt_states = [_replicate_unsharded(s, mesh) for s in born]
 
     # -- resume: every run from its own checkpoints, in the format a run alone writes --------------------------------
     start, data_state = latest[0] or 0, None

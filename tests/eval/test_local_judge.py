@@ -125,8 +125,10 @@ def test_prompt_rendering_matches_hf_template_and_qwen_digits():
     assert not judge.single_token and judge.digit_ids.tolist() == list(range(15, 25))
 
 
-def test_tiny_emjax_model_gathered_matches_full_logits(tmp_path):
-    """The CLI's judge wiring (weights as jit arguments, LM head only where read) on a tiny random checkpoint."""
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_tiny_emjax_model_gathered_matches_full_logits(tmp_path, moe):
+    """The CLI's judge wiring (weights as jit arguments, LM head only where read) on a tiny random checkpoint, dense
+    or Qwen3-MoE (a 30B-A3B judge)."""
     from flax import nnx
 
     from emjax.eval.cli import model_judge_fn
@@ -134,7 +136,7 @@ def test_tiny_emjax_model_gathered_matches_full_logits(tmp_path):
     from emjax.testing import tiny_hf_checkpoint
 
     tok = CharTok()
-    model = from_pretrained(tiny_hf_checkpoint(tmp_path / "ckpt", vocab_size=128), dtype=jnp.float32)
+    model = from_pretrained(tiny_hf_checkpoint(tmp_path / "ckpt", vocab_size=128, moe=moe), dtype=jnp.float32)
     graphdef, state = nnx.split(model)
     fn, params = model_judge_fn(model)
     full = LocalJudge(lambda t, m: nnx.merge(graphdef, state)(t, attention_mask=m), tok, batch_size=2)
