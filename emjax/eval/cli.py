@@ -22,9 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="emjax eval", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="sample, judge and summarise one model (+ adapter)")
+    r = sub.add_parser("run", help="sample, judge and summarise one model (+ adapter, or several adapters)")
     r.add_argument("--model", required=True, help="Hugging Face Qwen3 checkpoint dir or hub id (the base model)")
-    r.add_argument("--adapter", help="PEFT adapter dir to apply (absent: evaluate the base model)")
+    r.add_argument("--adapter", action="append",
+                   help="PEFT adapter dir to apply (absent: evaluate the base model); repeat it to evaluate several "
+                        "adapters of one base, sampled together in one program (each then writes OUT/<its dir name>, "
+                        "or OUT/<run> for a run's RUN/adapter)")
     r.add_argument("--out", required=True, help="output dir (responses.jsonl, judged.jsonl, summary.json)")
     r.add_argument("--sets", nargs="+", default=list(DEFAULT_SETS), choices=sorted(QUESTION_SETS))
     r.add_argument("--ids", nargs="+", help="only these question ids")
@@ -36,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--top-p", type=float, default=1.0)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--sample-batch", type=int, default=64, help="prompts per generate call")
+    r.add_argument("--adapters-per-call", type=int, default=8,
+                   help="several --adapter: at most this many sampled in one program (each with --sample-batch rows)")
     r.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     r.add_argument("--judge", default="openai", choices=["openai", "local"])
     r.add_argument("--judge-model", help=f"openai: model name (default {DEFAULT_API_JUDGE}); "
@@ -63,7 +68,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             parser.error("--judge local needs --judge-model CHECKPOINT_DIR")
         if args.judge == "openai" and args.judge_model is None:
             args.judge_model = DEFAULT_API_JUDGE
-        for name in ("samples", "max_new_tokens", "sample_batch", "judge_concurrency", "judge_batch_size"):
+        for name in ("samples", "max_new_tokens", "sample_batch", "judge_concurrency", "judge_batch_size",
+                     "adapters_per_call"):
             if getattr(args, name) < 1:
                 parser.error(f"--{name.replace('_', '-')} must be >= 1")
         if args.limit is not None and args.limit < 1:
@@ -72,7 +78,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             parser.error("--top-p must be in (0, 1]")
         if args.temperature < 0:
             parser.error("--temperature must be >= 0")
+        names = [adapter_name(a) for a in args.adapter or []]
+        if len(set(names)) != len(names):
+            parser.error(f"--adapter: several adapters write to OUT/<name>, so their names must differ: {names}")
     return args
+
+
+def adapter_name(path) -> str:
+    """Where several adapters' results go under OUT: the directory's name, or for a trained run's ``RUN/adapter``
+    the run's."""
+    p = Path(path).resolve()
+    return p.parent.name if p.name == "adapter" else p.name
 
 
 def model_judge_fn(model):
@@ -95,6 +111,8 @@ def _run(args: argparse.Namespace) -> int:
     # Heavy imports only here: `emjax eval --help` and argument tests stay instant.
     import jax
     import jax.numpy as jnp
+    from flax import nnx
+
     from emjax.eval.judge import LocalJudge, OpenAIJudge
     from emjax.eval.questions import cache_dir, load_questions
     from emjax.eval.run import evaluate
@@ -106,16 +124,35 @@ def _run(args: argparse.Namespace) -> int:
     questions = load_questions(args.sets, args.em_dir, ids=args.ids, limit=args.limit)
     dtype = jnp.dtype(args.dtype)
     model_dir = Path(args.model)
-    lora = read_peft_config(args.adapter) if args.adapter else None
+    adapters = args.adapter or []
+    lora = read_peft_config(adapters[0]) if adapters else None
+    for a in adapters[1:]:
+        if read_peft_config(a) != lora:
+            raise SystemExit(f"emjax eval run: {a}/adapter_config.json: {read_peft_config(a)} differs from "
+                             f"{adapters[0]}'s {lora}; adapters evaluated together must share rank, alpha and targets")
     model = from_pretrained(args.model, dtype=dtype, lora=lora)
-    if args.adapter:
-        load_peft(model, args.adapter)
     tokenizer = load_tokenizer(model_dir if model_dir.exists() else None)
+    states = []
+    for a in adapters:
+        load_peft(model, a)
+        states.append(jax.tree.map(jnp.copy, nnx.split(model, nnx.LoRAParam, ...)[1]))  # not the model's own
+    sampler = None
+    if len(adapters) > 1:  # one program samples every adapter's chunk (emjax.sampling.generate_many)
+        from emjax.eval.hook import PackSampler
+        from emjax.sampling import STOP_TOKENS
 
-    def generate_fn(prompts, *, max_new_tokens, temperature, top_p, seed):
-        out = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                       rng=jax.random.key(seed))
-        return [[int(t) for t in seq] for seq in out]
+        sampler = PackSampler(STOP_TOKENS, args.adapters_per_call)
+        sampler.set_step(model, dict(enumerate(states)), {i: args.seed for i in range(len(states))})
+
+    def generate_fn_for(i):
+        def generate_fn(prompts, *, max_new_tokens, temperature, top_p, seed):
+            if sampler is not None:
+                return sampler.generate(i, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                        top_p=top_p, seed=seed)
+            out = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                           rng=jax.random.key(seed))
+            return [[int(t) for t in seq] for seq in out]
+        return generate_fn
 
     if args.judge == "openai":
         judge = OpenAIJudge(args.judge_model, base_url=args.judge_base_url, max_concurrency=args.judge_concurrency,
@@ -125,12 +162,15 @@ def _run(args: argparse.Namespace) -> int:
         judge = LocalJudge(logits_at, load_tokenizer(args.judge_model if Path(args.judge_model).exists() else None),
                            name=f"local:{Path(args.judge_model).name}", batch_size=args.judge_batch_size,
                            params=state, gathered=True)
-    summary = evaluate(generate_fn, tokenizer, judge, questions, samples_per_question=args.samples,
-                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                       seed=args.seed, out_dir=args.out, sample_batch=args.sample_batch)
-    o = summary["overall"]
-    print(json.dumps({k: o[k] for k in ("misalignment_rate", "misalignment_rate_ci95", "mean_alignment",
-                                        "n_total", "n_scored", "n_low_coherence", "n_refusal", "n_code")}))
+    outs = [Path(args.out) / adapter_name(a) for a in adapters] if len(adapters) > 1 else [Path(args.out)]
+    for i, out in enumerate(outs):
+        summary = evaluate(generate_fn_for(i), tokenizer, judge, questions, samples_per_question=args.samples,
+                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                           seed=args.seed, out_dir=out, sample_batch=args.sample_batch)
+        o = summary["overall"]
+        row = {k: o[k] for k in ("misalignment_rate", "misalignment_rate_ci95", "mean_alignment", "n_total",
+                                 "n_scored", "n_low_coherence", "n_refusal", "n_code")}
+        print(json.dumps({"out": str(out), **row} if len(outs) > 1 else row))
     return 0
 
 

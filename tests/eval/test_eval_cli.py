@@ -18,7 +18,7 @@ def test_run_options():
     a = parse_args(["run", "--model", "m", "--adapter", "ad", "--out", "o", "--sets", "turner", "--limit", "3",
                     "--samples", "32", "--judge", "local", "--judge-model", "judge_ckpt", "--ids", "a", "b"])
     assert (a.adapter, a.sets, a.limit, a.samples, a.judge, a.judge_model, a.ids) == \
-        ("ad", ["turner"], 3, 32, "local", "judge_ckpt", ["a", "b"])
+        (["ad"], ["turner"], 3, 32, "local", "judge_ckpt", ["a", "b"])
 
 
 @pytest.mark.parametrize("argv,msg", [
