@@ -143,6 +143,29 @@ def merge(model) -> None:
         lin.lora_b[...] = jnp.zeros_like(lin.lora_b[...])
 
 
+def over_adapters(fn, in_axes, *, sequential: bool = False):
+    """``fn`` over a leading adapter axis of the arguments whose ``in_axes`` entry is 0 (the others, e.g. the frozen
+    base, shared): ``jax.vmap``, so each base matmul is one product over every adapter's rows; with ``sequential``,
+    a ``lax.map`` instead, one adapter after another inside the program (still one copy of the base). Qwen3-MoE
+    needs the latter: ``ragged_dot`` has no batching rule with a shared (unbatched) expert stack. Only the top-level
+    entries of ``in_axes`` decide what ``sequential`` maps over (nested axes: vmap only)."""
+    if not sequential:
+        return jax.vmap(fn, in_axes=in_axes)
+
+    def run(*args):
+        idx = [i for i, ax in enumerate(in_axes) if ax == 0]
+
+        def body(xs):
+            full = list(args)
+            for i, x in zip(idx, xs):
+                full[i] = x
+            return fn(*full)
+
+        return jax.lax.map(body, [args[i] for i in idx])
+
+    return run
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # PEFT interchange
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from emjax import sharding as shd
+from emjax.lora import over_adapters
 from emjax.train import make_grad_fn
 
 
@@ -77,20 +78,14 @@ def make_multi_train_step(graphdef, txs: Sequence[optax.GradientTransformation],
                             spectral_reduce=spectral_reduce, lora_scale=lora_scale, remat=remat,
                             loss_chunk=loss_chunk, attn_chunk=attn_chunk)
     # the frozen base is unbatched: vmap makes each base projection one matmul over every adapter's activations
-    vgrads = jax.vmap(grads_fn, in_axes=(0, None, None if shared_batch else 0, 0))
-
-    def mapped(trainables, frozen, batch, lams):
-        # one adapter after another in a loop inside the program (still one copy of the base): Qwen3-MoE's
-        # ragged_dot has no batching rule for a shared (unbatched) expert stack
-        def one(xs):
-            return grads_fn(xs[0], frozen, batch if shared_batch else xs[2], xs[1])
-        return jax.lax.map(one, (trainables, lams) if shared_batch else (trainables, lams, batch))
+    in_axes = (0, None, None if shared_batch else 0, 0)
 
     def step(trainables, opt_states, frozen, batch):
         if len(opt_states) != n:
             raise ValueError(f"multi step: {len(opt_states)} optimiser states for {n} adapters")
         moe = any(shd.path_str(p).endswith("blocks/router") for p, _ in jax.tree_util.tree_leaves_with_path(frozen))
-        grads, metrics = (mapped if moe else vgrads)(trainables, frozen, batch, jnp.asarray(weights, jnp.float32))
+        grads, metrics = over_adapters(grads_fn, in_axes, sequential=moe)(trainables, frozen, batch,
+                                                                            jnp.asarray(weights, jnp.float32))
         params, new_states = [], []
         for tx, g, p, s in zip(txs, unstack(grads), unstack(trainables), opt_states):
             updates, s = tx.update(g, s, p)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from emjax.lora import over_adapters
 from emjax.models.qwen3 import KVCache
 
 STOP_TOKENS = (151645, 151643)  # <|im_end|>, <|endoftext|>
@@ -110,12 +111,26 @@ def sample_logits(logits, rng, temperature, top_p=1.0, top_k: int = 0):
     return jax.lax.cond(temperature > 0, sample, greedy, logits)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
-def _prefill(graphdef, state, tokens, mask, cache):
-    model = nnx.merge(graphdef, state)
+def _prefill_one(model, tokens, mask, cache):
+    """The prompts through the model into the cache; logits at each row's last prompt token."""
     h, cache = model.hidden_states(tokens, attention_mask=mask, cache=cache)
     last = jnp.take_along_axis(h, (cache.lengths - 1)[:, None, None], axis=1)[:, 0]
     return model.logits(last), cache
+
+
+def _step_one(model, layers, head, cache, logits, done, key, sampling, stops):
+    """One decode step of one model: draw from ``logits``, write PAD where a row is already done, run the token
+    through the model -> (written tokens, done, cache, next logits)."""
+    tok = sample_logits(logits, key, *sampling)
+    written = jnp.where(done, PAD_ID, tok)
+    done = done | jnp.isin(tok, stops)
+    h, cache = model.hidden_states(tok[:, None], cache=cache, layers=layers)
+    return written, done, cache, model.logits(h[:, 0], head=head)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
+def _prefill(graphdef, state, tokens, mask, cache):
+    return _prefill_one(nnx.merge(graphdef, state), tokens, mask, cache)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7), donate_argnums=(2,))
@@ -140,11 +155,9 @@ def _decode(graphdef, state, cache, first_logits, params, max_new: int, stop_tok
     def body(c):
         step, cache, logits, out, done, rng = c
         rng, key = jax.random.split(rng)
-        tok = sample_logits(logits, key, temperature, top_p, top_k)
-        out = out.at[:, step].set(jnp.where(done, PAD_ID, tok))
-        done = done | jnp.isin(tok, stops)
-        h, cache = model.hidden_states(tok[:, None], cache=cache, layers=layers)
-        return step + 1, cache, model.logits(h[:, 0], head=head), out, done, rng
+        tok, done, cache, logits = _step_one(model, layers, head, cache, logits, done, key,
+                                             (temperature, top_p, top_k), stops)
+        return step + 1, cache, logits, out.at[:, step].set(tok), done, rng
 
     init = (jnp.int32(0), cache, first_logits, jnp.full((B, max_new), PAD_ID, jnp.int32), jnp.zeros((B,), bool), rng)
     step, cache, _, out, done, _ = jax.lax.while_loop(cond, body, init)
@@ -165,36 +178,12 @@ def _sliced_layers(p: dict, n_layers: int):
     return [one(i) for i in range(n_layers)], [axes] * n_layers
 
 
-def _over_adapters(fn, in_axes, moe: bool):
-    """``jax.vmap(fn, in_axes)`` (top-level axes 0 or None); on a Qwen3-MoE base a ``lax.map`` over the adapters
-    instead (``ragged_dot`` has no batching rule with a shared expert stack): still one program on one copy of the
-    base, but the adapters' rows are not batched into one product."""
-    if not moe:
-        return jax.vmap(fn, in_axes=in_axes)
-
-    def run(*args):
-        idx = [i for i, ax in enumerate(in_axes) if ax == 0]
-
-        def body(xs):
-            full = list(args)
-            for i, x in zip(idx, xs):
-                full[i] = x
-            return fn(*full)
-
-        return jax.lax.map(body, [args[i] for i in idx])
-
-    return run
-
-
 @functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(5,))
 def _prefill_many(graphdef, loras, rest, tokens, mask, cache, moe: bool):
     def one(lora, c):
-        model = nnx.merge(graphdef, lora, rest)
-        h, c = model.hidden_states(tokens, attention_mask=mask, cache=c)
-        last = jnp.take_along_axis(h, (c.lengths - 1)[:, None, None], axis=1)[:, 0]
-        return model.logits(last), c
+        return _prefill_one(nnx.merge(graphdef, lora, rest), tokens, mask, c)
 
-    return _over_adapters(one, (0, 0), moe)(loras, cache)
+    return over_adapters(one, (0, 0), sequential=moe)(loras, cache)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9), donate_argnums=(3,))
@@ -214,14 +203,10 @@ def _decode_many(graphdef, loras, rest, cache, first_logits, params, max_new: in
     head = stacked.head_matrix() if on_cpu else None
 
     def one(lora, lays, cache, logits, done, key):
-        model = nnx.merge(graphdef, lora, rest)
-        tok = sample_logits(logits, key, temperature, top_p, top_k)
-        written = jnp.where(done, PAD_ID, tok)
-        done = done | jnp.isin(tok, stops)
-        h, cache = model.hidden_states(tok[:, None], cache=cache, layers=lays)
-        return written, done, cache, model.logits(h[:, 0], head=head)
+        return _step_one(nnx.merge(graphdef, lora, rest), lays, head, cache, logits, done, key,
+                         (temperature, top_p, top_k), stops)
 
-    vstep = _over_adapters(one, (0, layer_axes, 0, 0, 0, 0), moe)
+    vstep = over_adapters(one, (0, layer_axes, 0, 0, 0, 0), sequential=moe)
 
     def cond(c):
         step, _, _, _, done, _ = c
@@ -318,7 +303,7 @@ def generate_many(model, adapters, prompts: Sequence[Sequence[int]], *, max_new_
     Why: a decode step reads every base weight for a handful of rows; N adapters' rows in one step read them once
     (every base matmul becomes one product over N × B rows), which is what makes evaluating a pack's runs during
     training cheap (``bench/sampling_many.py``). On a Qwen3-MoE base the adapters take turns inside each step
-    (see ``_over_adapters``)."""
+    (see ``emjax.lora.over_adapters``)."""
     if not prompts:
         return []
     graphdef, _, rest = nnx.split(model, nnx.LoRAParam, ...)

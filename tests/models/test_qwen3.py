@@ -193,15 +193,17 @@ def test_unknown_model_type(tmp_path):
         from_pretrained(p)
 
 
-def test_missing_tensor_names_tensor(tmp_path):
+@pytest.mark.parametrize("moe,name", [(False, "model.layers.1.mlp.up_proj.weight"),
+                                      (True, "model.layers.1.mlp.experts.5.up_proj.weight")], ids=["dense", "moe"])
+def test_missing_tensor_names_tensor(tmp_path, moe, name):
     from safetensors.numpy import load_file, save_file
 
-    p = tiny_hf_checkpoint(tmp_path)
+    p = tiny_hf_checkpoint(tmp_path, moe=moe)
     f = p / "model.safetensors"
     t = load_file(str(f))
-    del t["model.layers.1.mlp.up_proj.weight"]
+    del t[name]
     save_file(t, str(f), metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=r"missing tensor model\.layers\.1\.mlp\.up_proj\.weight"):
+    with pytest.raises(CheckpointError, match=f"missing tensor {name.replace('.', '[.]')}"):
         from_pretrained(p)
 
 

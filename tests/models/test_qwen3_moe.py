@@ -1,5 +1,6 @@
-"""Qwen3-MoE in emjax vs transformers' Qwen3MoeForCausalLM in fp32 (logits within 1e-4 max-abs; seen: 8e-7), with
-per-expert LoRA checked against adapters merged into the HF expert weights and against PEFT."""
+"""Qwen3-MoE in emjax vs transformers' Qwen3MoeForCausalLM in fp32 (logits within 1e-4 max-abs), with per-expert LoRA
+checked against adapters merged into the HF expert weights and against PEFT. A missing expert tensor:
+tests/models/test_qwen3.py."""
 
 import copy
 import json
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from emjax import lora
-from emjax.models import CheckpointError, config_from_hf, from_pretrained, qwen3
+from emjax.models import config_from_hf, from_pretrained, qwen3
 from emjax.sampling import generate
 from emjax.testing import TINY_MOE, tiny_hf_checkpoint, tiny_hf_model
 
@@ -126,11 +127,12 @@ def test_per_expert_lora_matches_merged_weights_and_peft(tiny_moe, tmp_path):
         back = from_pretrained(d, dtype=jnp.float32, lora=lora.read_peft_config(ad))
         lora.load_peft(back, ad)
         np.testing.assert_array_equal(np.asarray(back(jnp.asarray(tokens))), out)
-        if not rslora:
-            # PEFT 0.21 folds per-expert adapters into its fused-expert wrappers; with rsLoRA it drops the scale of
-            # the fused gate_up (it warns that its alpha_pattern matched nothing), so only plain LoRA is compared
-            pm = PeftModel.from_pretrained(copy.deepcopy(hf), ad).eval()
-            assert np.abs(out - _ref_logits(pm, tokens)).max() < TOL
+        # PEFT 0.21 folds per-expert adapters into its fused-expert wrappers: exact for plain LoRA; with rsLoRA its
+        # rank/alpha patterns for the fused gate_up match nothing and the scale is off (the README's PEFT caveat;
+        # if this starts to fail, PEFT fixed it: compare rsLoRA too)
+        pm = PeftModel.from_pretrained(copy.deepcopy(hf), ad).eval()
+        diff = np.abs(out - _ref_logits(pm, tokens)).max()
+        assert diff < TOL if not rslora else diff > 1e-2, (rslora, diff)
 
 
 def _dense_moe(x, p, cfg, scale):
@@ -219,15 +221,3 @@ def test_config_errors_name_the_key(tmp_path):
         config_from_hf({k: v for k, v in raw.items() if k != "moe_intermediate_size"})
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         config_from_hf(dict(raw, num_experts_per_tok=9))
-
-
-def test_missing_expert_tensor_is_named(tmp_path):
-    from safetensors.numpy import load_file, save_file
-
-    p = tiny_hf_checkpoint(tmp_path, moe=True)
-    f = p / "model.safetensors"
-    t = load_file(str(f))
-    del t["model.layers.1.mlp.experts.5.up_proj.weight"]
-    save_file(t, str(f), metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=r"missing tensor model.layers.1.mlp.experts.5.up_proj.weight"):
-        from_pretrained(p)
