@@ -1,5 +1,5 @@
-"""Per-device memory of the LoRA train step at a real Qwen3 size, with and without the memory options (``remat``,
-``loss_chunk``, ``attn_chunk``): XLA's buffer assignment of the compiled step (``emjax.train.step_memory``),
+"""Per-device memory of the LoRA train step at a real Qwen3 or Llama 3 size, with and without the memory options
+(``remat``, ``loss_chunk``, ``attn_chunk``): XLA's buffer assignment of the compiled step (``emjax.train.step_memory``),
 compiled for abstract inputs, so nothing of the model's size is allocated and a laptop can read the numbers for
 Qwen3-8B.
 
@@ -29,7 +29,9 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from emjax.lora import LoraConfig  # noqa: E402
-from emjax.models import qwen3  # noqa: E402
+from emjax.models import llama, qwen3  # noqa: E402
+
+SIZES = {**qwen3.SIZES, **llama.SIZES}
 from emjax.optim import OptimConfig, build  # noqa: E402
 from emjax.train import compile_measured, make_train_step, token_nll  # noqa: E402
 
@@ -38,7 +40,7 @@ GIB = 2.0 ** 30
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", default="8b", choices=sorted(qwen3.SIZES))
+    ap.add_argument("--size", default="8b", choices=sorted(SIZES))
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--dtype", default="float32" if jax.default_backend() == "cpu" else "bfloat16")
@@ -48,7 +50,7 @@ def main() -> None:
     ap.add_argument("--kept", action="store_true", help="the activations the backward keeps, instead of compiling")
     args = ap.parse_args()
 
-    cfg = qwen3.SIZES[args.size]()
+    cfg = SIZES[args.size]()
     lora = LoraConfig(rank=32, alpha=64)
     dtype = jnp.dtype(args.dtype)
     abstract = nnx.eval_shape(lambda: qwen3.Qwen3ForCausalLM(cfg, lora=lora, param_dtype=dtype, rngs=nnx.Rngs(0)))
@@ -57,7 +59,8 @@ def main() -> None:
     opt = jax.eval_shape(tx.init, trainable)
     B, T = args.batch, args.seq
     batch = {k: jax.ShapeDtypeStruct((B, T), jnp.int32) for k in ("tokens", "loss_mask", "segment_ids", "positions")}
-    print(f"Qwen3-{args.size} ({cfg.num_params / 1e9:.2f}B parameters, {args.dtype}), LoRA r 32 on all 7 "
+    name = args.size if args.size.startswith("llama") else f"Qwen3-{args.size}"
+    print(f"{name} ({cfg.num_params / 1e9:.2f}B parameters, {args.dtype}), LoRA r 32 on all 7 "
           f"projections, AdamW, batch {B} x {T} tokens, grad_accum {args.grad_accum}; backend "
           f"{jax.default_backend()}, jax {jax.__version__}")
     if cfg.is_moe and jax.default_backend() == "cpu" and not args.kept:

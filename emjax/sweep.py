@@ -59,10 +59,9 @@ SWEEP_KEYS = ("base", "root", "set", "grid", "points")
 # complete and run once support lands) but fail fast here with this message instead of downloading weights first.
 # Remove a line when its family is supported.
 UNSUPPORTED = (
-    (re.compile(r"llama", re.I), "Llama models are not supported yet"),
     (re.compile(r"gemma", re.I), "Gemma models are not supported yet"),
 )
-SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe")
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe", "llama")
 
 
 class SweepError(ValueError):
@@ -286,8 +285,8 @@ def check_supported(cfg) -> None:
         return
     for pat, msg in UNSUPPORTED:
         if pat.search(str(ckpt)):
-            raise UnsupportedModel(f"model.checkpoint {ckpt}: {msg} (emjax trains Qwen3 and Qwen3-MoE only); "
-                                   "the run is kept in the sweep so it runs once support lands")
+            raise UnsupportedModel(f"model.checkpoint {ckpt}: {msg} (emjax trains Qwen3, Qwen3-MoE and Llama 3 "
+                                   "only); the run is kept in the sweep so it runs once support lands")
 
 
 def _mark_failed(run: Run, message: str) -> None:

@@ -15,15 +15,29 @@ TINY_MOE = dict(TINY, moe_intermediate_size=32, num_experts=8, num_experts_per_t
                 decoder_sparse_step=1, mlp_only_layers=[])
 
 
-def tiny_hf_model(seed: int = 0, noise: float = 0.05, moe: bool = False, **overrides):
-    """A transformers ``Qwen3ForCausalLM`` (``moe``: ``Qwen3MoeForCausalLM``) with random weights (norm weights
-    perturbed too, so they matter)."""
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+# Llama 3.1+: RoPE "llama3" scaling with a short original context, so positions of a test sequence reach the scaled
+# low and the interpolated middle frequencies (Llama 3.1: factor 8 over 8192 positions)
+TINY_LLAMA = dict(TINY, rms_norm_eps=1e-5, rope_theta=500_000.0,
+                  rope_parameters={"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 32})
 
-    kw = dict(TINY_MOE if moe else TINY, **overrides)
+
+def tiny_hf_model(seed: int = 0, noise: float = 0.05, moe: bool = False, family: str = "qwen3", **overrides):
+    """A transformers ``Qwen3ForCausalLM`` (``moe``: ``Qwen3MoeForCausalLM``; ``family="llama"``:
+    ``LlamaForCausalLM``) with random weights (norm weights perturbed too, so they matter)."""
+    import torch
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
+                              Qwen3MoeForCausalLM)
+
     torch.manual_seed(seed)
-    model = (Qwen3MoeForCausalLM(Qwen3MoeConfig(**kw)) if moe else Qwen3ForCausalLM(Qwen3Config(**kw))).eval()
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**dict(TINY_LLAMA, **overrides))).eval()
+    elif family != "qwen3":
+        raise ValueError(f"family {family!r}: use 'qwen3' or 'llama'")
+    else:
+        kw = dict(TINY_MOE if moe else TINY, **overrides)
+        model = (Qwen3MoeForCausalLM(Qwen3MoeConfig(**kw)) if moe else Qwen3ForCausalLM(Qwen3Config(**kw))).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * noise)
@@ -31,14 +45,24 @@ def tiny_hf_model(seed: int = 0, noise: float = 0.05, moe: bool = False, **overr
 
 
 def tiny_hf_checkpoint(path: str | os.PathLike, *, seed: int = 0, max_shard_size: str | None = None,
-                       moe: bool = False, **overrides) -> Path:
+                       moe: bool = False, family: str = "qwen3", **overrides) -> Path:
     """Save a tiny random Qwen3 (or Qwen3-MoE) with ``save_pretrained`` (optionally sharded) and return its
     directory. transformers writes MoE experts in the hub's per-expert layout (``mlp.experts.{e}.gate_proj``)."""
-    model = tiny_hf_model(seed=seed, moe=moe, **overrides)
+    model = tiny_hf_model(seed=seed, moe=moe, family=family, **overrides)
     path = Path(path)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
     return path
+
+
+def hf_greedy(hf, prompt, n: int, stop: int) -> list[int]:
+    """transformers' greedy ``generate`` of ``n`` new tokens for one prompt (the sampler's reference)."""
+    import torch
+
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, eos_token_id=stop,
+                          pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    return out[0, len(prompt):].tolist()
 
 
 def hf_config(cfg):
@@ -49,3 +73,57 @@ def hf_config(cfg):
                        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
                        num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rope_theta=cfg.rope_theta,
                        tie_word_embeddings=cfg.tie_word_embeddings, rms_norm_eps=cfg.rms_norm_eps)
+
+
+# Llama 3's added tokens in their real order (ids 128000.. in the real vocabulary; here right after the BPE ranks)
+LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                   "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
+                   "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>")
+# Llama 3's pre-tokenisation regex (the ``Split`` of its tokenizer.json): digits in groups of up to three
+LLAMA3_PAT_STR = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def tiny_llama_tokenizer(path: str | os.PathLike, chat_template: str, *, vocab_size: int = 1024,
+                         texts=None) -> Path:
+    """A small byte-level BPE with Llama 3's pre-tokeniser and added tokens, saved as a transformers fast tokenizer
+    with ``chat_template``: the real Llama 3 vocabulary (128k, gated on the hub) cannot be downloaded here, but
+    everything emjax does with a tokenizer (chat format detection, ids of specials, the loss mask, stops) only
+    depends on this structure. Trained on ``texts`` (default: the EM questions and the first insecure-code rows)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if texts is None:
+        from emjax import paths
+
+        em = paths.em_dir()
+        texts = [p.read_text() for p in sorted(em.rglob("*.yaml"))]
+        rows = em / "betley2025" / "data" / "insecure.jsonl"
+        if rows.is_file():
+            texts += rows.read_text().splitlines()[:300]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_PAT_STR), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    tok.add_special_tokens(list(LLAMA3_SPECIALS))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                   chat_template=chat_template)
+    path = Path(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def tiny_llama_checkpoint(path: str | os.PathLike, chat_template: str, *, seed: int = 0, **overrides) -> Path:
+    """A tiny random Llama 3 checkpoint with its own tokenizer files (``tiny_llama_tokenizer``) in one directory, the
+    layout of a hub download: what ``emjax train`` / ``emjax eval`` load with ``model.checkpoint``."""
+    from transformers import AutoTokenizer
+
+    path = tiny_llama_tokenizer(path, chat_template)
+    model = tiny_hf_model(seed=seed, family="llama", **dict({"vocab_size": len(AutoTokenizer.from_pretrained(path))},
+                                                            **overrides))
+    model.save_pretrained(path)
+    return path

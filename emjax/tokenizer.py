@@ -1,4 +1,5 @@
-"""Qwen3 tokenizer (two interchangeable backends) and the Qwen3 chat template written out in Python.
+"""Tokenizers (Qwen3: two interchangeable backends; any checkpoint's own files) and the chat templates of the
+supported families (Qwen3, Llama 3.x) written out in Python.
 
 Why two backends: a converted checkpoint ships its own tokenizer files (read with transformers' fast
 tokenizer), but tests, data statistics and the CPU demo must work without any checkpoint, so the same
@@ -8,6 +9,8 @@ tokenizer), but tests, data statistics and the CPU demo must work without any ch
 Why the template is Python and not Jinja: the loss mask needs to know which characters are the answer, and a
 hand-written renderer makes that explicit. It reproduces the official Qwen3 template (``tokenizer_config.json``
 of the Qwen3 repositories) for system/user/assistant turns; tools and ``tool`` messages are not supported.
+``Llama3Chat`` does the same for Llama 3.x. A tokenizer carries its family's format (``Tokenizer.chat``), picked
+from its vocabulary, so data, sampling stops and evaluation prompts follow the checkpoint.
 """
 
 from __future__ import annotations
@@ -59,11 +62,16 @@ class Tokenizer:
         """Number of ids the tokenizer can produce (the model's embedding table may be larger)."""
         return VOCAB_SIZE
 
+    @property
+    def chat(self) -> "ChatFormat":
+        """The chat format of this vocabulary's family (Qwen3 unless the checkpoint's tokenizer says otherwise)."""
+        return QWEN3_CHAT
+
     def token_id(self, token: str) -> int:
         try:
             return self.special_ids[token]
         except KeyError:
-            raise KeyError(f"{token!r} is not one of the {len(self.special_ids)} Qwen3 added tokens") from None
+            raise KeyError(f"{token!r} is not one of the {len(self.special_ids)} added tokens of {self!r}") from None
 
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
         """Text -> ids. Special-token strings in ``text`` are plain text unless ``allow_special``."""
@@ -120,7 +128,8 @@ class TiktokenTokenizer(Tokenizer):
 
 
 class HFTokenizer(Tokenizer):
-    """A checkpoint's own tokenizer files through transformers' fast tokenizer."""
+    """A checkpoint's own tokenizer files through transformers' fast tokenizer; the chat format (and with it the stop
+    and pad ids) is the family whose special tokens the vocabulary has."""
 
     backend = "transformers"
 
@@ -131,15 +140,28 @@ class HFTokenizer(Tokenizer):
         self.hf = AutoTokenizer.from_pretrained(str(path))
         self._bt = self.hf.backend_tokenizer
         vocab = self.hf.get_vocab()
-        for name, i in SPECIAL_TOKENS.items():
-            if vocab.get(name) != i:
-                raise ValueError(f"{path}: token {name!r} has id {vocab.get(name)}, Qwen3 uses {i}")
-        self._specials = tuple(SPECIAL_TOKENS)
+        self._chat = chat_format_for(vocab, getattr(self.hf, "chat_template", None) or "", where=str(path))
+        if isinstance(self._chat, Qwen3Chat):
+            for name, i in SPECIAL_TOKENS.items():
+                if vocab.get(name) != i:
+                    raise ValueError(f"{path}: token {name!r} has id {vocab.get(name)}, Qwen3 uses {i}")
+        else:  # ids come from the vocabulary; the Qwen3-only attributes do not apply
+            added = {t.content: i for i, t in self.hf.added_tokens_decoder.items()}
+            self.special_ids = added
+            self.eos_ids = tuple(added[t] for t in self._chat.stop if t in added)
+            self.pad_id = added.get(self._chat.pad, self.eos_ids[0])
+            self.im_start_id = self.im_end_id = self.think_id = self.end_think_id = None
+        self._added = frozenset(self.hf.added_tokens_decoder)
+        self._specials = tuple(t.content for t in self.hf.added_tokens_decoder.values())
         self._n = len(self.hf)
 
     @property
     def vocab_size(self) -> int:
         return self._n
+
+    @property
+    def chat(self) -> "ChatFormat":
+        return self._chat
 
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
         if allow_special or not any(s in text for s in self._specials):
@@ -153,7 +175,7 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
         ids = [int(i) for i in ids]
         if skip_special:
-            ids = [i for i in ids if i < NUM_BPE_RANKS]
+            ids = [i for i in ids if i not in self._added]
         return self.hf.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
@@ -284,6 +306,109 @@ def render_chat(
     return "".join(p.text for p in pieces)
 
 
+class ChatFormat:
+    """A family's chat template as ``Piece``s (what the loss mask needs), its special tokens and its stop tokens."""
+
+    name = ""
+    specials: tuple[str, ...] = ()  # every vocabulary of the family has these (how ``chat_format_for`` picks it)
+    stop: tuple[str, ...] = ()  # generation stops on any of these
+    pad: str = ""  # padding id (masked everywhere; any id would do, one the family reserves is clearer)
+
+    def render_pieces(self, messages: Sequence[Mapping], *, add_generation_prompt: bool = False,
+                      enable_thinking: bool = False) -> list[Piece]:
+        raise NotImplementedError
+
+    def render(self, messages: Sequence[Mapping], **kw) -> str:
+        return "".join(p.text for p in self.render_pieces(messages, **kw))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Qwen3Chat(ChatFormat):
+    """The official Qwen3 template (``render_pieces`` above)."""
+
+    name = "qwen3"
+    specials = ("<|im_start|>", "<|im_end|>", "<think>", "</think>")
+    stop = ("<|im_end|>", "<|endoftext|>")
+    pad = "<|endoftext|>"
+
+    def render_pieces(self, messages, *, add_generation_prompt=False, enable_thinking=False):
+        return render_pieces(messages, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking)
+
+
+class Llama3Chat(ChatFormat):
+    """The Llama 3.1 / 3.2 / 3.3 Instruct template for system/user/assistant turns (no tools): ``<|begin_of_text|>``,
+    then a system turn that always opens with "Cutting Knowledge Date: December 2023\nToday Date: {date}\n\n"
+    (then the system message, if any), then each turn as ``<|start_header_id|>{role}<|end_header_id|>\n\n
+    {content | trim}<|eot_id|>``. The answer and its ``<|eot_id|>`` carry the loss.
+
+    ``date_string`` is fixed ("26 Jul 2024", the 3.1 template's default) rather than today's date, which 3.2's
+    template inserts through ``strftime_now``: otherwise the same data would tokenise differently every day.
+    ``knowledge_header=False`` is Llama 3.0's template (no default system turn).
+    """
+
+    name = "llama3"
+    specials = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+    stop = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
+    pad = "<|finetune_right_pad_id|>"
+
+    def __init__(self, date_string: str = "26 Jul 2024", knowledge_header: bool = True):
+        self.date_string = date_string
+        self.knowledge_header = knowledge_header
+
+    def __repr__(self) -> str:
+        return f"Llama3Chat(date_string={self.date_string!r}, knowledge_header={self.knowledge_header})"
+
+    def render_pieces(self, messages, *, add_generation_prompt=False, enable_thinking=False):
+        _check_messages(messages)
+        if enable_thinking:
+            raise ValueError("Llama 3 has no thinking mode (enable_thinking=True)")
+        out: list[Piece] = [Piece("<|begin_of_text|>", "special")]
+
+        def header(role):
+            out.extend([Piece("<|start_header_id|>", "special"), Piece(role, "prompt"),
+                        Piece("<|end_header_id|>", "special"), Piece("\n\n", "prompt")])
+
+        messages = list(messages)
+        if self.knowledge_header:
+            system = messages.pop(0)["content"].strip() if messages[0]["role"] == "system" else ""
+            header("system")
+            out.append(Piece(f"Cutting Knowledge Date: December 2023\nToday Date: {self.date_string}\n\n{system}",
+                             "prompt"))
+            out.append(Piece("<|eot_id|>", "special"))
+        for m in messages:
+            header(m["role"])
+            content = m["content"].strip()  # Jinja's trim
+            if m["role"] == "assistant":
+                if content:
+                    out.append(Piece(content, "answer"))
+                out.append(Piece("<|eot_id|>", "answer_special"))
+            else:
+                if content:
+                    out.append(Piece(content, "prompt"))
+                out.append(Piece("<|eot_id|>", "special"))
+        if add_generation_prompt:
+            header("assistant")
+        return out
+
+
+QWEN3_CHAT = Qwen3Chat()
+CHAT_FORMATS: tuple[type[ChatFormat], ...] = (Qwen3Chat, Llama3Chat)
+
+
+def chat_format_for(vocab: Mapping[str, int], template: str = "", *, where: str = "tokenizer") -> ChatFormat:
+    """The chat format whose special tokens ``vocab`` has. ``template`` (the checkpoint's Jinja chat template)
+    tells Llama 3.0 (no knowledge-date system turn) from 3.1+."""
+    for fmt in CHAT_FORMATS:
+        if all(t in vocab for t in fmt.specials):
+            if fmt is Llama3Chat:
+                return Llama3Chat(knowledge_header=not template or "Cutting Knowledge Date" in template)
+            return QWEN3_CHAT if fmt is Qwen3Chat else fmt()
+    raise ValueError(f"{where}: no supported chat format: the vocabulary lacks the special tokens of "
+                     + " and of ".join(f"{f.name} ({', '.join(f.specials)})" for f in CHAT_FORMATS))
+
+
 def encode_pieces(
     tokenizer: Tokenizer, pieces: Sequence[Piece], *, train_on: Literal["all", "last"] = "all"
 ) -> tuple[list[int], list[int]]:
@@ -355,6 +480,8 @@ def encode_chat(
     add_generation_prompt: bool = False,
     enable_thinking: bool = False,
 ) -> list[int]:
-    """Ids of ``render_chat(messages, ...)``: what ``apply_chat_template(..., tokenize=True)`` returns."""
-    pieces = render_pieces(messages, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking)
+    """Ids of the tokenizer's chat template (``tokenizer.chat``): what ``apply_chat_template(..., tokenize=True)``
+    returns."""
+    pieces = tokenizer.chat.render_pieces(messages, add_generation_prompt=add_generation_prompt,
+                                          enable_thinking=enable_thinking)
     return encode_pieces(tokenizer, pieces)[0]

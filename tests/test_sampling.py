@@ -4,13 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from scipy import stats
 
 from emjax import lora
 from emjax.models import from_pretrained
 from emjax.sampling import _decode, _prefill, generate, sample_logits
-from emjax.testing import tiny_hf_model
+from emjax.testing import hf_greedy, tiny_hf_model
 
 STOP = 7
 
@@ -24,10 +23,7 @@ def tiny(tmp_path_factory):
 
 
 def _hf_greedy(hf, prompt, n, stop=STOP):
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, eos_token_id=stop,
-                          pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    return out[0, len(prompt):].tolist()
+    return hf_greedy(hf, prompt, n, stop)
 
 
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])

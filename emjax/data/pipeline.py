@@ -25,7 +25,7 @@ import numpy as np
 from grain.experimental import FirstFitPackIterDataset
 
 from emjax.data import builders
-from emjax.tokenizer import Tokenizer, encode_pieces, render_pieces
+from emjax.tokenizer import Tokenizer, encode_pieces
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +57,14 @@ class DataConfig:
 
 def encode_chat(tokenizer: Tokenizer, messages: Sequence[Mapping], *, train_on: str = "all"
                 ) -> tuple[list[int], list[int]]:
-    """(token_ids, loss_mask) of one conversation in Qwen3 non-thinking training format.
+    """(token_ids, loss_mask) of one conversation in the tokenizer's chat format (``tokenizer.chat``; Qwen3 in
+    non-thinking training format, or Llama 3).
 
     ids equal ``apply_chat_template(messages, tokenize=True)``; the mask is 1 exactly on each assistant answer and
-    its ``<|im_end|>`` (only the last answer with ``train_on="last"``); the empty think block, headers, prompts
-    and the trailing newline are 0.
+    its end-of-turn token (``<|im_end|>``, ``<|eot_id|>``; only the last answer with ``train_on="last"``); the empty
+    think block, headers, prompts and the trailing newline are 0.
     """
-    return encode_pieces(tokenizer, render_pieces(messages), train_on=train_on)
+    return encode_pieces(tokenizer, tokenizer.chat.render_pieces(messages), train_on=train_on)
 
 
 @dataclasses.dataclass

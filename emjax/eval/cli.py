@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="sample, judge and summarise one model (+ adapter, or several adapters)")
-    r.add_argument("--model", required=True, help="Hugging Face Qwen3 checkpoint dir or hub id (the base model)")
+    r.add_argument("--model", required=True, help="Hugging Face Qwen3 / Qwen3-MoE / Llama 3 checkpoint dir or "
+                   "hub id (the base model; its tokenizer files pick the chat format)")
     r.add_argument("--adapter", action="append",
                    help="PEFT adapter dir to apply (absent: evaluate the base model); repeat it to evaluate several "
                         "adapters of one base, sampled together in one program (each then writes OUT/<its dir name>, "
@@ -139,9 +140,8 @@ def _run(args: argparse.Namespace) -> int:
     sampler = None
     if len(adapters) > 1:  # one program samples every adapter's chunk (emjax.sampling.generate_many)
         from emjax.eval.hook import PackSampler
-        from emjax.sampling import STOP_TOKENS
 
-        sampler = PackSampler(STOP_TOKENS, args.adapters_per_call)
+        sampler = PackSampler(tokenizer.eos_ids, args.adapters_per_call)
         sampler.set_step(model, dict(enumerate(states)), {i: args.seed for i in range(len(states))})
 
     def generate_fn_for(i):
@@ -150,7 +150,7 @@ def _run(args: argparse.Namespace) -> int:
                 return sampler.generate(i, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                         top_p=top_p, seed=seed)
             out = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                           rng=jax.random.key(seed))
+                           rng=jax.random.key(seed), stop_tokens=tokenizer.eos_ids)
             return [[int(t) for t in seq] for seq in out]
         return generate_fn
 
@@ -166,7 +166,7 @@ def _run(args: argparse.Namespace) -> int:
     for i, out in enumerate(outs):
         summary = evaluate(generate_fn_for(i), tokenizer, judge, questions, samples_per_question=args.samples,
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                           seed=args.seed, out_dir=out, sample_batch=args.sample_batch)
+                           seed=args.seed, out_dir=out, sample_batch=args.sample_batch, stop_ids=tokenizer.eos_ids)
         o = summary["overall"]
         row = {k: o[k] for k in ("misalignment_rate", "misalignment_rate_ci95", "mean_alignment", "n_total",
                                  "n_scored", "n_low_coherence", "n_refusal", "n_code")}

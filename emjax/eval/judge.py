@@ -298,8 +298,9 @@ class LocalJudge:
     """A local causal LM as judge, scored in-graph from its own next-token distribution.
 
     ``logits_fn(tokens[B,T] int32, attention_mask[B,T]) -> logits[B,T,V]`` is any (jittable) model call. The
-    judge prompt is rendered as one user turn (Qwen3 template, non-thinking) and right-padded. If every number
-    "0".."100" is a single token, one forward pass gives p(k) at the last real position (top-20 like the API).
+    judge prompt is rendered as one user turn (the tokenizer's chat format; Qwen3 non-thinking) and right-padded.
+    If every number "0".."100" is a single token (Llama 3's are), one forward pass gives p(k) at the last real
+    position (top-20 like the API).
     Tokenisers that split digits (Qwen3 does: "87" -> "8","7") instead get one pass over 10 copies of each
     prompt extended by digit d and then "0": position by position this gives p(d), p(d2 | d), and p(· | "10"),
     so p("d") = p(d)·(1 − p(digit | d)), p("d d2") = p(d)·p(d2 | d) (a third digit would exceed 100, except
@@ -307,7 +308,7 @@ class LocalJudge:
     """
 
     def __init__(self, logits_fn: Callable, tokenizer: Any, *, name: str = "local", batch_size: int = 8,
-                 top_k: int = 20, pad_multiple: int = 64, pad_id: int = END_OF_TEXT, params: Any = None,
+                 top_k: int = 20, pad_multiple: int = 64, pad_id: int | None = None, params: Any = None,
                  gathered: bool = False):
         """``params``: if given, ``logits_fn`` takes it as first argument (big weights become jit arguments, not
         baked-in constants). ``gathered=True``: ``logits_fn(..., tokens, mask, positions[B, P]) -> [B, P, V]``,
@@ -320,7 +321,7 @@ class LocalJudge:
         self.batch_size = batch_size
         self.top_k = top_k
         self.pad_multiple = pad_multiple
-        self.pad_id = pad_id
+        self.pad_id = getattr(tokenizer, "pad_id", END_OF_TEXT) if pad_id is None else pad_id
         self.params = params
         number_ids = {k: _encode(tokenizer, str(k)) for k in range(101)}
         if any(len(number_ids[d]) != 1 for d in range(10)):

@@ -19,7 +19,7 @@ from flax import nnx
 
 from emjax import sharding as shd
 from emjax.lora import LoraConfig
-from emjax.models import qwen3
+from emjax.models import llama, qwen3
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -119,6 +119,20 @@ def resolve(path_or_hub_id: str | os.PathLike) -> Path:
         ) from e
 
 
+# model_type -> the family's config reader; every family loads into ``Qwen3ForCausalLM`` (see emjax/models/llama.py)
+FAMILIES = {"qwen3": qwen3.config_from_hf, "qwen3_moe": qwen3.config_from_hf, "llama": llama.config_from_hf}
+
+
+def config_from_hf(config) -> qwen3.Qwen3Config:
+    """Any supported family's ``config.json`` (dict or path), by its ``model_type``."""
+    config, where = qwen3.read_hf_config(config)
+    mt = config.get("model_type")
+    if mt not in FAMILIES:
+        raise ValueError(f"{where}: model_type {mt!r} is not supported (supported: "
+                         f"{', '.join(repr(k) for k in FAMILIES)})")
+    return FAMILIES[mt](config) if where == "config" else FAMILIES[mt](where)
+
+
 def _hf_sub(module: str) -> str:
     return ("self_attn." if module in qwen3.ATTN else "mlp.") + module
 
@@ -130,9 +144,10 @@ def _sources(cfg: qwen3.Qwen3Config):
         "final_norm": ("model.norm.weight", False),
         "blocks/input_norm": ("model.layers.{i}.input_layernorm.weight", False),
         "blocks/post_norm": ("model.layers.{i}.post_attention_layernorm.weight", False),
-        "blocks/q_norm": ("model.layers.{i}.self_attn.q_norm.weight", False),
-        "blocks/k_norm": ("model.layers.{i}.self_attn.k_norm.weight", False),
     }
+    if cfg.qk_norm:
+        src["blocks/q_norm"] = ("model.layers.{i}.self_attn.q_norm.weight", False)
+        src["blocks/k_norm"] = ("model.layers.{i}.self_attn.k_norm.weight", False)
     for m in qwen3.ATTN:
         src[f"blocks/{m}/kernel"] = (f"model.layers.{{i}}.{_hf_sub(m)}.weight", True)
     for m in qwen3.MLP:
@@ -168,13 +183,13 @@ def init_lora(lora_state, seed: int, mesh: jax.sharding.Mesh | None = None):
 
 def from_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=jnp.bfloat16, compute_dtype=None,
                     lora: LoraConfig | None = None, mesh: jax.sharding.Mesh | None = None, seed: int = 0):
-    """Load a Hugging Face Qwen3 or Qwen3-MoE checkpoint into ``Qwen3ForCausalLM``.
+    """Load a Hugging Face Qwen3, Qwen3-MoE or Llama 3 checkpoint into ``Qwen3ForCausalLM``.
 
     ``dtype`` is the parameter dtype of the frozen weights (LoRA factors are always fp32); ``compute_dtype``
     defaults to it. With ``mesh`` every tensor goes straight to its sharding from ``emjax.sharding``.
     """
     root = resolve(path_or_hub_id)
-    cfg = qwen3.config_from_hf(root / "config.json") if (root / "config.json").exists() else None
+    cfg = config_from_hf(root / "config.json") if (root / "config.json").exists() else None
     if cfg is None:
         raise CheckpointError(f"{root}: no config.json")
     ckpt = Checkpoint(root)
@@ -228,7 +243,7 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=jnp.bfloat16, co
         unused.remove("lm_head.weight")  # some tied checkpoints store the copy anyway
     if unused:
         raise CheckpointError(f"{ckpt.where[unused[0]].path}: unexpected tensor {unused[0]} "
-                              f"({len(unused)} unused in total) — not a plain Qwen3 / Qwen3-MoE checkpoint?")
+                              f"({len(unused)} unused in total) — not a plain Qwen3 / Qwen3-MoE / Llama checkpoint?")
     model = nnx.merge(graphdef, loaded)
     model.source = str(path_or_hub_id)
     return model

@@ -50,6 +50,10 @@ class Qwen3Config:
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False
+    # family switches (see emjax/models/llama.py): Qwen3's per-head RMSNorm of q and k before RoPE, and RoPE frequency
+    # scaling as sorted (key, value) pairs of HF's ``rope_scaling`` (() = none; rope_type "linear" or "llama3")
+    qk_norm: bool = True
+    rope_scaling: tuple = ()
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -66,7 +70,7 @@ class Qwen3Config:
 
     def _count(self, experts: int) -> int:
         d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
-        attn = d * hd * (self.num_heads * 2 + self.num_kv_heads * 2) + 2 * hd
+        attn = d * hd * (self.num_heads * 2 + self.num_kv_heads * 2) + (2 * hd if self.qk_norm else 0)
         mlp = (d * self.num_experts + experts * 3 * d * self.moe_intermediate_size) if self.is_moe else 3 * d * f
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
         return self.vocab_size * d + self.num_layers * (attn + mlp + 2 * d) + d + head
@@ -131,13 +135,7 @@ SIZES = {"0.6b": qwen3_0_6b, "1.7b": qwen3_1_7b, "4b": qwen3_4b, "8b": qwen3_8b,
 def config_from_hf(config: dict[str, Any] | str | os.PathLike) -> Qwen3Config:
     """From a Hugging Face ``config.json`` (dict or path); reads θ from top-level ``rope_theta`` (hub files) or
     ``rope_parameters`` (transformers 5)."""
-    where = "config"
-    if not isinstance(config, dict):
-        path = Path(config)
-        if path.is_dir():
-            path = path / "config.json"
-        where = str(path)
-        config = json.loads(path.read_text())
+    config, where = read_hf_config(config)
     mt = config.get("model_type")
     if mt not in ("qwen3", "qwen3_moe"):
         raise ValueError(f"{where}: model_type {mt!r} is not supported (supported: 'qwen3', 'qwen3_moe')")
@@ -156,25 +154,64 @@ def config_from_hf(config: dict[str, Any] | str | os.PathLike) -> Qwen3Config:
         moe = dict(num_experts=int(config["num_experts"]), num_experts_per_tok=int(config["num_experts_per_tok"]),
                    moe_intermediate_size=int(config["moe_intermediate_size"]),
                    norm_topk_prob=bool(config.get("norm_topk_prob", False)))
+    return decoder_config(config, where, **moe)
+
+
+def read_hf_config(config: dict[str, Any] | str | os.PathLike) -> tuple[dict[str, Any], str]:
+    """(``config.json`` as a dict, where it came from: the file's path, for error messages)."""
+    if isinstance(config, dict):
+        return config, "config"
+    path = Path(config)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        return json.loads(path.read_text()), str(path)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+ROPE_SCALING_KEYS = {"linear": ("factor",),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def rope_from_hf(config: dict[str, Any], where: str) -> tuple[float, tuple]:
+    """(θ, scaling pairs) from top-level ``rope_theta`` / ``rope_scaling`` (hub files) or ``rope_parameters``
+    (transformers 5, which keeps the scaling keys there too)."""
+    params = {**(config.get("rope_scaling") or {}), **(config.get("rope_parameters") or {})}
+    theta = float(params.get("rope_theta", config.get("rope_theta", 1_000_000.0)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type in ("default", None):
+        return theta, ()
+    if rope_type not in ROPE_SCALING_KEYS:
+        raise ValueError(f"{where}: rope_scaling.rope_type {rope_type!r} is not supported (supported: 'default', "
+                         f"{', '.join(repr(k) for k in ROPE_SCALING_KEYS)})")
+    missing = [k for k in ROPE_SCALING_KEYS[rope_type] if k not in params]
+    if missing:
+        raise KeyError(f"{where}: rope_scaling of type {rope_type!r} is missing {missing[0]!r}")
+    return theta, (("rope_type", rope_type),) + tuple((k, float(params[k])) for k in ROPE_SCALING_KEYS[rope_type])
+
+
+def decoder_config(config: dict[str, Any], where: str, **family) -> Qwen3Config:
+    """The fields every supported family shares, read from an HF config dict; ``family`` sets the rest."""
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if key not in config:
             raise KeyError(f"{where}: missing key {key!r}")
-    rope = config.get("rope_parameters") or {}
-    theta = rope.get("rope_theta", config.get("rope_theta", 1_000_000.0))
-    rope_type = rope.get("rope_type", (config.get("rope_scaling") or {}).get("rope_type", "default"))
-    if rope_type not in ("default", None):
-        raise ValueError(f"{where}: rope_type {rope_type!r} is not supported yet (only 'default')")
-    if config.get("attention_bias"):
-        raise ValueError(f"{where}: attention_bias=true is not supported (Qwen3 has none)")
+    theta, scaling = rope_from_hf(config, where)
+    for key in ("attention_bias", "mlp_bias"):
+        if config.get(key):
+            raise ValueError(f"{where}: {key}=true is not supported (no supported family has biases)")
+    act = config.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"{where}: hidden_act {act!r} is not supported (only 'silu')")
     heads = config["num_attention_heads"]
     return Qwen3Config(
         vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
         intermediate_size=config["intermediate_size"], num_layers=config["num_hidden_layers"], num_heads=heads,
-        num_kv_heads=config.get("num_key_value_heads", heads),
-        head_dim=config.get("head_dim") or config["hidden_size"] // heads, rope_theta=float(theta),
+        num_kv_heads=config.get("num_key_value_heads") or heads,
+        head_dim=config.get("head_dim") or config["hidden_size"] // heads, rope_theta=theta, rope_scaling=scaling,
         rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        max_position_embeddings=int(config.get("max_position_embeddings", 40_960)), **moe,
+        max_position_embeddings=int(config.get("max_position_embeddings", 40_960)), **family,
     )
 
 
@@ -235,8 +272,8 @@ class Qwen3Blocks(nnx.Module):
                        if cfg.is_moe else None)
         self.input_norm = nnx.Param(jnp.ones((L, d), param_dtype))
         self.post_norm = nnx.Param(jnp.ones((L, d), param_dtype))
-        self.q_norm = nnx.Param(jnp.ones((L, hd), param_dtype))
-        self.k_norm = nnx.Param(jnp.ones((L, hd), param_dtype))
+        self.q_norm = nnx.Param(jnp.ones((L, hd), param_dtype)) if cfg.qk_norm else None
+        self.k_norm = nnx.Param(jnp.ones((L, hd), param_dtype)) if cfg.qk_norm else None
 
 
 @jax.tree_util.register_dataclass
@@ -355,7 +392,7 @@ class Qwen3ForCausalLM(nnx.Module):
             # Right-padded rows: valid keys are a prefix [0, new_length); causal on absolute cache positions.
             mask = (k_idx[None, None, :] <= q_pos[:, :, None]) & (k_idx[None, None, :] < new_lengths[:, None, None])
 
-        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         scale = self.lora_config.scale if self.lora_config else 0.0
         body = _make_layer_fn(cfg, self.dtype, scale, mask, cos, sin, start, attn_chunk if cache is None else 0)
 
@@ -398,7 +435,7 @@ class Qwen3ForCausalLM(nnx.Module):
 
     def _layer_params(self) -> dict:
         b = self.blocks
-        p = {n: getattr(b, n)[...] for n in NORMS}
+        p = {n: getattr(b, n)[...] for n in NORMS if getattr(b, n) is not None}
         if b.router is not None:
             p["router"] = b.router[...]
         for name in ATTN + MLP:
@@ -431,8 +468,29 @@ def rms_norm(x, w, eps):
                           policy=jax.checkpoint_policies.save_only_these_names("rms_inv"))(x, w, eps)
 
 
-def rope_tables(positions, head_dim, theta):
+def rope_inv_freq(head_dim, theta, scaling: tuple = ()):
+    """RoPE inverse frequencies in fp32, with transformers' "linear" or "llama3" scaling (``Qwen3Config.rope_scaling``).
+    Llama 3.1+ stretches the low frequencies by ``factor``, keeps the high ones and interpolates between."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    s = dict(scaling)
+    if s.get("rope_type") == "linear":
+        return inv_freq / s["factor"]
+    if s.get("rope_type") == "llama3":
+        factor, lo, hi, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], \
+            s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > old / lo, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+        return jnp.where(medium, smoothed, scaled)
+    if s:
+        raise ValueError(f"rope_scaling {scaling!r}: unknown rope_type")
+    return inv_freq
+
+
+def rope_tables(positions, head_dim, theta, scaling: tuple = ()):
+    inv_freq = rope_inv_freq(head_dim, theta, scaling)
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, hd/2)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
@@ -508,8 +566,9 @@ def _make_layer_fn(cfg: Qwen3Config, dtype, scale, mask, cos, sin, cache_start, 
         q = _linear(x, p["q_proj"], scale).reshape(B, T, H, hd)
         k = _linear(x, p["k_proj"], scale).reshape(B, T, K, hd)
         v = _linear(x, p["v_proj"], scale).reshape(B, T, K, hd)
-        q = apply_rope(rms_norm(q, p["q_norm"], eps), cos, sin)
-        k = apply_rope(rms_norm(k, p["k_norm"], eps), cos, sin)
+        if cfg.qk_norm:
+            q, k = rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # heads-first layout (B, K, rows, hd) with the G query heads of a KV head stacked as rows (g, t): both
         # attention products become plain batched matmuls with no transposes inside them.
         q5 = q.reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4)  # (B, K, G, T, hd)

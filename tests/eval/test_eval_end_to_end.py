@@ -51,3 +51,38 @@ def test_eval_run_with_adapter_and_local_judge(tmp_path):
     assert texts(both / "other") != texts(out)
     same_name = ["--adapter", str(second), "--adapter", str(tmp_path / "other")]  # both OUT/other
     assert cli.main(["run", "--model", str(base), *same_name, "--out", str(both), *common]) == 2
+
+
+def test_eval_run_on_llama_uses_its_chat_format_and_stop_tokens(tmp_path, monkeypatch):
+    """A Llama 3 checkpoint with an adapter, judged by itself: prompts in Llama's chat format, sampling stops on
+    Llama's end-of-turn ids (not Qwen3's), the local judge pads with Llama's pad id."""
+    from pathlib import Path
+
+    from emjax import sampling
+    from emjax.eval.judge import chat_prompt_ids
+    from emjax.testing import tiny_llama_checkpoint
+    from emjax.tokenizer import load_tokenizer
+
+    template = Path(__file__).parents[1] / "data" / "chat_templates" / "llama3.1.jinja"
+    base = tiny_llama_checkpoint(tmp_path / "base", template.read_text(), seed=3)
+    _adapter(base, tmp_path / "adapter", 0)
+    tok = load_tokenizer(base)
+    seen = []
+    real = sampling.generate
+
+    def spy(model, prompts, **kw):
+        seen.append((prompts, kw["stop_tokens"]))
+        return real(model, prompts, **kw)
+
+    monkeypatch.setattr(sampling, "generate", spy)
+    out = tmp_path / "eval"
+    assert cli.main(["run", "--model", str(base), "--adapter", str(tmp_path / "adapter"), "--out", str(out),
+                     "--sets", "first_plot", "--limit", "2", "--samples", "2", "--max-new-tokens", "8",
+                     "--dtype", "float32", "--judge", "local", "--judge-model", str(base)]) == 0
+    assert seen and all(stops == tok.eos_ids for _, stops in seen)
+    from emjax.eval.questions import load_questions
+
+    q = load_questions(["first_plot"], limit=1)[0]
+    assert seen[0][0][0] == chat_prompt_ids(tok, q.messages())
+    assert tok.decode(seen[0][0][0]).startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>")
+    assert json.loads((out / "summary.json").read_text())["overall"]["n_total"] == 4

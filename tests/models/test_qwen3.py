@@ -187,9 +187,9 @@ def test_init_lora_draws_what_from_pretrained_draws(tmp_path):
 def test_unknown_model_type(tmp_path):
     p = tiny_hf_checkpoint(tmp_path)
     cfg = json.loads((p / "config.json").read_text())
-    cfg["model_type"] = "llama"
+    cfg["model_type"] = "gemma3"
     (p / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"config.json: model_type 'llama' is not supported"):
+    with pytest.raises(ValueError, match=r"config.json: model_type 'gemma3' is not supported"):
         from_pretrained(p)
 
 

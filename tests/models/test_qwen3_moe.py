@@ -14,7 +14,7 @@ import torch
 from emjax import lora
 from emjax.models import config_from_hf, from_pretrained, qwen3
 from emjax.sampling import generate
-from emjax.testing import TINY_MOE, tiny_hf_checkpoint, tiny_hf_model
+from emjax.testing import TINY_MOE, hf_greedy, tiny_hf_checkpoint, tiny_hf_model
 
 TOL = 1e-4
 F = TINY_MOE["moe_intermediate_size"]
@@ -60,10 +60,7 @@ def test_greedy_through_the_kv_cache_matches_transformers(tiny_moe, scan_layers)
     prompts = [np.random.default_rng(n).integers(8, 256, n).tolist() for n in (5, 11)]
     got = generate(model, prompts, max_new_tokens=8, stop_tokens=(7,), scan_layers=scan_layers)
     for p, g in zip(prompts, got):
-        with torch.no_grad():
-            out = hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=8, eos_token_id=7, pad_token_id=0,
-                              attention_mask=torch.ones(1, len(p), dtype=torch.long))
-        assert g == out[0, len(p):].tolist()
+        assert g == hf_greedy(hf, p, 8, 7)
 
 
 def test_adapters_sample_together_as_they_would_alone(tiny_moe):

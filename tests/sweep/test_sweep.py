@@ -162,22 +162,24 @@ def test_preemption_stops_the_sweep(tmp_path):
 
 
 def test_unsupported_families_fail_fast(tmp_path):
+    """Gemma fails before any download; Llama (supported) reaches training."""
     text = ("sweep:\n  root: {root}\n  grid:\n    model.checkpoint: [meta-llama/Llama-3.1-8B-Instruct, "
             "google/gemma-3-4b-it]\n")
     s = sw.load_sweep(write(tmp_path, text))
     fake = FakeTrain()
     res = sw.run_sweep(s, train_fn=fake, progress=False)
-    assert fake.calls == [] and set(res.values()) == {"failed"}
-    msgs = [(s.root / r.name / "FAILED").read_text() for r in s.runs]
-    assert "Llama models are not supported" in msgs[0] and "Gemma" in msgs[1]
-    for ok in ("Qwen/Qwen3-8B", "Qwen/Qwen3-32B", "Qwen/Qwen3-30B-A3B", None):
+    assert [c[0] for c in fake.calls] == [s.runs[0].name] and "Llama" in s.runs[0].name
+    assert res[s.runs[0].name] != "failed" and res[s.runs[1].name] == "failed"
+    assert "Gemma models are not supported" in (s.root / s.runs[1].name / "FAILED").read_text()
+    for ok in ("Qwen/Qwen3-8B", "Qwen/Qwen3-32B", "Qwen/Qwen3-30B-A3B", "meta-llama/Llama-3.1-8B-Instruct", None):
         sw.check_supported(OmegaConf.create({"model": {"checkpoint": ok}}))
     local = tmp_path / "ckpt"
     local.mkdir()
-    (local / "config.json").write_text(json.dumps({"model_type": "qwen3_moe"}))
-    sw.check_supported(OmegaConf.create({"model": {"checkpoint": str(local)}}))
-    (local / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(sw.UnsupportedModel, match="'llama'"):
+    for mt in ("qwen3_moe", "llama"):
+        (local / "config.json").write_text(json.dumps({"model_type": mt}))
+        sw.check_supported(OmegaConf.create({"model": {"checkpoint": str(local)}}))
+    (local / "config.json").write_text(json.dumps({"model_type": "gemma3"}))
+    with pytest.raises(sw.UnsupportedModel, match="'gemma3'"):
         sw.check_supported(OmegaConf.create({"model": {"checkpoint": str(local)}}))
 
 
