@@ -170,12 +170,13 @@ def over_adapters(fn, in_axes, *, sequential: bool = False):
 # PEFT interchange
 
 
-def _peft_key(layer: int, module: str, which: str, expert: int | None = None) -> str:
-    """PEFT's tensor name; Qwen3-MoE experts are ``mlp.experts.{e}.gate_proj`` (the hub layout PEFT and vLLM read)."""
+def _peft_key(layer: int, module: str, which: str, expert: int | None = None, layers: str = "model.layers") -> str:
+    """PEFT's tensor name; Qwen3-MoE experts are ``mlp.experts.{e}.gate_proj`` (the hub layout PEFT and vLLM read);
+    ``layers`` is the layers' module path (``model.language_model.layers`` in a multimodal Gemma 3)."""
     hf_sub = next(hf for (mod, hf) in TARGETS.values() if mod == module)
     if expert is not None:
         hf_sub = f"mlp.experts.{expert}.{module}"
-    return f"base_model.model.model.layers.{layer}.{hf_sub}.lora_{which}.weight"
+    return f"base_model.model.{layers}.{layer}.{hf_sub}.lora_{which}.weight"
 
 
 def _entries(shape) -> Iterator[tuple[tuple[int, ...], int, int | None]]:
@@ -197,9 +198,10 @@ def export_peft(model, out_dir: str | os.PathLike, *, base_model_name_or_path: s
     for name, lin in lora_modules(model):
         a = np.asarray(jax.device_get(lin.lora_a[...]), dtype=np.float32)  # (L, [E,] in, r)
         b = np.asarray(jax.device_get(lin.lora_b[...]), dtype=np.float32)  # (L, [E,] r, out)
+        layers = getattr(model, "hf_layers", "model.layers")
         for idx, i, e in _entries(a.shape):
-            tensors[_peft_key(i, name, "A", e)] = np.ascontiguousarray(a[idx].T)  # (r, in)
-            tensors[_peft_key(i, name, "B", e)] = np.ascontiguousarray(b[idx].T)  # (out, r)
+            tensors[_peft_key(i, name, "A", e, layers)] = np.ascontiguousarray(a[idx].T)  # (r, in)
+            tensors[_peft_key(i, name, "B", e, layers)] = np.ascontiguousarray(b[idx].T)  # (out, r)
     save_file(tensors, str(out / "adapter_model.safetensors"))
     config = {
         "peft_type": "LORA",
@@ -265,7 +267,7 @@ def load_peft(model, adapter_dir: str | os.PathLike) -> None:
         b = np.empty((*lead, r, d_out), np.float32)
         for idx, i, e in _entries(a.shape):
             for which, dst, shape in (("A", a, (r, d_in)), ("B", b, (d_out, r))):
-                key = _peft_key(i, name, which, e)
+                key = _peft_key(i, name, which, e, getattr(model, "hf_layers", "model.layers"))
                 if key not in tensors:
                     raise KeyError(f"{fname}: missing tensor {key}")
                 t = tensors[key]

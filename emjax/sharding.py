@@ -21,7 +21,7 @@ PARAM_RULES: list[tuple[str, tuple[str | None, ...]]] = [
     (r"^embed$", ("vocab", "embed")),
     (r"^lm_head$", ("embed", "vocab")),
     (r"^final_norm$", (None,)),
-    (r"blocks/(input_norm|post_norm)$", ("layers", None)),
+    (r"blocks/(input_norm|post_norm|attn_out_norm|mlp_out_norm)$", ("layers", None)),
     (r"blocks/(q_norm|k_norm)$", ("layers", None)),
     (r"blocks/(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$", ("layers", "embed", "mlp")),
     (r"blocks/(o_proj|down_proj)/kernel$", ("layers", "mlp", "embed")),

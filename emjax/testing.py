@@ -23,18 +23,41 @@ TINY_LLAMA = dict(TINY, rms_norm_eps=1e-5, rope_theta=500_000.0,
                                    "original_max_position_embeddings": 32})
 
 
+# Gemma 3: a sliding window of 8 on every other layer (the real models: 512–1024 on five of six), linear RoPE scaling
+# on the global layers (4B and up: ×8), query_pre_attn_scalar ≠ head_dim, and a final-logit soft cap (null in the
+# released configs, but transformers' Gemma3ForCausalLM applies it when set)
+TINY_GEMMA = dict(TINY, tie_word_embeddings=True, sliding_window=8, sliding_window_pattern=2, query_pre_attn_scalar=20,
+                  final_logit_softcapping=3.0,
+                  rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                                   "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+# the multimodal model's (tiny) SigLIP vision tower: only there so the checkpoint has the real layout
+TINY_SIGLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                   patch_size=14)
+
+
 def tiny_hf_model(seed: int = 0, noise: float = 0.05, moe: bool = False, family: str = "qwen3", **overrides):
     """A transformers ``Qwen3ForCausalLM`` (``moe``: ``Qwen3MoeForCausalLM``; ``family="llama"``:
-    ``LlamaForCausalLM``) with random weights (norm weights perturbed too, so they matter)."""
+    ``LlamaForCausalLM``; ``"gemma3"``: ``Gemma3ForCausalLM``; ``"gemma3-mm"``: the multimodal
+    ``Gemma3ForConditionalGeneration``, ``overrides`` going to its text config) with random weights (norm weights
+    perturbed too, so they matter)."""
     import torch
-    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
+    from transformers import (Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, Gemma3TextConfig,
+                              LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
                               Qwen3MoeForCausalLM)
 
     torch.manual_seed(seed)
     if family == "llama":
         model = LlamaForCausalLM(LlamaConfig(**dict(TINY_LLAMA, **overrides))).eval()
+    elif family == "gemma3":
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**dict(TINY_GEMMA, **overrides))).eval()
+    elif family == "gemma3-mm":
+        text = dict(TINY_GEMMA, **overrides)
+        v = text["vocab_size"]  # the image tokens sit at the top of the vocabulary
+        model = Gemma3ForConditionalGeneration(Gemma3Config(
+            text_config=text, vision_config=TINY_SIGLIP, mm_tokens_per_image=4, image_token_index=v - 1,
+            boi_token_index=v - 3, eoi_token_index=v - 2)).eval()
     elif family != "qwen3":
-        raise ValueError(f"family {family!r}: use 'qwen3' or 'llama'")
+        raise ValueError(f"family {family!r}: use 'qwen3', 'llama', 'gemma3' or 'gemma3-mm'")
     else:
         kw = dict(TINY_MOE if moe else TINY, **overrides)
         model = (Qwen3MoeForCausalLM(Qwen3MoeConfig(**kw)) if moe else Qwen3ForCausalLM(Qwen3Config(**kw))).eval()

@@ -19,7 +19,7 @@ from flax import nnx
 
 from emjax import sharding as shd
 from emjax.lora import LoraConfig
-from emjax.models import llama, qwen3
+from emjax.models import gemma, llama, qwen3
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -120,7 +120,13 @@ def resolve(path_or_hub_id: str | os.PathLike) -> Path:
 
 
 # model_type -> the family's config reader; every family loads into ``Qwen3ForCausalLM`` (see emjax/models/llama.py)
-FAMILIES = {"qwen3": qwen3.config_from_hf, "qwen3_moe": qwen3.config_from_hf, "llama": llama.config_from_hf}
+FAMILIES = {"qwen3": qwen3.config_from_hf, "qwen3_moe": qwen3.config_from_hf, "llama": llama.config_from_hf,
+            "gemma3_text": gemma.config_from_hf, "gemma3": gemma.config_from_hf}
+# Where a checkpoint keeps its language model: causal LMs under "model."; Gemma 3's multimodal checkpoints under
+# "language_model.model." (hub files, transformers 4) or "model.language_model." (saved by transformers 5). Their
+# vision tower and projector are not loaded.
+LM_PREFIXES = ("model.", "language_model.model.", "model.language_model.")
+_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
 
 def config_from_hf(config) -> qwen3.Qwen3Config:
@@ -137,24 +143,29 @@ def _hf_sub(module: str) -> str:
     return ("self_attn." if module in qwen3.ATTN else "mlp.") + module
 
 
-def _sources(cfg: qwen3.Qwen3Config):
+def _sources(cfg: qwen3.Qwen3Config, prefix: str = "model."):
     """emjax parameter path -> (HF name template with {i} for stacked, transpose?)."""
+    layer = prefix + "layers.{i}."
     src = {
-        "embed": ("model.embed_tokens.weight", False),
-        "final_norm": ("model.norm.weight", False),
-        "blocks/input_norm": ("model.layers.{i}.input_layernorm.weight", False),
-        "blocks/post_norm": ("model.layers.{i}.post_attention_layernorm.weight", False),
+        "embed": (prefix + "embed_tokens.weight", False),
+        "final_norm": (prefix + "norm.weight", False),
+        "blocks/input_norm": (layer + "input_layernorm.weight", False),
+        "blocks/post_norm": (layer + "post_attention_layernorm.weight", False),
     }
+    if cfg.sandwich_norm:  # Gemma 3: post_attention_layernorm is on the attention output; the MLP input has its own
+        src["blocks/post_norm"] = (layer + "pre_feedforward_layernorm.weight", False)
+        src["blocks/attn_out_norm"] = (layer + "post_attention_layernorm.weight", False)
+        src["blocks/mlp_out_norm"] = (layer + "post_feedforward_layernorm.weight", False)
     if cfg.qk_norm:
-        src["blocks/q_norm"] = ("model.layers.{i}.self_attn.q_norm.weight", False)
-        src["blocks/k_norm"] = ("model.layers.{i}.self_attn.k_norm.weight", False)
+        src["blocks/q_norm"] = (layer + "self_attn.q_norm.weight", False)
+        src["blocks/k_norm"] = (layer + "self_attn.k_norm.weight", False)
     for m in qwen3.ATTN:
-        src[f"blocks/{m}/kernel"] = (f"model.layers.{{i}}.{_hf_sub(m)}.weight", True)
+        src[f"blocks/{m}/kernel"] = (f"{layer}{_hf_sub(m)}.weight", True)
     for m in qwen3.MLP:
         sub = f"mlp.experts.{{e}}.{m}" if cfg.is_moe else _hf_sub(m)
-        src[f"blocks/{m}/kernel"] = (f"model.layers.{{i}}.{sub}.weight", True)
+        src[f"blocks/{m}/kernel"] = (f"{layer}{sub}.weight", True)
     if cfg.is_moe:
-        src["blocks/router"] = ("model.layers.{i}.mlp.gate.weight", True)
+        src["blocks/router"] = (layer + "mlp.gate.weight", True)
     if not cfg.tie_word_embeddings:
         src["lm_head"] = ("lm_head.weight", True)
     return src
@@ -183,7 +194,7 @@ def init_lora(lora_state, seed: int, mesh: jax.sharding.Mesh | None = None):
 
 def from_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=jnp.bfloat16, compute_dtype=None,
                     lora: LoraConfig | None = None, mesh: jax.sharding.Mesh | None = None, seed: int = 0):
-    """Load a Hugging Face Qwen3, Qwen3-MoE or Llama 3 checkpoint into ``Qwen3ForCausalLM``.
+    """Load a Hugging Face Qwen3, Qwen3-MoE, Llama 3 or Gemma 3 checkpoint into ``Qwen3ForCausalLM``.
 
     ``dtype`` is the parameter dtype of the frozen weights (LoRA factors are always fp32); ``compute_dtype``
     defaults to it. With ``mesh`` every tensor goes straight to its sharding from ``emjax.sharding``.
@@ -196,7 +207,8 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=jnp.bfloat16, co
     abstract = nnx.eval_shape(lambda: qwen3.Qwen3ForCausalLM(cfg, lora=lora, param_dtype=dtype,
                                                              dtype=compute_dtype, rngs=nnx.Rngs(seed)))
     graphdef, state = nnx.split(abstract)
-    sources = _sources(cfg)
+    prefix = next((p for p in LM_PREFIXES if p + "embed_tokens.weight" in ckpt.where), "model.")
+    sources = _sources(cfg, prefix)
     rng = np.random.default_rng(seed)
 
     def load_leaf(path, var):
@@ -238,12 +250,17 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=jnp.bfloat16, co
         return jax.make_array_from_callback(tuple(shape), sharding, cb)
 
     loaded = jax.tree_util.tree_map_with_path(load_leaf, state)
-    unused = sorted(n for n in ckpt.where if n not in ckpt.used and not n.endswith(_IGNORED_SUFFIXES))
-    if cfg.tie_word_embeddings and "lm_head.weight" in unused:
-        unused.remove("lm_head.weight")  # some tied checkpoints store the copy anyway
+    unused = sorted(n for n in ckpt.where if n not in ckpt.used and not n.endswith(_IGNORED_SUFFIXES)
+                    and not (prefix != "model." and n.startswith(_VISION_PREFIXES)))
+    for name in ("lm_head.weight", "language_model.lm_head.weight"):
+        if cfg.tie_word_embeddings and name in unused:
+            unused.remove(name)  # some tied checkpoints store the copy anyway
     if unused:
         raise CheckpointError(f"{ckpt.where[unused[0]].path}: unexpected tensor {unused[0]} "
-                              f"({len(unused)} unused in total) — not a plain Qwen3 / Qwen3-MoE / Llama checkpoint?")
+                              f"({len(unused)} unused in total) — not a plain Qwen3 / Qwen3-MoE / Llama / Gemma 3 checkpoint?")
     model = nnx.merge(graphdef, loaded)
     model.source = str(path_or_hub_id)
+    # PEFT names an adapter by the module path in the HF model: the multimodal Gemma's language model is
+    # model.language_model.layers in transformers 5
+    model.hf_layers = "model.layers" if prefix == "model." else "model.language_model.layers"
     return model

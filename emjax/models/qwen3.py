@@ -54,6 +54,19 @@ class Qwen3Config:
     # scaling as sorted (key, value) pairs of HF's ``rope_scaling`` (() = none; rope_type "linear" or "llama3")
     qk_norm: bool = True
     rope_scaling: tuple = ()
+    # Gemma 3 (see emjax/models/gemma.py): RMSNorm scaling by (1 + w) in fp32; extra norms on the attention and MLP
+    # outputs; embeddings × embed_scale (√hidden); GELU-tanh MLP; scores × query_scale (0: 1/√head_dim); layers marked
+    # in sliding_layers attend to the last sliding_window positions only, with RoPE θ rope_local_theta (unscaled);
+    # tanh soft-capping of the final logits (0: none)
+    norm_plus_one: bool = False
+    sandwich_norm: bool = False
+    embed_scale: float = 0.0
+    hidden_act: str = "silu"
+    query_scale: float = 0.0
+    sliding_window: int = 0
+    sliding_layers: tuple = ()
+    rope_local_theta: float = 10_000.0
+    final_softcap: float = 0.0
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -63,6 +76,11 @@ class Qwen3Config:
             raise ValueError(f"num_experts={self.num_experts} needs 0 < num_experts_per_tok <= num_experts (got "
                              f"{self.num_experts_per_tok}) and moe_intermediate_size > 0 (got "
                              f"{self.moe_intermediate_size})")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r}: use one of {sorted(ACTIVATIONS)}")
+        if self.sliding_layers and (len(self.sliding_layers) != self.num_layers or self.sliding_window <= 0):
+            raise ValueError(f"sliding_layers needs one flag per layer ({self.num_layers}, got "
+                             f"{len(self.sliding_layers)}) and sliding_window > 0 (got {self.sliding_window})")
 
     @property
     def is_moe(self) -> bool:
@@ -73,7 +91,7 @@ class Qwen3Config:
         attn = d * hd * (self.num_heads * 2 + self.num_kv_heads * 2) + (2 * hd if self.qk_norm else 0)
         mlp = (d * self.num_experts + experts * 3 * d * self.moe_intermediate_size) if self.is_moe else 3 * d * f
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
-        return self.vocab_size * d + self.num_layers * (attn + mlp + 2 * d) + d + head
+        return self.vocab_size * d + self.num_layers * (attn + mlp + (4 if self.sandwich_norm else 2) * d) + d + head
 
     @property
     def num_params(self) -> int:
@@ -240,7 +258,8 @@ class StackedLinear(nnx.Module):
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
-NORMS = ("input_norm", "post_norm", "q_norm", "k_norm")
+NORMS = ("input_norm", "post_norm", "q_norm", "k_norm", "attn_out_norm", "mlp_out_norm")
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 # Activation rematerialisation of the scanned layer body (training): without it the backward keeps every layer's
 # activations, the (B, H, T, T) attention probabilities included; a Qwen3-8B batch of 16 × 2048 tokens would need
 # over a TB (bench/memory.py). "full" keeps only each layer's input and recomputes the layer's forward in the
@@ -270,10 +289,14 @@ class Qwen3Blocks(nnx.Module):
         # Qwen3-MoE's router (HF ``mlp.gate``, a (E, d) linear; here (L, d, E)); frozen, never adapted
         self.router = (nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (L, d, cfg.num_experts), param_dtype))
                        if cfg.is_moe else None)
-        self.input_norm = nnx.Param(jnp.ones((L, d), param_dtype))
-        self.post_norm = nnx.Param(jnp.ones((L, d), param_dtype))
-        self.q_norm = nnx.Param(jnp.ones((L, hd), param_dtype)) if cfg.qk_norm else None
-        self.k_norm = nnx.Param(jnp.ones((L, hd), param_dtype)) if cfg.qk_norm else None
+        one = 0.0 if cfg.norm_plus_one else 1.0  # a no-op norm weight: Gemma's norms scale by (1 + w)
+        self.input_norm = nnx.Param(jnp.full((L, d), one, param_dtype))
+        self.post_norm = nnx.Param(jnp.full((L, d), one, param_dtype))
+        # Gemma 3's norms of the attention output (HF post_attention_layernorm) and of the MLP output
+        self.attn_out_norm = nnx.Param(jnp.full((L, d), one, param_dtype)) if cfg.sandwich_norm else None
+        self.mlp_out_norm = nnx.Param(jnp.full((L, d), one, param_dtype)) if cfg.sandwich_norm else None
+        self.q_norm = nnx.Param(jnp.full((L, hd), one, param_dtype)) if cfg.qk_norm else None
+        self.k_norm = nnx.Param(jnp.full((L, hd), one, param_dtype)) if cfg.qk_norm else None
 
 
 @jax.tree_util.register_dataclass
@@ -322,10 +345,11 @@ class Qwen3ForCausalLM(nnx.Module):
         self.lora_config = lora
         self.dtype = jnp.dtype(dtype or param_dtype)  # compute dtype
         self.source = None
+        self.hf_layers = "model.layers"  # the layers' module path in the HF model (PEFT's adapter names)
         self.embed = nnx.Param(nnx.initializers.normal(embed_init_std)(
             rngs.params(), (cfg.vocab_size, cfg.hidden_size), param_dtype))
         self.blocks = Qwen3Blocks(cfg, lora=lora, param_dtype=param_dtype, rngs=rngs)
-        self.final_norm = nnx.Param(jnp.ones((cfg.hidden_size,), param_dtype))
+        self.final_norm = nnx.Param(jnp.full((cfg.hidden_size,), 0.0 if cfg.norm_plus_one else 1.0, param_dtype))
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
@@ -344,12 +368,15 @@ class Qwen3ForCausalLM(nnx.Module):
         """Final-norm'd hidden states (..., D) -> fp32 logits (..., V). ``head``: a precomputed ``head_matrix()``
         (the sampler makes it once per call)."""
         if head is not None:
-            return jnp.dot(h, head, preferred_element_type=jnp.float32)
-        if self.lm_head is None:
+            out = jnp.dot(h, head, preferred_element_type=jnp.float32)
+        elif self.lm_head is None:
             w = self.embed[...].astype(self.dtype)
-            return jnp.einsum("...d,vd->...v", h, w, preferred_element_type=jnp.float32)
-        return jnp.einsum("...d,dv->...v", h, self.lm_head[...].astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+            out = jnp.einsum("...d,vd->...v", h, w, preferred_element_type=jnp.float32)
+        else:
+            out = jnp.einsum("...d,dv->...v", h, self.lm_head[...].astype(self.dtype),
+                             preferred_element_type=jnp.float32)
+        cap = self.config.final_softcap
+        return out if not cap else jnp.tanh(out / cap) * cap
 
     def head_matrix(self):
         """The output projection as a (D, V) matrix in the compute dtype (tied: the embedding transposed, a copy)."""
@@ -366,7 +393,10 @@ class Qwen3ForCausalLM(nnx.Module):
         if remat not in REMAT:
             raise ValueError(f"remat {remat!r}: use one of {sorted(REMAT)}")
         B, T = tokens.shape
-        h = jnp.take(self.embed[...], tokens, axis=0, mode="clip").astype(self.dtype)
+        h = jnp.take(self.embed[...], tokens, axis=0, mode="clip")
+        if cfg.embed_scale:  # Gemma: × √hidden rounded to the weights' dtype (55.4 -> 55.5 in bf16), as HF does
+            h = h * jnp.asarray(cfg.embed_scale, h.dtype)
+        h = h.astype(self.dtype)
 
         if cache is None:
             if positions is None:
@@ -374,6 +404,7 @@ class Qwen3ForCausalLM(nnx.Module):
             q_pos = positions
             causal = jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]
             mask = jnp.broadcast_to(causal, (B, T, T))
+            q_idx, k_idx = jnp.arange(T)[None, :, None], jnp.arange(T)[None, None, :]
             if segment_ids is not None:
                 mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
             elif attention_mask is not None:
@@ -391,8 +422,16 @@ class Qwen3ForCausalLM(nnx.Module):
             k_idx = jnp.arange(cache.max_len)
             # Right-padded rows: valid keys are a prefix [0, new_length); causal on absolute cache positions.
             mask = (k_idx[None, None, :] <= q_pos[:, :, None]) & (k_idx[None, None, :] < new_lengths[:, None, None])
+            q_idx, k_idx = q_pos[:, :, None], k_idx[None, None, :]
 
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        if cfg.sliding_layers:
+            # Gemma 3's local layers: keys at most sliding_window - 1 positions back (HF: kv > q - window, on
+            # absolute indices), RoPE with their own θ; each layer picks its mask and tables by its flag
+            local = mask & (q_idx - k_idx < cfg.sliding_window)
+            mask = jnp.stack([mask, local])
+            cos_l, sin_l = rope_tables(positions, cfg.head_dim, cfg.rope_local_theta)
+            cos, sin = jnp.stack([cos, cos_l]), jnp.stack([sin, sin_l])
         scale = self.lora_config.scale if self.lora_config else 0.0
         body = _make_layer_fn(cfg, self.dtype, scale, mask, cos, sin, start, attn_chunk if cache is None else 0)
 
@@ -425,7 +464,7 @@ class Qwen3ForCausalLM(nnx.Module):
                 ks.append(kc)
                 vs.append(vc)
             new_cache = KVCache(tuple(ks), tuple(vs), new_lengths)
-        h = rms_norm(h, self.final_norm[...], cfg.rms_norm_eps)
+        h = norm_fn(cfg)(h, self.final_norm[...], cfg.rms_norm_eps)
         return h, new_cache
 
     def layer_list(self) -> list[dict]:
@@ -436,6 +475,8 @@ class Qwen3ForCausalLM(nnx.Module):
     def _layer_params(self) -> dict:
         b = self.blocks
         p = {n: getattr(b, n)[...] for n in NORMS if getattr(b, n) is not None}
+        if self.config.sliding_layers:
+            p["sliding"] = jnp.asarray(self.config.sliding_layers, jnp.int32)  # which mask and RoPE tables
         if b.router is not None:
             p["router"] = b.router[...]
         for name in ATTN + MLP:
@@ -466,6 +507,25 @@ def rms_norm(x, w, eps):
         return _rms_norm(x, w, eps)
     return jax.checkpoint(_rms_norm, static_argnums=(2,),
                           policy=jax.checkpoint_policies.save_only_these_names("rms_inv"))(x, w, eps)
+
+
+def _rms_norm_plus_one(x, w, eps):
+    dtype = x.dtype
+    xf = x.astype(jnp.float32)
+    xf = xf * checkpoint_name(jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps), "rms_inv")
+    return (xf * (1.0 + w.astype(jnp.float32))).astype(dtype)
+
+
+def rms_norm_plus_one(x, w, eps):
+    """transformers' Gemma3RMSNorm: normalised in fp32, × (1 + w) in fp32, then cast (Qwen3 casts before × w)."""
+    if x.dtype == jnp.float32:
+        return _rms_norm_plus_one(x, w, eps)
+    return jax.checkpoint(_rms_norm_plus_one, static_argnums=(2,),
+                          policy=jax.checkpoint_policies.save_only_these_names("rms_inv"))(x, w, eps)
+
+
+def norm_fn(cfg: Qwen3Config):
+    return rms_norm_plus_one if cfg.norm_plus_one else rms_norm
 
 
 def rope_inv_freq(head_dim, theta, scaling: tuple = ()):
@@ -511,7 +571,7 @@ def _linear(x, params, scale):
     return lora_matmul(x, kernel.astype(x.dtype), a.astype(x.dtype), b.astype(x.dtype), scale)
 
 
-def _attend(q, k, v, mask, dtype, keys_transposed: bool = False):
+def _attend(q, k, v, mask, dtype, keys_transposed: bool = False, scale: float = 0.0):
     """Softmax attention with the G query heads of a KV head stacked as rows (both products plain batched matmuls):
     q (B, K, G, Tq, hd), k (B, K, S, hd) or, from the cache, (B, K, hd, S), v (B, K, S, hd), mask (B, Tq, S)
     -> (B, K, G, Tq, hd).
@@ -519,18 +579,18 @@ def _attend(q, k, v, mask, dtype, keys_transposed: bool = False):
     Below fp32 the backward keeps the fp32 probabilities (the softmax's own residual) and recasts them, rather than
     also keeping their ``dtype`` copy for the second product: a third fewer bytes for the largest activation of a
     layer that is not rematerialised, the same gradient bit for bit."""
-    f = functools.partial(_attend_math, dtype=dtype, keys_transposed=keys_transposed)
+    f = functools.partial(_attend_math, dtype=dtype, keys_transposed=keys_transposed, scale=scale)
     if jnp.dtype(dtype) != jnp.float32:
         f = jax.checkpoint(f, policy=jax.checkpoint_policies.save_only_these_names("attn_probs"))
     return f(q, k, v, mask)
 
 
-def _attend_math(q, k, v, mask, dtype, keys_transposed):
+def _attend_math(q, k, v, mask, dtype, keys_transposed, scale=0.0):
     B, K, G, Tq, hd = q.shape
     spec = "bkqd,bkds->bkqs" if keys_transposed else "bkqd,bksd->bkqs"
     scores = jnp.einsum(spec, q.reshape(B, K, G * Tq, hd), k, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask[:, None, None], scores.reshape(B, K, G, Tq, -1) / math.sqrt(hd),
-                       jnp.finfo(jnp.float32).min)
+    scores = scores.reshape(B, K, G, Tq, -1) * (scale or 1.0 / math.sqrt(hd))
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = checkpoint_name(jax.nn.softmax(scores, axis=-1), "attn_probs")
     out = jnp.einsum("bkqs,bksd->bkqd", probs.astype(dtype).reshape(B, K, G * Tq, -1), v)
     return out.reshape(B, K, G, Tq, hd)
@@ -546,11 +606,11 @@ def split_chunks(x, axis: int, size: int):
     return jnp.moveaxis(x.reshape(*x.shape[:axis], n, size, *x.shape[axis + 1:]), axis, 0)
 
 
-def _attend_chunked(q, k, v, mask, dtype, chunk):
+def _attend_chunked(q, k, v, mask, dtype, chunk, **kw):
     """``_attend`` over query chunks in a scan whose body is rematerialised: every query row still sees all its keys
     (the same softmax), but only one chunk's (B, H, chunk, S) scores exist at a time, in the backward too."""
     B, K, G, T, hd = q.shape
-    body = jax.checkpoint(lambda qc, mc: _attend(qc, k, v, mc, dtype), prevent_cse=False)
+    body = jax.checkpoint(lambda qc, mc: _attend(qc, k, v, mc, dtype, **kw), prevent_cse=False)
     _, out = jax.lax.scan(lambda c, xs: (c, body(*xs)), None,
                           (split_chunks(q, 3, chunk), split_chunks(mask, 1, chunk)))  # (n, B, K, G, chunk, hd)
     return jnp.moveaxis(out, 0, 3).reshape(B, K, G, -1, hd)[:, :, :, :T]
@@ -559,15 +619,21 @@ def _attend_chunked(q, k, v, mask, dtype, chunk):
 def _make_layer_fn(cfg: Qwen3Config, dtype, scale, mask, cos, sin, cache_start, attn_chunk=0):
     H, K, hd, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
     G = H // K
+    norm, act = norm_fn(cfg), ACTIVATIONS[cfg.hidden_act]
+    attn_kw = dict(scale=cfg.query_scale)
+    all_mask, all_cos, all_sin = mask, cos, sin
 
     def layer(h, p, kv):
         B, T, _ = h.shape
-        x = rms_norm(h, p["input_norm"], eps)
+        mask, cos, sin = all_mask, all_cos, all_sin
+        if cfg.sliding_layers:  # [global, local] stacks from hidden_states; this layer's flag picks one
+            mask, cos, sin = all_mask[p["sliding"]], all_cos[p["sliding"]], all_sin[p["sliding"]]
+        x = norm(h, p["input_norm"], eps)
         q = _linear(x, p["q_proj"], scale).reshape(B, T, H, hd)
         k = _linear(x, p["k_proj"], scale).reshape(B, T, K, hd)
         v = _linear(x, p["v_proj"], scale).reshape(B, T, K, hd)
         if cfg.qk_norm:
-            q, k = rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps)
+            q, k = norm(q, p["q_norm"], eps), norm(k, p["k_norm"], eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # heads-first layout (B, K, rows, hd) with the G query heads of a KV head stacked as rows (g, t): both
         # attention products become plain batched matmuls with no transposes inside them.
@@ -591,19 +657,23 @@ def _make_layer_fn(cfg: Qwen3Config, dtype, scale, mask, cos, sin, cache_start, 
                 vc = jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice(c, x, (0, i, 0)))(
                     vc, vh.astype(vc.dtype), cache_start)
                 new_kv = (kc, vc)
-            attn = _attend(q5, kc.astype(dtype), vc.astype(dtype), mask, dtype, keys_transposed=True)
+            attn = _attend(q5, kc.astype(dtype), vc.astype(dtype), mask, dtype, keys_transposed=True, **attn_kw)
         else:
             new_kv = None
-            attn = (_attend_chunked(q5, kh, vh, mask, dtype, attn_chunk) if 0 < attn_chunk < T
-                    else _attend(q5, kh, vh, mask, dtype))
+            attn = (_attend_chunked(q5, kh, vh, mask, dtype, attn_chunk, **attn_kw) if 0 < attn_chunk < T
+                    else _attend(q5, kh, vh, mask, dtype, **attn_kw))
         attn = attn.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
-        h = h + _linear(attn, p["o_proj"], scale)
-        x = rms_norm(h, p["post_norm"], eps)
+        attn = _linear(attn, p["o_proj"], scale)
+        if cfg.sandwich_norm:
+            attn = norm(attn, p["attn_out_norm"], eps)
+        h = h + attn
+        x = norm(h, p["post_norm"], eps)
         if cfg.is_moe:
             return h + _moe_mlp(x, p, cfg, scale), new_kv
-        mlp = jax.nn.silu(_linear(x, p["gate_proj"], scale)) * _linear(x, p["up_proj"], scale)
-        h = h + _linear(mlp, p["down_proj"], scale)
-        return h, new_kv
+        mlp = _linear(act(_linear(x, p["gate_proj"], scale)) * _linear(x, p["up_proj"], scale), p["down_proj"], scale)
+        if cfg.sandwich_norm:
+            mlp = norm(mlp, p["mlp_out_norm"], eps)
+        return h + mlp, new_kv
 
     return layer
 

@@ -187,9 +187,9 @@ def test_init_lora_draws_what_from_pretrained_draws(tmp_path):
 def test_unknown_model_type(tmp_path):
     p = tiny_hf_checkpoint(tmp_path)
     cfg = json.loads((p / "config.json").read_text())
-    cfg["model_type"] = "gemma3"
+    cfg["model_type"] = "mistral"
     (p / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"config.json: model_type 'gemma3' is not supported"):
+    with pytest.raises(ValueError, match=r"config.json: model_type 'mistral' is not supported"):
         from_pretrained(p)
 
 
@@ -280,8 +280,8 @@ def test_bf16_backward_keeps_no_fp32_norm_inputs_or_cast_probs(monkeypatch, padd
     value, grads, kept, cfg = _bf16_lora_vjp(mask)
     with monkeypatch.context() as m:  # autodiff of the plain math
         m.setattr(qwen3, "rms_norm", qwen3._rms_norm)
-        m.setattr(qwen3, "_attend", lambda q, k, v, mask, dtype, keys_transposed=False:
-                  qwen3._attend_math(q, k, v, mask, dtype, keys_transposed))
+        m.setattr(qwen3, "_attend", lambda q, k, v, mask, dtype, keys_transposed=False, **kw:
+                  qwen3._attend_math(q, k, v, mask, dtype, keys_transposed, **kw))
         value0, grads0, kept0, _ = _bf16_lora_vjp(mask)
     assert float(value) == float(value0)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0), strict=True):
