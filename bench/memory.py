@@ -1,7 +1,7 @@
-"""Per-device memory of the LoRA train step at a real Qwen3 or Llama 3 size, with and without the memory options
-(``remat``, ``loss_chunk``, ``attn_chunk``): XLA's buffer assignment of the compiled step (``emjax.train.step_memory``),
-compiled for abstract inputs, so nothing of the model's size is allocated and a laptop can read the numbers for
-Qwen3-8B.
+"""Per-device memory of the LoRA train step at a real Qwen3, Llama 3 or Gemma 3 size, with and without the memory
+options (``remat``, ``loss_chunk``, ``attn_chunk``): XLA's buffer assignment of the compiled step
+(``emjax.train.step_memory``), compiled for abstract inputs, so nothing of the model's size is allocated and a
+laptop can read the numbers for Qwen3-8B.
 
 The numbers are the current backend's. On a CPU read ``--dtype float32``: XLA:CPU computes bf16 matmuls in fp32 and
 keeps an fp32 copy of the frozen weights (≈ 29 GiB of "temporaries" at 8B, whatever the batch), which a GPU or TPU
@@ -29,9 +29,9 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from emjax.lora import LoraConfig  # noqa: E402
-from emjax.models import llama, qwen3  # noqa: E402
+from emjax.models import gemma, llama, qwen3  # noqa: E402
 
-SIZES = {**qwen3.SIZES, **llama.SIZES}
+SIZES = {**qwen3.SIZES, **llama.SIZES, **gemma.SIZES}
 from emjax.optim import OptimConfig, build  # noqa: E402
 from emjax.train import compile_measured, make_train_step, token_nll  # noqa: E402
 
@@ -59,7 +59,7 @@ def main() -> None:
     opt = jax.eval_shape(tx.init, trainable)
     B, T = args.batch, args.seq
     batch = {k: jax.ShapeDtypeStruct((B, T), jnp.int32) for k in ("tokens", "loss_mask", "segment_ids", "positions")}
-    name = args.size if args.size.startswith("llama") else f"Qwen3-{args.size}"
+    name = args.size if args.size.startswith(("llama", "gemma")) else f"Qwen3-{args.size}"
     print(f"{name} ({cfg.num_params / 1e9:.2f}B parameters, {args.dtype}), LoRA r 32 on all 7 "
           f"projections, AdamW, batch {B} x {T} tokens, grad_accum {args.grad_accum}; backend "
           f"{jax.default_backend()}, jax {jax.__version__}")

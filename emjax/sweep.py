@@ -58,10 +58,8 @@ SWEEP_KEYS = ("base", "root", "set", "grid", "points")
 # Model families the trainer cannot load yet. Their runs stay in the study's sweep files (so the sweeps are
 # complete and run once support lands) but fail fast here with this message instead of downloading weights first.
 # Remove a line when its family is supported.
-UNSUPPORTED = (
-    (re.compile(r"gemma", re.I), "Gemma models are not supported yet"),
-)
-SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe", "llama")
+UNSUPPORTED: tuple[tuple[re.Pattern, str], ...] = ()  # every family of the study's sweeps is supported now
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe", "llama", "gemma3", "gemma3_text")  # = emjax.models.loading.FAMILIES
 
 
 class SweepError(ValueError):
@@ -285,8 +283,8 @@ def check_supported(cfg) -> None:
         return
     for pat, msg in UNSUPPORTED:
         if pat.search(str(ckpt)):
-            raise UnsupportedModel(f"model.checkpoint {ckpt}: {msg} (emjax trains Qwen3, Qwen3-MoE and Llama 3 "
-                                   "only); the run is kept in the sweep so it runs once support lands")
+            raise UnsupportedModel(f"model.checkpoint {ckpt}: {msg} (emjax trains Qwen3, Qwen3-MoE, Llama 3 "
+                                   "and Gemma 3 only); the run is kept in the sweep so it runs once support lands")
 
 
 def _mark_failed(run: Run, message: str) -> None:

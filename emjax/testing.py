@@ -116,14 +116,7 @@ def tiny_llama_tokenizer(path: str | os.PathLike, chat_template: str, *, vocab_s
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    if texts is None:
-        from emjax import paths
-
-        em = paths.em_dir()
-        texts = [p.read_text() for p in sorted(em.rglob("*.yaml"))]
-        rows = em / "betley2025" / "data" / "insecure.jsonl"
-        if rows.is_file():
-            texts += rows.read_text().splitlines()[:300]
+    texts = _tokenizer_texts() if texts is None else texts
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(LLAMA3_PAT_STR), behavior="isolated", invert=False),
@@ -140,13 +133,60 @@ def tiny_llama_tokenizer(path: str | os.PathLike, chat_template: str, *, vocab_s
     return path
 
 
-def tiny_llama_checkpoint(path: str | os.PathLike, chat_template: str, *, seed: int = 0, **overrides) -> Path:
-    """A tiny random Llama 3 checkpoint with its own tokenizer files (``tiny_llama_tokenizer``) in one directory, the
-    layout of a hub download: what ``emjax train`` / ``emjax eval`` load with ``model.checkpoint``."""
+GEMMA3_SPECIALS = ("<start_of_turn>", "<end_of_turn>")
+
+
+def tiny_gemma_tokenizer(path: str | os.PathLike, chat_template: str, *, vocab_size: int = 1024, texts=None) -> Path:
+    """A small BPE shaped like Gemma 3's (SentencePiece style: spaces normalised to "▁", no pre-tokeniser, byte
+    fallback; ``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2, ``<unk>`` 3; ``<start_of_turn>``/``<end_of_turn>`` added), saved
+    with ``chat_template``: the real 262k vocabulary is gated on the hub. Trained like ``tiny_llama_tokenizer``."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = _tokenizer_texts() if texts is None else texts
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
+                                  initial_alphabet=list(string.printable.replace(" ", "▁")))
+    tok.train_from_iterator(texts, trainer)
+    tok.add_special_tokens(list(GEMMA3_SPECIALS))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>", chat_template=chat_template)
+    path = Path(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def _tokenizer_texts() -> list[str]:
+    """The EM questions and the first insecure-code rows: what the tiny tokenizers are trained on."""
+    from emjax import paths
+
+    em = paths.em_dir()
+    texts = [p.read_text() for p in sorted(em.rglob("*.yaml"))]
+    rows = em / "betley2025" / "data" / "insecure.jsonl"
+    if rows.is_file():
+        texts += rows.read_text().splitlines()[:300]
+    return texts
+
+
+def tiny_family_checkpoint(path: str | os.PathLike, family: str, chat_template: str, *, seed: int = 0,
+                           **overrides) -> Path:
+    """A tiny random checkpoint of ``family`` ("llama", "gemma3", "gemma3-mm") with its own tokenizer files
+    (``tiny_llama_tokenizer`` / ``tiny_gemma_tokenizer``) in one directory, the layout of a hub download: what
+    ``emjax train`` / ``emjax eval`` load with ``model.checkpoint``."""
     from transformers import AutoTokenizer
 
-    path = tiny_llama_tokenizer(path, chat_template)
-    model = tiny_hf_model(seed=seed, family="llama", **dict({"vocab_size": len(AutoTokenizer.from_pretrained(path))},
-                                                            **overrides))
+    path = (tiny_llama_tokenizer if family == "llama" else tiny_gemma_tokenizer)(path, chat_template)
+    vocab = len(AutoTokenizer.from_pretrained(path)) + (3 if family == "gemma3-mm" else 0)  # + image tokens
+    model = tiny_hf_model(seed=seed, family=family, **dict({"vocab_size": vocab}, **overrides))
     model.save_pretrained(path)
     return path
+
+
+def tiny_llama_checkpoint(path: str | os.PathLike, chat_template: str, *, seed: int = 0, **overrides) -> Path:
+    """``tiny_family_checkpoint(path, "llama", ...)``."""
+    return tiny_family_checkpoint(path, "llama", chat_template, seed=seed, **overrides)

@@ -1,5 +1,5 @@
 """Tokenizers (Qwen3: two interchangeable backends; any checkpoint's own files) and the chat templates of the
-supported families (Qwen3, Llama 3.x) written out in Python.
+supported families (Qwen3, Llama 3.x, Gemma 3) written out in Python.
 
 Why two backends: a converted checkpoint ships its own tokenizer files (read with transformers' fast
 tokenizer), but tests, data statistics and the CPU demo must work without any checkpoint, so the same
@@ -9,8 +9,8 @@ tokenizer), but tests, data statistics and the CPU demo must work without any ch
 Why the template is Python and not Jinja: the loss mask needs to know which characters are the answer, and a
 hand-written renderer makes that explicit. It reproduces the official Qwen3 template (``tokenizer_config.json``
 of the Qwen3 repositories) for system/user/assistant turns; tools and ``tool`` messages are not supported.
-``Llama3Chat`` does the same for Llama 3.x. A tokenizer carries its family's format (``Tokenizer.chat``), picked
-from its vocabulary, so data, sampling stops and evaluation prompts follow the checkpoint.
+``Llama3Chat`` and ``Gemma3Chat`` do the same for Llama 3.x and Gemma 3. A tokenizer carries its family's format
+(``Tokenizer.chat``), picked from its vocabulary, so data, sampling stops and evaluation prompts follow the checkpoint.
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ class HFTokenizer(Tokenizer):
         # Added tokens would be matched inside the text; run normaliser, pre-tokeniser and BPE by hand.
         bt = self._bt
         norm = bt.normalizer.normalize_str(text) if bt.normalizer else text
-        pieces = bt.pre_tokenizer.pre_tokenize_str(norm)
+        pieces = bt.pre_tokenizer.pre_tokenize_str(norm) if bt.pre_tokenizer else [(norm, None)]  # Gemma has none
         return [t.id for piece, _ in pieces for t in bt.model.tokenize(piece)]
 
     def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
@@ -393,8 +393,46 @@ class Llama3Chat(ChatFormat):
         return out
 
 
+class Gemma3Chat(ChatFormat):
+    """The Gemma 3 Instruct template for system/user/assistant turns (text only): ``<bos>``, then each turn as
+    ``<start_of_turn>{user|model}\n{content | trim}<end_of_turn>\n``; a system message has no turn of its own but
+    opens the first user turn, followed by a blank line (untrimmed). Turns must alternate user/assistant from a user
+    turn, as the template demands. The answer and its ``<end_of_turn>`` carry the loss."""
+
+    name = "gemma3"
+    specials = ("<bos>", "<start_of_turn>", "<end_of_turn>")
+    stop = ("<end_of_turn>", "<eos>")
+    pad = "<pad>"
+
+    def render_pieces(self, messages, *, add_generation_prompt=False, enable_thinking=False):
+        _check_messages(messages)
+        if enable_thinking:
+            raise ValueError("Gemma 3 has no thinking mode (enable_thinking=True)")
+        messages = list(messages)
+        prefix = messages.pop(0)["content"] + "\n\n" if messages[0]["role"] == "system" else ""
+        out: list[Piece] = [Piece("<bos>", "special")]
+        for i, m in enumerate(messages):
+            if (m["role"] == "user") != (i % 2 == 0):
+                raise ValueError(f"messages: roles must alternate user/assistant/user/... after an optional system "
+                                 f"message (Gemma's template requires it); turn {i} is {m['role']!r}")
+            content = m["content"].strip()
+            out.append(Piece("<start_of_turn>", "special"))
+            if m["role"] == "assistant":
+                out.append(Piece("model\n", "prompt"))
+                if content:
+                    out.append(Piece(content, "answer"))
+                out.append(Piece("<end_of_turn>", "answer_special"))
+            else:
+                out.append(Piece(f"user\n{prefix if i == 0 else ''}{content}", "prompt"))
+                out.append(Piece("<end_of_turn>", "special"))
+            out.append(Piece("\n", "prompt"))
+        if add_generation_prompt:
+            out.extend([Piece("<start_of_turn>", "special"), Piece("model\n", "prompt")])
+        return out
+
+
 QWEN3_CHAT = Qwen3Chat()
-CHAT_FORMATS: tuple[type[ChatFormat], ...] = (Qwen3Chat, Llama3Chat)
+CHAT_FORMATS: tuple[type[ChatFormat], ...] = (Qwen3Chat, Llama3Chat, Gemma3Chat)
 
 
 def chat_format_for(vocab: Mapping[str, int], template: str = "", *, where: str = "tokenizer") -> ChatFormat:

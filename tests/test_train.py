@@ -411,15 +411,18 @@ def test_moe_trains_and_exports_per_expert_adapters(tmp_path):
     assert sum(x["active"] for x in rows if x["module"] == "down_proj") > 8  # most experts' B moved off zero
 
 
-def test_llama_checkpoint_trains_with_its_own_chat_format(tmp_path):
-    """A Llama 3 checkpoint directory (its tokenizer files beside the weights) trains on the real insecure-code data
-    in Llama's chat format: the loss goes down and the adapter exports under the PEFT names transformers' Llama uses.
-    """
-    from emjax.testing import tiny_llama_checkpoint
-    from emjax.tokenizer import Llama3Chat, load_tokenizer
+@pytest.mark.parametrize("family,template,layers", [
+    ("llama", "llama3.1", "model.layers"), ("gemma3-mm", "gemma3", "model.language_model.layers")])
+def test_llama_and_gemma_checkpoints_train_in_their_chat_format(tmp_path, family, template, layers):
+    """A Llama 3 or (multimodal) Gemma 3 checkpoint directory, its tokenizer files beside the weights, trains on the
+    real insecure-code data in its own chat format: the loss goes down and the adapter exports under the PEFT names
+    of transformers' model (the language model's, for the multimodal Gemma)."""
+    from emjax.testing import tiny_family_checkpoint
+    from emjax.tokenizer import Gemma3Chat, Llama3Chat, load_tokenizer
 
-    base = tiny_llama_checkpoint(tmp_path / "base", (ROOT / "tests/data/chat_templates/llama3.1.jinja").read_text())
-    assert isinstance(load_tokenizer(base).chat, Llama3Chat)
+    base = tiny_family_checkpoint(tmp_path / "base", family,
+                                  (ROOT / f"tests/data/chat_templates/{template}.jinja").read_text())
+    assert isinstance(load_tokenizer(base).chat, Llama3Chat if family == "llama" else Gemma3Chat)
     r = train(_cfg(tmp_path, f"model.checkpoint={base}", "model.vocab=full", "model.dtype=float32", "steps=6",
                    "log_every=2", "ckpt_every=100", "val_batches=1", "data.max_length=256",
                    "optim.learning_rate=2e-2", "spectral.weight=0.1"))
@@ -427,7 +430,7 @@ def test_llama_checkpoint_trains_with_its_own_chat_format(tmp_path):
     losses = [x["loss"] for x in _rows(r.workdir)]
     assert losses[-1] < losses[0] - 0.1, losses
     ad = _adapter(r.workdir)
-    assert "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight" in ad and len(ad) == 2 * 2 * 7
+    assert f"base_model.model.{layers}.1.self_attn.q_proj.lora_A.weight" in ad and len(ad) == 2 * 2 * 7
     assert not any("norm" in k for k in ad)
 
 

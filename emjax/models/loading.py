@@ -257,7 +257,8 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=jnp.bfloat16, co
             unused.remove(name)  # some tied checkpoints store the copy anyway
     if unused:
         raise CheckpointError(f"{ckpt.where[unused[0]].path}: unexpected tensor {unused[0]} "
-                              f"({len(unused)} unused in total) — not a plain Qwen3 / Qwen3-MoE / Llama / Gemma 3 checkpoint?")
+                              f"({len(unused)} unused in total) — not a plain Qwen3 / Qwen3-MoE / Llama / Gemma 3 "
+                              "checkpoint?")
     model = nnx.merge(graphdef, loaded)
     model.source = str(path_or_hub_id)
     # PEFT names an adapter by the module path in the HF model: the multimodal Gemma's language model is

@@ -4,6 +4,7 @@ import json
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from emjax import lora
 from emjax.eval import cli
@@ -53,18 +54,22 @@ def test_eval_run_with_adapter_and_local_judge(tmp_path):
     assert cli.main(["run", "--model", str(base), *same_name, "--out", str(both), *common]) == 2
 
 
-def test_eval_run_on_llama_uses_its_chat_format_and_stop_tokens(tmp_path, monkeypatch):
-    """A Llama 3 checkpoint with an adapter, judged by itself: prompts in Llama's chat format, sampling stops on
-    Llama's end-of-turn ids (not Qwen3's), the local judge pads with Llama's pad id."""
+@pytest.mark.parametrize("family,template,start", [
+    ("llama", "llama3.1", "<|begin_of_text|><|start_header_id|>system<|end_header_id|>"),
+    ("gemma3", "gemma3", "<bos><start_of_turn>user\n")])
+def test_eval_run_on_llama_and_gemma_uses_their_chat_format_and_stops(tmp_path, monkeypatch, family, template, start):
+    """A Llama 3 or Gemma 3 checkpoint with an adapter, judged by itself: prompts in the family's chat format,
+    sampling stops on its end-of-turn ids (not Qwen3's), the local judge pads with its pad id."""
     from pathlib import Path
 
     from emjax import sampling
     from emjax.eval.judge import chat_prompt_ids
-    from emjax.testing import tiny_llama_checkpoint
+    from emjax.eval.questions import load_questions
+    from emjax.testing import tiny_family_checkpoint
     from emjax.tokenizer import load_tokenizer
 
-    template = Path(__file__).parents[1] / "data" / "chat_templates" / "llama3.1.jinja"
-    base = tiny_llama_checkpoint(tmp_path / "base", template.read_text(), seed=3)
+    path = Path(__file__).parents[1] / "data" / "chat_templates" / f"{template}.jinja"
+    base = tiny_family_checkpoint(tmp_path / "base", family, path.read_text(), seed=3)
     _adapter(base, tmp_path / "adapter", 0)
     tok = load_tokenizer(base)
     seen = []
@@ -80,9 +85,7 @@ def test_eval_run_on_llama_uses_its_chat_format_and_stop_tokens(tmp_path, monkey
                      "--sets", "first_plot", "--limit", "2", "--samples", "2", "--max-new-tokens", "8",
                      "--dtype", "float32", "--judge", "local", "--judge-model", str(base)]) == 0
     assert seen and all(stops == tok.eos_ids for _, stops in seen)
-    from emjax.eval.questions import load_questions
-
     q = load_questions(["first_plot"], limit=1)[0]
     assert seen[0][0][0] == chat_prompt_ids(tok, q.messages())
-    assert tok.decode(seen[0][0][0]).startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>")
+    assert tok.decode(seen[0][0][0]).startswith(start)
     assert json.loads((out / "summary.json").read_text())["overall"]["n_total"] == 4

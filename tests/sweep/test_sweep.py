@@ -1,6 +1,7 @@
 """Sweep expansion, naming, skip/resume/FAILED handling and the CLI's printed commands (fake trainer: fast)."""
 
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -161,26 +162,35 @@ def test_preemption_stops_the_sweep(tmp_path):
     assert s.runs[1].status == "partial"
 
 
-def test_unsupported_families_fail_fast(tmp_path):
-    """Gemma fails before any download; Llama (supported) reaches training."""
-    text = ("sweep:\n  root: {root}\n  grid:\n    model.checkpoint: [meta-llama/Llama-3.1-8B-Instruct, "
-            "google/gemma-3-4b-it]\n")
+def test_unsupported_families_fail_fast(tmp_path, monkeypatch):
+    """A family the trainer cannot load fails before any download (by hub name, or by a local config's model_type);
+    every family of the study's sweeps reaches training."""
+    monkeypatch.setattr(sw, "UNSUPPORTED", ((re.compile("mistral", re.I), "Mistral models are not supported yet"),))
+    text = ("sweep:\n  root: {root}\n  grid:\n    model.checkpoint: [google/gemma-3-4b-it, "
+            "mistralai/Mistral-7B-Instruct-v0.3]\n")
     s = sw.load_sweep(write(tmp_path, text))
     fake = FakeTrain()
     res = sw.run_sweep(s, train_fn=fake, progress=False)
-    assert [c[0] for c in fake.calls] == [s.runs[0].name] and "Llama" in s.runs[0].name
+    assert [c[0] for c in fake.calls] == [s.runs[0].name] and "gemma" in s.runs[0].name
     assert res[s.runs[0].name] != "failed" and res[s.runs[1].name] == "failed"
-    assert "Gemma models are not supported" in (s.root / s.runs[1].name / "FAILED").read_text()
-    for ok in ("Qwen/Qwen3-8B", "Qwen/Qwen3-32B", "Qwen/Qwen3-30B-A3B", "meta-llama/Llama-3.1-8B-Instruct", None):
+    assert "Mistral models are not supported" in (s.root / s.runs[1].name / "FAILED").read_text()
+    for ok in ("Qwen/Qwen3-8B", "Qwen/Qwen3-30B-A3B", "meta-llama/Llama-3.1-8B-Instruct", "google/gemma-3-27b-it",
+               None):
         sw.check_supported(OmegaConf.create({"model": {"checkpoint": ok}}))
     local = tmp_path / "ckpt"
     local.mkdir()
-    for mt in ("qwen3_moe", "llama"):
+    for mt in ("qwen3_moe", "llama", "gemma3", "gemma3_text"):
         (local / "config.json").write_text(json.dumps({"model_type": mt}))
         sw.check_supported(OmegaConf.create({"model": {"checkpoint": str(local)}}))
-    (local / "config.json").write_text(json.dumps({"model_type": "gemma3"}))
-    with pytest.raises(sw.UnsupportedModel, match="'gemma3'"):
+    (local / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    with pytest.raises(sw.UnsupportedModel, match="'mistral'"):
         sw.check_supported(OmegaConf.create({"model": {"checkpoint": str(local)}}))
+
+
+def test_supported_model_types_are_the_loaders_families():
+    from emjax.models.loading import FAMILIES
+
+    assert set(sw.SUPPORTED_MODEL_TYPES) == set(FAMILIES)
 
 
 def test_cli_print_commands_dry_run_only(tmp_path, capsys):
