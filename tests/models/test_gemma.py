@@ -106,14 +106,37 @@ def test_config_errors_name_the_key(tmp_path, bad, match):
 
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
 def test_greedy_matches_transformers_past_the_window(tmp_path, scan_layers):
-    hf = tiny_hf_model(seed=11, noise=0.2, family="gemma3")
+    hf = tiny_hf_model(seed=11, noise=0.2, family="gemma3", tie_word_embeddings=False)  # tied: it repeats a token
     hf.save_pretrained(tmp_path)
     model = from_pretrained(tmp_path, dtype=jnp.float32)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(8, 256, n).tolist() for n in (5, 19, 9)]  # prompts and decoding both pass the window
     batch = generate(model, prompts, max_new_tokens=12, stop_tokens=(7,), scan_layers=scan_layers)
     for p, got in zip(prompts, batch):
-        assert got == hf_greedy(hf, p, 12, 7)
+        assert got == hf_greedy(hf, p, 12, 7) and len(set(got)) > 3
+
+
+def test_adapters_sample_together_as_they_would_alone(tmp_path):
+    """``generate_many`` on a Gemma base (per-layer mask and RoPE flags ride along with the sliced layers): each
+    adapter gets ``generate``'s tokens."""
+    from flax import nnx
+
+    from emjax.sampling import generate_many
+
+    # untied: with tied embeddings × √hidden a random Gemma repeats its input token whatever the adapter
+    tiny_hf_model(seed=5, noise=0.2, family="gemma3", tie_word_embeddings=False).save_pretrained(tmp_path)
+    models, ads = [], []
+    for seed in (0, 1):
+        m = from_pretrained(tmp_path, dtype=jnp.float32, lora=lora.LoraConfig(rank=2, alpha=4), seed=seed)
+        for _, lin in lora.lora_modules(m):
+            lin.lora_b[...] = jnp.asarray(np.random.default_rng(seed).normal(0, 0.3, lin.lora_b.shape), jnp.float32)
+        models.append(m)
+        ads.append(nnx.split(m, nnx.LoRAParam, ...)[1])
+    prompts = [np.random.default_rng(n).integers(8, 256, n).tolist() for n in (5, 13)]
+    for scan_layers in (False, True):
+        kw = dict(max_new_tokens=10, stop_tokens=(7,), scan_layers=scan_layers)
+        got = generate_many(models[0], ads, prompts, **kw)
+        assert got == [generate(m, prompts, **kw) for m in models] and got[0] != got[1]
 
 
 @pytest.mark.parametrize("family", ["gemma3", "gemma3-mm"])
