@@ -185,8 +185,3 @@ def tiny_family_checkpoint(path: str | os.PathLike, family: str, chat_template: 
     model = tiny_hf_model(seed=seed, family=family, **dict({"vocab_size": vocab}, **overrides))
     model.save_pretrained(path)
     return path
-
-
-def tiny_llama_checkpoint(path: str | os.PathLike, chat_template: str, *, seed: int = 0, **overrides) -> Path:
-    """``tiny_family_checkpoint(path, "llama", ...)``."""
-    return tiny_family_checkpoint(path, "llama", chat_template, seed=seed, **overrides)

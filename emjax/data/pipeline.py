@@ -58,11 +58,11 @@ class DataConfig:
 def encode_chat(tokenizer: Tokenizer, messages: Sequence[Mapping], *, train_on: str = "all"
                 ) -> tuple[list[int], list[int]]:
     """(token_ids, loss_mask) of one conversation in the tokenizer's chat format (``tokenizer.chat``; Qwen3 in
-    non-thinking training format, or Llama 3).
+    non-thinking training format, Llama 3 or Gemma 3).
 
     ids equal ``apply_chat_template(messages, tokenize=True)``; the mask is 1 exactly on each assistant answer and
-    its end-of-turn token (``<|im_end|>``, ``<|eot_id|>``; only the last answer with ``train_on="last"``); the empty
-    think block, headers, prompts and the trailing newline are 0.
+    its end-of-turn token (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``; only the last answer with
+    ``train_on="last"``); the empty think block, headers, prompts and the trailing newline are 0.
     """
     return encode_pieces(tokenizer, tokenizer.chat.render_pieces(messages), train_on=train_on)
 

@@ -23,8 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="sample, judge and summarise one model (+ adapter, or several adapters)")
-    r.add_argument("--model", required=True, help="Hugging Face Qwen3 / Qwen3-MoE / Llama 3 checkpoint dir or "
-                   "hub id (the base model; its tokenizer files pick the chat format)")
+    r.add_argument("--model", required=True,
+                   help="Hugging Face Qwen3 / Qwen3-MoE / Llama 3 / Gemma 3 checkpoint dir or hub id (the base model; "
+                        "its tokenizer files pick the chat format)")
     r.add_argument("--adapter", action="append",
                    help="PEFT adapter dir to apply (absent: evaluate the base model); repeat it to evaluate several "
                         "adapters of one base, sampled together in one program (each then writes OUT/<its dir name>, "
