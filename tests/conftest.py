@@ -38,6 +38,12 @@ def _shared_tfds_dir(tmp_path_factory):
 
     shared = tmp_path_factory.getbasetemp().parent  # the same for all xdist workers of this run
     os.environ["EMJAX_TFDS_DIR"] = str(shared / "tfds")
+    # one persistent XLA compilation cache for the run: the many tiny train steps that recur across tests, workers
+    # and the subprocesses tests start (kill -9 and resume, two processes) compile once (a test-time saving only)
+    for key, value in (("jax_compilation_cache_dir", str(shared / "xla_cache")),
+                       ("jax_persistent_cache_min_compile_time_secs", 0.5)):
+        os.environ[key.upper()] = str(value)
+        jax.config.update(key, value)
     with FileLock(str(shared / "tfds.lock")):
         builders.build("insecure")
     yield
