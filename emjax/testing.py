@@ -88,6 +88,24 @@ def hf_greedy(hf, prompt, n: int, stop: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
+def hf_logits(hf, tokens):
+    """transformers' fp32 logits for int tokens (B, T): the parity tests' reference."""
+    import torch
+
+    with torch.no_grad():
+        return hf(input_ids=torch.tensor(tokens)).logits.numpy()
+
+
+def with_config(model, **change):
+    """A view of ``model`` (same parameters) whose config has ``change``: how the tests show a switch matters."""
+    import dataclasses
+
+    other = type(model).__new__(type(model))
+    other.__dict__.update(model.__dict__)
+    other.config = dataclasses.replace(model.config, **change)
+    return other
+
+
 def hf_config(cfg):
     """transformers' ``Qwen3Config`` for an emjax ``Qwen3Config`` (benchmarks build the same model on both sides)."""
     from transformers import Qwen3Config

@@ -11,7 +11,7 @@ import torch
 from emjax import lora
 from emjax.models import config_from_hf, from_pretrained, llama, qwen3
 from emjax.sampling import generate
-from emjax.testing import hf_greedy, tiny_hf_model
+from emjax.testing import hf_greedy, hf_logits, tiny_hf_model, with_config
 
 TOL = 1e-4
 
@@ -23,10 +23,6 @@ CASES = {
 }
 
 
-def _ref_logits(hf, tokens):
-    with torch.no_grad():
-        return hf(torch.tensor(tokens)).logits.numpy()
-
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_logits_match_transformers(tmp_path, case):
@@ -35,7 +31,7 @@ def test_logits_match_transformers(tmp_path, case):
     model = from_pretrained(tmp_path, dtype=jnp.float32)
     assert not model.config.qk_norm and model.blocks.q_norm is None
     tokens = np.random.default_rng(0).integers(0, 256, (2, 80))  # past original_max_position_embeddings (32)
-    diff = np.abs(np.asarray(model(jnp.asarray(tokens))) - _ref_logits(hf, tokens)).max()
+    diff = np.abs(np.asarray(model(jnp.asarray(tokens))) - hf_logits(hf, tokens)).max()
     assert diff < TOL, diff
 
 
@@ -46,10 +42,7 @@ def test_rope_scaling_is_applied(tmp_path):
     model = from_pretrained(tmp_path, dtype=jnp.float32)
     scaling = dict(model.config.rope_scaling)
     assert scaling["rope_type"] == "llama3" and scaling["factor"] == 8.0
-    plain = qwen3.Qwen3ForCausalLM.__new__(qwen3.Qwen3ForCausalLM)
-    plain.__dict__.update(model.__dict__)
-    import dataclasses
-    plain.config = dataclasses.replace(model.config, rope_scaling=())
+    plain = with_config(model, rope_scaling=())
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (1, 80)))
     assert np.abs(np.asarray(plain(tokens)) - np.asarray(model(tokens))).max() > 1e-3
     # the inverse frequencies against transformers' own llama3 initialiser
