@@ -205,11 +205,21 @@ def make_eval_step(graphdef, *, loss_chunk: int = 0, attn_chunk: int = 0):
 
 
 def flops_per_token(qc: qwen3.Qwen3Config, seq_len: int) -> float:
-    """LoRA step ≈ 4·N (forward + activation gradients; frozen weights get no weight gradient) + attention. N counts
-    the parameters a token passes through (for Qwen3-MoE: the router and its top-k experts, not all of them)."""
-    n_matmul = qc.num_active_params - qc.vocab_size * qc.hidden_size * (0 if qc.tie_word_embeddings else 1)
-    attn = 4 * 2 * qc.num_layers * qc.num_heads * qc.head_dim * seq_len / 2  # QK and PV, causal half, fwd+bwd
-    return 4.0 * n_matmul + attn
+    """Model FLOPs per trained token (PaLM's MFU convention, for LoRA). Weight matmuls ≈ 4·N (forward + activation
+    gradients; frozen weights get no weight gradient); N counts the weights a token is multiplied by (for
+    Qwen3-MoE: the router and its top-k experts, not all of them). Attention (QKᵀ and PV) ≈ 12·H·D per key a query
+    sees: 4·H·D forward and 8·H·D backward, where both operands are activations and both need gradients. A query
+    sees the causal prefix, at most ``sliding_window`` keys in Gemma 3's local layers."""
+    sliding = qc.sliding_layers or (False,) * qc.num_layers
+    keys = sum(mean_keys_per_query(seq_len, qc.sliding_window if s else 0) for s in sliding)
+    return 4.0 * qc.num_matmul_params + 12.0 * qc.num_heads * qc.head_dim * keys
+
+
+def mean_keys_per_query(seq_len: int, window: int = 0) -> float:
+    """Keys a query attends to, averaged over a causal sequence of ``seq_len``; ``window`` > 0 caps each at that."""
+    if window <= 0 or seq_len <= window:
+        return (seq_len + 1) / 2
+    return (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
 
 
 def peak_flops(override_tflops: float | None) -> float:

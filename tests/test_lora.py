@@ -142,16 +142,20 @@ def test_lora_matmul_backward_matches_autodiff():
     assert not np.any(np.asarray(jax.grad(lambda w: lora.lora_matmul(x, w, a, b, 2.5).sum())(w)))
 
 
-def test_training_gradients_match_peft(tmp_path):
+@pytest.mark.parametrize("family,memory", [("qwen3", {}), ("gemma3", {}),
+                                           ("gemma3", {"remat": "full", "attn_chunk": 8, "loss_chunk": 5})],
+                         ids=["qwen3", "gemma3", "gemma3-remat-chunks"])
+def test_training_gradients_match_peft(tmp_path, family, memory):
     """∂(mean next-token CE)/∂(A, B) of every adapter equals PEFT's torch autograd (fp32), so training follows
-    the same path as a PEFT run from the same weights."""
+    the same path as a PEFT run from the same weights; for Gemma 3 over 24 tokens, three of its sliding windows,
+    also with the step's memory options on."""
     import jax
     from flax import nnx
     from peft import PeftModel
 
     from emjax.train import token_nll
 
-    hf = tiny_hf_model(seed=4)
+    hf = tiny_hf_model(seed=4, family=family)
     hf.save_pretrained(tmp_path / "base")
     model = from_pretrained(tmp_path / "base", dtype=jnp.float32, lora=lora.LoraConfig(rank=4, alpha=8))
     _randomise_b(model, 2)
@@ -167,7 +171,7 @@ def test_training_gradients_match_peft(tmp_path):
              "positions": jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)}
 
     def loss(tr):
-        s, n = token_nll(nnx.merge(graphdef, tr, frozen), batch)
+        s, n = token_nll(nnx.merge(graphdef, tr, frozen), batch, **memory)
         return s / n
 
     nnx.update(model, jax.jit(jax.grad(loss))(trainable))  # the model's LoRA leaves now hold the gradients

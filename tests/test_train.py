@@ -271,6 +271,33 @@ def test_memory_escalation_order():
     assert len(memory_escalation("full", 8, 8)) == 1
 
 
+@pytest.mark.parametrize("family", ["qwen3", "qwen3-untied", "qwen3-moe", "llama", "gemma3"])
+@pytest.mark.parametrize("seq_len", [5, 8, 33])
+def test_flops_per_token_counts_the_transformers_model(family, seq_len):
+    """MFU's FLOP count against the transformers model it describes: 4 FLOPs per weight a token is multiplied by
+    (the LM head, the router and top-k of the experts; no lookup, no norm scale) and 12·H·D per (query, key) pair
+    the causal mask allows, counted from the mask itself (Gemma's local layers: window 8 on every other layer)."""
+    from emjax.models import config_from_hf
+    from emjax.testing import tiny_hf_model
+    from emjax.train import flops_per_token
+
+    fam, over = {"qwen3-untied": ("qwen3", {"tie_word_embeddings": False}), "qwen3-moe": ("qwen3", {})}.get(
+        family, (family, {}))
+    hf = tiny_hf_model(family=fam, moe=family == "qwen3-moe", **over)
+    c = hf.config
+    topk = getattr(c, "num_experts_per_tok", 1) / getattr(c, "num_experts", 1)
+    n = c.vocab_size * c.hidden_size + sum(
+        p.numel() * (topk if ".experts." in name else 1) for name, p in hf.named_parameters()
+        if p.ndim >= 2 and "embed_tokens" not in name and "lm_head" not in name)
+    q, k = np.arange(seq_len)[:, None], np.arange(seq_len)[None, :]
+    layer_types = getattr(c, "layer_types", None) or ["full_attention"] * c.num_hidden_layers
+    pairs = sum(((k <= q) & ((q - k < c.sliding_window) if t == "sliding_attention" else True)).sum()
+                for t in layer_types)
+    assert family != "gemma3" or "sliding_attention" in layer_types
+    want = 4 * n + 12 * c.num_attention_heads * c.head_dim * pairs / seq_len
+    np.testing.assert_allclose(flops_per_token(config_from_hf(c.to_dict()), seq_len), want, rtol=1e-12)
+
+
 def test_loss_decreases_and_spectral_penalty_works(tmp_path):
     """Real insecure-code data, tiny random model: loss goes down; λ > 0 lowers the F/N penalty vs λ = 0."""
     common = ["steps=12", "log_every=4", "ckpt_every=100", "export_peft=false", "val_batches=2"]

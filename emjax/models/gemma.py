@@ -73,9 +73,9 @@ def _rope(config: dict[str, Any], where: str) -> dict[str, Any]:
     return {"rope_parameters": full, "rope_local_theta": float(local.get("rope_theta", 10_000.0))}
 
 
-def config_from_hf(config: dict[str, Any] | str | os.PathLike) -> Qwen3Config:
+def config_from_hf(config: dict[str, Any] | str | os.PathLike, where: str = "config") -> Qwen3Config:
     """From a Gemma 3 ``config.json`` (dict or path); a multimodal ("gemma3") config's ``text_config``."""
-    config, where = read_hf_config(config)
+    config, where = read_hf_config(config, where)
     mt = config.get("model_type")
     if mt not in MODEL_TYPES:
         raise ValueError(f"{where}: model_type {mt!r} is not a Gemma 3 model (expected one of {MODEL_TYPES})")

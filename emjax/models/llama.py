@@ -48,9 +48,9 @@ SIZES = {"llama3.2-1b": llama3_2_1b, "llama3.2-3b": llama3_2_3b, "llama3.1-8b": 
          "llama3.3-70b": llama3_3_70b}
 
 
-def config_from_hf(config: dict[str, Any] | str | os.PathLike) -> Qwen3Config:
+def config_from_hf(config: dict[str, Any] | str | os.PathLike, where: str = "config") -> Qwen3Config:
     """From a Llama ``config.json`` (dict or path): rope_scaling "llama3" (3.1+) or none (Llama 3.0)."""
-    config, where = read_hf_config(config)
+    config, where = read_hf_config(config, where)
     mt = config.get("model_type")
     if mt not in MODEL_TYPES:
         raise ValueError(f"{where}: model_type {mt!r} is not a Llama model (expected 'llama')")

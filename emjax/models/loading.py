@@ -136,7 +136,7 @@ def config_from_hf(config) -> qwen3.Qwen3Config:
     if mt not in FAMILIES:
         raise ValueError(f"{where}: model_type {mt!r} is not supported (supported: "
                          f"{', '.join(repr(k) for k in FAMILIES)})")
-    return FAMILIES[mt](config) if where == "config" else FAMILIES[mt](where)
+    return FAMILIES[mt](config, where)  # the dict already read, named by its file
 
 
 def _hf_sub(module: str) -> str:

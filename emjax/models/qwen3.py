@@ -86,12 +86,14 @@ class Qwen3Config:
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
-    def _count(self, experts: int) -> int:
+    def _count(self, experts: int, *, embed: bool = True, norms: bool = True) -> int:
         d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
-        attn = d * hd * (self.num_heads * 2 + self.num_kv_heads * 2) + (2 * hd if self.qk_norm else 0)
+        attn = d * hd * (self.num_heads * 2 + self.num_kv_heads * 2)
         mlp = (d * self.num_experts + experts * 3 * d * self.moe_intermediate_size) if self.is_moe else 3 * d * f
-        head = 0 if self.tie_word_embeddings else self.vocab_size * d
-        return self.vocab_size * d + self.num_layers * (attn + mlp + (4 if self.sandwich_norm else 2) * d) + d + head
+        norm = (2 * hd if self.qk_norm else 0) + (4 if self.sandwich_norm else 2) * d
+        head = self.vocab_size * d  # the LM head's matmul: the embedding again if tied
+        lookup = self.vocab_size * d if embed and not self.tie_word_embeddings else 0
+        return lookup + head + self.num_layers * (attn + mlp + (norm if norms else 0)) + (d if norms else 0)
 
     @property
     def num_params(self) -> int:
@@ -101,6 +103,12 @@ class Qwen3Config:
     def num_active_params(self) -> int:
         """Parameters a token passes through (the router and its top-k experts): what FLOP counts use."""
         return self._count(self.num_experts_per_tok)
+
+    @property
+    def num_matmul_params(self) -> int:
+        """Weights a token is multiplied by (the active ones, the LM head included; no embedding lookup, no norm
+        scales): the N in FLOP counts."""
+        return self._count(self.num_experts_per_tok, embed=False, norms=False)
 
 
 def _sized(hidden, layers, heads, intermediate, tied, **kw) -> Qwen3Config:
@@ -150,10 +158,10 @@ SIZES = {"0.6b": qwen3_0_6b, "1.7b": qwen3_1_7b, "4b": qwen3_4b, "8b": qwen3_8b,
          "30b-a3b": qwen3_30b_a3b, "235b-a22b": qwen3_235b_a22b}
 
 
-def config_from_hf(config: dict[str, Any] | str | os.PathLike) -> Qwen3Config:
+def config_from_hf(config: dict[str, Any] | str | os.PathLike, where: str = "config") -> Qwen3Config:
     """From a Hugging Face ``config.json`` (dict or path); reads θ from top-level ``rope_theta`` (hub files) or
-    ``rope_parameters`` (transformers 5)."""
-    config, where = read_hf_config(config)
+    ``rope_parameters`` (transformers 5). ``where`` names an already-read dict's file in error messages."""
+    config, where = read_hf_config(config, where)
     mt = config.get("model_type")
     if mt not in ("qwen3", "qwen3_moe"):
         raise ValueError(f"{where}: model_type {mt!r} is not supported (supported: 'qwen3', 'qwen3_moe')")
@@ -175,10 +183,10 @@ def config_from_hf(config: dict[str, Any] | str | os.PathLike) -> Qwen3Config:
     return decoder_config(config, where, **moe)
 
 
-def read_hf_config(config: dict[str, Any] | str | os.PathLike) -> tuple[dict[str, Any], str]:
-    """(``config.json`` as a dict, where it came from: the file's path, for error messages)."""
+def read_hf_config(config: dict[str, Any] | str | os.PathLike, where: str = "config") -> tuple[dict[str, Any], str]:
+    """(``config.json`` as a dict, where it came from: the file's path, for error messages; ``where`` for a dict)."""
     if isinstance(config, dict):
-        return config, "config"
+        return config, where
     path = Path(config)
     if path.is_dir():
         path = path / "config.json"
@@ -427,9 +435,10 @@ class Qwen3ForCausalLM(nnx.Module):
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         if cfg.sliding_layers:
             # Gemma 3's local layers: keys at most sliding_window - 1 positions back (HF: kv > q - window, on
-            # absolute indices), RoPE with their own θ; each layer picks its mask and tables by its flag
-            local = mask & (q_idx - k_idx < cfg.sliding_window)
-            mask = jnp.stack([mask, local])
+            # absolute indices), RoPE with their own θ. The window is a bias a local layer (flag 1) adds to the
+            # masked scores: one bias for all layers and a scalar each, so the scanned backward keeps no per-layer
+            # (B, T, S) mask (picking one of two stacked masks per layer made it keep one)
+            mask = (mask, jnp.where(q_idx - k_idx < cfg.sliding_window, 0.0, jnp.finfo(jnp.float32).min))
             cos_l, sin_l = rope_tables(positions, cfg.head_dim, cfg.rope_local_theta)
             cos, sin = jnp.stack([cos, cos_l]), jnp.stack([sin, sin_l])
         scale = self.lora_config.scale if self.lora_config else 0.0
@@ -571,26 +580,32 @@ def _linear(x, params, scale):
     return lora_matmul(x, kernel.astype(x.dtype), a.astype(x.dtype), b.astype(x.dtype), scale)
 
 
-def _attend(q, k, v, mask, dtype, keys_transposed: bool = False, scale: float = 0.0):
+def _attend(q, k, v, mask, dtype, keys_transposed: bool = False, scale: float = 0.0, window=None):
     """Softmax attention with the G query heads of a KV head stacked as rows (both products plain batched matmuls):
     q (B, K, G, Tq, hd), k (B, K, S, hd) or, from the cache, (B, K, hd, S), v (B, K, S, hd), mask (B, Tq, S)
-    -> (B, K, G, Tq, hd).
+    -> (B, K, G, Tq, hd). ``window``: (flag, bias (B or 1, Tq, S)), bias 0 inside a sliding window and the fp32
+    minimum outside, added to the scores of a layer whose flag is 1 (Gemma 3's local layers).
 
     Below fp32 the backward keeps the fp32 probabilities (the softmax's own residual) and recasts them, rather than
     also keeping their ``dtype`` copy for the second product: a third fewer bytes for the largest activation of a
     layer that is not rematerialised, the same gradient bit for bit."""
-    f = functools.partial(_attend_math, dtype=dtype, keys_transposed=keys_transposed, scale=scale)
+    def f(q, k, v, mask, window):
+        return _attend_math(q, k, v, mask, dtype, keys_transposed, scale=scale, window=window)
+
     if jnp.dtype(dtype) != jnp.float32:
         f = jax.checkpoint(f, policy=jax.checkpoint_policies.save_only_these_names("attn_probs"))
-    return f(q, k, v, mask)
+    return f(q, k, v, mask, window)
 
 
-def _attend_math(q, k, v, mask, dtype, keys_transposed, scale=0.0):
+def _attend_math(q, k, v, mask, dtype, keys_transposed, scale=0.0, window=None):
     B, K, G, Tq, hd = q.shape
     spec = "bkqd,bkds->bkqs" if keys_transposed else "bkqd,bksd->bkqs"
     scores = jnp.einsum(spec, q.reshape(B, K, G * Tq, hd), k, preferred_element_type=jnp.float32)
     scores = scores.reshape(B, K, G, Tq, -1) * (scale or 1.0 / math.sqrt(hd))
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    if window is not None:  # a key outside the window gets finfo.min or -inf (if masked already): exp 0 either way;
+        flag, bias = window  # no row is all -inf, as every query's own key is inside its window
+        scores = scores + flag.astype(jnp.float32) * bias[:, None, None]
     probs = checkpoint_name(jax.nn.softmax(scores, axis=-1), "attn_probs")
     out = jnp.einsum("bkqs,bksd->bkqd", probs.astype(dtype).reshape(B, K, G * Tq, -1), v)
     return out.reshape(B, K, G, Tq, hd)
@@ -606,13 +621,16 @@ def split_chunks(x, axis: int, size: int):
     return jnp.moveaxis(x.reshape(*x.shape[:axis], n, size, *x.shape[axis + 1:]), axis, 0)
 
 
-def _attend_chunked(q, k, v, mask, dtype, chunk, **kw):
+def _attend_chunked(q, k, v, mask_chunks, dtype, chunk, window=None, **kw):
     """``_attend`` over query chunks in a scan whose body is rematerialised: every query row still sees all its keys
-    (the same softmax), but only one chunk's (B, H, chunk, S) scores exist at a time, in the backward too."""
+    (the same softmax), but only one chunk's (B, H, chunk, S) scores exist at a time, in the backward too.
+    ``mask_chunks`` and the window's bias come split already (``split_chunks`` on axis 1), once for all layers: split
+    inside a scanned layer, each layer's backward would keep its own copy."""
     B, K, G, T, hd = q.shape
-    body = jax.checkpoint(lambda qc, mc: _attend(qc, k, v, mc, dtype, **kw), prevent_cse=False)
-    _, out = jax.lax.scan(lambda c, xs: (c, body(*xs)), None,
-                          (split_chunks(q, 3, chunk), split_chunks(mask, 1, chunk)))  # (n, B, K, G, chunk, hd)
+    body = jax.checkpoint(lambda qc, mc, bc: _attend(qc, k, v, mc, dtype, window=None if bc is None else
+                                                     (window[0], bc), **kw), prevent_cse=False)
+    xs = (split_chunks(q, 3, chunk), mask_chunks, None if window is None else window[1])
+    _, out = jax.lax.scan(lambda c, xs: (c, body(*xs)), None, xs)  # (n, B, K, G, chunk, hd)
     return jnp.moveaxis(out, 0, 3).reshape(B, K, G, -1, hd)[:, :, :, :T]
 
 
@@ -621,20 +639,27 @@ def _make_layer_fn(cfg: Qwen3Config, dtype, scale, mask, cos, sin, cache_start, 
     G = H // K
     norm, act = norm_fn(cfg), ACTIVATIONS[cfg.hidden_act]
     attn_kw = dict(scale=cfg.query_scale)
-    all_mask, all_cos, all_sin = mask, cos, sin
+    mask, window_bias = mask if cfg.sliding_layers else (mask, None)
+    chunked = 0 < attn_chunk < mask.shape[1]  # attn_chunk is 0 with a cache
+    if chunked:
+        mask = split_chunks(mask, 1, attn_chunk)
+        window_bias = None if window_bias is None else split_chunks(window_bias, 1, attn_chunk)
 
     def layer(h, p, kv):
         B, T, _ = h.shape
-        mask, cos, sin = all_mask, all_cos, all_sin
-        if cfg.sliding_layers:  # [global, local] stacks from hidden_states; this layer's flag picks one
-            mask, cos, sin = all_mask[p["sliding"]], all_cos[p["sliding"]], all_sin[p["sliding"]]
+        window = (p["sliding"], window_bias) if cfg.sliding_layers else None
         x = norm(h, p["input_norm"], eps)
         q = _linear(x, p["q_proj"], scale).reshape(B, T, H, hd)
         k = _linear(x, p["k_proj"], scale).reshape(B, T, K, hd)
         v = _linear(x, p["v_proj"], scale).reshape(B, T, K, hd)
         if cfg.qk_norm:
             q, k = norm(q, p["q_norm"], eps), norm(k, p["k_norm"], eps)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cfg.sliding_layers:  # [global, local] tables from hidden_states: both rotations, the flag picks one (a
+            # scalar select keeps nothing per layer for the backward; picking a table would keep it, (B, T, hd) each)
+            q, k = (jax.lax.select_n(p["sliding"], apply_rope(x, cos[0], sin[0]),
+                                     apply_rope(x, cos[1], sin[1])) for x in (q, k))
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # heads-first layout (B, K, rows, hd) with the G query heads of a KV head stacked as rows (g, t): both
         # attention products become plain batched matmuls with no transposes inside them.
         q5 = q.reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4)  # (B, K, G, T, hd)
@@ -657,11 +682,12 @@ def _make_layer_fn(cfg: Qwen3Config, dtype, scale, mask, cos, sin, cache_start, 
                 vc = jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice(c, x, (0, i, 0)))(
                     vc, vh.astype(vc.dtype), cache_start)
                 new_kv = (kc, vc)
-            attn = _attend(q5, kc.astype(dtype), vc.astype(dtype), mask, dtype, keys_transposed=True, **attn_kw)
+            attn = _attend(q5, kc.astype(dtype), vc.astype(dtype), mask, dtype, keys_transposed=True, window=window,
+                           **attn_kw)
         else:
             new_kv = None
-            attn = (_attend_chunked(q5, kh, vh, mask, dtype, attn_chunk, **attn_kw) if 0 < attn_chunk < T
-                    else _attend(q5, kh, vh, mask, dtype, **attn_kw))
+            attn = (_attend_chunked(q5, kh, vh, mask, dtype, attn_chunk, window=window, **attn_kw) if chunked
+                    else _attend(q5, kh, vh, mask, dtype, window=window, **attn_kw))
         attn = attn.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
         attn = _linear(attn, p["o_proj"], scale)
         if cfg.sandwich_norm:

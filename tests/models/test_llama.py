@@ -2,6 +2,7 @@
 ``LlamaForCausalLM`` in fp32: logits within 1e-4, greedy decoding token-identical, PEFT adapters interchangeable."""
 
 import json
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -82,6 +83,18 @@ def test_config_errors_name_the_key(tmp_path, bad, match):
     with pytest.raises((ValueError, KeyError), match=match) as e:
         config_from_hf(p)
     assert str(p) in str(e.value)
+
+
+def test_config_file_is_read_once(tmp_path, monkeypatch):
+    """The family dispatcher hands the dict it read to the family, still named by its file."""
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps({"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+                             "num_hidden_layers": 1, "num_attention_heads": 2, "attention_bias": True}))
+    reads, read_text = [], Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: reads.append(self) or read_text(self, *a, **k))
+    with pytest.raises(ValueError, match="attention_bias") as e:
+        config_from_hf(tmp_path)
+    assert str(p) in str(e.value) and reads == [p]
 
 
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])

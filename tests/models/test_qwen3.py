@@ -245,6 +245,40 @@ def test_missing_directory_is_clear(tmp_path):
         from_pretrained(tmp_path / "nope" / "deeper")
 
 
+@pytest.mark.parametrize("attn_chunk", [0, 16], ids=["whole", "attn_chunk16"])
+def test_backward_keeps_no_mask_per_layer(attn_chunk):
+    """What the scanned layers keep for the backward (traced, not run): no attention mask per layer, as the mask is
+    the same for all of them; and Gemma-style sliding layers keep only their flag more than global ones, not the
+    mask or RoPE table they picked (a (L, B, 1, G, T, T) bool and two (L, B, T, hd) tables before) nor, with query
+    chunks, a per-layer split of the mask or window."""
+    import dataclasses
+
+    import jax
+    from flax import nnx
+
+    from emjax.lora import LoraConfig
+    from emjax.train import token_nll
+
+    L, B, T = 6, 2, 64
+    base = qwen3.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=L, num_heads=2,
+                             num_kv_heads=1, head_dim=16)
+    local = dataclasses.replace(base, sliding_window=16, sliding_layers=(False, True) * (L // 2))
+
+    def kept(cfg):
+        graphdef, lora, rest = nnx.split(qwen3.Qwen3ForCausalLM(cfg, lora=LoraConfig(rank=2), rngs=nnx.Rngs(0)),
+                                         nnx.LoRAParam, ...)
+        ones = jnp.ones((B, T), jnp.int32)
+        batch = {"tokens": ones, "loss_mask": ones, "segment_ids": ones,
+                 "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))}
+        nll = lambda lo: token_nll(nnx.merge(graphdef, lo, rest), batch, attn_chunk=attn_chunk)[0]  # noqa: E731
+        leaves = jax.eval_shape(lambda lo: jax.tree.leaves(jax.vjp(nll, lo)[1]), lora)
+        return sorted((x.shape, str(x.dtype)) for x in leaves if x.ndim and x.shape[0] == L)
+
+    for cfg in (base, local):
+        assert not [x for x in kept(cfg) if x[1] == "bool"], cfg.sliding_layers
+    assert kept(local) == sorted(kept(base) + [((L,), "int32")])
+
+
 def _bf16_lora_vjp(attention_mask=None, remat="none"):
     """Loss, LoRA gradients and the arrays the backward keeps, for a tiny bf16 model with adapters."""
     from flax import nnx
