@@ -133,14 +133,21 @@ def adapter_stack_shardings(stacked, mesh: Mesh | None):
     return jax.tree_util.tree_map_with_path(one, stacked)
 
 
-def batch_sharding(mesh: Mesh | None, batch_size: int | None = None):
-    """Batch dimension over (data, fsdp) — or over the subset of them that divides ``batch_size`` — rest replicated."""
-    if mesh is None:
-        return None
-    axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
+def batch_axes(mesh, batch_size: int | None = None) -> tuple[str, ...]:
+    """Mesh axes the batch dimension splits over (the table's "batch": data, fsdp), or the subset of them that
+    divides ``batch_size``. Takes a ``Mesh`` or the ``AbstractMesh`` of a traced value."""
+    logical = LOGICAL_TO_MESH["batch"]
+    logical = (logical,) if isinstance(logical, str) else tuple(logical or ())
+    axes = tuple(a for a in logical if mesh.shape.get(a, 1) > 1)
     if batch_size is not None:
         for cand in (axes, axes[1:], axes[:1], ()):
             if batch_size % int(np.prod([mesh.shape[a] for a in cand] or [1])) == 0:
-                axes = cand
-                break
-    return NamedSharding(mesh, P(axes or None))
+                return cand
+    return axes
+
+
+def batch_sharding(mesh: Mesh | None, batch_size: int | None = None):
+    """Batch dimension over ``batch_axes``, the rest replicated."""
+    if mesh is None:
+        return None
+    return NamedSharding(mesh, P(batch_axes(mesh, batch_size) or None))

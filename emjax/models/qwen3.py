@@ -26,6 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
 
 from emjax.lora import LoraConfig, lora_matmul
+from emjax.sharding import batch_axes
 
 # ---------------------------------------------------------------------------------------------------------------
 # Config
@@ -721,7 +722,23 @@ def _moe_mlp(x, p, cfg: Qwen3Config, scale):
 
     The (token, choice) pairs are sorted by expert so every expert's rows are contiguous and ``ragged_dot`` runs
     each expert's matmul on its own rows only: k/E of the dense work (on TPUs and GPUs; XLA:CPU lowers it densely).
+
+    On a mesh each device dispatches its own rows of the batch (``shard_map`` over the batch axes, the experts
+    gathered like any FSDP weight): left to the partitioner, the sort over all (token, choice) pairs made every
+    device gather the whole batch and run every token's experts.
     """
+    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+    axes = batch_axes(mesh, x.shape[0]) if mesh is not None and not mesh.empty else ()
+    local = functools.partial(_moe_dispatch, cfg=cfg, scale=scale)
+    if not axes:
+        return local(x, p)
+    rows = jax.sharding.PartitionSpec(axes)
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows, jax.sharding.PartitionSpec()), out_specs=rows,
+                         axis_names=set(axes))(x, p)
+
+
+def _moe_dispatch(x, p, cfg: Qwen3Config, scale):
+    """``_moe_mlp`` on the rows one device holds."""
     B, T, D = x.shape
     E, k = cfg.num_experts, cfg.num_experts_per_tok
     xf = x.reshape(B * T, D)

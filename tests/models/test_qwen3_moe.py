@@ -177,6 +177,37 @@ def test_sparse_block_and_its_gradients_equal_the_dense_formula(tiny_moe):
     assert n_zero < E  # 18 tokens × 2 choices reach most of the 8 experts
 
 
+def test_each_device_dispatches_its_own_rows(tiny_moe):
+    """On the 2×2×2 mesh the sparse block sorts only the (token, choice) pairs of the rows each device holds (the
+    batch splits over data × fsdp: a quarter each), where the partitioner alone gathered and sorted the whole batch
+    on every device; value and gradients equal one device's."""
+    import re
+
+    from emjax import sharding as shd
+
+    _, d = tiny_moe
+    mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    cfg = lora.LoraConfig(rank=4, alpha=8)
+    models = [_with_random_b(from_pretrained(d, dtype=jnp.float32, lora=cfg, mesh=m), seed=1) for m in (None, mesh)]
+    x = jax.random.normal(jax.random.key(0), (8, 9, 64))
+    ct = jax.random.normal(jax.random.key(1), (8, 9, 64))
+
+    def loss(x, p):
+        return jnp.sum(qwen3._moe_mlp(x, p, models[0].config, models[0].lora_config.scale) * ct)
+
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    ref = fn(x, models[0].layer_list()[1])
+    xs = jax.device_put(x, shd.batch_sharding(mesh, 8))
+    ps = models[1].layer_list()[1]
+    assert ps["up_proj"][0].sharding.spec[-2:] == ("fsdp", "tensor")
+    got = fn(xs, ps)
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):  # float32 sums in another order
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-6 * np.abs(np.asarray(r)).max(), rtol=1e-5)
+    hlo = fn.lower(xs, ps).compile().as_text()
+    sizes = {int(n) for n in re.findall(r"= \(s32\[(\d+)\][^)]*\) sort\(", hlo)}
+    assert sizes == {8 // 4 * 9 * TINY_MOE["num_experts_per_tok"]}, sizes
+
+
 def test_mesh_loading_matches_single_device(tiny_moe):
     from emjax.sharding import make_mesh
 

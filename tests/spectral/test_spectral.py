@@ -4,7 +4,8 @@ Every test runs twice, once with each QR form (``sp.QR_IMPLS``) as the default: 
 the loop in JAX (the GPU default).
 
 Singular-value tolerance (float32 maths): |σᵢ − σᵢ_ref| ≤ 1e-4·max(σᵢ_ref, 1e-2·σ₁_ref), i.e. 1e-4 relative
-per value, and 1e-6·σ₁ absolute for values below 1e-2·σ₁ (the zeros of rank-deficient updates).
+per value, and 1e-6·σ₁ absolute for values below 1e-2·σ₁ (the zeros of rank-deficient updates); for the
+ill-conditioned cases also 5e-4 of each value down to the smallest (1e-4·σ₁).
 """
 
 import json
@@ -77,8 +78,10 @@ def test_singular_values_match_numpy_svd(case, lead):
     ref = _ref_sv(a, b, 11.3, r)
     _assert_sv_close(s, ref)
     assert (np.diff(np.asarray(s), axis=-1) <= 0).all()  # descending
-    if case.startswith("ill"):  # every value is ≥ 1e-4·σ₁ here, so hold each to 1e-4 of itself
-        _assert_sv_close(s, ref, floor=0.0)
+    if case.startswith("ill"):  # every value is ≥ 1e-4·σ₁ here: hold each to 5e-4 of itself, about the float32
+        # bound for a backward-stable QR (unit roundoff 6e-8 × cond 1e4); seen: up to 7.8e-5 (geqrf) and 1.6e-4
+        # (loop) over six seeds, by CPU. The Gram/Cholesky route errs by 0.13 on this case.
+        _assert_sv_close(s, ref, rel=5e-4, floor=0.0)
 
 
 @pytest.mark.parametrize("shape", [(3, 40, 8), (2, 6, 8), (8, 8)], ids=["tall", "wide", "square"])
