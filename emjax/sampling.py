@@ -14,9 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from emjax.lora import over_adapters
 from emjax.models.qwen3 import KVCache
+from emjax.sharding import batch_axes
 
 STOP_TOKENS = (151645, 151643)  # <|im_end|>, <|endoftext|>
 PAD_ID = 151643
@@ -241,18 +243,68 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
     if not prompts:
         return []
     n = len(prompts)
-    tokens, mask = _padded_prompts(prompts, length_bucket, batch_bucket)
-    B, T = tokens.shape
     rng = _key(rng)
     graphdef, state = nnx.split(model)
+    mesh = _weights_mesh(state)
+    tokens, mask = _padded_prompts(prompts, length_bucket, _row_bucket(mesh, batch_bucket))
+    B, T = tokens.shape
     if scan_layers is None:
         scan_layers = jax.default_backend() != "cpu"
-    cache = KVCache.init(model.config, B, T + max_new_tokens, dtype=cache_dtype or model.dtype, stacked=scan_layers)
-    logits, cache = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), cache)
+    cache = _new_cache(mesh, B, lambda: KVCache.init(model.config, B, T + max_new_tokens,
+                                                     dtype=cache_dtype or model.dtype, stacked=scan_layers))
+    logits, cache = _prefill(graphdef, state, *_rows_on(mesh, tokens, mask), cache)
     params = (jnp.float32(temperature), jnp.float32(top_p), rng)
     out, _, _ = _decode(graphdef, state, cache, logits, params, int(max_new_tokens),
                      tuple(int(t) for t in stop_tokens), int(top_k))
-    return _trim(np.asarray(out)[:n], stop_tokens, max_new_tokens)
+    return _trim(_to_host(out)[:n], stop_tokens, max_new_tokens)
+
+
+# On a mesh the rows of a batch split over its batch axes (as in training), and so do the KV cache and the decode
+# loop: each device decodes its own rows. Left unsharded, every device decoded every row and held the whole cache.
+
+def _weights_mesh(state):
+    """The mesh the model's weights are sharded over, or None (one device)."""
+    for x in jax.tree.leaves(state):
+        sh = getattr(x, "sharding", None)
+        if isinstance(sh, NamedSharding) and sh.mesh.size > 1:
+            return sh.mesh
+    return None
+
+
+def _row_bucket(mesh, batch_bucket: int) -> int:
+    """Batch padding unit: ``batch_bucket``, and a multiple of the devices the rows split over."""
+    return math.lcm(batch_bucket, math.prod(mesh.shape[a] for a in batch_axes(mesh))) if mesh else batch_bucket
+
+
+def _rows(mesh, B: int, dim: int = 0):
+    return NamedSharding(mesh, P(*([None] * dim), batch_axes(mesh, B) or None))
+
+
+def _rows_on(mesh, *arrays):
+    if mesh is None:
+        return [jnp.asarray(a) for a in arrays]
+    return [jax.device_put(a, _rows(mesh, a.shape[0])) for a in arrays]
+
+
+def _new_cache(mesh, B: int, make, lead: int = 0):
+    """``make()``'s cache, created already split by rows over the mesh (never whole on one device); ``lead``: axes
+    before the batch axis (``generate_many``'s adapters)."""
+    if mesh is None:
+        return make()
+    shape = jax.eval_shape(make)
+    dim = lead + (1 if shape.stacked else 0)
+    sh = KVCache(jax.tree.map(lambda _: _rows(mesh, B, dim), shape.k),
+                 jax.tree.map(lambda _: _rows(mesh, B, dim), shape.v), _rows(mesh, B, lead))
+    return jax.jit(make, out_shardings=sh)()
+
+
+def _to_host(out):
+    """The generated ids as one NumPy array on every process (rows may live on other hosts' devices)."""
+    if out.is_fully_addressable:
+        return np.asarray(out)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(out, tiled=True))
 
 
 def _padded_prompts(prompts, length_bucket: int, batch_bucket: int):
@@ -318,16 +370,21 @@ def generate_many(model, adapters, prompts: Sequence[Sequence[int]], *, max_new_
         keys = jnp.stack([_key(r) for r in rngs])
     else:
         keys = jnp.stack([_key(rngs)] * N)
-    tokens, mask = _padded_prompts(prompts, length_bucket, batch_bucket)
+    mesh = _weights_mesh(rest)
+    tokens, mask = _padded_prompts(prompts, length_bucket, _row_bucket(mesh, batch_bucket))
     B, T = tokens.shape
     if scan_layers is None:
         scan_layers = jax.default_backend() != "cpu"
-    one = KVCache.init(model.config, B, T + max_new_tokens, dtype=cache_dtype or model.dtype, stacked=scan_layers)
-    cache = jax.tree.map(lambda x: jnp.zeros((N, *x.shape), x.dtype), one)
+
+    def make():
+        one = KVCache.init(model.config, B, T + max_new_tokens, dtype=cache_dtype or model.dtype, stacked=scan_layers)
+        return jax.tree.map(lambda x: jnp.zeros((N, *x.shape), x.dtype), one)
+
+    cache = _new_cache(mesh, B, make, lead=1)
     moe = bool(model.config.is_moe)
-    logits, cache = _prefill_many(graphdef, adapters, rest, jnp.asarray(tokens), jnp.asarray(mask), cache, moe)
+    logits, cache = _prefill_many(graphdef, adapters, rest, *_rows_on(mesh, tokens, mask), cache, moe)
     params = (jnp.float32(temperature), jnp.float32(top_p), keys)
     out, _, _ = _decode_many(graphdef, adapters, rest, cache, logits, params, int(max_new_tokens),
                              tuple(int(t) for t in stop_tokens), int(top_k), moe)
-    out = np.asarray(out)
+    out = _to_host(out)
     return [_trim(o[:len(prompts)], stop_tokens, max_new_tokens) for o in out]

@@ -231,12 +231,47 @@ def test_temperature_zero_is_argmax():
 
 
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
-def test_generate_under_a_mesh_matches_single_device(tiny, scan_layers):
+def test_generate_under_a_mesh_matches_single_device(tiny, scan_layers, monkeypatch):
+    """On the 2×2×2 mesh the prompts, the KV cache and the decode loop are split by rows over data × fsdp (each
+    device decodes its own rows; unsharded, every device decoded all of them), and the tokens equal one device's,
+    greedy and sampled, for ``generate`` and ``generate_many``."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from emjax import sampling
     from emjax.sharding import make_mesh
 
     _, d = tiny
-    prompts = [[10, 11, 12, 13], [20, 21]]
-    want = generate(from_pretrained(d, dtype=jnp.float32), prompts, max_new_tokens=6, stop_tokens=(STOP,))
-    sharded = from_pretrained(d, dtype=jnp.float32, mesh=make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    prompts = [[10, 11, 12, 13], [20, 21], [30, 31, 32]]
+    kw = dict(max_new_tokens=6, stop_tokens=(STOP,), scan_layers=scan_layers)
+    one = from_pretrained(d, dtype=jnp.float32)
+    sharded = from_pretrained(d, dtype=jnp.float32, mesh=mesh)
     assert len(sharded.blocks.up_proj.kernel[...].sharding.device_set) == 8
-    assert generate(sharded, prompts, max_new_tokens=6, stop_tokens=(STOP,), scan_layers=scan_layers) == want
+    seen = []  # the partition specs of the cache each decode call gets
+
+    def spy(real):
+        def decode(*args):
+            cache = next(a for a in args if isinstance(a, sampling.KVCache))
+            seen.append({(x.ndim, getattr(x.sharding, "spec", None)) for x in jax.tree.leaves(cache)})
+            return real(*args)
+        return decode
+
+    for name in ("_decode", "_decode_many"):
+        monkeypatch.setattr(sampling, name, spy(getattr(sampling, name)))
+    for sample in (dict(), dict(temperature=1.0, rng=3)):
+        assert generate(sharded, prompts, **sample, **kw) == generate(one, prompts, **sample, **kw)
+    rows = ("data", "fsdp")
+
+    def split_by_rows(specs, lead=0):  # lengths (B,); keys and values (B, ...), stacked (L, B, ...)
+        dims = {ndim: lead if ndim == lead + 1 else lead + int(scan_layers) for ndim, _ in specs}
+        return all(len(spec) > dims[ndim] and spec[dims[ndim]] == rows for ndim, spec in specs)
+
+    assert split_by_rows(seen[0]), seen[0]
+
+    models, ads = _adapters(d, 2)
+    base = from_pretrained(d, dtype=jnp.float32, mesh=mesh, lora=lora.LoraConfig(rank=4, alpha=8))
+    on_mesh = jax.device_put(ads, NamedSharding(mesh, P()))
+    seen.clear()
+    got = sampling.generate_many(base, on_mesh, prompts, temperature=1.0, rngs=[3, 4], **kw)
+    assert got == sampling.generate_many(models[0], ads, prompts, temperature=1.0, rngs=[3, 4], **kw)
+    assert split_by_rows(seen[0], lead=1), seen[0]
