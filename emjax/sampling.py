@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from emjax.lora import over_adapters
 from emjax.models.qwen3 import KVCache
-from emjax.sharding import batch_axes
+from emjax.sharding import batch_axes, mesh_of
 
 STOP_TOKENS = (151645, 151643)  # <|im_end|>, <|endoftext|>
 PAD_ID = 151643
@@ -245,7 +245,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
     n = len(prompts)
     rng = _key(rng)
     graphdef, state = nnx.split(model)
-    mesh = _weights_mesh(state)
+    mesh = mesh_of(state)
     tokens, mask = _padded_prompts(prompts, length_bucket, _row_bucket(mesh, batch_bucket))
     B, T = tokens.shape
     if scan_layers is None:
@@ -261,15 +261,6 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
 
 # On a mesh the rows of a batch split over its batch axes (as in training), and so do the KV cache and the decode
 # loop: each device decodes its own rows. Left unsharded, every device decoded every row and held the whole cache.
-
-def _weights_mesh(state):
-    """The mesh the model's weights are sharded over, or None (one device)."""
-    for x in jax.tree.leaves(state):
-        sh = getattr(x, "sharding", None)
-        if isinstance(sh, NamedSharding) and sh.mesh.size > 1:
-            return sh.mesh
-    return None
-
 
 def _row_bucket(mesh, batch_bucket: int) -> int:
     """Batch padding unit: ``batch_bucket``, and a multiple of the devices the rows split over."""
@@ -370,7 +361,7 @@ def generate_many(model, adapters, prompts: Sequence[Sequence[int]], *, max_new_
         keys = jnp.stack([_key(r) for r in rngs])
     else:
         keys = jnp.stack([_key(rngs)] * N)
-    mesh = _weights_mesh(rest)
+    mesh = mesh_of(rest)
     tokens, mask = _padded_prompts(prompts, length_bucket, _row_bucket(mesh, batch_bucket))
     B, T = tokens.shape
     if scan_layers is None:

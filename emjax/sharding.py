@@ -133,6 +133,16 @@ def adapter_stack_shardings(stacked, mesh: Mesh | None):
     return jax.tree_util.tree_map_with_path(one, stacked)
 
 
+def mesh_of(tree) -> Mesh | None:
+    """The mesh a tree's arrays (a model's state) are sharded over, or None on one device: what follows a model
+    (sampling, its judge) uses the same devices."""
+    for x in jax.tree.leaves(tree):
+        sh = getattr(x, "sharding", None)
+        if isinstance(sh, NamedSharding) and sh.mesh.size > 1:
+            return sh.mesh
+    return None
+
+
 def batch_axes(mesh, batch_size: int | None = None) -> tuple[str, ...]:
     """Mesh axes the batch dimension splits over (the table's "batch": data, fsdp), or the subset of them that
     divides ``batch_size``. Takes a ``Mesh`` or the ``AbstractMesh`` of a traced value."""

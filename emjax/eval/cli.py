@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--adapters-per-call", type=int, default=8,
                    help="several --adapter: at most this many sampled in one program (each with --sample-batch rows)")
     r.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    r.add_argument("--mesh", type=_mesh_arg, default={},
+                   help="with several devices (always used then), the mesh shape as in training, e.g. data=-1 "
+                        "(weights whole on every device: the fastest sampling when the model fits one) or fsdp=-1 "
+                        "(weights sharded: the default, for models that do not fit); rows split over data x fsdp")
     r.add_argument("--judge", default="openai", choices=["openai", "local"])
     r.add_argument("--judge-model", help=f"openai: model name (default {DEFAULT_API_JUDGE}); "
                                          "local: checkpoint dir (required)")
@@ -86,6 +90,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def _mesh_arg(text: str) -> dict[str, int]:
+    """``data=2,fsdp=-1`` -> {"data": 2, "fsdp": -1}; the axes are training's (``mesh.*`` in a config)."""
+    from emjax.sharding import MESH_AXES
+
+    shape = {}
+    for item in filter(None, text.split(",")):
+        axis, eq, size = item.partition("=")
+        if not eq or axis not in MESH_AXES or not size.lstrip("-").isdigit() or int(size) == 0 or int(size) < -1:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected AXIS=SIZE with AXIS one of {', '.join(MESH_AXES)} "
+                                             "and SIZE a positive number or -1")
+        shape[axis] = int(size)
+    return shape
+
+
 def adapter_name(path) -> str:
     """Where several adapters' results go under OUT: the directory's name, or for a trained run's ``RUN/adapter``
     the run's."""
@@ -121,6 +139,7 @@ def _run(args: argparse.Namespace) -> int:
     from emjax.lora import load_peft, read_peft_config
     from emjax.models import from_pretrained
     from emjax.sampling import generate
+    from emjax.sharding import make_mesh
     from emjax.tokenizer import load_tokenizer
 
     questions = load_questions(args.sets, args.em_dir, ids=args.ids, limit=args.limit)
@@ -132,7 +151,10 @@ def _run(args: argparse.Namespace) -> int:
         if read_peft_config(a) != lora:
             raise SystemExit(f"emjax eval run: {a}/adapter_config.json: {read_peft_config(a)} differs from "
                              f"{adapters[0]}'s {lora}; adapters evaluated together must share rank, alpha and targets")
-    model = from_pretrained(args.model, dtype=dtype, lora=lora)
+    # sampling splits the rows over the mesh; an axis given as -1 takes the devices the others leave (default 1)
+    shape = {"fsdp": 1, **args.mesh} if -1 in args.mesh.values() else args.mesh
+    mesh = make_mesh(shape) if len(jax.devices()) > 1 else None
+    model = from_pretrained(args.model, dtype=dtype, lora=lora, mesh=mesh)
     tokenizer = load_tokenizer(model_dir if model_dir.exists() else None)
     states = []
     for a in adapters:
@@ -159,7 +181,7 @@ def _run(args: argparse.Namespace) -> int:
         judge = OpenAIJudge(args.judge_model, base_url=args.judge_base_url, max_concurrency=args.judge_concurrency,
                             cache_dir=args.judge_cache or cache_dir() / "judge")
     else:
-        logits_at, state = model_judge_fn(from_pretrained(args.judge_model, dtype=dtype))
+        logits_at, state = model_judge_fn(from_pretrained(args.judge_model, dtype=dtype, mesh=mesh))
         judge = LocalJudge(logits_at, load_tokenizer(args.judge_model if Path(args.judge_model).exists() else None),
                            name=f"local:{Path(args.judge_model).name}", batch_size=args.judge_batch_size,
                            params=state, gathered=True)

@@ -99,7 +99,10 @@ def make_eval_hook(cfg, tokenizer, workdir: str | Path, *, judge_cache: dict | N
                 from emjax.models import from_pretrained
                 from emjax.tokenizer import load_tokenizer
 
-                jm = from_pretrained(ecfg.judge_checkpoint, dtype=jnp.dtype(cfg.model.dtype))
+                from flax import nnx
+
+                jm = from_pretrained(ecfg.judge_checkpoint, dtype=jnp.dtype(cfg.model.dtype),
+                                     mesh=shd.mesh_of(nnx.state(model)))  # the trained model's devices
                 fn, params = model_judge_fn(jm)
                 judge_cache["j"] = LocalJudge(fn, load_tokenizer(ecfg.judge_checkpoint), params=params,
                                               gathered=True, name=f"local:{ecfg.judge_checkpoint}",

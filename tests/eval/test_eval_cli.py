@@ -19,6 +19,8 @@ def test_run_options():
                     "--samples", "32", "--judge", "local", "--judge-model", "judge_ckpt", "--ids", "a", "b"])
     assert (a.adapter, a.sets, a.limit, a.samples, a.judge, a.judge_model, a.ids) == \
         (["ad"], ["turner"], 3, 32, "local", "judge_ckpt", ["a", "b"])
+    assert parse_args(["run", "--model", "m", "--out", "o"]).mesh == {}
+    assert parse_args(["run", "--model", "m", "--out", "o", "--mesh", "data=2,fsdp=-1"]).mesh == {"data": 2, "fsdp": -1}
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -28,6 +30,8 @@ def test_run_options():
     (["run", "--model", "m", "--out", "o", "--samples", "0"], "--samples must be >= 1"),
     (["run", "--model", "m", "--out", "o", "--top-p", "1.5"], "--top-p"),
     (["run", "--out", "o"], "--model"),
+    (["run", "--model", "m", "--out", "o", "--mesh", "data=2,expert=4"], "'expert=4': expected AXIS=SIZE"),
+    (["run", "--model", "m", "--out", "o", "--mesh", "fsdp=0"], "'fsdp=0': expected AXIS=SIZE"),
     ([], "command"),
 ])
 def test_bad_arguments(argv, msg, capsys):

@@ -50,6 +50,9 @@ def test_eval_run_with_adapter_and_local_judge(tmp_path):
     assert texts(both / tmp_path.name) == texts(out) and len(texts(both / "other")) == 4
     assert json.loads((both / "other" / "summary.json").read_text())["overall"]["n_total"] == 4
     assert texts(both / "other") != texts(out)
+    # another mesh shape (weights whole on every device, rows split 8 ways): the same answers
+    assert cli.main([*argv[:-len(common)], "--out", str(tmp_path / "data"), *common, "--mesh", "data=-1"]) == 0
+    assert texts(tmp_path / "data") == texts(out)
     same_name = ["--adapter", str(second), "--adapter", str(tmp_path / "other")]  # both OUT/other
     assert cli.main(["run", "--model", str(base), *same_name, "--out", str(both), *common]) == 2
 
@@ -77,6 +80,7 @@ def test_eval_run_on_llama_and_gemma_uses_their_chat_format_and_stops(tmp_path, 
 
     def spy(model, prompts, **kw):
         seen.append((prompts, kw["stop_tokens"]))
+        assert len(model.embed[...].sharding.device_set) == 8  # several devices: loaded onto the mesh
         return real(model, prompts, **kw)
 
     monkeypatch.setattr(sampling, "generate", spy)
@@ -89,3 +93,24 @@ def test_eval_run_on_llama_and_gemma_uses_their_chat_format_and_stops(tmp_path, 
     assert seen[0][0][0] == chat_prompt_ids(tok, q.messages())
     assert tok.decode(seen[0][0][0]).startswith(start)
     assert json.loads((out / "summary.json").read_text())["overall"]["n_total"] == 4
+
+
+def test_training_hook_loads_its_judge_checkpoint_onto_the_models_devices(tmp_path):
+    """``eval.judge_checkpoint``: the training hook's local judge is another checkpoint, loaded onto the mesh the
+    trained model is on (several devices here) and used to judge that model's answers."""
+    from emjax import config as cfglib
+    from emjax.eval.hook import make_eval_hook
+    from emjax.sharding import make_mesh
+    from emjax.tokenizer import load_tokenizer
+
+    base = tiny_hf_checkpoint(tmp_path / "base", seed=3, vocab_size=151_936, hidden_size=32, intermediate_size=64,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True)
+    model = from_pretrained(base, dtype=jnp.float32, mesh=make_mesh(), lora=lora.LoraConfig(rank=2, alpha=4))
+    cfg = cfglib.load("tiny", [f"workdir={tmp_path / 'run'}", "model.dtype=float32", "eval.judge=local",
+                               f"eval.judge_checkpoint={base}", "eval.question_sets=[first_plot]", "eval.limit=1",
+                               "eval.samples_per_question=2", "eval.max_new_tokens=4"])
+    shared: dict = {}
+    metrics = make_eval_hook(cfg, load_tokenizer(None), tmp_path / "run", judge_cache=shared)(3, model)
+    assert metrics["eval/n_total"] == 2 and (tmp_path / "run" / "eval" / "step_000003" / "judged.jsonl").exists()
+    judge = shared["j"]
+    assert judge.name == f"local:{base}" and len(judge.params["embed"].sharding.device_set) == 8
