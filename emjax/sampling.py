@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from emjax.lora import over_adapters
 from emjax.models.qwen3 import KVCache
-from emjax.sharding import batch_axes, mesh_of
+from emjax.sharding import batch_axes, mesh_of, to_host
 
 STOP_TOKENS = (151645, 151643)  # <|im_end|>, <|endoftext|>
 PAD_ID = 151643
@@ -256,7 +256,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
     params = (jnp.float32(temperature), jnp.float32(top_p), rng)
     out, _, _ = _decode(graphdef, state, cache, logits, params, int(max_new_tokens),
                      tuple(int(t) for t in stop_tokens), int(top_k))
-    return _trim(_to_host(out)[:n], stop_tokens, max_new_tokens)
+    return _trim(to_host(out)[:n], stop_tokens, max_new_tokens)
 
 
 # On a mesh the rows of a batch split over its batch axes (as in training), and so do the KV cache and the decode
@@ -287,15 +287,6 @@ def _new_cache(mesh, B: int, make, lead: int = 0):
     sh = KVCache(jax.tree.map(lambda _: _rows(mesh, B, dim), shape.k),
                  jax.tree.map(lambda _: _rows(mesh, B, dim), shape.v), _rows(mesh, B, lead))
     return jax.jit(make, out_shardings=sh)()
-
-
-def _to_host(out):
-    """The generated ids as one NumPy array on every process (rows may live on other hosts' devices)."""
-    if out.is_fully_addressable:
-        return np.asarray(out)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(out, tiled=True))
 
 
 def _padded_prompts(prompts, length_bucket: int, batch_bucket: int):
@@ -377,5 +368,5 @@ def generate_many(model, adapters, prompts: Sequence[Sequence[int]], *, max_new_
     params = (jnp.float32(temperature), jnp.float32(top_p), keys)
     out, _, _ = _decode_many(graphdef, adapters, rest, cache, logits, params, int(max_new_tokens),
                              tuple(int(t) for t in stop_tokens), int(top_k), moe)
-    out = _to_host(out)
+    out = to_host(out)
     return [_trim(o[:len(prompts)], stop_tokens, max_new_tokens) for o in out]

@@ -143,6 +143,15 @@ def mesh_of(tree) -> Mesh | None:
     return None
 
 
+def to_host(x) -> np.ndarray:
+    """A global array as one NumPy array on every process (its rows may live on other hosts' devices)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def batch_axes(mesh, batch_size: int | None = None) -> tuple[str, ...]:
     """Mesh axes the batch dimension splits over (the table's "batch": data, fsdp), or the subset of them that
     divides ``batch_size``. Takes a ``Mesh`` or the ``AbstractMesh`` of a traced value."""

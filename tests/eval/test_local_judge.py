@@ -128,7 +128,7 @@ def test_prompt_rendering_matches_hf_template_and_qwen_digits():
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_tiny_emjax_model_gathered_matches_full_logits(tmp_path, moe):
     """The CLI's judge wiring (weights as jit arguments, LM head only where read) on a tiny random checkpoint, dense
-    or Qwen3-MoE (a 30B-A3B judge)."""
+    or Qwen3-MoE (a 30B-A3B judge), on one device and on a mesh."""
     from flax import nnx
 
     from emjax.eval.cli import model_judge_fn
@@ -146,3 +146,16 @@ def test_tiny_emjax_model_gathered_matches_full_logits(tmp_path, moe):
     for x, y in zip(a, b):
         assert x.keys() == y.keys() and all(abs(x[k] - y[k]) < 1e-5 for k in x)
         assert 0 < sum(x.values()) <= 1 + 1e-5
+
+    # the same judge on the 2×2×2 mesh (a judge too large for one device): each device scores its own rows (the
+    # digit pass's 20 rows split over data × fsdp), with the same probabilities
+    from emjax.sharding import make_mesh
+
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    fn, params = model_judge_fn(from_pretrained(tmp_path / "ckpt", dtype=jnp.float32, mesh=mesh))
+    on_mesh = LocalJudge(fn, tok, batch_size=2, params=params, gathered=True)
+    specs, real = [], on_mesh._digits
+    on_mesh._digits = lambda p, *rows: specs.extend(r.sharding.spec for r in rows) or real(p, *rows)
+    for x, y in zip(a, on_mesh.judge_probs(prompts, kind="c")):
+        assert x.keys() == y.keys() and all(abs(x[k] - y[k]) < 1e-5 for k in x)
+    assert specs and all(spec[0] == ("data", "fsdp") for spec in specs), specs
