@@ -96,10 +96,10 @@ def make_eval_hook(cfg, tokenizer, workdir: str | Path, *, judge_cache: dict | N
             raise ValueError(f"eval.judge {ecfg.judge!r}: use 'local' or 'openai'")
         if ecfg.judge_checkpoint:
             if "j" not in judge_cache:
+                from flax import nnx
+
                 from emjax.models import from_pretrained
                 from emjax.tokenizer import load_tokenizer
-
-                from flax import nnx
 
                 jm = from_pretrained(ecfg.judge_checkpoint, dtype=jnp.dtype(cfg.model.dtype),
                                      mesh=shd.mesh_of(nnx.state(model)))  # the trained model's devices
