@@ -275,3 +275,45 @@ def test_generate_under_a_mesh_matches_single_device(tiny, scan_layers, monkeypa
     got = sampling.generate_many(base, on_mesh, prompts, temperature=1.0, rngs=[3, 4], **kw)
     assert got == sampling.generate_many(models[0], ads, prompts, temperature=1.0, rngs=[3, 4], **kw)
     assert split_by_rows(seen[0], lead=1), seen[0]
+
+
+_TWO_PROCESS = """
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+import jax.numpy as jnp
+from emjax.models import from_pretrained
+from emjax.sampling import generate
+from emjax.sharding import make_mesh
+model = from_pretrained(sys.argv[3], dtype=jnp.float32, mesh=make_mesh({"data": 2, "fsdp": -1}))
+out = generate(model, json.loads(sys.argv[4]), max_new_tokens=5, stop_tokens=(7,), temperature=1.0, rng=3)
+print("OUT " + json.dumps(out))
+"""
+
+
+def test_two_processes_sample_what_one_device_does(tiny):
+    """Two processes (jax.distributed, CPU collectives), two devices each: the rows split over all four devices, the
+    ids come back to both processes, equal to one device's."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    _, d = tiny
+    prompts = [[10, 11, 12], [20, 21], [5]]
+    want = generate(from_pretrained(d, dtype=jnp.float32), prompts, max_new_tokens=5, stop_tokens=(STOP,),
+                    temperature=1.0, rng=3)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESS, f"127.0.0.1:{port}", str(i), str(d),
+                               json.dumps(prompts)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+        assert json.loads(out.split("OUT ", 1)[1]) == want
