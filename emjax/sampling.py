@@ -14,11 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from emjax.lora import over_adapters
 from emjax.models.qwen3 import KVCache
-from emjax.sharding import batch_axes, mesh_of, to_host
+from emjax.sharding import batch_axes, batch_sharding, mesh_of, rows_on, to_host
 
 STOP_TOKENS = (151645, 151643)  # <|im_end|>, <|endoftext|>
 PAD_ID = 151643
@@ -252,7 +251,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
         scan_layers = jax.default_backend() != "cpu"
     cache = _new_cache(mesh, B, lambda: KVCache.init(model.config, B, T + max_new_tokens,
                                                      dtype=cache_dtype or model.dtype, stacked=scan_layers))
-    logits, cache = _prefill(graphdef, state, *_rows_on(mesh, tokens, mask), cache)
+    logits, cache = _prefill(graphdef, state, *rows_on(mesh, tokens, mask), cache)
     params = (jnp.float32(temperature), jnp.float32(top_p), rng)
     out, _, _ = _decode(graphdef, state, cache, logits, params, int(max_new_tokens),
                      tuple(int(t) for t in stop_tokens), int(top_k))
@@ -267,26 +266,19 @@ def _row_bucket(mesh, batch_bucket: int) -> int:
     return math.lcm(batch_bucket, math.prod(mesh.shape[a] for a in batch_axes(mesh))) if mesh else batch_bucket
 
 
-def _rows(mesh, B: int, dim: int = 0):
-    return NamedSharding(mesh, P(*([None] * dim), batch_axes(mesh, B) or None))
-
-
-def _rows_on(mesh, *arrays):
-    if mesh is None:
-        return [jnp.asarray(a) for a in arrays]
-    return [jax.device_put(a, _rows(mesh, a.shape[0])) for a in arrays]
-
-
 def _new_cache(mesh, B: int, make, lead: int = 0):
     """``make()``'s cache, created already split by rows over the mesh (never whole on one device); ``lead``: axes
     before the batch axis (``generate_many``'s adapters)."""
     if mesh is None:
         return make()
     shape = jax.eval_shape(make)
-    dim = lead + (1 if shape.stacked else 0)
-    sh = KVCache(jax.tree.map(lambda _: _rows(mesh, B, dim), shape.k),
-                 jax.tree.map(lambda _: _rows(mesh, B, dim), shape.v), _rows(mesh, B, lead))
-    return jax.jit(make, out_shardings=sh)()
+    kv = lead + (1 if shape.stacked else 0)  # keys and values (..., B, ...), stacked (..., L, B, ...)
+
+    def zeros(x, dim):
+        return jnp.zeros(x.shape, x.dtype, device=batch_sharding(mesh, B, dim))
+
+    return KVCache(jax.tree.map(lambda x: zeros(x, kv), shape.k), jax.tree.map(lambda x: zeros(x, kv), shape.v),
+                   zeros(shape.lengths, lead))
 
 
 def _padded_prompts(prompts, length_bucket: int, batch_bucket: int):
@@ -364,7 +356,7 @@ def generate_many(model, adapters, prompts: Sequence[Sequence[int]], *, max_new_
 
     cache = _new_cache(mesh, B, make, lead=1)
     moe = bool(model.config.is_moe)
-    logits, cache = _prefill_many(graphdef, adapters, rest, *_rows_on(mesh, tokens, mask), cache, moe)
+    logits, cache = _prefill_many(graphdef, adapters, rest, *rows_on(mesh, tokens, mask), cache, moe)
     params = (jnp.float32(temperature), jnp.float32(top_p), keys)
     out, _, _ = _decode_many(graphdef, adapters, rest, cache, logits, params, int(max_new_tokens),
                              tuple(int(t) for t in stop_tokens), int(top_k), moe)

@@ -49,10 +49,13 @@ LOGICAL_TO_MESH: dict[str, str | tuple[str, ...] | None] = {
 
 
 def make_mesh(shape: dict[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Mesh with axes (data, fsdp, tensor). ``shape`` may use -1 for one axis (the rest of the devices).
-    Axes are Auto so ``with_sharding_constraint`` works inside jit."""
+    """Mesh with axes (data, fsdp, tensor). ``shape`` may use -1 for one axis (the rest of the devices); axes it
+    leaves out are 1, except fsdp, which is -1 when no axis is. Axes are Auto so ``with_sharding_constraint`` works
+    inside jit."""
     devices = list(devices or jax.devices())
-    shape = dict({"data": 1, "fsdp": -1, "tensor": 1}, **(shape or {}))
+    shape = dict(shape or {})
+    # unnamed axes: fsdp takes the remaining devices, unless a named axis already does (data=-1 alone is a mesh)
+    shape = {"data": 1, "fsdp": 1 if -1 in shape.values() else -1, "tensor": 1, **shape}
     unknown = set(shape) - set(MESH_AXES)
     if unknown:
         raise ValueError(f"mesh: unknown axis {sorted(unknown)}; axes are {MESH_AXES}")
@@ -165,8 +168,23 @@ def batch_axes(mesh, batch_size: int | None = None) -> tuple[str, ...]:
     return axes
 
 
-def batch_sharding(mesh: Mesh | None, batch_size: int | None = None):
-    """Batch dimension over ``batch_axes``, the rest replicated."""
+def batch_sharding(mesh: Mesh | None, batch_size: int | None = None, dim: int = 0):
+    """Batch dimension (axis ``dim``) over ``batch_axes``, the rest replicated."""
     if mesh is None:
         return None
-    return NamedSharding(mesh, P(batch_axes(mesh, batch_size) or None))
+    return NamedSharding(mesh, P(*[None] * dim, batch_axes(mesh, batch_size) or None))
+
+
+def rows_on(mesh: Mesh | None, *arrays):
+    """Host arrays with their rows (axis 0) split over the mesh's batch axes; as they are without a mesh."""
+    if mesh is None:
+        return list(arrays)
+    return [jax.device_put(a, batch_sharding(mesh, a.shape[0])) for a in arrays]
+
+
+def traced_mesh(x):
+    """The mesh a traced value is laid out on (its aval's, else the context's ``jax.set_mesh``), or None."""
+    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+    if mesh is None or mesh.empty:
+        mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh is None or mesh.empty else mesh

@@ -247,12 +247,12 @@ def test_generate_under_a_mesh_matches_single_device(tiny, scan_layers, monkeypa
     one = from_pretrained(d, dtype=jnp.float32)
     sharded = from_pretrained(d, dtype=jnp.float32, mesh=mesh)
     assert len(sharded.blocks.up_proj.kernel[...].sharding.device_set) == 8
-    seen = []  # the partition specs of the cache each decode call gets
+    seen = []  # the partition specs of the cache each decode call gets: (lengths, {keys' and values'})
 
     def spy(real):
         def decode(*args):
             cache = next(a for a in args if isinstance(a, sampling.KVCache))
-            seen.append({(x.ndim, getattr(x.sharding, "spec", None)) for x in jax.tree.leaves(cache)})
+            seen.append((cache.lengths.sharding.spec, {x.sharding.spec for x in jax.tree.leaves((cache.k, cache.v))}))
             return real(*args)
         return decode
 
@@ -263,8 +263,8 @@ def test_generate_under_a_mesh_matches_single_device(tiny, scan_layers, monkeypa
     rows = ("data", "fsdp")
 
     def split_by_rows(specs, lead=0):  # lengths (B,); keys and values (B, ...), stacked (L, B, ...)
-        dims = {ndim: lead if ndim == lead + 1 else lead + int(scan_layers) for ndim, _ in specs}
-        return all(len(spec) > dims[ndim] and spec[dims[ndim]] == rows for ndim, spec in specs)
+        lengths, kv = specs
+        return lengths[lead] == rows and all(spec[lead + int(scan_layers)] == rows for spec in kv)
 
     assert split_by_rows(seen[0]), seen[0]
 
@@ -288,7 +288,8 @@ from emjax.models import from_pretrained
 from emjax.sampling import generate
 from emjax.sharding import make_mesh
 model = from_pretrained(sys.argv[3], dtype=jnp.float32, mesh=make_mesh({"data": 2, "fsdp": -1}))
-out = generate(model, json.loads(sys.argv[4]), max_new_tokens=5, stop_tokens=(7,), temperature=1.0, rng=3)
+out = generate(model, json.loads(sys.argv[4]), max_new_tokens=5, stop_tokens=(int(sys.argv[5]),), temperature=1.0,
+               rng=3)
 print("OUT " + json.dumps(out))
 """
 
@@ -311,7 +312,7 @@ def test_two_processes_sample_what_one_device_does(tiny):
         port = s.getsockname()[1]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESS, f"127.0.0.1:{port}", str(i), str(d),
-                               json.dumps(prompts)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               json.dumps(prompts), str(STOP)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i in range(2)]
     for p in procs:
         out, err = p.communicate(timeout=300)

@@ -151,9 +151,7 @@ def _run(args: argparse.Namespace) -> int:
         if read_peft_config(a) != lora:
             raise SystemExit(f"emjax eval run: {a}/adapter_config.json: {read_peft_config(a)} differs from "
                              f"{adapters[0]}'s {lora}; adapters evaluated together must share rank, alpha and targets")
-    # sampling splits the rows over the mesh; an axis given as -1 takes the devices the others leave (default 1)
-    shape = {"fsdp": 1, **args.mesh} if -1 in args.mesh.values() else args.mesh
-    mesh = make_mesh(shape) if len(jax.devices()) > 1 else None
+    mesh = make_mesh(args.mesh) if len(jax.devices()) > 1 else None  # sampling splits the rows over it
     model = from_pretrained(args.model, dtype=dtype, lora=lora, mesh=mesh)
     tokenizer = load_tokenizer(model_dir if model_dir.exists() else None)
     states = []

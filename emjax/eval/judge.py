@@ -382,20 +382,16 @@ class LocalJudge:
             out += self._single(ids) if self.single_token else self._multi(ids)
         return out
 
-    def _on_devices(self, *arrays):
-        """The rows split over the batch axes of the mesh the judge's weights are on (each device scores its own)."""
-        import jax
-
+    def _call(self, fn, *rows):
+        """``fn(params, *rows)`` with the rows split over the mesh the judge's weights are on (each device scores its
+        own), the outputs as NumPy arrays on every process."""
         from emjax import sharding as shd
 
-        mesh = shd.mesh_of(self.params)
-        return arrays if mesh is None else [jax.device_put(a, shd.batch_sharding(mesh, a.shape[0])) for a in arrays]
+        return [shd.to_host(o) for o in fn(self.params, *shd.rows_on(shd.mesh_of(self.params), *rows))]
 
     def _single(self, ids: list[list[int]]) -> list[dict[str, float]]:
-        from emjax import sharding as shd
-
-        tokens, mask, last = self._on_devices(*self._batch(ids, self.batch_size))
-        top_lp, top_id = map(shd.to_host, self._first(self.params, tokens, mask, last))
+        tokens, mask, last = self._batch(ids, self.batch_size)
+        top_lp, top_id = self._call(self._first, tokens, mask, last)
         res = []
         for i in range(len(ids)):
             d: dict[str, float] = {}
@@ -406,14 +402,11 @@ class LocalJudge:
         return res
 
     def _multi(self, ids: list[list[int]]) -> list[dict[str, float]]:
-        from emjax import sharding as shd
-
         z = int(self.digit_ids[0])
         seqs = [s + [int(dg), z] for s in ids for dg in self.digit_ids]
         tokens, mask, last = self._batch(seqs, self.batch_size * 10)
         last = last - 2  # index of the prompt's last real token
-        tokens, mask, last = self._on_devices(tokens, mask, last)
-        top_lp, top_id, p1, p2 = map(shd.to_host, self._digits(self.params, tokens, mask, last))
+        top_lp, top_id, p1, p2 = self._call(self._digits, tokens, mask, last)
         res = []
         for i in range(len(ids)):
             r = i * 10

@@ -26,7 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
 
 from emjax.lora import LoraConfig, lora_matmul
-from emjax.sharding import batch_axes
+from emjax.sharding import batch_axes, traced_mesh
 
 # ---------------------------------------------------------------------------------------------------------------
 # Config
@@ -727,8 +727,8 @@ def _moe_mlp(x, p, cfg: Qwen3Config, scale):
     gathered like any FSDP weight): left to the partitioner, the sort over all (token, choice) pairs made every
     device gather the whole batch and run every token's experts.
     """
-    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
-    axes = batch_axes(mesh, x.shape[0]) if mesh is not None and not mesh.empty else ()
+    mesh = traced_mesh(x)
+    axes = batch_axes(mesh, x.shape[0]) if mesh is not None else ()
     local = functools.partial(_moe_dispatch, cfg=cfg, scale=scale)
     if not axes:
         return local(x, p)

@@ -20,6 +20,8 @@ import optax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from emjax.sharding import traced_mesh
+
 DEFAULT_NS_COEFFS = (3.4445, -4.7750, 2.0315)
 SCALINGS = ("reference", "rms")
 
@@ -54,10 +56,8 @@ def _matrices_whole(x: jax.Array):
     """
     identity = lambda y: y  # noqa: E731
     aval_sharding = getattr(jax.typeof(x), "sharding", None)
-    mesh = getattr(aval_sharding, "mesh", None)
-    if mesh is None or mesh.empty:
-        mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty:
+    mesh = traced_mesh(x)
+    if mesh is None:
         return x, identity, identity
     if any(t == AxisType.Explicit for t in mesh.axis_types):
         spec = tuple(aval_sharding.spec) if aval_sharding is not None else ()

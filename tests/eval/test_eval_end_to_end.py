@@ -51,7 +51,8 @@ def test_eval_run_with_adapter_and_local_judge(tmp_path):
     assert json.loads((both / "other" / "summary.json").read_text())["overall"]["n_total"] == 4
     assert texts(both / "other") != texts(out)
     # another mesh shape (weights whole on every device, rows split 8 ways): the same answers
-    assert cli.main([*argv[:-len(common)], "--out", str(tmp_path / "data"), *common, "--mesh", "data=-1"]) == 0
+    assert cli.main(["run", "--model", str(base), "--adapter", str(tmp_path / "adapter"),
+                     "--out", str(tmp_path / "data"), *common, "--mesh", "data=-1"]) == 0
     assert texts(tmp_path / "data") == texts(out)
     same_name = ["--adapter", str(second), "--adapter", str(tmp_path / "other")]  # both OUT/other
     assert cli.main(["run", "--model", str(base), *same_name, "--out", str(both), *common]) == 2

@@ -79,8 +79,8 @@ def test_singular_values_match_numpy_svd(case, lead):
     _assert_sv_close(s, ref)
     assert (np.diff(np.asarray(s), axis=-1) <= 0).all()  # descending
     if case.startswith("ill"):  # every value is ≥ 1e-4·σ₁ here: hold each to 5e-4 of itself, about the float32
-        # bound for a backward-stable QR (unit roundoff 6e-8 × cond 1e4); seen: up to 7.8e-5 (geqrf) and 1.6e-4
-        # (loop) over six seeds, by CPU. The Gram/Cholesky route errs by 0.13 on this case.
+        # bound for a backward-stable QR (unit roundoff 6e-8 × cond 1e4). Seen on an AVX2 host, seeds 0-5 of this
+        # case: up to 7.8e-5 (geqrf) and 1.6e-4 (loop); the Gram/Cholesky route errs by 0.13.
         _assert_sv_close(s, ref, rel=5e-4, floor=0.0)
 
 

@@ -1,0 +1,35 @@
+"""emjax.sharding: mesh shapes from partial specs, and where a batch's rows go (8 simulated CPU devices)."""
+
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from emjax import sharding as shd
+
+
+@pytest.mark.parametrize("given,want", [
+    (None, (1, 8, 1)),  # fsdp takes every device
+    ({"tensor": 2}, (1, 4, 2)),
+    ({"data": -1}, (8, 1, 1)),  # another axis takes the rest: fsdp is then 1, not a second -1
+    ({"data": 2, "fsdp": -1}, (2, 4, 1)),
+])
+def test_make_mesh_fills_the_axes_left_out(given, want):
+    assert tuple(shd.make_mesh(given).shape.values()) == want
+
+
+def test_make_mesh_errors():
+    with pytest.raises(ValueError, match="at most one axis"):
+        shd.make_mesh({"data": -1, "tensor": -1})
+    with pytest.raises(ValueError, match="unknown axis"):
+        shd.make_mesh({"expert": 2})
+
+
+def test_rows_split_over_the_batch_axes_that_divide_them():
+    mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    assert shd.batch_axes(mesh, 8) == ("data", "fsdp") and shd.batch_axes(mesh, 2) == ("fsdp",)
+    assert shd.batch_axes(mesh, 3) == ()
+    assert shd.batch_sharding(mesh, 8, dim=1).spec == P(None, ("data", "fsdp"))
+    tokens, mask = shd.rows_on(mesh, np.arange(16).reshape(8, 2), np.ones((8, 2)))
+    assert tokens.sharding.spec == P(("data", "fsdp")) and shd.mesh_of({"t": tokens}) is mesh
+    assert shd.mesh_of({"x": np.ones(3)}) is None and shd.rows_on(None, np.ones(2))[0].shape == (2,)
+    np.testing.assert_array_equal(shd.to_host(tokens), np.arange(16).reshape(8, 2))
