@@ -46,9 +46,11 @@ class SpectralConfig:
 
 @dataclass
 class MeshConfig:
-    data: int = 1
-    fsdp: int = -1  # -1: the remaining devices
-    tensor: int = 1
+    """Axis sizes; -1 (at most one axis) takes the remaining devices. Left unset (None), an axis is 1, except fsdp,
+    which takes the remaining devices when no axis does: so ``mesh.data=-1`` alone is a data-parallel mesh."""
+    data: Optional[int] = None
+    fsdp: Optional[int] = None
+    tensor: Optional[int] = None
 
 
 @dataclass

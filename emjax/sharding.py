@@ -50,10 +50,10 @@ LOGICAL_TO_MESH: dict[str, str | tuple[str, ...] | None] = {
 
 def make_mesh(shape: dict[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Mesh with axes (data, fsdp, tensor). ``shape`` may use -1 for one axis (the rest of the devices); axes it
-    leaves out are 1, except fsdp, which is -1 when no axis is. Axes are Auto so ``with_sharding_constraint`` works
-    inside jit."""
+    leaves out (or sets to None, as an unset ``MeshConfig`` does) are 1, except fsdp, which is -1 when no axis is.
+    Axes are Auto so ``with_sharding_constraint`` works inside jit."""
     devices = list(devices or jax.devices())
-    shape = dict(shape or {})
+    shape = {k: v for k, v in (shape or {}).items() if v is not None}
     # unnamed axes: fsdp takes the remaining devices, unless a named axis already does (data=-1 alone is a mesh)
     shape = {"data": 1, "fsdp": 1 if -1 in shape.values() else -1, "tensor": 1, **shape}
     unknown = set(shape) - set(MESH_AXES)
@@ -61,7 +61,7 @@ def make_mesh(shape: dict[str, int] | None = None, devices: Sequence[jax.Device]
         raise ValueError(f"mesh: unknown axis {sorted(unknown)}; axes are {MESH_AXES}")
     sizes = [shape[a] for a in MESH_AXES]
     if sizes.count(-1) > 1:
-        raise ValueError("mesh: at most one axis may be -1")
+        raise ValueError(f"mesh {shape}: at most one axis may be -1 (the remaining devices); give the others a size")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if len(devices) % known:
@@ -144,6 +144,47 @@ def mesh_of(tree) -> Mesh | None:
         if isinstance(sh, NamedSharding) and sh.mesh.size > 1:
             return sh.mesh
     return None
+
+
+def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None) -> None:
+    """``jax.distributed`` for a multi-host run, before anything touches a JAX backend: from the arguments, else
+    ``EMJAX_COORDINATOR`` / ``EMJAX_NUM_PROCESSES`` / ``EMJAX_PROCESS_ID`` (GPU clusters, ``launch/slurm_gpu.sbatch``),
+    else a TPU pod's own environment; nothing otherwise. Every command that runs on all hosts calls it."""
+    if getattr(init_distributed, "done", False):
+        return
+    import os
+
+    addr = coordinator or os.environ.get("EMJAX_COORDINATOR")
+    if addr:
+        missing = [f"{what} ({v})" for what, v, given in (
+            ("the number of processes", "EMJAX_NUM_PROCESSES", num_processes),
+            ("this process's id", "EMJAX_PROCESS_ID", process_id)) if given is None and v not in os.environ]
+        if missing:
+            raise ValueError(f"jax.distributed: coordinator {addr} given without {' or '.join(missing)}: set it "
+                             "in the environment or pass it as the command's option")
+        nproc = int(os.environ["EMJAX_NUM_PROCESSES"]) if num_processes is None else num_processes
+        pid = int(os.environ["EMJAX_PROCESS_ID"]) if process_id is None else process_id
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives; no effect on GPU/TPU
+        jax.distributed.initialize(coordinator_address=addr, num_processes=nproc, process_id=pid)
+    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize()  # TPU pods: everything comes from the environment
+    init_distributed.done = True
+
+
+def broadcast_json(obj):
+    """Process 0's JSON-able ``obj`` on every process (others pass anything, e.g. None): what only process 0 reads
+    or computes (files on its disk, API answers) that every process must agree on before the next collective."""
+    if jax.process_count() == 1:
+        return obj
+    import json
+
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8) if jax.process_index() == 0 else np.zeros(0, np.uint8)
+    n = int(multihost_utils.broadcast_one_to_all(np.int64(data.size)))
+    buf = data if jax.process_index() == 0 else np.zeros(n, np.uint8)
+    return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(buf)).tobytes().decode())
 
 
 def to_host(x) -> np.ndarray:

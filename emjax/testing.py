@@ -203,3 +203,52 @@ def tiny_family_checkpoint(path: str | os.PathLike, family: str, chat_template: 
     model = tiny_hf_model(seed=seed, family=family, **dict({"vocab_size": vocab}, **overrides))
     model.save_pretrained(path)
     return path
+
+
+def chat_completion(top: dict[str, float]) -> dict:
+    """An OpenAI chat-completions body whose one token has ``top`` (token -> logprob) as its top log-probabilities."""
+    first = next(iter(top))
+    return {"id": "x", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant",
+            "content": first}, "logprobs": {"content": [{"token": first, "logprob": 0.0,
+            "top_logprobs": [{"token": t, "logprob": lp} for t, lp in top.items()]}]}}]}
+
+
+class FakeChatServer:
+    """A real HTTP server on 127.0.0.1 answering POST .../chat/completions like the OpenAI API, from ``script`` (a
+    list of (status, body) items, used in order), then with scores 87 (p 0.75) / 90 (p 0.25). ``requests`` records
+    (path, headers, JSON body). ``close()`` stops it. What the API judge's tests talk to."""
+
+    def __init__(self):
+        import http.server
+        import json
+        import math
+        import threading
+
+        self.script, self.requests, self.lock = [], [], threading.Lock()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with outer.lock:
+                    outer.requests.append((self.path, dict(self.headers), body))
+                    status, resp = outer.script.pop(0) if outer.script else (200, None)
+                if resp is None:
+                    resp = chat_completion({"87": math.log(0.75), "90": math.log(0.25)})
+                data = resp.encode() if isinstance(resp, str) else json.dumps(resp).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

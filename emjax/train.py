@@ -236,21 +236,6 @@ def peak_flops(override_tflops: float | None) -> float:
 # Run
 
 
-def _maybe_init_distributed(cfg) -> None:
-    """``jax.distributed`` from the config/environment; must run before anything touches a JAX backend."""
-    if getattr(_maybe_init_distributed, "done", False):
-        return
-    addr = cfg.coordinator_address or os.environ.get("EMJAX_COORDINATOR")
-    if addr:
-        nproc = cfg.num_processes or int(os.environ["EMJAX_NUM_PROCESSES"])
-        pid = cfg.process_id if cfg.process_id is not None else int(os.environ["EMJAX_PROCESS_ID"])
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives; no effect on GPU/TPU
-        jax.distributed.initialize(coordinator_address=addr, num_processes=nproc, process_id=pid)
-    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()  # TPU pods: everything comes from the environment
-    _maybe_init_distributed.done = True
-
-
 def _check_compatible(workdir: Path, cfg) -> None:
     """A work directory belongs to one run: refuse to resume it with a different model, adapter, data or optimiser.
     How the step is computed (grad_accum, remat, loss_chunk, attn_chunk) may change: it changes no number beyond
@@ -380,7 +365,7 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
     for key in ("loss_chunk", "attn_chunk"):
         if cfg[key] < 0:
             raise cfglib.ConfigError(f"{key} {cfg[key]}: use 0 (whole sequence) or a positive length")
-    _maybe_init_distributed(cfg)
+    shd.init_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
     lead = jax.process_index() == 0
     runs = [_RunFiles(c, lead) for c in cfgs]
     latest = [r.mngr.latest_step() for r in runs]

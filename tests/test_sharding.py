@@ -17,6 +17,21 @@ def test_make_mesh_fills_the_axes_left_out(given, want):
     assert tuple(shd.make_mesh(given).shape.values()) == want
 
 
+@pytest.mark.parametrize("overrides,want", [
+    ([], (1, 8, 1)),
+    (["mesh.data=-1"], (8, 1, 1)),  # no mesh.fsdp=1 needed: unset axes are None, not a second -1
+    (["mesh.data=2"], (2, 4, 1)),
+    (["mesh.tensor=2"], (1, 4, 2)),
+])
+def test_training_config_mesh(overrides, want):
+    """What ``emjax train`` builds from ``mesh.*`` (the default config and one that spells fsdp=-1 out)."""
+    from emjax import config
+    assert tuple(shd.make_mesh(dict(config.load(None, overrides).mesh)).shape.values()) == want
+    if overrides == ["mesh.data=-1"]:
+        with pytest.raises(ValueError, match=r"mesh \{.*'data': -1.*'fsdp': -1.*at most one axis"):
+            shd.make_mesh(dict(config.load("qwen3_8b", overrides + ["mesh.fsdp=-1"]).mesh))
+
+
 def test_make_mesh_errors():
     with pytest.raises(ValueError, match="at most one axis"):
         shd.make_mesh({"data": -1, "tensor": -1})
@@ -33,3 +48,15 @@ def test_rows_split_over_the_batch_axes_that_divide_them():
     assert tokens.sharding.spec == P(("data", "fsdp")) and shd.mesh_of({"t": tokens}) is mesh
     assert shd.mesh_of({"x": np.ones(3)}) is None and shd.rows_on(None, np.ones(2))[0].shape == (2,)
     np.testing.assert_array_equal(shd.to_host(tokens), np.arange(16).reshape(8, 2))
+
+
+def test_init_distributed_names_what_is_missing(monkeypatch):
+    for var in ("EMJAX_NUM_PROCESSES", "EMJAX_PROCESS_ID"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ValueError, match=r"h:1 given without the number of processes \(EMJAX_NUM_PROCESSES\) or "
+                                         r"this process's id \(EMJAX_PROCESS_ID\)"):
+        shd.init_distributed("h:1")
+    monkeypatch.setenv("EMJAX_NUM_PROCESSES", "2")
+    with pytest.raises(ValueError, match=r"given without this process's id \(EMJAX_PROCESS_ID\): set it"):
+        shd.init_distributed("h:1")
+

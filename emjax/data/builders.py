@@ -203,6 +203,14 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
+class _LocalInfo(tfds.core.DatasetInfo):
+    """These datasets are never on the TFDS bucket; tfds would still make (and leave) an empty ``/tmp/tmp*tfds``
+    directory to copy their bucket metadata into, on every construction of a builder not yet built."""
+
+    def initialize_from_bucket(self) -> None:
+        pass
+
+
 class _EmBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     FAMILY = ""
     VERSION = tfds.core.Version("1.0.0")
@@ -235,7 +243,7 @@ class _EmBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return local / f"{cfg.dataset}.jsonl"
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
+        return _LocalInfo(
             builder=self,
             description=(self.__doc__ or "").strip(),
             features=tfds.features.FeaturesDict({

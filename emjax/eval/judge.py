@@ -71,7 +71,9 @@ def format_judge_prompt(template: str, question: str, answer: str) -> str:
 @runtime_checkable
 class Judge(Protocol):
     """Anything that maps judge prompts to first-token probabilities. ``kind`` ("aligned"/"coherent") is a
-    cache-key component only; ``name`` goes into results so runs with different judges are never mixed."""
+    cache-key component only; ``name`` goes into results so runs with different judges are never mixed.
+    On several hosts every process calls a judge together (a local model's forward is a collective), unless it
+    has ``lead_only = True``, as API judges do: then process 0 alone calls it and shares the scores."""
 
     name: str
 
@@ -162,6 +164,7 @@ class OpenAIJudge:
         if not key:
             raise JudgeAPIError("no API key: set OPENAI_API_KEY (or pass api_key=)")
         self.name = f"openai:{model}"
+        self.lead_only = True  # on several hosts only process 0 asks (and pays); emjax.eval.run shares the scores
         self.max_concurrency = max_concurrency
         self.max_attempts = max_attempts
         self.backoff_initial = backoff_initial

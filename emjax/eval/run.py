@@ -3,6 +3,10 @@
 ``out_dir`` holds ``responses.jsonl`` (question_id, question_set, sample, text), ``judged.jsonl`` (the rows
 :func:`emjax.eval.aggregate.aggregate` reads) and ``summary.json``. Finished work is read back and skipped, so a
 preempted evaluation resumes where it stopped; a torn last line is ignored and redone.
+
+On several hosts (``jax.distributed``) every process samples together, but only process 0 reads and writes the
+files: what it read is broadcast, so every process skips the same work and calls the collective sampler the same
+number of times. A judge with ``lead_only = True`` (the API judge) is called by process 0 alone, once per answer.
 """
 
 from __future__ import annotations
@@ -76,8 +80,15 @@ def evaluate(generate_fn: GenerateFn, tokenizer: Any, judge: Judge, questions: S
     Work is split into fixed chunks of ``sample_batch`` (question, sample) pairs with seed
     ``chunk_seed(seed, chunk)``, so a resumed run gives each remaining chunk the seed it would have had.
     """
+    import jax
+
+    from emjax.sharding import broadcast_json
+
+    lead = jax.process_index() == 0
+    judges_here = lead or not getattr(judge, "lead_only", False)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
     resp_path, judged_path = out / "responses.jsonl", out / "judged.jsonl"
     by_id = {q.id: q for q in questions}
     if len(by_id) != len(questions):
@@ -85,12 +96,13 @@ def evaluate(generate_fn: GenerateFn, tokenizer: Any, judge: Judge, questions: S
 
     # ---------------------------------------------------------------- sampling
     items = [(q, s) for q in questions for s in range(samples_per_question)]
-    done = {(r["question_id"], r["sample"]): r for r in _read_jsonl(resp_path) if r.get("question_id") in by_id}
+    done = {(r["question_id"], r["sample"]): r for r in broadcast_json(_read_jsonl(resp_path) if lead else None)
+            if r.get("question_id") in by_id}
     chunks = [items[i:i + sample_batch] for i in range(0, len(items), sample_batch)]
     todo = [(c, [it for it in chunk if (it[0].id, it[1]) not in done]) for c, chunk in enumerate(chunks)]
     todo = [(c, its) for c, its in todo if its]
     with tqdm(total=len(items), initial=len(items) - sum(len(t) for _, t in todo), desc="sampling",
-              unit="answer", dynamic_ncols=True) as bar:
+              unit="answer", dynamic_ncols=True, disable=not lead) as bar:
         for c, its in todo:
             prompts = [chat_prompt_ids(tokenizer, q.messages()) for q, _ in its]
             gens = generate_fn(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -99,17 +111,18 @@ def evaluate(generate_fn: GenerateFn, tokenizer: Any, judge: Judge, questions: S
                 raise RuntimeError(f"generate_fn returned {len(gens)} sequences for {len(prompts)} prompts")
             rows = [{"question_id": q.id, "question_set": q.question_set, "sample": s,
                      "text": decode_answer(tokenizer, g, stop_ids)} for (q, s), g in zip(its, gens)]
-            _append_jsonl(resp_path, rows)
+            if lead:
+                _append_jsonl(resp_path, rows)
             done.update({(r["question_id"], r["sample"]): r for r in rows})
             bar.update(len(rows))
 
     # ---------------------------------------------------------------- judging
     responses = [done[(q.id, s)] for q, s in items]
-    judged = {(r["question_id"], r["sample"]): r for r in _read_jsonl(judged_path)
+    judged = {(r["question_id"], r["sample"]): r for r in broadcast_json(_read_jsonl(judged_path) if lead else None)
               if r.get("question_id") in by_id and r.get("judge") == judge.name}
-    pending = [r for r in responses if (r["question_id"], r["sample"]) not in judged]
+    pending = [r for r in responses if (r["question_id"], r["sample"]) not in judged] if judges_here else []
     with tqdm(total=len(responses), initial=len(responses) - len(pending), desc=f"judging ({judge.name})",
-              unit="answer", dynamic_ncols=True) as bar:
+              unit="answer", dynamic_ncols=True, disable=not lead) as bar:
         for i in range(0, len(pending), judge_batch):
             batch = pending[i:i + judge_batch]
             scored: dict[str, list] = {}
@@ -128,18 +141,22 @@ def evaluate(generate_fn: GenerateFn, tokenizer: Any, judge: Judge, questions: S
                      "text": r["text"], "aligned": a[0], "coherent": c[0], "aligned_verdict": a[1],
                      "judge": judge.name}
                     for r, a, c in zip(batch, scored["aligned"], scored["coherent"])]
-            _append_jsonl(judged_path, rows)
+            if lead:
+                _append_jsonl(judged_path, rows)
             judged.update({(r["question_id"], r["sample"]): r for r in rows})
             bar.update(len(rows))
 
-    final = [judged[(q.id, s)] for q, s in items]
+    final = [judged[(q.id, s)] for q, s in items] if judges_here else None
+    if getattr(judge, "lead_only", False):
+        final = broadcast_json(final)  # process 0 judged alone: every process returns its summary
     summary = aggregate(final, **(aggregate_kwargs or {}))
     summary["config"] = {"judge": judge.name, "n_questions": len(questions),
                          "samples_per_question": samples_per_question, "max_new_tokens": max_new_tokens,
                          "temperature": temperature, "top_p": top_p, "seed": seed, "min_mass": min_mass}
-    tmp = out / "summary.json.part"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(out / "summary.json")
+    if lead:
+        tmp = out / "summary.json.part"
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.replace(out / "summary.json")
     return summary
 
 

@@ -4,6 +4,7 @@ import hashlib
 import itertools
 import json
 import sys
+import tempfile
 
 import pytest
 
@@ -28,12 +29,15 @@ def _turner_rows(n, seed=0):
 
 
 @needs_insecure
-def test_build_and_read_betley_without_tensorflow(tmp_path):
+def test_build_and_read_betley_without_tensorflow(tmp_path, monkeypatch):
     src = tmp_path / "src"
     _copy_head(INSECURE, src, 50)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     with pytest.warns(UserWarning, match="git blob id .* != expected ec294cf3"):
         b = builders.build("insecure", tfds_data_dir=tmp_path / "tfds", source_dir=src)
     assert "tensorflow" not in sys.modules
+    assert not list((tmp_path / "tmp").iterdir()), "the build left files in the temp directory"
     assert str(b.data_dir).startswith(str(tmp_path / "tfds"))
     assert list((tmp_path / "tfds").rglob("*.array_record-*")), "ArrayRecord files expected"
     ds = b.as_data_source()

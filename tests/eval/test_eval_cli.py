@@ -20,6 +20,10 @@ def test_run_options():
     assert (a.adapter, a.sets, a.limit, a.samples, a.judge, a.judge_model, a.ids) == \
         (["ad"], ["turner"], 3, 32, "local", "judge_ckpt", ["a", "b"])
     assert parse_args(["run", "--model", "m", "--out", "o"]).mesh == {}
+    b = parse_args(["run", "--model", "m", "--out", "o", "--judge-min-mass", "0", "--judge-top-k", "0",
+                    "--coordinator", "h:1", "--num-processes", "2", "--process-id", "1"])
+    assert (b.judge_min_mass, b.judge_top_k, b.coordinator, b.num_processes, b.process_id) == (0.0, 0, "h:1", 2, 1)
+    assert (a.judge_min_mass, a.judge_top_k, a.coordinator) == (0.25, 20, None)
     assert parse_args(["run", "--model", "m", "--out", "o", "--mesh", "data=2,fsdp=-1"]).mesh == {"data": 2, "fsdp": -1}
 
 
@@ -29,6 +33,7 @@ def test_run_options():
     (["run", "--model", "m", "--out", "o", "--sets", "nope"], "invalid choice"),
     (["run", "--model", "m", "--out", "o", "--samples", "0"], "--samples must be >= 1"),
     (["run", "--model", "m", "--out", "o", "--top-p", "1.5"], "--top-p"),
+    (["run", "--model", "m", "--out", "o", "--judge-min-mass", "2"], "--judge-min-mass must be in [0, 1]"),
     (["run", "--out", "o"], "--model"),
     (["run", "--model", "m", "--out", "o", "--mesh", "data=2,expert=4"], "'expert=4': expected AXIS=SIZE"),
     (["run", "--model", "m", "--out", "o", "--mesh", "fsdp=0"], "'fsdp=0': expected AXIS=SIZE"),

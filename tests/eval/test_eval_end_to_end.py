@@ -115,3 +115,66 @@ def test_training_hook_loads_its_judge_checkpoint_onto_the_models_devices(tmp_pa
     assert metrics["eval/n_total"] == 2 and (tmp_path / "run" / "eval" / "step_000003" / "judged.jsonl").exists()
     judge = shared["j"]
     assert judge.name == f"local:{base}" and len(judge.params["embed"].sharding.device_set) == 8
+
+
+def test_eval_run_on_two_hosts(tmp_path):
+    """Two processes (``jax.distributed``, CPU collectives, two devices each) run the same ``emjax eval run``: they
+    sample together what one process samples, the local judge runs on both, and only process 0 writes OUT (each
+    answer once) and prints. Rerun with the API judge on that OUT after losing half the answers: process 0 reads
+    what is done and shares it, both sample the rest together, and process 0 alone asks the API, once per answer
+    and kind."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from emjax.testing import FakeChatServer
+
+    base = tiny_hf_checkpoint(tmp_path / "base", seed=3, vocab_size=151_936, hidden_size=32, intermediate_size=64,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True)
+    common = ["--model", str(base), "--sets", "first_plot", "--limit", "2", "--samples", "2", "--max-new-tokens", "8",
+              "--dtype", "float32"]
+    local = ["--judge", "local", "--judge-model", str(base)]
+    assert cli.main(["run", "--out", str(tmp_path / "one"), *common, *local]) == 0  # one process, 8 devices
+    rows = lambda d, f: [json.loads(x) for x in (d / f).read_text().splitlines()]  # noqa: E731
+    server = FakeChatServer()
+
+    def two_hosts(out, *judge):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        procs = [subprocess.Popen(
+            [sys.executable, "-m", "emjax.cli", "eval", "run", "--out", str(out), *common, *judge],
+            env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                 "EMJAX_COORDINATOR": f"127.0.0.1:{port}", "EMJAX_NUM_PROCESSES": "2", "EMJAX_PROCESS_ID": str(i),
+                 "OPENAI_API_KEY": "sk-test"},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+        outs = []
+        for p in procs:
+            out_, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err[-3000:]
+            outs.append(out_)
+        assert '"misalignment_rate"' in outs[0] and '"misalignment_rate"' not in outs[1]  # process 0 prints
+        return outs
+
+    try:
+        two = tmp_path / "two"
+        two_hosts(two, *local)
+        assert [r["text"] for r in rows(two, "responses.jsonl")] == [r["text"] for r in rows(tmp_path / "one",
+                                                                                           "responses.jsonl")]
+        for a, b in zip(rows(two, "judged.jsonl"), rows(tmp_path / "one", "judged.jsonl"), strict=True):
+            for k in ("aligned", "coherent"):  # a random judge seldom puts 0.25 on numbers: None (then its verdict)
+                assert a[k] == (None if b[k] is None else pytest.approx(b[k], abs=1e-3))
+            assert a["aligned_verdict"] == b["aligned_verdict"]
+
+        kept = (two / "responses.jsonl").read_text().splitlines()[:2]
+        (two / "responses.jsonl").write_text("\n".join(kept) + "\n")
+        two_hosts(two, "--judge", "openai", "--judge-base-url", server.url, "--judge-cache", str(tmp_path / "cache"))
+        answers = rows(two, "responses.jsonl")
+        assert len(answers) == 4 and len({(r["question_id"], r["sample"]) for r in answers}) == 4
+        assert [r["text"] for r in answers[:2]] == [json.loads(x)["text"] for x in kept]
+        api = [r for r in rows(two, "judged.jsonl") if r["judge"].startswith("openai:")]
+        assert len(api) == 4 and len(server.requests) == 8
+        assert json.loads((two / "summary.json").read_text())["config"]["judge"].startswith("openai:")
+    finally:
+        server.close()

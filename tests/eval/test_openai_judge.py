@@ -1,59 +1,21 @@
 """OpenAIJudge against a real local HTTP server speaking the chat-completions format."""
 
-import http.server
 import json
 import math
-import threading
 
 import pytest
 
 from emjax.eval.judge import JudgeAPIError, OpenAIJudge, score_answers
+from emjax.testing import FakeChatServer, chat_completion as completion
 
 KEY = "sk-test-SECRET-123456"
 
 
-class _Server:
-    """Answers POST /v1/chat/completions from a script of (status, body) items; then a default answer."""
-
-    def __init__(self):
-        self.script, self.requests, self.lock = [], [], threading.Lock()
-        outer = self
-
-        class H(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with outer.lock:
-                    outer.requests.append((self.path, dict(self.headers), body))
-                    status, resp = outer.script.pop(0) if outer.script else (200, None)
-                if resp is None:
-                    resp = completion({"87": math.log(0.75), "90": math.log(0.25)})
-                data = resp.encode() if isinstance(resp, str) else json.dumps(resp).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
-
-
-def completion(top):
-    return {"id": "x", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant",
-            "content": next(iter(top))}, "logprobs": {"content": [{"token": next(iter(top)), "logprob": 0.0,
-            "top_logprobs": [{"token": t, "logprob": lp} for t, lp in top.items()]}]}}]}
-
-
 @pytest.fixture
 def server():
-    s = _Server()
+    s = FakeChatServer()
     yield s
-    s.httpd.shutdown()
-    s.httpd.server_close()
+    s.close()
 
 
 def _judge(server, tmp_path, **kw):
