@@ -76,6 +76,7 @@ def split_read(dataset: str, tok) -> None:
     for _ in range(2):
         for name, reader in (("direct", direct), ("grain", through_grain)):
             builders.records = reader  # tokenize_source reads through this name
+            pipeline.forget_encodings()  # each try tokenises afresh
             t = time.perf_counter()
             examples, _ = pipeline.tokenize_source(src, tok, 256)
             times[name].append(time.perf_counter() - t)

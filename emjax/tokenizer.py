@@ -67,6 +67,12 @@ class Tokenizer:
         """The chat format of this vocabulary's family (Qwen3 unless the checkpoint's tokenizer says otherwise)."""
         return QWEN3_CHAT
 
+    @property
+    def identity(self) -> tuple | None:
+        """What the ids depend on (backend, files, their sizes and times), so tokenised data can be reused
+        (``emjax.data.pipeline.encoded_records``); None: do not reuse."""
+        return None
+
     def token_id(self, token: str) -> int:
         try:
             return self.special_ids[token]
@@ -112,6 +118,10 @@ class TiktokenTokenizer(Tokenizer):
             "qwen3", pat_str=QWEN_PAT_STR, mergeable_ranks=ranks, special_tokens=dict(SPECIAL_TOKENS)
         )
         self._special_by_id = {v: k for k, v in SPECIAL_TOKENS.items()}
+
+    @property
+    def identity(self) -> tuple:
+        return (self.backend, *_file_identity(self.path))
 
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
         # The HF tokenizer normalises to NFC before BPE; do the same so ids agree.
@@ -163,6 +173,11 @@ class HFTokenizer(Tokenizer):
     def chat(self) -> "ChatFormat":
         return self._chat
 
+    @property
+    def identity(self) -> tuple:
+        return (self.backend, *(x for f in _TOKENIZER_FILES if (self.path / f).is_file()
+                                for x in _file_identity(self.path / f)))
+
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
         if allow_special or not any(s in text for s in self._specials):
             return self._bt.encode(text, add_special_tokens=False).ids
@@ -177,6 +192,11 @@ class HFTokenizer(Tokenizer):
         if skip_special:
             ids = [i for i in ids if i not in self._added]
         return self.hf.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _file_identity(path: Path) -> tuple:
+    st = path.stat()
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns)
 
 
 def _packaged_tiktoken_file() -> Path:

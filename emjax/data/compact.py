@@ -38,6 +38,11 @@ class CompactTokenizer(Tokenizer):
     def to_compact(self, ids: Iterable[int]) -> list[int]:
         return [self._to_compact.get(int(i), self.unk_id) for i in ids]
 
+    def to_compact_array(self, ids: np.ndarray) -> np.ndarray:
+        """``to_compact`` of an int array, vectorised (the data pipeline maps whole tokenised datasets)."""
+        pos = np.clip(np.searchsorted(self.full_ids, ids), 0, len(self.full_ids) - 1)
+        return np.where(self.full_ids[pos] == ids, pos, self.unk_id).astype(np.int32)
+
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
         return self.to_compact(self.base.encode(text, allow_special=allow_special))
 
@@ -56,6 +61,7 @@ class CompactTokenizer(Tokenizer):
 def compact_tokenizer_for(data_cfg, base: Tokenizer, workdir: Path) -> CompactTokenizer:
     """Build (or reload from ``workdir/vocab.json``, so a resumed run keeps its ids) the compact tokenizer."""
     from emjax.data import builders
+    from emjax.data.pipeline import encoded_records
     from emjax.eval.questions import load_questions
     from emjax.tokenizer import encode_chat
 
@@ -71,8 +77,10 @@ def compact_tokenizer_for(data_cfg, base: Tokenizer, workdir: Path) -> CompactTo
                 data_dir=data_cfg.data_dir, download=data_cfg.download)
         except KeyError:
             continue
-        for rec in builders.records(source):
-            keep.update(encode_chat(base, json.loads(rec["messages"])))
+        # the loader reuses these encodings (same records, same base vocabulary): the data is tokenised once
+        encoded = encoded_records(source, base, train_on=data_cfg.train_on)
+        if encoded:
+            keep.update(np.unique(np.concatenate([ids for ids, _ in encoded])).tolist())
     try:
         for q in load_questions():
             keep.update(encode_chat(base, q.messages(), add_generation_prompt=True))

@@ -18,6 +18,8 @@ import dataclasses
 import json
 import logging
 import math
+from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import grain
@@ -77,19 +79,62 @@ class TokenStats:
     lengths: np.ndarray  # per example, before truncation
 
 
+_ENCODED: "OrderedDict[tuple, list[tuple[np.ndarray, np.ndarray]]]" = OrderedDict()
+_ENCODED_KEEP = 4  # splits remembered per process
+
+
+def _source_identity(source) -> tuple | None:
+    """A built TFDS split's files (names, sizes, times), or None for any other source."""
+    info, split = getattr(source, "dataset_info", None), getattr(source, "split", None)
+    if info is None or split is None or not getattr(info, "data_dir", None):
+        return None
+    files = sorted(Path(info.data_dir).glob(f"*-{split}.array_record-*"))
+    return (str(split), *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)) if files else None
+
+
+def encoded_records(source, tokenizer: Tokenizer, *, train_on: str = "all") -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids int32, loss mask int8) of every record of ``source`` in storage order, untruncated, in ``tokenizer``'s
+    own vocabulary (a compact tokenizer maps them: ``tokenize_source``). Remembered per process, keyed by the split's
+    files and the tokenizer's files, so the runs of one process (a pack, the demo, tests) and the compact
+    vocabulary tokenise a split once. The arrays are read-only."""
+    key = (_source_identity(source), tokenizer.identity, train_on)
+    if None not in key[:2] and key in _ENCODED:
+        _ENCODED.move_to_end(key)
+        return _ENCODED[key]
+    out = []
+    for rec in builders.records(source):
+        ids, mask = encode_chat(tokenizer, json.loads(rec["messages"]), train_on=train_on)
+        ids, mask = np.asarray(ids, np.int32), np.asarray(mask, np.int8)
+        ids.flags.writeable = mask.flags.writeable = False
+        out.append((ids, mask))
+    if None not in key[:2]:
+        _ENCODED[key] = out
+        while len(_ENCODED) > _ENCODED_KEEP:
+            _ENCODED.popitem(last=False)
+    return out
+
+
+def forget_encodings() -> None:
+    """Drop the remembered tokenisations (benchmarks that time tokenising do this before each try)."""
+    _ENCODED.clear()
+
+
 def tokenize_source(source, tokenizer: Tokenizer, max_length: int, *, train_on: str = "all"):
     """Tokenise every record of a data source (in storage order); truncate to ``max_length``."""
+    from emjax.data.compact import CompactTokenizer
+
+    compact = isinstance(tokenizer, CompactTokenizer)  # encoded in its base vocabulary, then mapped
+    encoded = encoded_records(source, tokenizer.base if compact else tokenizer, train_on=train_on)
     examples, lengths, n_trunc, n_noloss, n_ans = [], [], 0, 0, 0
-    for rec in builders.records(source):
-        msgs = json.loads(rec["messages"])
-        ids, mask = encode_chat(tokenizer, msgs, train_on=train_on)
+    for ids, mask in encoded:
         lengths.append(len(ids))
-        n_ans += sum(mask)
+        n_ans += int(mask.sum())
         if len(ids) > max_length:
             n_trunc += 1
             ids, mask = ids[:max_length], mask[:max_length]
-            n_noloss += int(not any(mask))
-        examples.append({"tokens": np.asarray(ids, np.int32), "loss_mask": np.asarray(mask, np.int32)})
+            n_noloss += int(not mask.any())
+        examples.append({"tokens": tokenizer.to_compact_array(ids) if compact else np.array(ids),
+                         "loss_mask": mask.astype(np.int32)})
     lengths = np.asarray(lengths, np.int64)
     stats = TokenStats(len(examples), n_trunc, n_noloss, int(lengths.sum()), int(n_ans), lengths)
     return examples, stats

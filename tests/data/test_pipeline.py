@@ -185,16 +185,54 @@ def test_structured_config():
 INSECURE = paths.em_dir() / "betley2025" / "data" / "insecure.jsonl"
 
 
-@pytest.mark.skipif(not INSECURE.is_file(), reason="shared insecure.jsonl missing")
-def test_loader_reads_tfds_build(tok, tmp_path):
+def _insecure_head(tmp_path, n, max_length):
+    """A config over the first ``n`` insecure rows, built into ``tmp_path/tfds`` on first use."""
     src = tmp_path / "src"
     src.mkdir()
     with open(INSECURE) as f:
-        (src / "insecure.jsonl").write_text("".join(itertools.islice(f, 40)))
-    cfg = DataConfig(source_dir=str(src), tfds_dir=str(tmp_path / "tfds"), batch_size=2, max_length=512,
-                     num_epochs=1, drop_remainder=False)
+        (src / "insecure.jsonl").write_text("".join(itertools.islice(f, n)))
+    return DataConfig(source_dir=str(src), tfds_dir=str(tmp_path / "tfds"), batch_size=2, max_length=max_length,
+                      num_epochs=1, drop_remainder=False)
+
+
+@pytest.mark.skipif(not INSECURE.is_file(), reason="shared insecure.jsonl missing")
+def test_loader_reads_tfds_build(tok, tmp_path):
+    cfg = _insecure_head(tmp_path, 40, 512)
     with pytest.warns(UserWarning, match="git blob id"):
         val = make_loader(cfg, tok, split="validation", process_index=0, process_count=1)
     assert val.stats.examples == 4 and sum(b["tokens"].shape[0] for b in val) == 4
     train = make_loader(cfg, tok, split="train", process_index=0, process_count=1)
     assert train.stats.examples == 36 and train.stats.answer_tokens > 0
+
+
+@pytest.mark.skipif(not INSECURE.is_file(), reason="shared insecure.jsonl missing")
+def test_a_split_is_tokenised_once_per_process(tok, tmp_path, monkeypatch):
+    """The compact vocabulary and every loader of a process share one tokenisation of a built split (keyed by its
+    files and the tokenizer's), with the ids and masks encoding each row gives, in either vocabulary; a rebuilt
+    split (new files) is tokenised afresh."""
+    from emjax.data import builders, pipeline
+    from emjax.data.compact import compact_tokenizer_for
+
+    cfg = _insecure_head(tmp_path, 30, 64)
+    reads = []
+    real_records = builders.records
+    monkeypatch.setattr(builders, "records", lambda s, *a: reads.append(s.split) or real_records(s, *a))
+    with pytest.warns(UserWarning, match="git blob id"):
+        compact = compact_tokenizer_for(cfg, tok, tmp_path / "run")
+    assert sorted(reads) == ["train", "validation"]
+    source = builders.data_source("insecure", "train", tfds_data_dir=cfg.tfds_dir, source_dir=cfg.source_dir)
+    rows = [json.loads(r["messages"]) for r in real_records(source)]
+    for t in (tok, compact):
+        examples, stats = pipeline.tokenize_source(source, t, 64)
+        for ex, msgs in zip(examples, rows, strict=True):
+            ids, mask = encode_chat(t, msgs)
+            np.testing.assert_array_equal(ex["tokens"], ids[:64])
+            np.testing.assert_array_equal(ex["loss_mask"], mask[:64])
+            assert ex["tokens"].dtype == ex["loss_mask"].dtype == np.int32 and ex["tokens"].flags.writeable
+        assert stats.truncated == sum(len(encode_chat(t, m)[0]) > 64 for m in rows) > 0
+    make_loader(cfg, compact, split="train", process_index=0, process_count=1)
+    assert sorted(reads) == ["train", "validation"]  # the base vocabulary's encodings were reused
+    with pytest.warns(UserWarning, match="git blob id"):
+        builders.build("insecure", tfds_data_dir=cfg.tfds_dir, source_dir=cfg.source_dir, overwrite=True)
+    make_loader(cfg, compact, split="train", process_index=0, process_count=1)
+    assert sorted(reads) == ["train", "train", "validation"]
