@@ -27,3 +27,15 @@ def test_overrides_and_errors(tmp_path):
     with pytest.raises(cfglib.ConfigError, match=r"bad.yaml.*learning_rat"):
         cfglib.load(bad)
     assert Path(cfglib.find_config("tiny")).name == "tiny.yaml"
+
+
+def test_per_group_learning_rates_from_the_command_line():
+    """``optim.lr_scales`` as a whole mapping or one key at a time; a factor that is not a number names its key."""
+    from emjax.optim import build
+
+    cfg = cfglib.load("tiny", ['optim.lr_scales={lora_b$: 16, "(gate|up)_proj": 0.5}', "optim.total_steps=10"])
+    assert dict(cfg.optim.lr_scales) == {"lora_b$": 16.0, "(gate|up)_proj": 0.5}
+    build(cfg.optim)  # validates
+    assert dict(cfglib.load("tiny", ["optim.lr_scales.lora_b$=16"]).optim.lr_scales) == {"lora_b$": 16.0}
+    with pytest.raises(cfglib.ConfigError, match=r"optim\.lr_scales\.lora_b"):
+        cfglib.load("tiny", ["optim.lr_scales.lora_b=fast"])

@@ -16,6 +16,7 @@ from emjax.optim.build import (
     make_schedule,
     path_str,
     register,
+    scale_by_path,
     validate,
 )
 from emjax.optim.muon import muon, newton_schulz, scale_by_muon, shape_scale
@@ -33,6 +34,7 @@ __all__ = [
     "path_str",
     "register",
     "scale_by_muon",
+    "scale_by_path",
     "shape_scale",
     "validate",
 ]

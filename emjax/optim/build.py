@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +79,9 @@ class OptimConfig:
     other_optimizer: str = "adamw"
     # Regexes on "a/b/c" leaf paths that are never updated (label "frozen").
     frozen_patterns: List[str] = field(default_factory=list)
+    # Per-group learning rates: regex on the leaf path -> multiplier of the learning rate (the first match wins,
+    # unmatched leaves 1), e.g. {"lora_b$": 16} is LoRA+'s faster B, {"(gate|up|down)_proj": 0.5} a slower MLP.
+    lr_scales: Dict[str, float] = field(default_factory=dict)
 
 
 def register(name: str) -> Callable[[Factory], Factory]:
@@ -190,11 +193,15 @@ def validate(cfg: OptimConfig) -> None:
         raise _err("other_optimizer", f"must be 'frozen' or one of {available()}")
     if cfg.other_optimizer == "muon":
         raise _err("other_optimizer", "Muon needs matrices; non-LoRA leaves may be vectors")
-    for pat in cfg.frozen_patterns:
-        try:
-            re.compile(pat)
-        except re.error as e:
-            raise _err("frozen_patterns", f"bad regex {pat!r}: {e}") from None
+    for key, pats in (("frozen_patterns", cfg.frozen_patterns), ("lr_scales", cfg.lr_scales)):
+        for pat in pats:
+            try:
+                re.compile(pat)
+            except re.error as e:
+                raise _err(key, f"bad regex {pat!r}: {e}") from None
+    for pat, factor in cfg.lr_scales.items():
+        if not factor > 0:
+            raise _err(f"lr_scales.{pat}", f"must be > 0 (freeze leaves with frozen_patterns), got {factor}")
 
 
 def make_schedule(cfg: OptimConfig) -> optax.Schedule:
@@ -251,8 +258,26 @@ def labels(params: Any, frozen_patterns: tuple[str, ...] | list[str] = ()) -> An
     return jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_variable)
 
 
+def scale_by_path(scales: Mapping[str, float]) -> optax.GradientTransformation:
+    """Multiply each leaf's update by the factor of the first regex in ``scales`` its path ("a/b/c") matches, 1 if
+    none: after an optimiser whose update is proportional to its learning rate (every one here, decoupled weight
+    decay included) this is a learning rate per group of leaves."""
+    pats = [(re.compile(p), float(f)) for p, f in scales.items()]
+
+    def factor(path) -> float:
+        name = path_str(path)
+        return next((f for p, f in pats if p.search(name)), 1.0)
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(lambda path, u: u * factor(path), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def build(cfg: OptimConfig) -> optax.GradientTransformation:
-    """Config -> clip(global norm over trainable leaves) then partition{lora, other, frozen}.
+    """Config -> clip(global norm over trainable leaves), partition{lora, other, frozen}, then the per-group
+    learning-rate factors (``lr_scales``, if any).
 
     The learning rate is injected (``optax.inject_hyperparams``) so ``current_lr(opt_state)`` reads
     the value used by the latest update. Weight decay belongs to each optimiser (see module doc).
@@ -278,6 +303,8 @@ def build(cfg: OptimConfig) -> optax.GradientTransformation:
         )
         if cfg.clip_norm is not None:
             tx = optax.chain(optax.masked(optax.clip_by_global_norm(cfg.clip_norm), trainable_fn), tx)
+        if cfg.lr_scales:
+            tx = optax.chain(tx, scale_by_path(dict(cfg.lr_scales)))
         return tx
 
     return optax.inject_hyperparams(make)(learning_rate=schedule)

@@ -132,6 +132,24 @@ def test_build_equals_optax(cfg, ref):
     assert not np.allclose(got["blocks"]["q_proj"]["lora_a"], p["blocks"]["q_proj"]["lora_a"])
 
 
+@pytest.mark.parametrize("name,extra", [("adamw", dict(weight_decay=0.1)), ("muon", dict(weight_decay=0.01)),
+                                        ("sgd", dict(momentum=0.9))])
+def test_lr_scales_are_a_learning_rate_per_group(name, extra):
+    """``lr_scales`` {"lora_b$": 4, "down_proj": 0.5}: each B factor moves as with 4x the learning rate, down_proj's A
+    as with half of it (B matches first), the rest as without; the "other" optimiser's leaves too (final_norm)."""
+    p, gs = _params(), _grads_seq(3)
+    run = lambda lr, **kw: _run(eo.build(OptimConfig(name=name, **{**CONST, "learning_rate": lr}, **extra, **kw)),  # noqa: E731
+                                p, gs)[0]
+    got = run(1e-2, lr_scales={"lora_b$": 4.0, "down_proj": 0.5, "final_norm": 3.0})
+    fast, slow, plain = run(4e-2), run(5e-3), run(1e-2)
+    for proj in ("q_proj", "down_proj"):
+        _close(got["blocks"][proj]["lora_b"], fast["blocks"][proj]["lora_b"], 1e-6)
+    _close(got["blocks"]["down_proj"]["lora_a"], slow["blocks"]["down_proj"]["lora_a"], 1e-6)
+    _close(got["blocks"]["q_proj"]["lora_a"], plain["blocks"]["q_proj"]["lora_a"], 1e-6)
+    _close(got["final_norm"], run(3e-2)["final_norm"], 1e-6)
+    assert not np.allclose(got["blocks"]["q_proj"]["lora_b"], plain["blocks"]["q_proj"]["lora_b"], atol=1e-4)
+
+
 def test_lion_matches_published_rule():
     """c = b1 m + (1-b1) g; theta -= lr (sign(c) + wd theta); m = b2 m + (1-b2) g."""
     lr, b1, b2, wd = 3e-3, 0.9, 0.99, 0.3
@@ -228,6 +246,8 @@ def test_current_lr_through_multisteps_and_error():
         (dict(other_optimizer="muon"), "optim.other_optimizer"),
         (dict(name="sgd", nesterov=True), "optim.nesterov"),
         (dict(frozen_patterns=["("]), "optim.frozen_patterns"),
+        (dict(lr_scales={"[": 2.0}), "optim.lr_scales"),
+        (dict(lr_scales={"lora_b$": 0.0}), "optim.lr_scales.lora_b"),
     ],
 )
 def test_validation_names_the_key(override, key):
