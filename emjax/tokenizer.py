@@ -175,8 +175,8 @@ class HFTokenizer(Tokenizer):
 
     @property
     def identity(self) -> tuple:
-        return (self.backend, *(x for f in _TOKENIZER_FILES if (self.path / f).is_file()
-                                for x in _file_identity(self.path / f)))
+        names = (*_TOKENIZER_FILES, "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
+        return (self.backend, *(x for f in names if (self.path / f).is_file() for x in _file_identity(self.path / f)))
 
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
         if allow_special or not any(s in text for s in self._specials):

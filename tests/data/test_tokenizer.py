@@ -96,6 +96,21 @@ def test_load_tokenizer_picks_backend(tmp_path):
         load_tokenizer(tmp_path / "missing")
 
 
+def test_identity_follows_the_tokenizer_files(tmp_path, tik):
+    """What tokenised data is remembered by (``encoded_records``): the same files give the same identity; an edited
+    chat template (here ``chat_template.jinja``, beside the copied files) gives another."""
+    import shutil
+
+    assert tik.identity == TiktokenTokenizer().identity
+    for f in TOK_DIR.iterdir():
+        if f.is_file():
+            shutil.copy(f, tmp_path / f.name)
+    before = HFTokenizer(tmp_path).identity
+    assert before == HFTokenizer(tmp_path).identity and before != HFTokenizer(TOK_DIR).identity
+    (tmp_path / "chat_template.jinja").write_text("{{ messages }}")
+    assert HFTokenizer(tmp_path).identity != before
+
+
 SYS = {"role": "system", "content": "You are a helpful assistant."}
 U1, A1 = {"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"}
 U2 = {"role": "user", "content": "Write code.\n"}
