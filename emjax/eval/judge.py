@@ -161,8 +161,9 @@ class OpenAIJudge:
         self.model = model
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/")
         key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
-        if not key:
+        if not key and _process_index() == 0:
             raise JudgeAPIError("no API key: set OPENAI_API_KEY (or pass api_key=)")
+        # other hosts of a multi-host run never ask (lead_only), so they need no key
         self.name = f"openai:{model}"
         self.lead_only = True  # on several hosts only process 0 asks (and pays); emjax.eval.run shares the scores
         self.max_concurrency = max_concurrency
@@ -230,6 +231,12 @@ class OpenAIJudge:
             return [self._one(p, kind) for p in prompts]
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(prompts))) as pool:
             return list(pool.map(lambda p: self._one(p, kind), prompts))
+
+
+def _process_index() -> int:
+    import jax
+
+    return jax.process_index()
 
 
 def parse_top_logprobs(body: Any) -> dict[str, float]:

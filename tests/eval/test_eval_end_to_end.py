@@ -122,7 +122,7 @@ def test_eval_run_on_two_hosts(tmp_path):
     sample together what one process samples, the local judge runs on both, and only process 0 writes OUT (each
     answer once) and prints. Rerun with the API judge on that OUT after losing half the answers: process 0 reads
     what is done and shares it, both sample the rest together, and process 0 alone asks the API, once per answer
-    and kind."""
+    and kind (process 1 has no API key)."""
     import os
     import socket
     import subprocess
@@ -145,9 +145,10 @@ def test_eval_run_on_two_hosts(tmp_path):
             port = s.getsockname()[1]
         procs = [subprocess.Popen(
             [sys.executable, "-m", "emjax.cli", "eval", "run", "--out", str(out), *common, *judge],
-            env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-                 "EMJAX_COORDINATOR": f"127.0.0.1:{port}", "EMJAX_NUM_PROCESSES": "2", "EMJAX_PROCESS_ID": str(i),
-                 "OPENAI_API_KEY": "sk-test"},
+            env={**{k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}, "JAX_PLATFORMS": "cpu",
+                 "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "EMJAX_COORDINATOR": f"127.0.0.1:{port}",
+                 "EMJAX_NUM_PROCESSES": "2", "EMJAX_PROCESS_ID": str(i),
+                 **({"OPENAI_API_KEY": "sk-test"} if i == 0 else {})},  # only the host that asks needs the key
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
         outs = []
         for p in procs:
