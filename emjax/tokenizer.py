@@ -15,6 +15,7 @@ of the Qwen3 repositories) for system/user/assistant turns; tools and ``tool`` m
 
 from __future__ import annotations
 
+import functools
 import os
 import unicodedata
 from dataclasses import dataclass
@@ -223,6 +224,12 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
             raise FileNotFoundError(f"tokenizer path {p} does not exist")
         if any((p / f).is_file() for f in _TOKENIZER_FILES):
             return HFTokenizer(p)
+    return _packaged_tokenizer()
+
+
+@functools.lru_cache(maxsize=1)
+def _packaged_tokenizer() -> "TiktokenTokenizer":
+    """One instance per process (it is read-only; reading the 151,643 ranks takes about a second)."""
     return TiktokenTokenizer()
 
 
