@@ -27,6 +27,7 @@ import numpy as np
 from grain.experimental import FirstFitPackIterDataset
 
 from emjax.data import builders
+from emjax.data.compact import CompactTokenizer
 from emjax.tokenizer import Tokenizer, encode_pieces
 
 log = logging.getLogger(__name__)
@@ -121,8 +122,6 @@ def forget_encodings() -> None:
 
 def tokenize_source(source, tokenizer: Tokenizer, max_length: int, *, train_on: str = "all"):
     """Tokenise every record of a data source (in storage order); truncate to ``max_length``."""
-    from emjax.data.compact import CompactTokenizer
-
     compact = isinstance(tokenizer, CompactTokenizer)  # encoded in its base vocabulary, then mapped
     encoded = encoded_records(source, tokenizer.base if compact else tokenizer, train_on=train_on)
     examples, lengths, n_trunc, n_noloss, n_ans = [], [], 0, 0, 0

@@ -85,7 +85,8 @@ def evaluate(generate_fn: GenerateFn, tokenizer: Any, judge: Judge, questions: S
     from emjax.sharding import broadcast_json
 
     lead = jax.process_index() == 0
-    judges_here = lead or not getattr(judge, "lead_only", False)
+    lead_only = getattr(judge, "lead_only", False)
+    judges_here = lead or not lead_only
     out = Path(out_dir)
     if lead:
         out.mkdir(parents=True, exist_ok=True)
@@ -147,7 +148,7 @@ def evaluate(generate_fn: GenerateFn, tokenizer: Any, judge: Judge, questions: S
             bar.update(len(rows))
 
     final = [judged[(q.id, s)] for q, s in items] if judges_here else None
-    if getattr(judge, "lead_only", False):
+    if lead_only:
         final = broadcast_json(final)  # process 0 judged alone: every process returns its summary
     summary = aggregate(final, **(aggregate_kwargs or {}))
     summary["config"] = {"judge": judge.name, "n_questions": len(questions),
