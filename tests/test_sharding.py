@@ -48,6 +48,7 @@ def test_rows_split_over_the_batch_axes_that_divide_them():
 
 
 def test_init_distributed_names_what_is_missing(monkeypatch):
+    monkeypatch.setattr(shd.init_distributed, "done", False, raising=False)  # a train() in this worker set it
     for var in ("EMJAX_NUM_PROCESSES", "EMJAX_PROCESS_ID"):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(ValueError, match=r"h:1 given without the number of processes \(EMJAX_NUM_PROCESSES\) or "

@@ -167,8 +167,8 @@ def test_composes_with_chain_multisteps_inject():
     chained = optax.chain(optax.clip_by_global_norm(1e9), eo.muon(0.05, weight_decay=0.01))
     a, _ = _run(chained, params, [g1, g2])
     b, _ = _run(base, params, [g1, g2])
-    for k in SHAPES:
-        np.testing.assert_allclose(a[k], b[k], atol=1e-7)
+    for k in SHAPES:  # two programs: a few ulps of fp32 apart (XLA's fusions may differ)
+        np.testing.assert_allclose(a[k], b[k], atol=1e-6)
 
     # MultiSteps(k=2) == one step on the mean gradient
     ms = optax.MultiSteps(eo.muon(0.05, weight_decay=0.01), every_k_schedule=2)
