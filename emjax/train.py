@@ -69,6 +69,10 @@ def _dtype(name: str | None):
 # Model construction
 
 
+# CPU compile options for the random init, which runs once (see build_model)
+INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
 def build_model(mcfg, lora_cfg: loralib.LoraConfig | None, mesh, *, vocab_size: int | None = None, seed: int = 0):
     """From a checkpoint, or a random init born sharded (jitted init with out_shardings from the rules table)."""
     if mcfg.checkpoint:
@@ -103,9 +107,6 @@ def build_model(mcfg, lora_cfg: loralib.LoraConfig | None, mesh, *, vocab_size: 
     # (bench/cpu_compile.py) and draws the same values up to float rounding
     state = (lowered.compile(INIT_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else lowered.compile())()
     return nnx.merge(graphdef, state)
-
-
-INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -344,8 +345,6 @@ class _RunFiles:
 def _tensorboard_writer(logdir: Path):
     """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch (≈ 5 s) whenever it is
     installed, only to recognise torch tensors, and a run logs Python floats."""
-    import sys
-
     if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
         sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX handles
         try:

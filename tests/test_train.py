@@ -56,12 +56,16 @@ def test_random_init_compiled_unoptimised_draws_the_same_weights(tmp_path):
     """build_model compiles the random init without LLVM optimisation on CPU (INIT_COMPILER_OPTIONS): the same
     weights as the default compile, up to float rounding, born with the table's shardings."""
     from emjax.models import qwen3
-    from emjax.train import PRESETS
+    from emjax.train import INIT_COMPILER_OPTIONS, PRESETS
 
     cfg = _cfg(tmp_path, "model.vocab=full")
     lcfg = loralib.LoraConfig(rank=4, alpha=8)
     mesh = shd.make_mesh({"data": 2, "fsdp": 4})
-    state = nnx.state(build_model(cfg.model, lcfg, mesh, vocab_size=200, seed=3))
+    real, options = jax.stages.Lowered.compile, []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(jax.stages.Lowered, "compile", lambda self, *a, **k: options.append(a) or real(self, *a, **k))
+        state = nnx.state(build_model(cfg.model, lcfg, mesh, vocab_size=200, seed=3))
+    assert options == [(INIT_COMPILER_OPTIONS,)]
     qc = qwen3.Qwen3Config(vocab_size=200, tie_word_embeddings=True, **PRESETS["tiny"])
     ref = jax.jit(lambda: nnx.state(qwen3.Qwen3ForCausalLM(qc, lora=lcfg, rngs=nnx.Rngs(3),
                                                            embed_init_std=qc.hidden_size ** -0.5)))()

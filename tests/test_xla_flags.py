@@ -30,7 +30,7 @@ def test_flag_added_on_import_and_kept_out_when_asked():
     # a backend that already started has read its flags: nothing to add
     late = "import jax; jax.devices(); " + CHECK
     assert _run(late) == (False, "")
-    # and the flag reaches XLA: a program compiles and runs under it
+    # XLA knows the flag (it aborts on one it does not): a program compiles and runs under it
     applied, _ = _run("import emjax, emjax._xla_flags as x, jax, jax.numpy as jnp; "
                       "assert float(jax.jit(lambda a: jnp.exp(a).sum())(jnp.ones(3))) > 8; print(x.APPLIED, '')")
     assert applied
