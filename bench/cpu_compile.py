@@ -1,12 +1,13 @@
-"""XLA:CPU compile and step time: emjax's CPU settings against JAX's defaults, side by side in one run.
+"""XLA:CPU compile and step time: the fusion emitters, and the unoptimised random init, side by side in one run.
 
-Two settings emjax applies on CPU, each timed against what a user gets without it:
-
-* ``--xla_cpu_use_fusion_emitters=false`` (emjax/_xla_flags.py, set on ``import emjax``): XLA_FLAGS is read once per
-  process, so each side runs in its own child process (``EMJAX_XLA_TUNING=0`` for JAX's default emitters). Each child
-  compiles and times the train step of the ``tiny`` preset (the test suite's shape: batch 4 × 256, Adam) and of
-  bench/train_step.py's ≈35M shape (batch 8 × 256, r 32 on all 7 projections, AdamW), the medians of ``--steps``
-  steps after 3 warm-up steps.
+* JAX's default (MLIR) fusion emitters, which emjax uses, against the legacy ones
+  (``--xla_cpu_use_fusion_emitters=false``). XLA_FLAGS is read once per process, so each side runs in its own child
+  process. Each child compiles and times train steps of the ``tiny`` preset: Adam at LoRA rank 4 (the test suite's
+  shape, batch 4 × 256), Adam at rank 16 (the demo's rank), and a pack of four adapters (Adam, Lion, Muon, Adam + the
+  spectral penalty, ``emjax.multi``); and bench/train_step.py's ≈35M shape (batch 8 × 256, r 32 on all 7
+  projections, AdamW). Step times are the medians of ``--steps`` steps after 3 warm-up steps. emjax set the legacy
+  flag for one session (it compiled the rank-4 Adam step faster) and dropped it when this bench showed it slower
+  at rank 16 and for packs.
 * the random init compiled without LLVM optimisation (``emjax.train.INIT_COMPILER_OPTIONS``): both ways in the same
   process, on the tiny preset sharded over 8 simulated devices (the test suite's mesh).
 
@@ -22,6 +23,8 @@ import subprocess
 import sys
 import time
 
+LEGACY = "--xla_cpu_use_fusion_emitters=false"
+
 
 def child(args) -> dict:
     import jax
@@ -29,29 +32,39 @@ def child(args) -> dict:
     import numpy as np
     from flax import nnx
 
-    import emjax._xla_flags as xf
+    from emjax import multi
     from emjax.lora import LoraConfig
     from emjax.models import qwen3
     from emjax.optim import OptimConfig, build
     from emjax.train import PRESETS, make_train_step
 
-    out = {"flag_applied": xf.APPLIED, "xla_flags": os.environ.get("XLA_FLAGS", "")}
-    shapes = {"tiny": (qwen3.Qwen3Config(vocab_size=4096, tie_word_embeddings=True, **PRESETS["tiny"]), 4, 256,
-                       LoraConfig(rank=4, alpha=8), "adam")}
+    out = {"xla_flags": os.environ.get("XLA_FLAGS", "")}
+    tiny = qwen3.Qwen3Config(vocab_size=4096, tie_word_embeddings=True, **PRESETS["tiny"])
+    shapes = {"tiny r4": (tiny, 4, 256, LoraConfig(rank=4, alpha=8), ["adam"]),
+              "tiny r16": (tiny, 4, 256, LoraConfig(rank=16, alpha=32), ["adam"]),
+              "tiny r4 pack": (tiny, 4, 256, LoraConfig(rank=4, alpha=8), ["adam", "lion", "muon", "adam+reg"])}
     if not args.skip_bench_shape:
-        shapes["35M"] = (qwen3.Qwen3Config(vocab_size=18_992, hidden_size=512, intermediate_size=1536, num_layers=8,
-                                           num_heads=8, num_kv_heads=4, head_dim=64, tie_word_embeddings=True),
-                         8, 256, LoraConfig(rank=32, alpha=64, rslora=True), "adamw")
-    for name, (cfg, B, T, lcfg, opt) in shapes.items():
+        shapes["35M r32"] = (qwen3.Qwen3Config(vocab_size=18_992, hidden_size=512, intermediate_size=1536,
+                                               num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64,
+                                               tie_word_embeddings=True),
+                             8, 256, LoraConfig(rank=32, alpha=64, rslora=True), ["adamw"])
+    for name, (cfg, B, T, lcfg, opts) in shapes.items():
         model = qwen3.Qwen3ForCausalLM(cfg, lora=lcfg, rngs=nnx.Rngs(0))
         graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
-        tx = build(OptimConfig(name=opt, learning_rate=1e-4, total_steps=1000))
+        txs = [build(OptimConfig(name=o.split("+")[0], learning_rate=1e-4, total_steps=1000)) for o in opts]
         rng = np.random.default_rng(0)
         batch = {"tokens": jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32),
                  "loss_mask": jnp.ones((B, T), jnp.int32), "segment_ids": jnp.ones((B, T), jnp.int32),
                  "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))}
-        step = jax.jit(make_train_step(graphdef, tx, lora_scale=lcfg.scale), donate_argnums=(0, 1))
-        state = [trainable, tx.init(trainable)]
+        if len(opts) == 1:
+            fn = make_train_step(graphdef, txs[0], lora_scale=lcfg.scale)
+            state = [trainable, txs[0].init(trainable)]
+        else:
+            fn = multi.make_multi_train_step(graphdef, txs, lora_scale=lcfg.scale,
+                                             spectral_weights=[float(o.endswith("+reg")) for o in opts])
+            stacked = multi.stack([trainable] * len(opts))
+            state = [stacked, multi.init(txs, stacked)]
+        step = jax.jit(fn, donate_argnums=(0, 1))
         t = time.perf_counter()
         compiled = step.lower(state[0], state[1], frozen, batch).compile()
         compile_s = time.perf_counter() - t
@@ -62,7 +75,8 @@ def child(args) -> dict:
             jax.block_until_ready((state[0], m["loss"]))
             if i >= 3:
                 times.append(time.perf_counter() - t)
-        out[name] = {"compile_s": compile_s, "step_ms": 1e3 * float(np.median(times)), "loss": float(m["loss"])}
+        out[name] = {"compile_s": compile_s, "step_ms": 1e3 * float(np.median(times)),
+                     "loss": float(np.mean(m["loss"]))}
     return out
 
 
@@ -109,20 +123,20 @@ def main(argv=None) -> int:
     cmd = [sys.executable, __file__, "--child", "--steps", str(args.steps)] + (
         ["--skip-bench-shape"] if args.skip_bench_shape else [])
     res = {}
-    for side, tuning in (("jax default", "0"), ("emjax", "1")):
-        print(f"timing {side} ...", flush=True)
-        out = subprocess.run(cmd, env={**env, "EMJAX_XLA_TUNING": tuning}, capture_output=True, text=True, check=True)
+    for side, flags in (("legacy", LEGACY), ("default", "")):
+        print(f"timing {side} emitters ...", flush=True)
+        out = subprocess.run(cmd, env={**env, "XLA_FLAGS": flags}, capture_output=True, text=True, check=True)
         res[side] = json.loads(out.stdout.strip().splitlines()[-1])
-    assert not res["jax default"]["flag_applied"] and res["emjax"]["flag_applied"], res
-    print("\nXLA:CPU fusion emitters (MLIR, JAX's default) vs legacy (emjax), one process each:")
-    print(f"{'shape':6s} {'':12s} {'JAX default':>12s} {'emjax':>10s} {'ratio':>7s}")
-    for shape in [k for k in res["emjax"] if isinstance(res["emjax"][k], dict)]:
-        a, b = res["jax default"][shape], res["emjax"][shape]
-        print(f"{shape:6s} {'compile s':12s} {a['compile_s']:12.2f} {b['compile_s']:10.2f} "
-              f"{a['compile_s'] / b['compile_s']:6.2f}x")
-        print(f"{shape:6s} {'step ms':12s} {a['step_ms']:12.1f} {b['step_ms']:10.1f} "
-              f"{a['step_ms'] / b['step_ms']:6.2f}x")
-        print(f"{shape:6s} {'loss after':12s} {a['loss']:12.6f} {b['loss']:10.6f}")
+    print("\nXLA:CPU fusion emitters, one process each: JAX's default (MLIR; emjax uses it) vs legacy "
+          f"({LEGACY}); ratio = legacy / default (above 1: the default is faster)")
+    print(f"{'shape':13s} {'':11s} {'default':>10s} {'legacy':>10s} {'ratio':>7s}")
+    for shape in [k for k in res["default"] if isinstance(res["default"][k], dict)]:
+        a, b = res["default"][shape], res["legacy"][shape]
+        print(f"{shape:13s} {'compile s':11s} {a['compile_s']:10.2f} {b['compile_s']:10.2f} "
+              f"{b['compile_s'] / a['compile_s']:6.2f}x")
+        print(f"{shape:13s} {'step ms':11s} {a['step_ms']:10.1f} {b['step_ms']:10.1f} "
+              f"{b['step_ms'] / a['step_ms']:6.2f}x")
+        print(f"{shape:13s} {'loss after':11s} {a['loss']:10.6f} {b['loss']:10.6f}")
     print("\nrandom init of the tiny preset over 8 simulated devices, compile + run, one process:")
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     out = subprocess.run([sys.executable, __file__, "--init"], env=env, capture_output=True, text=True, check=True)

@@ -1,6 +1,5 @@
 """emjax: optimiser choice and emergent misalignment in LoRA fine-tuning, in JAX/Flax NNX."""
 
 from emjax import _malloc  # noqa: F401  (first: before JAX starts its threads)
-from emjax import _xla_flags  # noqa: F401  (before JAX starts its first backend)
 
 __version__ = "0.1.0"

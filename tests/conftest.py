@@ -8,7 +8,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import emjax  # noqa: E402, F401  (sets its XLA:CPU flag, emjax/_xla_flags.py, before JAX starts a backend)
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

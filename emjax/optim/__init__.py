@@ -8,6 +8,7 @@
 
 from emjax.optim.build import (
     LABELS,
+    LrSchedule,
     OptimConfig,
     available,
     build,
@@ -17,12 +18,14 @@ from emjax.optim.build import (
     path_str,
     register,
     scale_by_path,
+    schedule_value,
     validate,
 )
 from emjax.optim.muon import muon, newton_schulz, scale_by_muon, shape_scale
 
 __all__ = [
     "LABELS",
+    "LrSchedule",
     "OptimConfig",
     "available",
     "build",
@@ -35,6 +38,7 @@ __all__ = [
     "register",
     "scale_by_muon",
     "scale_by_path",
+    "schedule_value",
     "shape_scale",
     "validate",
 ]

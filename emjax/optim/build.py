@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -204,23 +204,62 @@ def validate(cfg: OptimConfig) -> None:
             raise _err(f"lr_scales.{pat}", f"must be > 0 (freeze leaves with frozen_patterns), got {factor}")
 
 
-def make_schedule(cfg: OptimConfig) -> optax.Schedule:
-    """Linear warm-up from 0 over ``warmup_steps`` (HF convention), then constant/linear/cosine.
-
-    lr(t) = peak*t/w for t < w; linear: peak -> peak*end_lr_ratio at total_steps; cosine:
-    end + (peak-end)*(1+cos(pi*(t-w)/(T-w)))/2.
-    """
-    peak, w, T = cfg.learning_rate, cfg.warmup_steps, cfg.total_steps
-    end = peak * cfg.end_lr_ratio
-    if cfg.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, peak, w, T, end_value=end)
-    if cfg.schedule == "linear":
-        after = optax.linear_schedule(peak, end, T - w)
+def schedule_value(kind: str, count, peak, warmup, total, end) -> jax.Array:
+    """Linear warm-up from 0 over ``warmup`` steps (HF convention), then constant/linear/cosine to ``end`` at
+    ``total``: lr(t) = peak*t/w for t < w; linear: peak -> end at T; cosine: end + (peak-end)*(1+cos(pi*(t-w)/(T-w)))/2.
+    Every number may be traced (:class:`LrSchedule` keeps them in the optimiser state); only ``kind`` is static."""
+    t = jnp.asarray(count, jnp.float32)
+    w, T = jnp.asarray(warmup, jnp.float32), jnp.asarray(total, jnp.float32)
+    peak, end = jnp.asarray(peak, jnp.float32), jnp.asarray(end, jnp.float32)
+    frac = jnp.clip((t - w) / jnp.maximum(T - w, 1.0), 0.0, 1.0)
+    if kind == "constant":
+        after = jnp.broadcast_to(peak, t.shape)
+    elif kind == "linear":
+        after = peak + (end - peak) * frac
+    elif kind == "cosine":
+        after = end + (peak - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
     else:
-        after = optax.constant_schedule(peak)
-    if w == 0:
-        return after
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, w), after], [w])
+        raise ValueError(f"schedule: must be one of {SCHEDULES}, got {kind!r}")
+    return jnp.where(t < w, peak * t / jnp.maximum(w, 1.0), after)
+
+
+class LrScheduleState(NamedTuple):
+    count: jax.Array  # updates so far (int32)
+    peak: jax.Array
+    warmup: jax.Array
+    total: jax.Array
+    end: jax.Array
+
+
+class LrSchedule:
+    """The learning-rate schedule as an Optax stateful schedule whose numbers live in the optimiser state, not in
+    the compiled step: runs that differ only in learning rate, warm-up or length (an lr sweep) share one compiled
+    train step and its persistent-cache entry."""
+
+    def __init__(self, kind: str, peak: float, warmup: int, total: int, end: float):
+        self.kind, self.numbers = kind, (peak, warmup, total, end)
+
+    def init(self) -> LrScheduleState:
+        peak, w, T, end = self.numbers
+        return LrScheduleState(jnp.zeros([], jnp.int32), jnp.asarray(peak, jnp.float32), jnp.asarray(w, jnp.int32),
+                               jnp.asarray(T, jnp.int32), jnp.asarray(end, jnp.float32))
+
+    def update(self, state: LrScheduleState, **extra_args) -> LrScheduleState:
+        return state._replace(count=optax.safe_increment(state.count))
+
+    def __call__(self, state: LrScheduleState, **extra_args) -> jax.Array:
+        return schedule_value(self.kind, state.count, state.peak, state.warmup, state.total, state.end)
+
+
+def lr_schedule(cfg: OptimConfig) -> LrSchedule:
+    return LrSchedule(cfg.schedule, cfg.learning_rate, cfg.warmup_steps, cfg.total_steps,
+                      cfg.learning_rate * cfg.end_lr_ratio)
+
+
+def make_schedule(cfg: OptimConfig) -> optax.Schedule:
+    """``cfg``'s schedule as a plain function of the step (see :func:`schedule_value`)."""
+    peak, w, T = cfg.learning_rate, cfg.warmup_steps, cfg.total_steps
+    return lambda count: schedule_value(cfg.schedule, count, peak, w, T, peak * cfg.end_lr_ratio)
 
 
 def _is_variable(x) -> bool:
@@ -280,14 +319,15 @@ def build(cfg: OptimConfig) -> optax.GradientTransformation:
     learning-rate factors (``lr_scales``, if any).
 
     The learning rate is injected (``optax.inject_hyperparams``) so ``current_lr(opt_state)`` reads
-    the value used by the latest update. Weight decay belongs to each optimiser (see module doc).
+    the value used by the latest update; the schedule's numbers sit in the state (:class:`LrSchedule`), so the
+    compiled update does not depend on them. Weight decay belongs to each optimiser (see module doc).
     """
     from omegaconf import DictConfig, OmegaConf
 
     if isinstance(cfg, DictConfig):  # a structured-config node: back to the dataclass
         cfg = OmegaConf.to_object(cfg)
     validate(cfg)
-    schedule = make_schedule(cfg)
+    schedule = lr_schedule(cfg)
     patterns = tuple(cfg.frozen_patterns)
     label_fn = lambda p: labels(p, patterns)  # noqa: E731
     trainable_fn = lambda p: jax.tree.map(lambda l: l != "frozen", label_fn(p))  # noqa: E731

@@ -222,6 +222,24 @@ def test_schedules(schedule):
         assert float(eo.current_lr(state)) == pytest.approx(expected(k - 1), rel=1e-5, abs=1e-12)
 
 
+def test_schedule_numbers_are_state_not_compiled_constants():
+    # an lr sweep (or a longer run) must reuse one compiled update: the same lowered program for different learning
+    # rates, warm-ups and lengths, and the lrs each build's own schedule gives
+    p = {"lora_a": jnp.ones((1, 4, 2))}
+    cfgs = [OptimConfig(learning_rate=1e-3, schedule="linear", warmup_steps=2, total_steps=10),
+            OptimConfig(learning_rate=5e-2, schedule="linear", warmup_steps=0, total_steps=300, end_lr_ratio=0.5)]
+    txs = [eo.build(c) for c in cfgs]
+    states = [tx.init(p) for tx in txs]
+    texts = {jax.jit(tx.update).lower(p, s, p).as_text() for tx, s in zip(txs, states)}
+    assert len(texts) == 1
+    run = jax.jit(txs[0].update)  # the first build's program, the second build's state
+    for k in range(1, 4):
+        _, states[1] = run(p, states[1], p)
+        assert float(eo.current_lr(states[1])) == pytest.approx(float(eo.make_schedule(cfgs[1])(k - 1)), rel=1e-6)
+    other = OptimConfig(learning_rate=1e-3, schedule="cosine", warmup_steps=2, total_steps=10)
+    assert jax.jit(eo.build(other).update).lower(p, eo.build(other).init(p), p).as_text() not in texts
+
+
 def test_current_lr_through_multisteps_and_error():
     tx = optax.MultiSteps(eo.build(OptimConfig(total_steps=10)), every_k_schedule=2)
     assert float(eo.current_lr(tx.init({"a": jnp.ones((2, 2))}))) == 0.0
