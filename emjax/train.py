@@ -103,7 +103,7 @@ def build_model(mcfg, lora_cfg: loralib.LoraConfig | None, mesh, *, vocab_size: 
 
     lowered = jax.jit(init, out_shardings=shardings).lower()
     # CPU: LLVM spends most of this program's compile optimising the threefry of every leaf, for code that runs
-    # once; unoptimised, the tiny preset's init on the 8-device test mesh compiles 7.6-9.4x faster
+    # once; unoptimised, the tiny preset's init on the 8-device test mesh compiles 3.4-9.4x faster
     # (bench/cpu_compile.py) and draws the same values up to float rounding
     state = (lowered.compile(INIT_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else lowered.compile())()
     return nnx.merge(graphdef, state)

@@ -250,16 +250,16 @@ class LrSchedule:
     def __call__(self, state: LrScheduleState, **extra_args) -> jax.Array:
         return schedule_value(self.kind, state.count, state.peak, state.warmup, state.total, state.end)
 
-
-def lr_schedule(cfg: OptimConfig) -> LrSchedule:
-    return LrSchedule(cfg.schedule, cfg.learning_rate, cfg.warmup_steps, cfg.total_steps,
-                      cfg.learning_rate * cfg.end_lr_ratio)
+    @classmethod
+    def from_config(cls, cfg: OptimConfig) -> "LrSchedule":
+        return cls(cfg.schedule, cfg.learning_rate, cfg.warmup_steps, cfg.total_steps,
+                   cfg.learning_rate * cfg.end_lr_ratio)
 
 
 def make_schedule(cfg: OptimConfig) -> optax.Schedule:
     """``cfg``'s schedule as a plain function of the step (see :func:`schedule_value`)."""
-    peak, w, T = cfg.learning_rate, cfg.warmup_steps, cfg.total_steps
-    return lambda count: schedule_value(cfg.schedule, count, peak, w, T, peak * cfg.end_lr_ratio)
+    sched = LrSchedule.from_config(cfg)
+    return lambda count: schedule_value(sched.kind, count, *sched.numbers)
 
 
 def _is_variable(x) -> bool:
@@ -327,7 +327,7 @@ def build(cfg: OptimConfig) -> optax.GradientTransformation:
     if isinstance(cfg, DictConfig):  # a structured-config node: back to the dataclass
         cfg = OmegaConf.to_object(cfg)
     validate(cfg)
-    schedule = lr_schedule(cfg)
+    schedule = LrSchedule.from_config(cfg)
     patterns = tuple(cfg.frozen_patterns)
     label_fn = lambda p: labels(p, patterns)  # noqa: E731
     trainable_fn = lambda p: jax.tree.map(lambda l: l != "frozen", label_fn(p))  # noqa: E731
