@@ -51,6 +51,9 @@ class MeshConfig:
     data: Optional[int] = None
     fsdp: Optional[int] = None
     tensor: Optional[int] = None
+    # how many devices the mesh spans, the first N (one process only); unset = all. 1 runs unsharded on the first
+    # device, e.g. a tiny run on a host with many devices, where sharding it would only add collectives
+    devices: Optional[int] = None
 
 
 @dataclass

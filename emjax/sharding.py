@@ -51,14 +51,24 @@ LOGICAL_TO_MESH: dict[str, str | tuple[str, ...] | None] = {
 def make_mesh(shape: dict[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Mesh with axes (data, fsdp, tensor). ``shape`` may use -1 for one axis (the rest of the devices); axes it
     leaves out (or sets to None, as an unset ``MeshConfig`` does) are 1, except fsdp, which is -1 when no axis is.
-    Axes are Auto so ``with_sharding_constraint`` works inside jit."""
-    devices = list(devices or jax.devices())
+    ``shape["devices"]`` = N spans the first N devices instead of all (one process only: a multi-host mesh spans
+    every process's devices). Axes are Auto so ``with_sharding_constraint`` works inside jit."""
     shape = {k: v for k, v in (shape or {}).items() if v is not None}
+    devices = list(devices or jax.devices())
+    count = shape.pop("devices", None)
+    if count is not None:
+        if count < 1 or count > len(devices):
+            raise ValueError(f"mesh.devices {count}: use 1 to {len(devices)} (the devices there are), or leave it "
+                             "unset for all")
+        if count < len(devices) and jax.process_count() > 1:
+            raise ValueError(f"mesh.devices {count}: a mesh over {jax.process_count()} processes spans every device "
+                             f"({len(devices)}); leave it unset")
+        devices = devices[:count]
     # unnamed axes: fsdp takes the remaining devices, unless a named axis already does (data=-1 alone is a mesh)
     shape = {"data": 1, "fsdp": 1 if -1 in shape.values() else -1, "tensor": 1, **shape}
     unknown = set(shape) - set(MESH_AXES)
     if unknown:
-        raise ValueError(f"mesh: unknown axis {sorted(unknown)}; axes are {MESH_AXES}")
+        raise ValueError(f"mesh: unknown axis {sorted(unknown)}; axes are {MESH_AXES} (and devices, a count)")
     sizes = [shape[a] for a in MESH_AXES]
     if sizes.count(-1) > 1:
         raise ValueError(f"mesh {shape}: at most one axis may be -1 (the remaining devices); give the others a size")
@@ -72,6 +82,13 @@ def make_mesh(shape: dict[str, int] | None = None, devices: Sequence[jax.Device]
                          f"have {len(devices)}")
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
                          devices=devices)
+
+
+def mesh_or_none(shape: dict[str, int] | None = None) -> Mesh | None:
+    """What training and evaluation run on: ``make_mesh(shape)``, or None (everything on the first device, no
+    sharding to compile) when that mesh would hold one device."""
+    mesh = make_mesh(shape)
+    return mesh if mesh.size > 1 else None
 
 
 def logical_spec(path: str, ndim: int | None = None) -> tuple[str | None, ...] | None:

@@ -396,7 +396,10 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
     workdir = runs[0].workdir
     name = workdir.name if n == 1 else f"pack of {n}"
 
-    mesh = shd.make_mesh(dict(cfg.mesh)) if len(jax.devices()) > 1 else None
+    try:
+        mesh = shd.mesh_or_none(dict(cfg.mesh))
+    except ValueError as e:
+        raise cfglib.ConfigError(str(e)) from None
     lora_cfg = loralib.LoraConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, rslora=cfg.lora.rslora,
                                   targets=tuple(cfg.lora.targets))
 
@@ -546,6 +549,7 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
             over_any = bool(np.max(multihost_utils.process_allgather(np.int32(needs(mem)))))
         if mem is not None:
             _check_memory(mem, local_shape, tries[i], cfg, write_all, step, limit=limit, pack=n,
+                          devices=mesh.size if mesh is not None else 1,
                           elsewhere=over_any and not needs(mem),
                           echo=(lambda msg: tqdm.write(msg, file=sys.stderr)) if lead else None)
         return compiled
@@ -577,7 +581,7 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
     fpt = flops_per_token(qc, data_cfg.max_length)
     # simulated CPU devices share the same cores: count the CPU once per process
     on_cpu = jax.devices()[0].platform == "cpu"
-    peak = peak_flops(cfg.peak_tflops) * (jax.process_count() if on_cpu else len(jax.devices()))
+    peak = peak_flops(cfg.peak_tflops) * (jax.process_count() if on_cpu else (mesh.size if mesh else 1))
 
     val_loader = None
     val_done: dict[int, list] = {}
@@ -809,10 +813,12 @@ def memory_escalation(remat: str = "none", loss_chunk: int = 0, attn_chunk: int 
     return out
 
 
-def _check_memory(mem, local_shape, opts, cfg, write, step, *, limit=None, echo=None, elsewhere=False, pack=1):
+def _check_memory(mem, local_shape, opts, cfg, write, step, *, limit=None, echo=None, elsewhere=False, pack=1,
+                  devices=None):
     """Log the compiled step's memory and its options (a ``memory`` row; ``echo`` prints it beside the progress
     bar) and stop with what to change when it exceeds the device's ``limit`` (here, or ``elsewhere``: on another
-    process's device). ``pack``: adapters trained by the step (``train_many``)."""
+    process's device). ``pack``: adapters trained by the step (``train_many``); ``devices``: the mesh's size, for
+    the row."""
     gib = 2.0 ** 30
     shape = "×".join(str(n) for n in local_shape)
     per = f" for each of {pack} adapters" if pack > 1 else ""
@@ -823,7 +829,7 @@ def _check_memory(mem, local_shape, opts, cfg, write, step, *, limit=None, echo=
                          f"device memory while compiling it ({mem['compile_oom']}). Try "
                          f"{', '.join(_memory_hints(opts, cfg, pack))}.")
     write({"step": step, "split": "memory", **opts, **{f"{k}_gib": v / gib for k, v in mem.items()},
-           **({"limit_gib": limit / gib} if limit else {})})
+           **({"limit_gib": limit / gib} if limit else {}), **({"devices": devices} if devices else {})})
     if echo is not None:
         echo(f"emjax: train step for a local batch of {shape} tokens{per} with "
              f"{' '.join(f'{k}={v}' for k, v in opts.items())}: {mem['peak'] / gib:.2f} GiB per device (arguments "
@@ -861,9 +867,11 @@ def _memory_hints(opts, cfg, pack=1) -> list[str]:
 
 def _replicate_unsharded(tree, mesh):
     """Optimiser counters and other leaves born on one device -> replicated over the mesh (the moments already
-    follow their parameters' sharding)."""
+    follow their parameters' sharding). Without a mesh, committed to the first device, as a restored checkpoint's
+    arrays are: a resumed run then lowers the very program it started with (a persistent-cache hit, not a second
+    compile)."""
     if mesh is None:
-        return tree
+        return jax.device_put(tree, jax.devices()[0])
     from jax.sharding import NamedSharding, PartitionSpec
 
     rep = NamedSharding(mesh, PartitionSpec())

@@ -7,6 +7,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests are dominated by compiling many small, distinct programs that then run for milliseconds: JAX's switch for
+# that trade (XLA's backend at optimisation level 0, no expensive LLVM passes; the HLO passes, and so the buffer
+# assignment, are unchanged) compiles them faster (README, "Tests and benchmarks"). Subprocesses inherit it;
+# JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs the suite with the default compile.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -34,6 +34,43 @@ def test_make_mesh_errors():
         shd.make_mesh({"data": -1, "fsdp": -1})
     with pytest.raises(ValueError, match="unknown axis"):
         shd.make_mesh({"expert": 2})
+    for bad in (0, 9):
+        with pytest.raises(ValueError, match=f"mesh.devices {bad}: use 1 to 8"):
+            shd.make_mesh({"devices": bad})
+    with pytest.raises(ValueError, match="needs 8 devices, have 4"):
+        shd.make_mesh({"devices": 4, "data": 8, "fsdp": 1})
+
+
+@pytest.mark.parametrize("given,want", [
+    ({"devices": 4}, (1, 4, 1)),
+    ({"devices": 4, "data": 2}, (2, 2, 1)),
+    ({"devices": 2, "tensor": -1}, (1, 1, 2)),
+])
+def test_mesh_over_the_first_devices(given, want):
+    """mesh.devices=N (emjax train) / --mesh devices=N (emjax eval run): the first N devices; one device is no mesh
+    at all (everything on the first device, nothing sharded)."""
+    import jax
+
+    mesh = shd.make_mesh(given)
+    assert tuple(mesh.shape.values()) == want
+    assert list(mesh.devices.flat) == jax.devices()[:given["devices"]]
+    assert shd.mesh_or_none(given) is not None
+    assert shd.mesh_or_none({"devices": 1}) is None and shd.mesh_or_none({"devices": 1, "fsdp": -1}) is None
+    from emjax import config
+    assert shd.mesh_or_none(dict(config.load(None, ["mesh.devices=1"]).mesh)) is None
+    assert shd.mesh_or_none(dict(config.load(None, []).mesh)).size == 8
+
+
+def test_eval_cli_mesh_argument():
+    import argparse
+
+    from emjax.eval.cli import _mesh_arg
+
+    assert _mesh_arg("data=2,fsdp=-1") == {"data": 2, "fsdp": -1}
+    assert _mesh_arg("devices=1") == {"devices": 1}
+    for bad in ("devices=-1", "devices=0", "expert=2", "data"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected AXIS=SIZE"):
+            _mesh_arg(bad)
 
 
 def test_rows_split_over_the_batch_axes_that_divide_them():

@@ -27,8 +27,16 @@ from emjax.train import TrainError, build_model, make_train_step, train
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# Runs train unsharded on the first of the 8 simulated devices (mesh.devices=1): sharding a 64-wide model only adds
+# collectives and resharding programs (a tiny run takes 1.44x as long on the mesh: bench/tiny_mesh.py). The sharded
+# step is checked against one device directly (test_sharded_step_equals_single_device, test_moe_sharded...,
+# tests/test_multi.py), and end to end on the mesh by the runs that pass ON_MESH (a pack of two seeds, against one
+# device; the NaN stop and its checkpoints) and the two-process run.
+ON_MESH = "mesh.devices=null"
+
+
 def _cfg(tmp_path, *overrides):
-    return cfglib.load("tiny", [f"workdir={tmp_path / 'run'}", "progress=false", *overrides])
+    return cfglib.load("tiny", [f"workdir={tmp_path / 'run'}", "progress=false", "mesh.devices=1", *overrides])
 
 
 def _batch(rng, B=8, T=32, vocab=200):
@@ -67,8 +75,15 @@ def test_random_init_compiled_unoptimised_draws_the_same_weights(tmp_path):
         state = nnx.state(build_model(cfg.model, lcfg, mesh, vocab_size=200, seed=3))
     assert options == [(INIT_COMPILER_OPTIONS,)]
     qc = qwen3.Qwen3Config(vocab_size=200, tie_word_embeddings=True, **PRESETS["tiny"])
-    ref = jax.jit(lambda: nnx.state(qwen3.Qwen3ForCausalLM(qc, lora=lcfg, rngs=nnx.Rngs(3),
-                                                           embed_init_std=qc.hidden_size ** -0.5)))()
+    from jax._src.compiler import _DISABLE_MOST_OPTIMIZATIONS as disabled
+
+    prev = disabled.value
+    jax.config.update("jax_disable_most_optimizations", False)  # the reference: the default compile (see conftest)
+    try:
+        ref = jax.jit(lambda: nnx.state(qwen3.Qwen3ForCausalLM(qc, lora=lcfg, rngs=nnx.Rngs(3),
+                                                               embed_init_std=qc.hidden_size ** -0.5)))()
+    finally:
+        jax.config.update("jax_disable_most_optimizations", prev)
     flat, ref_flat = dict(nnx.to_flat_state(state)), dict(nnx.to_flat_state(ref))
     assert flat.keys() == ref_flat.keys()
     for k, v in flat.items():
@@ -334,6 +349,7 @@ def test_loss_decreases_and_spectral_penalty_works(tmp_path):
     rows = [json.loads(line) for line in (r0.workdir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if r["split"] == "train"]
     assert losses[-1] < losses[0] - 0.2, losses
+    assert [r["devices"] for r in rows if r["split"] == "memory"] == [1]  # mesh.devices=1: no mesh
     r1 = train(_cfg(tmp_path / "b", *common, "spectral.weight=1.0"))
     pen = []
     for r in (r0, r1):
@@ -352,7 +368,7 @@ PACK_COMMON = ["steps=4", "ckpt_every=2", "log_every=2", "val_batches=1"]
 PACK_SPECS = [["optim.name=adam"], ["optim.name=muon", "optim.learning_rate=2e-2", "spectral.weight=0.5"]]
 
 
-def test_pack_equals_each_run_alone_and_resumes_either_way(tmp_path):
+def test_pack_equals_each_run_alone_and_resumes_either_way(tmp_path, monkeypatch):
     """Two runs (Adam; Muon with λ 0.5) trained as one pack give each run's own files and metrics, and the Muon run
     equals Muon trained alone (the step-level check of every optimiser and λ is tests/test_multi.py); a pack's run
     resumes alone from the pack's checkpoint (one checkpoint format); a pack cannot mix resume steps."""
@@ -365,6 +381,13 @@ def test_pack_equals_each_run_alone_and_resumes_either_way(tmp_path):
         return [_cfg(tmp_path, *PACK_COMMON, *s, *extra, f"workdir={tmp_path / f'{prefix}{i}'}")
                 for i, s in enumerate(PACK_SPECS)]
 
+    import hashlib
+
+    import emjax.train as trainmod
+
+    programs, real = [], trainmod.compile_measured
+    monkeypatch.setattr(trainmod, "compile_measured", lambda lowered: programs.append(
+        hashlib.sha256(lowered.as_text().encode()).hexdigest()[:12]) or real(lowered))
     packed = train_many(cfgs("pack", evals))
     alone = train(cfgs("alone", evals)[1])
     # the pack sampled its final evaluation together (emjax.eval.hook.PackSampler): the same answers as alone
@@ -395,6 +418,9 @@ def test_pack_equals_each_run_alone_and_resumes_either_way(tmp_path):
     (p.workdir / "DONE").unlink()
     resumed = train(cfgs("pack")[1])
     assert resumed.status == "done" and resumed.step == 4
+    # restored arrays lower the program the run started with (committed to the device alike), so with a persistent
+    # compilation cache a resumed run does not compile its step again
+    assert len(programs) == 3 and programs[2] == programs[1] != programs[0], programs
     for k, v in final.items():
         np.testing.assert_allclose(_adapter(p.workdir)[k], v, rtol=0, atol=1e-6)
 
@@ -427,7 +453,8 @@ def test_every_optimiser_runs_and_a_diverging_run_stops_alone(tmp_path):
 
 def test_pack_of_seeds_on_a_checkpoint_base(tmp_path):
     """On a checkpoint base the seed only draws the adapter, so runs with different seeds pack: the seed-1 run of a
-    pack equals seed 1 trained alone, and its adapter differs from the seed-0 run's."""
+    pack (on the 8-device mesh) equals seed 1 trained alone (on one device), and its adapter differs from the seed-0
+    run's."""
     from emjax.testing import tiny_hf_checkpoint
     from emjax.train import train_many
 
@@ -436,9 +463,11 @@ def test_pack_of_seeds_on_a_checkpoint_base(tmp_path):
     common = [f"model.checkpoint={base}", "model.vocab=full", "lora.rank=2", "lora.alpha=4", "data.max_length=64",
               "data.pad_multiple=64", "data.batch_size=2", "steps=2", "ckpt_every=100", "val_batches=1",
               "optim.learning_rate=1e-2"]
-    packed = train_many([_cfg(tmp_path, *common, f"seed={s}", f"workdir={tmp_path / f'pack{s}'}") for s in (0, 1)])
-    alone = train(_cfg(tmp_path, *common, "seed=1", f"workdir={tmp_path / 'alone1'}"))
+    packed = train_many([_cfg(tmp_path, ON_MESH, *common, f"seed={s}", f"workdir={tmp_path / f'pack{s}'}")
+                         for s in (0, 1)])
+    alone = train(_cfg(tmp_path, *common, "seed=1", f"workdir={tmp_path / 'alone1'}"))  # one device
     assert [r.status for r in packed] == ["done", "done"] and alone.status == "done"
+    assert [r["devices"] for r in _rows(packed[0].workdir, "memory")] == [8]  # the pack ran on the mesh
     a0, a1, ref = _adapter(packed[0].workdir), _adapter(packed[1].workdir), _adapter(alone.workdir)
     for k, v in ref.items():
         np.testing.assert_allclose(a1[k], v, rtol=0, atol=1e-6)
@@ -576,7 +605,7 @@ def test_incompatible_checkpoint(tmp_path):
 def test_nan_loss_stops_naming_the_step(tmp_path):
     # sgd with lr 1e30: step 1 is finite (and checkpointed), its update overflows, so step 2's loss is NaN
     with pytest.raises(TrainError, match=r"non-finite loss nan at step 2; .*last good checkpoint \(step 1\)"):
-        train(_cfg(tmp_path, "steps=4", "ckpt_every=1", "optim.learning_rate=1e30", "optim.warmup_steps=0",
+        train(_cfg(tmp_path, ON_MESH, "steps=4", "ckpt_every=1", "optim.learning_rate=1e30", "optim.warmup_steps=0",
                    "optim.name=sgd", "optim.clip_norm=null", "optim.schedule=constant"))
     assert (tmp_path / "run" / "checkpoints" / "1").exists()
     assert not (tmp_path / "run" / "checkpoints" / "2").exists()
@@ -645,9 +674,9 @@ def _free_port():
 def test_two_processes_match_one(tmp_path):
     """Also auto_memory across processes: process 1 plans for less memory than the plain step needs, process 0 for
     plenty; both must run the setting process 1 needs (different programs would hang the collectives)."""
-    one = _env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
     common = ["steps=4", "ckpt_every=2", "data.pad_multiple=256", "mesh.fsdp=2"]
-    subprocess.run(_cli(tmp_path / "single", *common), env=one, check=True, cwd=ROOT, capture_output=True)
+    # the reference: one process on two of this one's devices, what the CLI below runs (_cli's settings)
+    train(_cfg(tmp_path, *_cli(tmp_path / "single", *common)[5:], "mesh.devices=2"))
     rows = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
     plain = next(r for r in rows if r["split"] == "memory")["peak_gib"]
     assert next(r for r in rows if r["split"] == "memory")["remat"] == "none"

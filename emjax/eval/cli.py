@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--mesh", type=_mesh_arg, default={},
                    help="with several devices (always used then), the mesh shape as in training, e.g. data=-1 "
                         "(weights whole on every device: the fastest sampling when the model fits one) or fsdp=-1 "
-                        "(weights sharded: the default, for models that do not fit); rows split over data x fsdp")
+                        "(weights sharded: the default, for models that do not fit); rows split over data x fsdp; "
+                        "devices=N spans the first N devices only (devices=1: no mesh)")
     r.add_argument("--coordinator", help="several hosts (GPU clusters): jax.distributed coordinator host:port "
                                          "(default $EMJAX_COORDINATOR; TPU pods need nothing); every host runs "
                                          "the same command, process 0 writes OUT and calls the API judge")
@@ -105,15 +106,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def _mesh_arg(text: str) -> dict[str, int]:
-    """``data=2,fsdp=-1`` -> {"data": 2, "fsdp": -1}; the axes are training's (``mesh.*`` in a config)."""
+    """``data=2,fsdp=-1`` -> {"data": 2, "fsdp": -1}; the keys are training's (``mesh.*`` in a config)."""
     from emjax.sharding import MESH_AXES
 
     shape = {}
     for item in filter(None, text.split(",")):
         axis, eq, size = item.partition("=")
-        if not eq or axis not in MESH_AXES or not size.lstrip("-").isdigit() or int(size) == 0 or int(size) < -1:
+        ok = size.lstrip("-").isdigit() and (int(size) > 0 or (int(size) == -1 and axis != "devices"))
+        if not eq or axis not in (*MESH_AXES, "devices") or not ok:
             raise argparse.ArgumentTypeError(f"{item!r}: expected AXIS=SIZE with AXIS one of {', '.join(MESH_AXES)} "
-                                             "and SIZE a positive number or -1")
+                                             "and SIZE a positive number or -1, or devices=N (the first N devices)")
         shape[axis] = int(size)
     return shape
 
@@ -160,7 +162,7 @@ def _run(args: argparse.Namespace) -> int:
     from emjax.lora import load_peft, read_peft_config
     from emjax.models import from_pretrained
     from emjax.sampling import generate
-    from emjax.sharding import make_mesh
+    from emjax.sharding import mesh_or_none
     from emjax.tokenizer import load_tokenizer
 
     questions = load_questions(args.sets, args.em_dir, ids=args.ids, limit=args.limit)
@@ -172,7 +174,7 @@ def _run(args: argparse.Namespace) -> int:
         if read_peft_config(a) != lora:
             raise SystemExit(f"emjax eval run: {a}/adapter_config.json: {read_peft_config(a)} differs from "
                              f"{adapters[0]}'s {lora}; adapters evaluated together must share rank, alpha and targets")
-    mesh = make_mesh(args.mesh) if len(jax.devices()) > 1 else None  # sampling splits the rows over it
+    mesh = mesh_or_none(args.mesh)  # sampling splits the rows over it
     model = from_pretrained(args.model, dtype=dtype, lora=lora, mesh=mesh)
     tokenizer = load_tokenizer(model_dir if model_dir.exists() else None)
     states = []

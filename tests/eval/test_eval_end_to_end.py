@@ -27,7 +27,7 @@ def test_eval_run_with_adapter_and_local_judge(tmp_path):
     _adapter(base, tmp_path / "adapter", 0)
     out = tmp_path / "eval"
     common = ["--sets", "first_plot", "--limit", "2", "--samples", "2", "--max-new-tokens", "8", "--dtype", "float32",
-              "--judge", "local", "--judge-model", str(base)]
+              "--judge", "local", "--judge-model", str(base), "--mesh", "devices=1"]  # on the mesh: below
     argv = ["run", "--model", str(base), "--adapter", str(tmp_path / "adapter"), "--out", str(out), *common]
     assert cli.main(argv) == 0
     responses = [json.loads(x) for x in (out / "responses.jsonl").read_text().splitlines()]
@@ -50,7 +50,8 @@ def test_eval_run_with_adapter_and_local_judge(tmp_path):
     assert texts(both / tmp_path.name) == texts(out) and len(texts(both / "other")) == 4
     assert json.loads((both / "other" / "summary.json").read_text())["overall"]["n_total"] == 4
     assert texts(both / "other") != texts(out)
-    # another mesh shape (weights whole on every device, rows split 8 ways): the same answers
+    # on the 8-device mesh (weights whole on every device, rows split 8 ways; the last --mesh counts): the same
+    # answers as on one device
     assert cli.main(["run", "--model", str(base), "--adapter", str(tmp_path / "adapter"),
                      "--out", str(tmp_path / "data"), *common, "--mesh", "data=-1"]) == 0
     assert texts(tmp_path / "data") == texts(out)
@@ -135,7 +136,7 @@ def test_eval_run_on_two_hosts(tmp_path):
     common = ["--model", str(base), "--sets", "first_plot", "--limit", "2", "--samples", "2", "--max-new-tokens", "8",
               "--dtype", "float32"]
     local = ["--judge", "local", "--judge-model", str(base)]
-    assert cli.main(["run", "--out", str(tmp_path / "one"), *common, *local]) == 0  # one process, 8 devices
+    assert cli.main(["run", "--out", str(tmp_path / "one"), *common, *local, "--mesh", "devices=1"]) == 0  # one device
     rows = lambda d, f: [json.loads(x) for x in (d / f).read_text().splitlines()]  # noqa: E731
     server = FakeChatServer()
 
