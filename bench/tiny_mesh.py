@@ -22,7 +22,8 @@ import time
 
 def run(workdir: str, steps: int, extra: list[str]) -> float:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "emjax.cli", "train", "tiny", f"workdir={workdir}", "progress=false", f"steps={steps}",
            "log_every=4", "ckpt_every=100", "val_batches=2", "export_peft=false", *extra]
     t = time.perf_counter()
@@ -42,8 +43,8 @@ def main() -> None:
     times: dict[str, list[float]] = {k: [] for k in sides}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
-            for name, extra in sides.items():
-                times[name].append(run(os.path.join(tmp, f"{r}-{len(times[name])}-{extra}"), args.steps, extra))
+            for i, (name, extra) in enumerate(sides.items()):
+                times[name].append(run(os.path.join(tmp, f"run{r}-{i}"), args.steps, extra))
                 print(f"{name:>16}: {times[name][-1]:6.1f} s", flush=True)
     best = {k: min(v) for k, v in times.items()}
     print(f"emjax train tiny, {args.steps} steps, 8 simulated CPU devices (best of {args.repeats}): "

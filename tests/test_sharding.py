@@ -61,7 +61,7 @@ def test_mesh_over_the_first_devices(given, want):
     assert shd.mesh_or_none(dict(config.load(None, []).mesh)).size == 8
 
 
-def test_eval_cli_mesh_argument():
+def test_eval_cli_mesh_argument(tmp_path):
     import argparse
 
     from emjax.eval.cli import _mesh_arg
@@ -71,6 +71,11 @@ def test_eval_cli_mesh_argument():
     for bad in ("devices=-1", "devices=0", "expert=2", "data"):
         with pytest.raises(argparse.ArgumentTypeError, match="expected AXIS=SIZE"):
             _mesh_arg(bad)
+    from emjax.eval import cli  # more devices than there are: one clear error, before any model is read
+
+    with pytest.raises(SystemExit, match="emjax eval run: --mesh: mesh.devices 9: use 1 to 8"):
+        cli.main(["run", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "out"), "--sets", "first_plot",
+                  "--limit", "1", "--mesh", "devices=9"])
 
 
 def test_rows_split_over_the_batch_axes_that_divide_them():

@@ -75,9 +75,7 @@ def test_random_init_compiled_unoptimised_draws_the_same_weights(tmp_path):
         state = nnx.state(build_model(cfg.model, lcfg, mesh, vocab_size=200, seed=3))
     assert options == [(INIT_COMPILER_OPTIONS,)]
     qc = qwen3.Qwen3Config(vocab_size=200, tie_word_embeddings=True, **PRESETS["tiny"])
-    from jax._src.compiler import _DISABLE_MOST_OPTIMIZATIONS as disabled
-
-    prev = disabled.value
+    prev = jax.config.values["jax_disable_most_optimizations"]
     jax.config.update("jax_disable_most_optimizations", False)  # the reference: the default compile (see conftest)
     try:
         ref = jax.jit(lambda: nnx.state(qwen3.Qwen3ForCausalLM(qc, lora=lcfg, rngs=nnx.Rngs(3),
@@ -564,12 +562,14 @@ def test_pack_config_errors_name_the_key(tmp_path, monkeypatch, capsys):
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
 
 
-def test_bad_memory_options_are_config_errors(tmp_path):
+def test_bad_memory_and_mesh_options_are_config_errors(tmp_path):
     with pytest.raises(cfglib.ConfigError, match="remat 'some'"):
         train(_cfg(tmp_path, "steps=1", "remat=some"))
     for key in ("loss_chunk", "attn_chunk"):
         with pytest.raises(cfglib.ConfigError, match=f"{key} -1"):
             train(_cfg(tmp_path, "steps=1", f"{key}=-1"))
+    with pytest.raises(cfglib.ConfigError, match="mesh.devices 9: use 1 to 8"):
+        train(_cfg(tmp_path, "steps=1", "mesh.devices=9"))
 
 
 def test_bad_config_key_names_it(tmp_path):
@@ -609,6 +609,7 @@ def test_nan_loss_stops_naming_the_step(tmp_path):
                    "optim.name=sgd", "optim.clip_norm=null", "optim.schedule=constant"))
     assert (tmp_path / "run" / "checkpoints" / "1").exists()
     assert not (tmp_path / "run" / "checkpoints" / "2").exists()
+    assert [r["devices"] for r in _rows(tmp_path / "run", "memory")] == [8]  # on the mesh
 
 
 # --- process-level: kill -9 and resume, two processes ---------------------------------------------------------
@@ -619,9 +620,11 @@ def _env(**extra):
     return env
 
 
+CLI_OVERRIDES = ["progress=false", "steps=8", "ckpt_every=2", "log_every=2", "val_batches=1"]
+
+
 def _cli(workdir, *extra):
-    return [sys.executable, "-m", "emjax.cli", "train", "tiny", f"workdir={workdir}", "progress=false", "steps=8",
-            "ckpt_every=2", "log_every=2", "val_batches=1", *extra]
+    return [sys.executable, "-m", "emjax.cli", "train", "tiny", f"workdir={workdir}", *CLI_OVERRIDES, *extra]
 
 
 def _adapter(workdir):
@@ -676,7 +679,7 @@ def test_two_processes_match_one(tmp_path):
     plenty; both must run the setting process 1 needs (different programs would hang the collectives)."""
     common = ["steps=4", "ckpt_every=2", "data.pad_multiple=256", "mesh.fsdp=2"]
     # the reference: one process on two of this one's devices, what the CLI below runs (_cli's settings)
-    train(_cfg(tmp_path, *_cli(tmp_path / "single", *common)[5:], "mesh.devices=2"))
+    train(_cfg(tmp_path, f"workdir={tmp_path / 'single'}", *CLI_OVERRIDES, *common, "mesh.devices=2"))
     rows = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
     plain = next(r for r in rows if r["split"] == "memory")["peak_gib"]
     assert next(r for r in rows if r["split"] == "memory")["remat"] == "none"

@@ -174,7 +174,10 @@ def _run(args: argparse.Namespace) -> int:
         if read_peft_config(a) != lora:
             raise SystemExit(f"emjax eval run: {a}/adapter_config.json: {read_peft_config(a)} differs from "
                              f"{adapters[0]}'s {lora}; adapters evaluated together must share rank, alpha and targets")
-    mesh = mesh_or_none(args.mesh)  # sampling splits the rows over it
+    try:
+        mesh = mesh_or_none(args.mesh)  # sampling splits the rows over it
+    except ValueError as e:
+        raise SystemExit(f"emjax eval run: --mesh: {e}") from None
     model = from_pretrained(args.model, dtype=dtype, lora=lora, mesh=mesh)
     tokenizer = load_tokenizer(model_dir if model_dir.exists() else None)
     states = []
