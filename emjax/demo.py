@@ -16,6 +16,7 @@ import time
 
 
 def self_check() -> bool:
+    import jax
     import jax.numpy as jnp
     import numpy as np
 
@@ -37,8 +38,10 @@ def self_check() -> bool:
         ref = hf(torch.tensor(tokens)).logits.numpy()
         want = hf.generate(torch.tensor(tokens[:1, :12]), do_sample=False, max_new_tokens=8, eos_token_id=7,
                            pad_token_id=0)[0, 12:].tolist()
-    diff = float(np.abs(np.asarray(model(jnp.asarray(tokens))) - ref).max())
-    got = generate(model, [tokens[0, :12].tolist()], max_new_tokens=8, stop_tokens=(7,))[0]
+    # full fp32 matmuls: a GPU's default (TF32 passes) is off by ~1e-2 here, which would hide nothing and fail
+    with jax.default_matmul_precision("highest"):
+        diff = float(np.abs(np.asarray(model(jnp.asarray(tokens))) - ref).max())
+        got = generate(model, [tokens[0, :12].tolist()], max_new_tokens=8, stop_tokens=(7,))[0]
     ok = diff < 1e-4 and got == want
     print(f"self-check: tiny Qwen3 (GQA 4, head_dim 20) logits vs transformers max-abs {diff:.2e} (tol 1e-4); "
           f"KV-cache greedy decode {'==' if got == want else '!='} transformers generate: {got}")

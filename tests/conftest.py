@@ -12,6 +12,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # assignment, are unchanged) compiles them faster (README, "Tests and benchmarks"). Subprocesses inherit it;
 # JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs the suite with the default compile.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# fp32 matmuls in full precision in every process a test starts too (a GPU's default runs TF32 passes; a CPU's is
+# already full precision)
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
