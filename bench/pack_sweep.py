@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -36,8 +37,10 @@ sweep:
 
 def run(sweep: Path, root: Path, pack: int) -> float:
     t = time.perf_counter()
+    # cold compiles on both sides: no persistent compilation cache (the sides share programs: evaluation, spectral)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
     subprocess.run([sys.executable, "-m", "emjax.cli", "sweep", str(sweep), "--root", str(root), "--pack", str(pack)],
-                   check=True, capture_output=True)
+                   check=True, capture_output=True, env={**env, "EMJAX_COMPILE_CACHE": "off"})
     return time.perf_counter() - t
 
 

@@ -23,7 +23,7 @@ import time
 def run(workdir: str, steps: int, extra: list[str]) -> float:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
     env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               TOKENIZERS_PARALLELISM="false")
+               TOKENIZERS_PARALLELISM="false", EMJAX_COMPILE_CACHE="off")
     cmd = [sys.executable, "-m", "emjax.cli", "train", "tiny", f"workdir={workdir}", "progress=false", f"steps={steps}",
            "log_every=4", "ckpt_every=100", "val_batches=2", "export_peft=false", *extra]
     t = time.perf_counter()

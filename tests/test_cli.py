@@ -1,10 +1,15 @@
-"""Every `emjax` sub-command resolves to a module with a main(argv) and answers --help."""
+"""Every `emjax` sub-command resolves to a module with a main(argv) and answers --help; the command line keeps
+compiled programs in a persistent cache."""
 
 import importlib
+import os
+import subprocess
+import sys
 
+import jax
 import pytest
 
-from emjax import cli
+from emjax import cli, paths
 
 
 @pytest.mark.parametrize("name", sorted(cli.COMMANDS))
@@ -22,3 +27,58 @@ def test_subcommand_modules_exist(name, capsys):
 def test_unknown_command():
     assert cli.main(["frobnicate"]) == 2
     assert cli.main([]) == 0
+
+
+def test_compile_cache_dir_rules(tmp_path):
+    home = {"HOME": str(tmp_path)}
+    assert paths.compile_cache_dir(home) == tmp_path / ".cache" / "emjax" / "xla"
+    assert paths.compile_cache_dir({**home, "XDG_CACHE_HOME": str(tmp_path / "xdg")}) == tmp_path / "xdg/emjax/xla"
+    assert paths.compile_cache_dir({**home, "EMJAX_COMPILE_CACHE": str(tmp_path / "mine")}) == tmp_path / "mine"
+    for off in ("off", "0", "none", "", "OFF"):
+        assert paths.compile_cache_dir({**home, "EMJAX_COMPILE_CACHE": off}) is None
+    # JAX's own variable wins: emjax leaves JAX to read it
+    assert paths.compile_cache_dir({**home, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax")}) is None
+
+
+@pytest.fixture
+def no_jax_cache_dir():
+    """This process's JAX has the suite's cache directory (conftest); clear it for the test and put it back (the
+    cache JAX already opened is unaffected)."""
+    keys = ("jax_compilation_cache_dir", "jax_compilation_cache_max_size")
+    saved = {k: jax.config.values[k] for k in keys}
+    jax.config.update("jax_compilation_cache_dir", None)
+    yield
+    for k, v in saved.items():
+        jax.config.update(k, v)
+
+
+def test_use_compile_cache_sets_jax_once_and_only_where_it_can_write(tmp_path, no_jax_cache_dir, capsys):
+    env = {"HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert cli.use_compile_cache({**env, "EMJAX_COMPILE_CACHE": str(blocker / "xla")}) is None
+    assert "not writable" in capsys.readouterr().err and jax.config.values["jax_compilation_cache_dir"] is None
+    assert cli.use_compile_cache({**env, "EMJAX_COMPILE_CACHE": "off"}) is None
+    assert jax.config.values["jax_compilation_cache_dir"] is None
+    got = cli.use_compile_cache(env)
+    assert got == tmp_path / "xdg/emjax/xla" and got.is_dir()
+    assert jax.config.values["jax_compilation_cache_dir"] == str(got)
+    assert jax.config.values["jax_compilation_cache_max_size"] == cli.COMPILE_CACHE_MAX_BYTES
+    # a directory JAX already has (set by the user, in the config or its variable) is left alone
+    assert cli.use_compile_cache({**env, "EMJAX_COMPILE_CACHE": str(tmp_path / "other")}) is None
+    assert jax.config.values["jax_compilation_cache_dir"] == str(got)
+
+
+def test_a_command_keeps_its_compiled_programs(tmp_path):
+    """In a fresh process, dispatching any command turns the cache on before the first compile, and what it
+    compiles lands on disk (JAX's minimum compile time set to 0 so that a tiny program counts)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "EMJAX_COMPILE"))}
+    env.update(XDG_CACHE_HOME=str(tmp_path), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    script = ("import jax, jax.numpy as jnp\nfrom emjax import cli\ntry:\n    cli.main(['report', '--help'])\n"
+              "except SystemExit:\n    pass\nprint('DIR', jax.config.values['jax_compilation_cache_dir'])\n"
+              "jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).block_until_ready()\n")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    cache = tmp_path / "emjax" / "xla"
+    assert f"DIR {cache}" in out.stdout
+    assert [p for p in cache.iterdir() if p.name.endswith("-cache")], sorted(p.name for p in cache.iterdir())
