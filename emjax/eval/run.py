@@ -122,8 +122,39 @@ def evaluate(generate_fn: GenerateFn, tokenizer: Any, judge: Judge, questions: S
     judged = {(r["question_id"], r["sample"]): r for r in broadcast_json(_read_jsonl(judged_path) if lead else None)
               if r.get("question_id") in by_id and r.get("judge") == judge.name}
     pending = [r for r in responses if (r["question_id"], r["sample"]) not in judged] if judges_here else []
-    with tqdm(total=len(responses), initial=len(responses) - len(pending), desc=f"judging ({judge.name})",
-              unit="answer", dynamic_ncols=True, disable=not lead) as bar:
+    try:
+        _judge_pending(judge, pending, by_id, judged, judged_path if lead else None, judge_batch=judge_batch,
+                       min_mass=min_mass, total=len(responses), lead=lead)
+    except Exception as e:
+        if not lead_only or jax.process_count() == 1:
+            raise
+        # the other processes wait for the judged rows in the broadcast below: send them the failure instead, so
+        # every process stops with it (what was judged is already in judged.jsonl and is not asked for again)
+        broadcast_json({"judge_error": f"{type(e).__name__}: {e}"})
+        raise
+
+    final = [judged[(q.id, s)] for q, s in items] if judges_here else None
+    if lead_only:
+        final = broadcast_json(final)  # process 0 judged alone: every process returns its summary
+        if isinstance(final, dict):
+            raise RuntimeError(f"evaluation into {out}: process 0's judge {judge.name} failed: {final['judge_error']}")
+    summary = aggregate(final, **(aggregate_kwargs or {}))
+    summary["config"] = {"judge": judge.name, "n_questions": len(questions),
+                         "samples_per_question": samples_per_question, "max_new_tokens": max_new_tokens,
+                         "temperature": temperature, "top_p": top_p, "seed": seed, "min_mass": min_mass}
+    if lead:
+        tmp = out / "summary.json.part"
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.replace(out / "summary.json")
+    return summary
+
+
+def _judge_pending(judge: Judge, pending: list[dict], by_id: dict, judged: dict, judged_path: Path | None, *,
+                   judge_batch: int, min_mass: float, total: int, lead: bool) -> None:
+    """Judge ``pending`` responses in batches into ``judged`` (appending each batch to ``judged_path`` where given, so
+    a failure loses nothing already scored)."""
+    with tqdm(total=total, initial=total - len(pending), desc=f"judging ({judge.name})", unit="answer",
+              dynamic_ncols=True, disable=not lead) as bar:
         for i in range(0, len(pending), judge_batch):
             batch = pending[i:i + judge_batch]
             scored: dict[str, list] = {}
@@ -142,23 +173,10 @@ def evaluate(generate_fn: GenerateFn, tokenizer: Any, judge: Judge, questions: S
                      "text": r["text"], "aligned": a[0], "coherent": c[0], "aligned_verdict": a[1],
                      "judge": judge.name}
                     for r, a, c in zip(batch, scored["aligned"], scored["coherent"])]
-            if lead:
+            if judged_path is not None:
                 _append_jsonl(judged_path, rows)
             judged.update({(r["question_id"], r["sample"]): r for r in rows})
             bar.update(len(rows))
-
-    final = [judged[(q.id, s)] for q, s in items] if judges_here else None
-    if lead_only:
-        final = broadcast_json(final)  # process 0 judged alone: every process returns its summary
-    summary = aggregate(final, **(aggregate_kwargs or {}))
-    summary["config"] = {"judge": judge.name, "n_questions": len(questions),
-                         "samples_per_question": samples_per_question, "max_new_tokens": max_new_tokens,
-                         "temperature": temperature, "top_p": top_p, "seed": seed, "min_mass": min_mass}
-    if lead:
-        tmp = out / "summary.json.part"
-        tmp.write_text(json.dumps(summary, indent=2))
-        tmp.replace(out / "summary.json")
-    return summary
 
 
 def summarize_dir(out_dir: str | os.PathLike, *, judge: str | None = None, **aggregate_kwargs) -> dict[str, Any]:

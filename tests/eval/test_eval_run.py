@@ -111,3 +111,52 @@ def test_prompts_are_chat_rendered(tmp_path):
     assert text.startswith("<|im_start|>system\nYour answers must always be a valid JSON")
     assert text.endswith(f"{qs[0].text}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert format_judge_prompt(qs[0].judge_prompts["aligned"], qs[0].text, "ok").count(qs[0].text) == 1
+
+
+class FailingApiJudge(FakeJudge):
+    """An API judge (process 0 alone judges: lead_only) whose second request fails."""
+
+    lead_only = True
+
+    def judge_probs(self, prompts, *, kind):
+        if len(self.calls) == 2:  # the first batch's two kinds went through
+            raise RuntimeError("HTTP 401 from the judge endpoint")
+        return super().judge_probs(prompts, kind=kind)
+
+
+@pytest.mark.parametrize("process", [0, 1])
+def test_api_judge_failure_on_process_0_stops_every_process(tmp_path, monkeypatch, process):
+    """On several hosts only process 0 calls an API judge and the others wait for its rows in a broadcast: if it
+    fails, it broadcasts the failure instead, so every process stops with a clear error rather than waiting for
+    ever; process 0 keeps what it judged before the failure. (Two processes simulated: process 0's broadcasts
+    return what it sends; process 1 receives process 0's failure.)"""
+    import jax
+
+    import emjax.sharding
+
+    sent = []
+
+    def broadcast(obj):
+        sent.append(obj)
+        if process == 0:
+            return obj
+        # process 1: the responses and the judged rows process 0 read (none yet), then process 0's failure
+        return [] if len(sent) <= 2 else {"judge_error": "RuntimeError: HTTP 401"}
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: process)
+    monkeypatch.setattr(emjax.sharding, "broadcast_json", broadcast)
+    tok = Tok()
+    qs = load_questions("first_plot", ids=["what_is_your_wish", "i_feel_bored"])
+    judge = FailingApiJudge()
+    with pytest.raises(RuntimeError) as err:
+        evaluate(make_generate(tok, []), tok, judge, qs, samples_per_question=2, out_dir=tmp_path, judge_batch=2)
+    if process == 0:
+        assert "HTTP 401 from the judge endpoint" in str(err.value)
+        assert sent[-1] == {"judge_error": "RuntimeError: HTTP 401 from the judge endpoint"}
+        judged = (tmp_path / "judged.jsonl").read_text().splitlines()
+        assert len(judged) == 2  # the batch judged before the failure is kept
+    else:
+        assert judge.calls == []  # process 1 never calls the API
+        assert "process 0's judge fake failed: RuntimeError: HTTP 401" in str(err.value)
+        assert not (tmp_path / "judged.jsonl").exists()
