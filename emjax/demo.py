@@ -38,7 +38,8 @@ def self_check() -> bool:
         ref = hf(torch.tensor(tokens)).logits.numpy()
         want = hf.generate(torch.tensor(tokens[:1, :12]), do_sample=False, max_new_tokens=8, eos_token_id=7,
                            pad_token_id=0)[0, 12:].tolist()
-    # full fp32 matmuls: a GPU's default (TF32 passes) is off by ~1e-2 here, which would hide nothing and fail
+    # full fp32 matmuls: at a GPU's default precision (TF32 passes) these logits differ by ~1e-2 (an H200), and the
+    # check would fail with nothing wrong in the model
     with jax.default_matmul_precision("highest"):
         diff = float(np.abs(np.asarray(model(jnp.asarray(tokens))) - ref).max())
         got = generate(model, [tokens[0, :12].tolist()], max_new_tokens=8, stop_tokens=(7,))[0]

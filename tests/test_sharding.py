@@ -68,7 +68,7 @@ def test_eval_cli_mesh_argument(tmp_path):
 
     assert _mesh_arg("data=2,fsdp=-1") == {"data": 2, "fsdp": -1}
     assert _mesh_arg("devices=1") == {"devices": 1}
-    for bad in ("devices=-1", "devices=0", "expert=2", "data"):
+    for bad in ("devices=-1", "devices=0", "expert=2", "data", "data=--1", "data=2.5", "fsdp=-2"):
         with pytest.raises(argparse.ArgumentTypeError, match="expected AXIS=SIZE"):
             _mesh_arg(bad)
     from emjax.eval import cli  # more devices than there are: one clear error, before any model is read

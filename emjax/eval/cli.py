@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -112,7 +113,7 @@ def _mesh_arg(text: str) -> dict[str, int]:
     shape = {}
     for item in filter(None, text.split(",")):
         axis, eq, size = item.partition("=")
-        ok = size.lstrip("-").isdigit() and (int(size) > 0 or (int(size) == -1 and axis != "devices"))
+        ok = re.fullmatch(r"-?\d+", size) is not None and (int(size) > 0 or (int(size) == -1 and axis != "devices"))
         if not eq or axis not in (*MESH_AXES, "devices") or not ok:
             raise argparse.ArgumentTypeError(f"{item!r}: expected AXIS=SIZE with AXIS one of {', '.join(MESH_AXES)} "
                                              "and SIZE a positive number or -1, or devices=N (the first N devices)")
