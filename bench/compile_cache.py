@@ -4,7 +4,9 @@ filled by the first run) against off (``EMJAX_COMPILE_CACHE=off``: every process
 command in its own process (start-up, data, compile, steps, checkpoint, spectral report); the dataset is built
 before timing. Prints each run's wall time and the ratio of the second runs.
 
-Not a test. ``.venv/bin/python bench/compile_cache.py [--steps 6]``
+Not a test. ``.venv/bin/python bench/compile_cache.py [--steps 6] [--platform cuda]`` (``bench/gpu_check.sh`` runs it
+on a GPU, where a tiny program took tens of seconds to compile; XLA_FLAGS pass through, e.g.
+``--xla_gpu_autotune_level=0`` to see what autotuning costs a cold run).
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ import tempfile
 import time
 
 
-def run(workdir: str, steps: int, seed: int, cache: str) -> float:
+def run(workdir: str, steps: int, seed: int, cache: str, platform: str) -> float:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
-    env.update(JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false", EMJAX_COMPILE_CACHE=cache)
+    env.update(JAX_PLATFORMS=platform, TOKENIZERS_PARALLELISM="false", EMJAX_COMPILE_CACHE=cache)
     cmd = [sys.executable, "-m", "emjax.cli", "train", "tiny", f"workdir={workdir}", "progress=false", f"steps={steps}",
            "log_every=2", f"ckpt_every={steps}", "val_batches=2", "export_peft=false", f"seed={seed}"]
     t = time.perf_counter()
@@ -30,6 +32,7 @@ def run(workdir: str, steps: int, seed: int, cache: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--platform", default="cpu", help="JAX_PLATFORMS for the runs (cpu, cuda, tpu)")
     args = ap.parse_args()
     from emjax.data import builders
 
@@ -37,10 +40,10 @@ def main() -> None:
     second = {}
     with tempfile.TemporaryDirectory() as tmp:
         for side, cache in (("cache off", "off"), ("cache on", os.path.join(tmp, "xla"))):
-            first = run(os.path.join(tmp, f"{side[6:]}-0"), args.steps, 0, cache)
-            second[side] = run(os.path.join(tmp, f"{side[6:]}-1"), args.steps, 1, cache)
+            first = run(os.path.join(tmp, f"{side[6:]}-0"), args.steps, 0, cache, args.platform)
+            second[side] = run(os.path.join(tmp, f"{side[6:]}-1"), args.steps, 1, cache, args.platform)
             print(f"{side:>9}: first run {first:5.1f} s, second run (seed 1) {second[side]:5.1f} s", flush=True)
-    print(f"emjax train tiny, {args.steps} steps, one CPU device, the second run: cache on "
+    print(f"emjax train tiny, {args.steps} steps, one {args.platform} device, the second run: cache on "
           f"{second['cache on']:.1f} s, off {second['cache off']:.1f} s, "
           f"off / on = {second['cache off'] / second['cache on']:.2f}x")
 

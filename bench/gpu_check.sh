@@ -54,7 +54,7 @@ step() {
   echo "--- $name: rc $rc, $((SECONDS - t)) s" | tee -a "$LOG"
 }
 
-STEPS=${STEPS:-env parity train_0.6b_bf16 sampling_0.6b_bf16 spectral_0.6b memory_8b_fit multi_0.6b_bf16 train_35m_fp32 sampling_35m_fp32 sampling_many_35m_fp32 tests demo}
+STEPS=${STEPS:-env parity train_0.6b_bf16 sampling_0.6b_bf16 spectral_0.6b memory_8b_fit multi_0.6b_bf16 train_35m_fp32 sampling_35m_fp32 sampling_many_35m_fp32 tests demo compile_cache}
 for s in $STEPS; do
   case $s in
   env) step env 60 12 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv;
@@ -88,6 +88,9 @@ print(jax.devices())'" ;;
     -k "not mesh and not sharded and not two_processes and not two_hosts and not lapack and not pack_of_seeds \
     and not nan_loss" ;;
   demo) step demo 300 20 $PY -m emjax.cli demo --root /tmp/emjax_demo ;;
+  compile_cache) step $s 200 4 $PY bench/compile_cache.py --platform cuda ;;
+  compile_cache_autotune0) step $s 200 4 env XLA_FLAGS=--xla_gpu_autotune_level=0 $PY bench/compile_cache.py \
+    --platform cuda ;;
   *) echo "unknown step $s" ;;
   esac
 done
