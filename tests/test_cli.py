@@ -70,15 +70,19 @@ def test_use_compile_cache_sets_jax_once_and_only_where_it_can_write(tmp_path, n
 
 
 def test_a_command_keeps_its_compiled_programs(tmp_path):
-    """In a fresh process, dispatching any command turns the cache on before the first compile, and what it
-    compiles lands on disk (JAX's minimum compile time set to 0 so that a tiny program counts)."""
+    """In a fresh process, dispatching a command turns the cache on before the first compile without importing JAX
+    (`emjax report` needs none: the variables JAX reads at import), and what is compiled later lands on disk (JAX's
+    minimum compile time set to 0 so that a tiny program counts)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "EMJAX_COMPILE"))}
     env.update(XDG_CACHE_HOME=str(tmp_path), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    script = ("import jax, jax.numpy as jnp\nfrom emjax import cli\ntry:\n    cli.main(['report', '--help'])\n"
-              "except SystemExit:\n    pass\nprint('DIR', jax.config.values['jax_compilation_cache_dir'])\n"
+    script = ("import sys\nfrom emjax import cli\ntry:\n    cli.main(['report', '--help'])\n"
+              "except SystemExit:\n    pass\nprint('JAX', 'jax' in sys.modules)\nimport jax, jax.numpy as jnp\n"
+              "print('DIR', jax.config.values['jax_compilation_cache_dir'], jax.config.values["
+              "'jax_compilation_cache_max_size'])\n"
               "jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).block_until_ready()\n")
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     cache = tmp_path / "emjax" / "xla"
-    assert f"DIR {cache}" in out.stdout
+    assert "JAX False" in out.stdout  # the start-up imported no JAX
+    assert f"DIR {cache} {cli.COMPILE_CACHE_MAX_BYTES}" in out.stdout
     assert [p for p in cache.iterdir() if p.name.endswith("-cache")], sorted(p.name for p in cache.iterdir())
