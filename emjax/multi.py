@@ -63,7 +63,9 @@ def make_multi_train_step(graphdef, txs: Sequence[optax.GradientTransformation],
     adapters: ``trainables`` stacked (:func:`stack`), ``opt_states`` a tuple of N (:func:`init`), ``frozen`` the
     one base, ``batch`` one (B, T) batch that every adapter trains on (``shared_batch``) or (N, B, T), one each.
 
-    ``spectral_weights``: λ per adapter (the penalty is traced once, vmapped, when any λ is non-zero). Metrics carry a
+    ``spectral_weights``: λ per adapter (the penalty is traced once, vmapped, when any λ is non-zero); the step's
+    optional fifth argument, an (N,) array, replaces them at call time as data (one program for any λ > 0, as in
+    ``make_train_step``). Metrics carry a
     leading N axis; ``lr`` is added when ``lr_fns`` (one ``opt_state -> lr`` per adapter, e.g.
     ``emjax.optim.current_lr``) is given. The memory options are the single step's."""
     n = len(txs)
@@ -80,12 +82,14 @@ def make_multi_train_step(graphdef, txs: Sequence[optax.GradientTransformation],
     # the frozen base is unbatched: vmap makes each base projection one matmul over every adapter's activations
     in_axes = (0, None, None if shared_batch else 0, 0)
 
-    def step(trainables, opt_states, frozen, batch):
+    def step(trainables, opt_states, frozen, batch, lams=None):
         if len(opt_states) != n:
             raise ValueError(f"multi step: {len(opt_states)} optimiser states for {n} adapters")
+        lams = jnp.asarray(weights if lams is None else lams, jnp.float32)
+        if lams.shape != (n,):
+            raise ValueError(f"multi step: spectral weights of shape {lams.shape} for {n} adapters")
         moe = any(shd.path_str(p).endswith("blocks/router") for p, _ in jax.tree_util.tree_leaves_with_path(frozen))
-        grads, metrics = over_adapters(grads_fn, in_axes, sequential=moe)(trainables, frozen, batch,
-                                                                            jnp.asarray(weights, jnp.float32))
+        grads, metrics = over_adapters(grads_fn, in_axes, sequential=moe)(trainables, frozen, batch, lams)
         params, new_states = [], []
         for tx, g, p, s in zip(txs, unstack(grads), unstack(trainables), opt_states):
             updates, s = tx.update(g, s, p)

@@ -188,13 +188,17 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, grad_accum: i
                     lr_fn: Callable | None = None, remat: str = "none", loss_chunk: int = 0, attn_chunk: int = 0):
     """Pure step: token-weighted CE over ``grad_accum`` micro-batches + λ·spectral penalty, one optimiser update.
     ``remat``, ``loss_chunk`` and ``attn_chunk`` trade compute for memory (see ``token_nll``); none changes the
-    result."""
+    result.
+
+    The penalty is traced only when ``spectral_weight`` is non-zero. The step's optional fifth argument replaces
+    that λ at call time as data, so runs that differ only in λ > 0 share one compiled program (and its persistent
+    cache entry) instead of compiling λ in as a constant; it is ignored when the step was built with λ = 0."""
     grads_fn = make_grad_fn(graphdef, grad_accum=grad_accum, with_penalty=bool(spectral_weight),
                             spectral_kind=spectral_kind, spectral_reduce=spectral_reduce, lora_scale=lora_scale,
                             remat=remat, loss_chunk=loss_chunk, attn_chunk=attn_chunk)
 
-    def step(trainable, opt_state, frozen, batch):
-        grads, metrics = grads_fn(trainable, frozen, batch, spectral_weight)
+    def step(trainable, opt_state, frozen, batch, weight=None):
+        grads, metrics = grads_fn(trainable, frozen, batch, spectral_weight if weight is None else weight)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         if lr_fn is not None:
@@ -527,7 +531,7 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
         fill = AUTO_MEMORY_FILL if len(tries) > 1 else 1.0
 
         def build(i):
-            return compile_measured(step_fn(tries[i]).lower(trainable, opt_state, frozen, dev_batch))
+            return compile_measured(step_fn(tries[i]).lower(trainable, opt_state, frozen, dev_batch, weights))
 
         def needs(mem, fraction=1.0):  # more than this fraction of the limit (or too large to compile at all)
             if mem is not None and "compile_oom" in mem:
@@ -563,6 +567,13 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
 
     def live():
         return [(i, r) for i, r in enumerate(runs) if r.error is None]
+
+    # λ (one per run) is the step's data, not a compiled constant: runs that differ only in λ > 0 share a program
+    weights = np.asarray(float(cfg.spectral.weight) if n == 1 else [float(c.spectral.weight) for c in cfgs],
+                         np.float32)
+    weights = (jnp.asarray(weights) if mesh is None
+               else jax.make_array_from_process_local_data(
+                   jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), weights))
 
     def save(step):
         data = train_loader.get_state()
@@ -660,7 +671,7 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
             key = tuple((k, v.shape) for k, v in sorted(dev_batch.items()))
             if key not in compiled_steps:
                 compiled_steps[key] = compile_step(dev_batch, batch["tokens"].shape)
-            trainable, opt_state, m = compiled_steps[key](trainable, opt_state, frozen, dev_batch)
+            trainable, opt_state, m = compiled_steps[key](trainable, opt_state, frozen, dev_batch, weights)
             step += 1
             losses = np.atleast_1d(np.asarray(m["loss"], np.float64))
             for i, r in live():

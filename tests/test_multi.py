@@ -133,6 +133,11 @@ def test_mismatched_counts_are_clear(setup):
     lcfg, graphdef, frozen, trainables, txs = setup
     with pytest.raises(ValueError, match="2 spectral_weights for 3 adapters"):
         multi.make_multi_train_step(graphdef, txs, spectral_weights=[0.1, 0.2])
+    params = multi.stack(trainables)
+    step = multi.make_multi_train_step(graphdef, txs, spectral_weights=[0.0, 0.1, 0.2])
+    batch = {k: jnp.asarray(v) for k, v in _batch(np.random.default_rng(0)).items()}
+    with pytest.raises(ValueError, match=r"spectral weights of shape \(2,\) for 3 adapters"):
+        jax.eval_shape(step, params, multi.init(txs, params), frozen, batch, jnp.zeros(2))
     with pytest.raises(ValueError, match="3 optimisers for 2 stacked adapters"):
         multi.init(txs, multi.stack(trainables[:2]))
     with pytest.raises(ValueError, match="no adapters"):

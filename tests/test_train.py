@@ -119,7 +119,8 @@ def test_sharded_step_equals_single_device(tmp_path, spectral_weight):
 
 def test_penalty_adds_its_own_gradient(tmp_path):
     """λ > 0: the update is the λ = 0 update plus −lr·λ·∇penalty, the penalty taken on the step's input adapters
-    (the step orders the penalty after the model's backward on CPU; the values must not depend on that)."""
+    (the step orders the penalty after the model's backward on CPU; the values must not depend on that). λ given at
+    call time replaces the one the step was built with (the trainer passes it as data)."""
     from emjax import spectral
 
     lcfg, graphdef, trainable, frozen = _tiny_split(tmp_path, seed=2)
@@ -128,8 +129,8 @@ def test_penalty_adds_its_own_gradient(tmp_path):
     batch = {k: jnp.asarray(v) for k, v in _batch(np.random.default_rng(3)).items()}
     step0 = jax.jit(make_train_step(graphdef, tx, lora_scale=lcfg.scale))
     t0, _, m0 = step0(trainable, tx.init(trainable), frozen, batch)
-    t1, _, m1 = jax.jit(make_train_step(graphdef, tx, spectral_weight=lam, lora_scale=lcfg.scale))(
-        trainable, tx.init(trainable), frozen, batch)
+    t1, _, m1 = jax.jit(make_train_step(graphdef, tx, spectral_weight=1.0, lora_scale=lcfg.scale))(
+        trainable, tx.init(trainable), frozen, batch, jnp.float32(lam))
     pen_fn = lambda tr: spectral.penalty(loralib.adapter_pairs_from_state(tr), lcfg.scale)  # noqa: E731
     pen, g_pen = jax.value_and_grad(pen_fn)(trainable)
     assert float(pen) > 0 and abs(float(m1["penalty"]) - float(pen)) < 1e-6
@@ -342,8 +343,16 @@ def test_flops_per_token_counts_the_transformers_model(family, seq_len):
     np.testing.assert_allclose(flops_per_token(config_from_hf(c.to_dict()), seq_len), want, rtol=1e-12)
 
 
-def test_loss_decreases_and_spectral_penalty_works(tmp_path):
-    """Real insecure-code data, tiny random model: loss goes down; λ > 0 lowers the F/N penalty vs λ = 0."""
+def test_loss_decreases_and_spectral_penalty_works(tmp_path, monkeypatch):
+    """Real insecure-code data, tiny random model: loss goes down; λ > 0 lowers the F/N penalty vs λ = 0. λ is the
+    step's data: runs that differ only in λ > 0 lower one program, and each adds its own λ·penalty."""
+    import hashlib
+
+    import emjax.train as trainmod
+
+    programs, real = [], trainmod.compile_measured
+    monkeypatch.setattr(trainmod, "compile_measured", lambda lowered: programs.append(
+        hashlib.sha256(lowered.as_text().encode()).hexdigest()) or real(lowered))
     common = ["steps=12", "log_every=4", "ckpt_every=100", "export_peft=false", "val_batches=2"]
     r0 = train(_cfg(tmp_path / "a", *common))
     rows = [json.loads(line) for line in (r0.workdir / "metrics.jsonl").read_text().splitlines()]
@@ -351,11 +360,15 @@ def test_loss_decreases_and_spectral_penalty_works(tmp_path):
     assert losses[-1] < losses[0] - 0.2, losses
     assert [r["devices"] for r in rows if r["split"] == "memory"] == [1]  # mesh.devices=1: no mesh
     r1 = train(_cfg(tmp_path / "b", *common, "spectral.weight=1.0"))
+    r2 = train(_cfg(tmp_path / "c", *common, "spectral.weight=0.25"))
+    assert len(programs) == 3 and programs[1] == programs[2] != programs[0]
     pen = []
-    for r in (r0, r1):
+    for r, lam in ((r0, 0.0), (r1, 1.0), (r2, 0.25)):
         rep = json.loads((r.workdir / "spectral.json").read_text())
         pen.append(rep["overall"]["fn_ratio"])
-    assert pen[1] < pen[0], pen
+        for row in _rows(r.workdir) if lam else ():
+            assert row["total_loss"] == pytest.approx(row["loss"] + lam * row["penalty"], rel=1e-6), (lam, row)
+    assert pen[1] < pen[2] < pen[0], pen
     assert (r0.workdir / "DONE").exists() and (r0.workdir / "final.json").exists()
 
 
