@@ -17,7 +17,7 @@ from flax import nnx
 
 from emjax.lora import over_adapters
 from emjax.models.qwen3 import KVCache
-from emjax.sharding import batch_axes, batch_sharding, mesh_of, rows_on, to_host
+from emjax.sharding import batch_axes, batch_sharding, decode_layout, mesh_of, rows_on, to_host
 
 STOP_TOKENS = (151645, 151643)  # <|im_end|>, <|endoftext|>
 PAD_ID = 151643
@@ -126,7 +126,8 @@ def _step_one(model, layers, head, cache, logits, done, key, sampling, stops):
     written = jnp.where(done, PAD_ID, tok)
     done = done | jnp.isin(tok, stops)
     h, cache = model.hidden_states(tok[:, None], cache=cache, layers=layers)
-    return written, done, cache, model.logits(h[:, 0], head=head)
+    lay = decode_layout(h)  # on an FSDP mesh: partial logits summed over fsdp, not the head gathered
+    return written, done, cache, lay.split(lay.wide(model.logits(lay.wide(h[:, 0]), head=head), "vocab"))
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))

@@ -246,3 +246,40 @@ def traced_mesh(x):
     if mesh is None or mesh.empty:
         mesh = jax.sharding.get_abstract_mesh()
     return None if mesh is None or mesh.empty else mesh
+
+
+class DecodeLayout:
+    """Sharding constraints for one decode step on a mesh whose batch axes include ``fsdp``, the axis the weights'
+    ``embed`` dimension is sharded over (``decode_layout``). Left to the partitioner, every decode step all-gathered
+    every weight, a model's worth of traffic per generated token; with these only activations, (rows, width) each,
+    cross devices.
+
+    ``wide(y, last)`` lays the rows over the batch axes other than fsdp (whole over fsdp) and the last dimension as the
+    logical axis ``last`` maps it (None: whole). A projection from ``embed`` whose output is laid out ``wide(...,
+    "mlp")`` multiplies its slice of the input by its slice of the weight and sums the partial products over fsdp;
+    one to ``embed`` laid out ``wide(..., "embed")`` computes its own columns. ``split(y)`` splits the rows over every
+    batch axis again, as the KV cache and the residual stream are. Without such a mesh all are identities."""
+
+    def __init__(self, mesh=None, rows: tuple[str, ...] = ()):
+        self.mesh, self.rows = mesh, rows
+        self.active = mesh is not None and "fsdp" in rows
+
+    def _put(self, y, rows, last):
+        if not self.active:
+            return y
+        row_spec = (rows[0] if len(rows) == 1 else rows) if rows else None
+        spec = P(row_spec, *[None] * (y.ndim - 2), spec_for((last,), y.shape[-1:], self.mesh)[0])
+        return jax.lax.with_sharding_constraint(y, NamedSharding(self.mesh, spec))
+
+    def wide(self, y, last: str | None = None):
+        return self._put(y, tuple(a for a in self.rows if a != "fsdp"), last)
+
+    def split(self, y):
+        return self._put(y, self.rows, None)
+
+
+def decode_layout(x) -> DecodeLayout:
+    """The :class:`DecodeLayout` for a decode step whose activations (rows first) are ``x``: identities off a mesh, or
+    where fsdp does not split the rows."""
+    mesh = traced_mesh(x)
+    return DecodeLayout(mesh, batch_axes(mesh, x.shape[0]) if mesh is not None else ())

@@ -26,7 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
 
 from emjax.lora import LoraConfig, lora_matmul
-from emjax.sharding import batch_axes, traced_mesh
+from emjax.sharding import DecodeLayout, batch_axes, decode_layout, traced_mesh
 
 # ---------------------------------------------------------------------------------------------------------------
 # Config
@@ -649,10 +649,11 @@ def _make_layer_fn(cfg: Qwen3Config, dtype, scale, mask, cos, sin, cache_start, 
     def layer(h, p, kv):
         B, T, _ = h.shape
         window = (p["sliding"], window_bias) if cfg.sliding_layers else None
-        x = norm(h, p["input_norm"], eps)
-        q = _linear(x, p["q_proj"], scale).reshape(B, T, H, hd)
-        k = _linear(x, p["k_proj"], scale).reshape(B, T, K, hd)
-        v = _linear(x, p["v_proj"], scale).reshape(B, T, K, hd)
+        # a decode step on an FSDP mesh moves activations, not weights (emjax.sharding.DecodeLayout)
+        lay = decode_layout(h) if kv is not None and T == 1 else DecodeLayout()
+        x = lay.wide(norm(h, p["input_norm"], eps))
+        q, k, v = (lay.split(lay.wide(_linear(x, p[name], scale), "mlp")) for name in ("q_proj", "k_proj", "v_proj"))
+        q, k, v = q.reshape(B, T, H, hd), k.reshape(B, T, K, hd), v.reshape(B, T, K, hd)
         if cfg.qk_norm:
             q, k = norm(q, p["q_norm"], eps), norm(k, p["k_norm"], eps)
         if cfg.sliding_layers:  # [global, local] tables from hidden_states: both rotations, the flag picks one (a
@@ -689,15 +690,17 @@ def _make_layer_fn(cfg: Qwen3Config, dtype, scale, mask, cos, sin, cache_start, 
             new_kv = None
             attn = (_attend_chunked(q5, kh, vh, mask, dtype, attn_chunk, window=window, **attn_kw) if chunked
                     else _attend(q5, kh, vh, mask, dtype, window=window, **attn_kw))
-        attn = attn.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
-        attn = _linear(attn, p["o_proj"], scale)
+        attn = lay.wide(attn.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd))
+        attn = lay.split(lay.wide(_linear(attn, p["o_proj"], scale), "embed"))
         if cfg.sandwich_norm:
             attn = norm(attn, p["attn_out_norm"], eps)
         h = h + attn
         x = norm(h, p["post_norm"], eps)
         if cfg.is_moe:
             return h + _moe_mlp(x, p, cfg, scale), new_kv
-        mlp = _linear(act(_linear(x, p["gate_proj"], scale)) * _linear(x, p["up_proj"], scale), p["down_proj"], scale)
+        x = lay.wide(x)
+        gate, up = (lay.wide(_linear(x, p[name], scale), "mlp") for name in ("gate_proj", "up_proj"))
+        mlp = lay.split(lay.wide(_linear(act(gate) * up, p["down_proj"], scale), "embed"))
         if cfg.sandwich_norm:
             mlp = norm(mlp, p["mlp_out_norm"], eps)
         return h + mlp, new_kv
