@@ -34,7 +34,6 @@ os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={N_D
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
