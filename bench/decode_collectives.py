@@ -8,19 +8,21 @@ body, each layer's counted once per layer (the layer scan's trip count), i.e. th
 sends per generated token, not counting any collective's algorithm. Also times a decode step on the simulated mesh,
 which on one CPU says little about an interconnect (collectives there are memory copies). Not a test.
 
-    .venv/bin/python bench/decode_collectives.py [--size bench|0.6b] [--mesh fsdp=8] [--batch 16] [--new 32]
+    .venv/bin/python bench/decode_collectives.py [--size bench|bench-moe|0.6b] [--mesh fsdp=8] [--batch 16] [--new 32]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
 import time
 
 ap = argparse.ArgumentParser()
-ap.add_argument("--size", default="bench", help="bench: the train benchmark's ≈35M shape; or a qwen3.SIZES key")
+ap.add_argument("--size", default="bench", help="bench: the train benchmark's ≈35M shape; bench-moe: the same with "
+                "16 experts of width 384, 4 per token; or a qwen3.SIZES key")
 ap.add_argument("--mesh", default="fsdp=8", help="axis=size,... over simulated CPU devices (their product)")
 ap.add_argument("--batch", type=int, default=16)
 ap.add_argument("--prompt", type=int, default=32)
@@ -108,7 +110,8 @@ def decode_loop_body(hlo: str, comps) -> str:
 
 def main():
     jax.config.update("jax_default_matmul_precision", "highest")
-    cfg = BENCH if args.size == "bench" else qwen3mod.SIZES[args.size]()
+    moe = dict(num_experts=16, num_experts_per_tok=4, moe_intermediate_size=384)
+    cfg = {"bench": BENCH, "bench-moe": dataclasses.replace(BENCH, **moe)}.get(args.size) or qwen3mod.SIZES[args.size]()
     mesh = shd.make_mesh(MESH)
     model = qwen3mod.Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)

@@ -127,7 +127,7 @@ def _step_one(model, layers, head, cache, logits, done, key, sampling, stops):
     done = done | jnp.isin(tok, stops)
     h, cache = model.hidden_states(tok[:, None], cache=cache, layers=layers)
     lay = decode_layout(h)  # on an FSDP mesh: partial logits summed over fsdp, not the head gathered
-    return written, done, cache, lay.split(lay.wide(model.logits(lay.wide(h[:, 0]), head=head), "vocab"))
+    return written, done, cache, lay.summed(model.logits(lay.wide(h[:, 0]), head=head), "vocab")
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))

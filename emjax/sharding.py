@@ -277,6 +277,11 @@ class DecodeLayout:
     def split(self, y):
         return self._put(y, self.rows, None)
 
+    def summed(self, y, last: str):
+        """A projection's output laid out ``wide(y, last)``, then split by rows (by way of whole rows: XLA has no
+        efficient way from a layout split over tensor to one split over fsdp, and warns)."""
+        return self.split(self.wide(self.wide(y, last)))
+
 
 def decode_layout(x) -> DecodeLayout:
     """The :class:`DecodeLayout` for a decode step whose activations (rows first) are ``x``: identities off a mesh, or

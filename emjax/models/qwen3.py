@@ -406,6 +406,9 @@ class Qwen3ForCausalLM(nnx.Module):
         if cfg.embed_scale:  # Gemma: × √hidden rounded to the weights' dtype (55.4 -> 55.5 in bf16), as HF does
             h = h * jnp.asarray(cfg.embed_scale, h.dtype)
         h = h.astype(self.dtype)
+        if cache is not None:  # sampling on an FSDP mesh: the embedded rows split as the cache's, by way of whole
+            lay = decode_layout(h)  # rows (from the embedding's layout XLA has no efficient way there, and warns)
+            h = lay.split(lay.wide(h))
 
         if cache is None:
             if positions is None:
@@ -652,7 +655,7 @@ def _make_layer_fn(cfg: Qwen3Config, dtype, scale, mask, cos, sin, cache_start, 
         # a decode step on an FSDP mesh moves activations, not weights (emjax.sharding.DecodeLayout)
         lay = decode_layout(h) if kv is not None and T == 1 else DecodeLayout()
         x = lay.wide(norm(h, p["input_norm"], eps))
-        q, k, v = (lay.split(lay.wide(_linear(x, p[name], scale), "mlp")) for name in ("q_proj", "k_proj", "v_proj"))
+        q, k, v = (lay.summed(_linear(x, p[name], scale), "mlp") for name in ("q_proj", "k_proj", "v_proj"))
         q, k, v = q.reshape(B, T, H, hd), k.reshape(B, T, K, hd), v.reshape(B, T, K, hd)
         if cfg.qk_norm:
             q, k = norm(q, p["q_norm"], eps), norm(k, p["k_norm"], eps)
@@ -697,7 +700,9 @@ def _make_layer_fn(cfg: Qwen3Config, dtype, scale, mask, cos, sin, cache_start, 
         h = h + attn
         x = norm(h, p["post_norm"], eps)
         if cfg.is_moe:
-            return h + _moe_mlp(x, p, cfg, scale), new_kv
+            moe = (lay.split(_moe_mlp_decode(lay.wide(x), p, cfg, scale, lay)) if lay.active
+                   else _moe_mlp(x, p, cfg, scale))
+            return h + moe, new_kv
         x = lay.wide(x)
         gate, up = (lay.wide(_linear(x, p[name], scale), "mlp") for name in ("gate_proj", "up_proj"))
         mlp = lay.split(lay.wide(_linear(act(gate) * up, p["down_proj"], scale), "embed"))
@@ -740,23 +745,76 @@ def _moe_mlp(x, p, cfg: Qwen3Config, scale):
                          axis_names=set(axes))(x, p)
 
 
+def _route(logits, cfg: Qwen3Config, dtype):
+    """Router logits (N, E) -> each (token, choice) pair's token, its weight, and the experts' group sizes, with the
+    pairs sorted by expert."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, cfg.num_experts_per_tok)  # (N, k)
+    if cfg.norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    flat = experts.reshape(-1)  # (N·k,), row n·k + j is token n's j-th choice
+    order = jnp.argsort(flat, stable=True)
+    sizes = jnp.bincount(flat, length=cfg.num_experts).astype(jnp.int32)
+    return order // cfg.num_experts_per_tok, jnp.take(weights.astype(dtype).reshape(-1), order), sizes
+
+
+def _moe_mlp_decode(x, p, cfg: Qwen3Config, scale, lay):
+    """``_moe_mlp`` for a decode step on an FSDP mesh (``emjax.sharding.DecodeLayout``): the rows whole over fsdp
+    (``x`` laid out ``lay.wide``), each device routes them all and multiplies its slice of the hidden size by its
+    slice of every expert's kernels, the partial products summed over fsdp; the output comes back with its columns
+    over fsdp. Left to the partitioner (as ``_moe_mlp`` is), every step gathered every expert's weights."""
+    mesh, f = lay.mesh, lay.mesh.shape["fsdp"]
+    B, T, D = x.shape
+    if D % f:
+        return _moe_mlp(lay.split(x), p, cfg, scale)
+    wide = tuple(a for a in lay.rows if a != "fsdp")
+    P = jax.sharding.PartitionSpec
+    rows = P(wide or None)
+    whole = P()
+    params = {k: p[k] for k in ("router", "gate_proj", "up_proj", "down_proj")}
+    specs = {"router": P("fsdp", None),
+             "gate_proj": (P(None, "fsdp", None), whole, whole), "up_proj": (P(None, "fsdp", None), whole, whole),
+             "down_proj": (P(None, None, "fsdp"), whole, P(None, None, "fsdp"))}
+    specs = {k: v if k == "router" else tuple(s if params[k][i] is not None else None for i, s in enumerate(v))
+             for k, v in specs.items()}
+
+    def local(x, p):
+        n = x.shape[0] * T
+        xf = x.reshape(n, D)
+        i = jax.lax.axis_index("fsdp")
+        xl = jax.lax.dynamic_slice_in_dim(xf, i * (D // f), D // f, axis=1)
+
+        def summed(y):  # partial products (fp32) summed over fsdp, in the compute dtype as one device's product
+            return jax.lax.psum(y, "fsdp").astype(x.dtype)
+
+        logits = summed(jnp.dot(xl, p["router"].astype(x.dtype), preferred_element_type=jnp.float32))
+        token, weights, sizes = _route(logits, cfg, x.dtype)
+        xs, xsl = jnp.take(xf, token, axis=0), jnp.take(xl, token, axis=0)
+
+        def from_hidden(params):  # the base product from this device's slice, the whole LoRA update on every device
+            kernel, a, b = params
+            y = summed(jax.lax.ragged_dot(xsl, kernel.astype(x.dtype), sizes, preferred_element_type=jnp.float32))
+            if a is None:
+                return y
+            xa = jax.lax.ragged_dot(xs, a.astype(x.dtype), sizes)
+            return y + jax.lax.ragged_dot(xa, b.astype(x.dtype), sizes) * jnp.asarray(scale, x.dtype)
+
+        hidden = jax.nn.silu(from_hidden(p["gate_proj"])) * from_hidden(p["up_proj"])
+        ys = _expert_linear(hidden, p["down_proj"], sizes, scale) * weights[:, None]  # this device's columns
+        return jnp.zeros((n, D // f), x.dtype).at[token].add(ys).reshape(x.shape[0], T, D // f)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows, specs), out_specs=P(wide or None, None, "fsdp"),
+                         axis_names=set(lay.rows))(x, params)
+
+
 def _moe_dispatch(x, p, cfg: Qwen3Config, scale):
     """``_moe_mlp`` on the rows one device holds."""
     B, T, D = x.shape
-    E, k = cfg.num_experts, cfg.num_experts_per_tok
     xf = x.reshape(B * T, D)
     logits = xf @ p["router"].astype(x.dtype)  # HF: F.linear in the compute dtype, softmax in fp32
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    weights, experts = jax.lax.top_k(probs, k)  # (N, k)
-    if cfg.norm_topk_prob:
-        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    weights = weights.astype(x.dtype)
-    flat = experts.reshape(-1)  # (N·k,), row n·k + j is token n's j-th choice
-    order = jnp.argsort(flat, stable=True)
-    token = order // k
-    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+    token, weights, sizes = _route(logits, cfg, x.dtype)
     xs = jnp.take(xf, token, axis=0)
     hidden = jax.nn.silu(_expert_linear(xs, p["gate_proj"], sizes, scale)) * _expert_linear(xs, p["up_proj"], sizes,
                                                                                                scale)
-    ys = _expert_linear(hidden, p["down_proj"], sizes, scale) * jnp.take(weights.reshape(-1), order)[:, None]
+    ys = _expert_linear(hidden, p["down_proj"], sizes, scale) * weights[:, None]
     return jnp.zeros_like(xf).at[token].add(ys).reshape(B, T, D)
