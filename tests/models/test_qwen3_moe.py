@@ -86,7 +86,7 @@ def test_decode_on_a_mesh_gathers_no_expert_weights(tiny_moe, scan_layers, monke
     """A decode step on the 2×2×2 mesh sums every expert's partial products over fsdp (``qwen3._moe_mlp_decode``)
     where the partitioner gathered every expert's weights in each step: the compiled decode program all-gathers no
     expert kernel, XLA warns of no full rematerialisation (the prompt pass's embedding lookup did), and the tokens
-    (sampled, with an adapter) equal one device's."""
+    (sampled, with an adapter) equal one device's, for one adapter and for two sampled together."""
     import re
 
     from emjax import sampling
@@ -118,6 +118,18 @@ def test_decode_on_a_mesh_gathers_no_expert_weights(tiny_moe, scan_layers, monke
                          for dims in re.findall(r"\w+\[([\d,]*)\]", m.group(1))}
     assert not {g[-2:] for g in gathered if len(g) >= 2} & experts, gathered
     assert "Involuntary full rematerialization" not in capfd.readouterr().err
+    # two adapters sampled together on the mesh (taking turns inside each step) give each one's tokens alone
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from emjax.sampling import generate_many
+
+    other = _with_random_b(from_pretrained(d, dtype=jnp.float32, lora=cfg, seed=1), seed=2, std=0.2)
+    ads = [nnx.split(m, nnx.LoRAParam, ...)[1] for m in (one, other)]
+    kw.pop("rng")
+    got = generate_many(sharded, jax.device_put(ads, NamedSharding(mesh, PartitionSpec())), prompts, rngs=[5, 6],
+                        **kw)
+    assert got == [generate(m, prompts, rng=r, **kw) for m, r in ((one, 5), (other, 6))]
 
 
 def _merged_into_hf(hf, model):
