@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -252,3 +253,14 @@ class FakeChatServer:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def all_gathered_shapes(hlo: str) -> set[tuple[int, ...]]:
+    """Shapes of the arrays a compiled program's all-gathers produce (sync and async forms), from its HLO text: what a
+    test checks to see that a sharded program gathers no weight."""
+    out = set()
+    for line in hlo.splitlines():
+        m = re.search(r"=\s*(.*?)\s+all-gather(?:-start)?\(", line)
+        if m:
+            out |= {tuple(int(d) for d in dims.split(",") if d) for dims in re.findall(r"\w+\[([\d,]*)\]", m.group(1))}
+    return out

@@ -1,7 +1,5 @@
 """Sampler: greedy equals transformers generate(do_sample=False); sampling follows the softmax (chi-square)."""
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +10,7 @@ from scipy import stats
 from emjax import lora
 from emjax.models import from_pretrained
 from emjax.sampling import _decode, _prefill, generate, sample_logits
-from emjax.testing import hf_greedy, tiny_hf_model
+from emjax.testing import all_gathered_shapes, hf_greedy, tiny_hf_model
 
 STOP = 7
 
@@ -238,7 +236,7 @@ def test_generate_under_a_mesh_matches_single_device(tiny, scan_layers, monkeypa
     """On the 2×2×2 mesh the prompts, the KV cache and the decode loop are split by rows over data × fsdp (each
     device decodes its own rows; unsharded, every device decoded all of them), and the tokens equal one device's,
     greedy and sampled, for ``generate`` and ``generate_many``. The compiled decode loop gathers no weight: the
-    weights stay sharded and partial products are summed over fsdp (emjax.sharding.decode_layouts); left to the
+    weights stay sharded and partial products are summed over fsdp (emjax.sharding.DecodeLayout); left to the
     partitioner, every step all-gathered every layer's weights and the output projection."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -253,20 +251,20 @@ def test_generate_under_a_mesh_matches_single_device(tiny, scan_layers, monkeypa
     sharded = from_pretrained(d, dtype=jnp.float32, mesh=mesh)
     assert len(sharded.blocks.up_proj.kernel[...].sharding.device_set) == 8
     seen = []  # the partition specs of the cache each decode call gets: (lengths, {keys' and values'})
-    gathered = []  # the shapes each mesh decode program all-gathers
+    gathered = {}  # the shapes the first mesh program of each decode function all-gathers
 
-    def spy(real):
+    def spy(name, real):
         def decode(*args):
             cache = next(a for a in args if isinstance(a, sampling.KVCache))
             spec = lambda x: getattr(x.sharding, "spec", None)  # noqa: E731 (one device: no spec)
             seen.append((spec(cache.lengths), {spec(x) for x in jax.tree.leaves((cache.k, cache.v))}))
-            if spec(cache.lengths) is not None and len(gathered) < 2:
-                gathered.append(_all_gathered_shapes(real.lower(*args).compile().as_text()))
+            if spec(cache.lengths) is not None and name not in gathered:
+                gathered[name] = all_gathered_shapes(real.lower(*args).compile().as_text())
             return real(*args)
         return decode
 
     for name in ("_decode", "_decode_many"):
-        monkeypatch.setattr(sampling, name, spy(getattr(sampling, name)))
+        monkeypatch.setattr(sampling, name, spy(name, getattr(sampling, name)))
     for sample in (dict(), dict(temperature=1.0, rng=3)):
         assert generate(sharded, prompts, **sample, **kw) == generate(one, prompts, **sample, **kw)
     rows = ("data", "fsdp")
@@ -280,7 +278,7 @@ def test_generate_under_a_mesh_matches_single_device(tiny, scan_layers, monkeypa
     embed = tuple(sharded.embed[...].shape)
     weights |= {embed, embed[::-1]}
     assert len(weights) >= 4 and all(len(w) == 2 for w in weights)
-    assert gathered[0] and not weights & gathered[0], weights & gathered[0]  # (it gathers activations)
+    assert gathered["_decode"] and not weights & gathered["_decode"], gathered  # (it gathers activations)
 
     models, ads = _adapters(d, 2)
     base = from_pretrained(d, dtype=jnp.float32, mesh=mesh, lora=lora.LoraConfig(rank=4, alpha=8))
@@ -289,18 +287,9 @@ def test_generate_under_a_mesh_matches_single_device(tiny, scan_layers, monkeypa
     got = sampling.generate_many(base, on_mesh, prompts, temperature=1.0, rngs=[3, 4], **kw)
     assert got == sampling.generate_many(models[0], ads, prompts, temperature=1.0, rngs=[3, 4], **kw)
     assert split_by_rows(seen[0], lead=1), seen[0]
-    assert gathered[1] and not weights & gathered[1], weights & gathered[1]
+    assert gathered["_decode_many"] and not weights & gathered["_decode_many"], gathered
     assert "Involuntary full rematerialization" not in capfd.readouterr().err  # XLA found a way for every layout
 
-
-def _all_gathered_shapes(hlo: str) -> set[tuple[int, ...]]:
-    """Shapes of the arrays a compiled program's all-gathers produce (sync and async forms)."""
-    out = set()
-    for line in hlo.splitlines():
-        m = re.search(r"=\s*(.*?)\s+all-gather(?:-start)?\(", line)
-        if m:
-            out |= {tuple(int(d) for d in dims.split(",") if d) for dims in re.findall(r"\w+\[([\d,]*)\]", m.group(1))}
-    return out
 
 
 _TWO_PROCESS = """

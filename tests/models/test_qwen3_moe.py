@@ -87,10 +87,9 @@ def test_decode_on_a_mesh_gathers_no_expert_weights(tiny_moe, scan_layers, monke
     where the partitioner gathered every expert's weights in each step: the compiled decode program all-gathers no
     expert kernel, XLA warns of no full rematerialisation (the prompt pass's embedding lookup did), and the tokens
     (sampled, with an adapter) equal one device's, for one adapter and for two sampled together."""
-    import re
-
     from emjax import sampling
     from emjax.sharding import make_mesh
+    from emjax.testing import all_gathered_shapes
 
     _, d = tiny_moe
     cfg = lora.LoraConfig(rank=4, alpha=8)
@@ -110,12 +109,7 @@ def test_decode_on_a_mesh_gathers_no_expert_weights(tiny_moe, scan_layers, monke
     assert generate(sharded, prompts, **kw) == generate(one, prompts, **kw)
     experts = {tuple(getattr(sharded.blocks, m).kernel[...].shape[2:]) for m in ("gate_proj", "down_proj")}
     assert len(experts) == 2  # (D, F) and (F, D)
-    gathered = set()
-    for line in hlo[0].splitlines():
-        m = re.search(r"=\s*(.*?)\s+all-gather(?:-start)?\(", line)
-        if m:
-            gathered |= {tuple(int(x) for x in dims.split(",") if x)
-                         for dims in re.findall(r"\w+\[([\d,]*)\]", m.group(1))}
+    gathered = all_gathered_shapes(hlo[0])
     assert not {g[-2:] for g in gathered if len(g) >= 2} & experts, gathered
     assert "Involuntary full rematerialization" not in capfd.readouterr().err
     # two adapters sampled together on the mesh (taking turns inside each step) give each one's tokens alone
