@@ -267,8 +267,7 @@ class DecodeLayout:
     def _put(self, y, rows, last):
         if not self.active:
             return y
-        row_spec = (rows[0] if len(rows) == 1 else rows) if rows else None
-        spec = P(row_spec, *[None] * (y.ndim - 2), spec_for((last,), y.shape[-1:], self.mesh)[0])
+        spec = P(rows or None, *[None] * (y.ndim - 2), spec_for((last,), y.shape[-1:], self.mesh)[0])
         return jax.lax.with_sharding_constraint(y, NamedSharding(self.mesh, spec))
 
     def wide(self, y, last: str | None = None):

@@ -197,8 +197,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, grad_accum: i
                             spectral_kind=spectral_kind, spectral_reduce=spectral_reduce, lora_scale=lora_scale,
                             remat=remat, loss_chunk=loss_chunk, attn_chunk=attn_chunk)
 
-    def step(trainable, opt_state, frozen, batch, weight=None):
-        grads, metrics = grads_fn(trainable, frozen, batch, spectral_weight if weight is None else weight)
+    def step(trainable, opt_state, frozen, batch, lam=None):
+        grads, metrics = grads_fn(trainable, frozen, batch, spectral_weight if lam is None else lam)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         if lr_fn is not None:
@@ -495,6 +495,10 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
         return [state] if n == 1 else list(state)
 
     step_fns: dict = {}  # memory options -> jitted step
+    # λ (one per run) is the step's data, not a compiled constant: runs that differ only in λ > 0 share a program
+    lams = np.asarray(float(cfg.spectral.weight) if n == 1 else [float(c.spectral.weight) for c in cfgs], np.float32)
+    lams = (jnp.asarray(lams) if mesh is None else jax.make_array_from_process_local_data(
+        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), lams))
 
     def step_fn(opts: dict):
         key = tuple(sorted(opts.items()))
@@ -531,7 +535,7 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
         fill = AUTO_MEMORY_FILL if len(tries) > 1 else 1.0
 
         def build(i):
-            return compile_measured(step_fn(tries[i]).lower(trainable, opt_state, frozen, dev_batch, weights))
+            return compile_measured(step_fn(tries[i]).lower(trainable, opt_state, frozen, dev_batch, lams))
 
         def needs(mem, fraction=1.0):  # more than this fraction of the limit (or too large to compile at all)
             if mem is not None and "compile_oom" in mem:
@@ -567,13 +571,6 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
 
     def live():
         return [(i, r) for i, r in enumerate(runs) if r.error is None]
-
-    # λ (one per run) is the step's data, not a compiled constant: runs that differ only in λ > 0 share a program
-    weights = np.asarray(float(cfg.spectral.weight) if n == 1 else [float(c.spectral.weight) for c in cfgs],
-                         np.float32)
-    weights = (jnp.asarray(weights) if mesh is None
-               else jax.make_array_from_process_local_data(
-                   jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), weights))
 
     def save(step):
         data = train_loader.get_state()
@@ -671,7 +668,7 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
             key = tuple((k, v.shape) for k, v in sorted(dev_batch.items()))
             if key not in compiled_steps:
                 compiled_steps[key] = compile_step(dev_batch, batch["tokens"].shape)
-            trainable, opt_state, m = compiled_steps[key](trainable, opt_state, frozen, dev_batch, weights)
+            trainable, opt_state, m = compiled_steps[key](trainable, opt_state, frozen, dev_batch, lams)
             step += 1
             losses = np.atleast_1d(np.asarray(m["loss"], np.float64))
             for i, r in live():

@@ -406,9 +406,11 @@ class Qwen3ForCausalLM(nnx.Module):
         if cfg.embed_scale:  # Gemma: × √hidden rounded to the weights' dtype (55.4 -> 55.5 in bf16), as HF does
             h = h * jnp.asarray(cfg.embed_scale, h.dtype)
         h = h.astype(self.dtype)
-        if cache is not None:  # sampling on an FSDP mesh: the embedded rows split as the cache's, by way of whole
-            lay = decode_layout(h)  # rows (from the embedding's layout XLA has no efficient way there, and warns)
-            h = lay.split(lay.wide(h))
+        # sampling on an FSDP mesh (emjax.sharding.DecodeLayout): the embedded rows split as the cache's, by way of
+        # whole rows (from the embedding's layout XLA has no efficient way there, and warns); a decode step's layers
+        # then move activations, not weights
+        lay = decode_layout(h) if cache is not None else DecodeLayout()
+        h = lay.split(lay.wide(h))
 
         if cache is None:
             if positions is None:
@@ -446,7 +448,8 @@ class Qwen3ForCausalLM(nnx.Module):
             cos_l, sin_l = rope_tables(positions, cfg.head_dim, cfg.rope_local_theta)
             cos, sin = jnp.stack([cos, cos_l]), jnp.stack([sin, sin_l])
         scale = self.lora_config.scale if self.lora_config else 0.0
-        body = _make_layer_fn(cfg, self.dtype, scale, mask, cos, sin, start, attn_chunk if cache is None else 0)
+        body = _make_layer_fn(cfg, self.dtype, scale, mask, cos, sin, start, attn_chunk if cache is None else 0,
+                              lay if T == 1 else DecodeLayout())
 
         if cache is None:
             # training/scoring: one scanned layer body, compile time flat in depth
@@ -638,7 +641,8 @@ def _attend_chunked(q, k, v, mask_chunks, dtype, chunk, window=None, **kw):
     return jnp.moveaxis(out, 0, 3).reshape(B, K, G, -1, hd)[:, :, :, :T]
 
 
-def _make_layer_fn(cfg: Qwen3Config, dtype, scale, mask, cos, sin, cache_start, attn_chunk=0):
+def _make_layer_fn(cfg: Qwen3Config, dtype, scale, mask, cos, sin, cache_start, attn_chunk=0,
+                   lay: DecodeLayout = DecodeLayout()):
     H, K, hd, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
     G = H // K
     norm, act = norm_fn(cfg), ACTIVATIONS[cfg.hidden_act]
@@ -652,8 +656,6 @@ def _make_layer_fn(cfg: Qwen3Config, dtype, scale, mask, cos, sin, cache_start, 
     def layer(h, p, kv):
         B, T, _ = h.shape
         window = (p["sliding"], window_bias) if cfg.sliding_layers else None
-        # a decode step on an FSDP mesh moves activations, not weights (emjax.sharding.DecodeLayout)
-        lay = decode_layout(h) if kv is not None and T == 1 else DecodeLayout()
         x = lay.wide(norm(h, p["input_norm"], eps))
         q, k, v = (lay.summed(_linear(x, p[name], scale), "mlp") for name in ("q_proj", "k_proj", "v_proj"))
         q, k, v = q.reshape(B, T, H, hd), k.reshape(B, T, K, hd), v.reshape(B, T, K, hd)
@@ -717,7 +719,11 @@ def _expert_linear(x, params, group_sizes, scale):
     """Rows of ``x`` sorted by expert through their expert's (in, out) kernel and LoRA pair: the ragged form of
     ``_linear`` (kernel (E, in, out), a (E, in, r), b (E, r, out))."""
     kernel, a, b = params
-    y = jax.lax.ragged_dot(x, kernel.astype(x.dtype), group_sizes)
+    return _expert_lora(x, jax.lax.ragged_dot(x, kernel.astype(x.dtype), group_sizes), a, b, group_sizes, scale)
+
+
+def _expert_lora(x, y, a, b, group_sizes, scale):
+    """``y`` plus the experts' LoRA update of ``x``'s rows (none when ``a`` is None)."""
     if a is None:
         return y
     xa = jax.lax.ragged_dot(x, a.astype(x.dtype), group_sizes)
@@ -770,13 +776,12 @@ def _moe_mlp_decode(x, p, cfg: Qwen3Config, scale, lay):
     wide = tuple(a for a in lay.rows if a != "fsdp")
     P = jax.sharding.PartitionSpec
     rows = P(wide or None)
-    whole = P()
     params = {k: p[k] for k in ("router", "gate_proj", "up_proj", "down_proj")}
-    specs = {"router": P("fsdp", None),
-             "gate_proj": (P(None, "fsdp", None), whole, whole), "up_proj": (P(None, "fsdp", None), whole, whole),
-             "down_proj": (P(None, None, "fsdp"), whole, P(None, None, "fsdp"))}
-    specs = {k: v if k == "router" else tuple(s if params[k][i] is not None else None for i, s in enumerate(v))
-             for k, v in specs.items()}
+    cols_in, cols_out = P(None, "fsdp", None), P(None, None, "fsdp")  # (E, in, out): the hidden size's side over fsdp
+    specs = {"router": P("fsdp", None), "gate_proj": (cols_in, P(), P()), "up_proj": (cols_in, P(), P()),
+             "down_proj": (cols_out, P(), cols_out)}  # a: whole; b (E, r, out): its own columns of the output
+    specs = jax.tree.map(lambda spec, x: None if x is None else spec, specs, params,
+                         is_leaf=lambda x: x is None or isinstance(x, P))
 
     def local(x, p):
         n = x.shape[0] * T
@@ -794,10 +799,7 @@ def _moe_mlp_decode(x, p, cfg: Qwen3Config, scale, lay):
         def from_hidden(params):  # the base product from this device's slice, the whole LoRA update on every device
             kernel, a, b = params
             y = summed(jax.lax.ragged_dot(xsl, kernel.astype(x.dtype), sizes, preferred_element_type=jnp.float32))
-            if a is None:
-                return y
-            xa = jax.lax.ragged_dot(xs, a.astype(x.dtype), sizes)
-            return y + jax.lax.ragged_dot(xa, b.astype(x.dtype), sizes) * jnp.asarray(scale, x.dtype)
+            return _expert_lora(xs, y, a, b, sizes, scale)
 
         hidden = jax.nn.silu(from_hidden(p["gate_proj"])) * from_hidden(p["up_proj"])
         ys = _expert_linear(hidden, p["down_proj"], sizes, scale) * weights[:, None]  # this device's columns
