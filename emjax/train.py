@@ -208,6 +208,21 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, grad_accum: i
     return step
 
 
+def jit_train_step(fn, trainable, opt_state, frozen, batch_sharding=None, lam_sharding=None):
+    """``fn`` (a ``make_train_step`` or ``make_multi_train_step`` step, called with λ) jitted with the adapters and
+    optimiser state donated and every sharding stated: they and the frozen base come in, and the adapters and
+    optimiser state go out, on the shardings they were born with (the rules table's), the batch on
+    ``batch_sharding``. An input placed otherwise is then an error naming both shardings, not a silent reshard or a
+    second compiled program. Without a mesh (``batch_sharding`` None) only the outputs' placement is stated."""
+    sharding_of = lambda tree: jax.tree_util.tree_map(lambda x: x.sharding, tree)  # noqa: E731
+    t_sh, o_sh = sharding_of(trainable), sharding_of(opt_state)
+    kw = {}
+    if batch_sharding is not None:
+        lam_sharding = lam_sharding or jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+        kw["in_shardings"] = (t_sh, o_sh, sharding_of(frozen), batch_sharding, lam_sharding)
+    return jax.jit(fn, donate_argnums=(0, 1), out_shardings=(t_sh, o_sh, None), **kw)
+
+
 def make_eval_step(graphdef, *, loss_chunk: int = 0, attn_chunk: int = 0):
     def ev(trainable, frozen, batch):
         return token_nll(nnx.merge(graphdef, trainable, frozen), batch, loss_chunk=loss_chunk, attn_chunk=attn_chunk)
@@ -485,8 +500,6 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
         stacked = multi.stack(trainables)
         trainable = jax.device_put(stacked, shd.adapter_stack_shardings(stacked, mesh))
         opt_state = tuple(opt_states)
-    trainable_sh = jax.tree_util.tree_map(lambda x: x.sharding, trainable)
-    opt_sh = jax.tree_util.tree_map(lambda x: x.sharding, opt_state)
 
     def per_run(tree):
         return [tree] if n == 1 else multi.unstack(tree)
@@ -497,11 +510,13 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
     step_fns: dict = {}  # memory options -> jitted step
     # λ (one per run) is the step's data, not a compiled constant: runs that differ only in λ > 0 share a program
     lams = np.asarray(float(cfg.spectral.weight) if n == 1 else [float(c.spectral.weight) for c in cfgs], np.float32)
-    lams = (jnp.asarray(lams) if mesh is None else jax.make_array_from_process_local_data(
-        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), lams))
+    lams_sh = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    lams = jnp.asarray(lams) if mesh is None else jax.make_array_from_process_local_data(lams_sh, lams)
 
-    def step_fn(opts: dict):
-        key = tuple(sorted(opts.items()))
+    def step_fn(opts: dict, batch_sh=None):
+        """The step for these memory options, jitted with every sharding stated; ``batch_sh`` is the table's for
+        the batch's size (``to_device``), so a ragged last batch (data.drop_remainder=false) gets its own."""
+        key = (tuple(sorted(opts.items())), batch_sh)
         if key not in step_fns:
             common = dict(spectral_kind=cfg.spectral.kind, spectral_reduce=cfg.spectral.reduce,
                           lora_scale=lora_cfg.scale, **opts)
@@ -511,7 +526,7 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
             else:
                 fn = multi.make_multi_train_step(graphdef, txs, lr_fns=[current_lr] * n, **common,
                                                  spectral_weights=[float(c.spectral.weight) for c in cfgs])
-            step_fns[key] = jax.jit(fn, donate_argnums=(0, 1), out_shardings=(trainable_sh, opt_sh, None))
+            step_fns[key] = jit_train_step(fn, trainable, opt_state, frozen, batch_sh, lams_sh)
         return step_fns[key]
 
     def write_all(row):
@@ -535,7 +550,8 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
         fill = AUTO_MEMORY_FILL if len(tries) > 1 else 1.0
 
         def build(i):
-            return compile_measured(step_fn(tries[i]).lower(trainable, opt_state, frozen, dev_batch, lams))
+            batch_sh = None if mesh is None else dev_batch["tokens"].sharding
+            return compile_measured(step_fn(tries[i], batch_sh).lower(trainable, opt_state, frozen, dev_batch, lams))
 
         def needs(mem, fraction=1.0):  # more than this fraction of the limit (or too large to compile at all)
             if mem is not None and "compile_oom" in mem:

@@ -22,7 +22,7 @@ from emjax import config as cfglib
 from emjax import lora as loralib
 from emjax import sharding as shd
 from emjax.optim import OptimConfig, build
-from emjax.train import TrainError, build_model, make_train_step, train
+from emjax.train import TrainError, _replicate_unsharded, build_model, jit_train_step, make_train_step, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,7 +111,20 @@ def test_sharded_step_equals_single_device(tmp_path, spectral_weight):
     s_train, s_frozen = put(trainable), put(frozen)
     assert any(len(x.sharding.device_set) > 1 for x in jax.tree_util.tree_leaves(s_frozen))
     s_batch = {k: jax.device_put(v, shd.batch_sharding(mesh)) for k, v in batch.items()}
-    t2, o2, m2 = jax.jit(step)(s_train, jax.jit(tx.init)(s_train), s_frozen, s_batch)
+    s_opt = _replicate_unsharded(jax.jit(tx.init)(s_train), mesh)  # as the trainer places it
+    lam = jax.device_put(jnp.float32(spectral_weight), jax.NamedSharding(mesh, jax.P()))
+    # the trainer's jit: every input and output sharding stated, the born ones (the rules table's) and the batch's
+    s_step = jit_train_step(step, s_train, s_opt, s_frozen, shd.batch_sharding(mesh))
+    ins, _ = s_step.lower(s_train, s_opt, s_frozen, s_batch, lam).compile().input_shardings
+    for tree, got in zip((s_train, s_opt, s_frozen, s_batch), ins):
+        for x, g in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(got)):
+            assert g.is_equivalent_to(x.sharding, x.ndim), (g, x.sharding)
+    with pytest.raises(ValueError, match="does not match the sharding"):  # a misplaced batch is an error
+        s_step(s_train, s_opt, s_frozen, {k: jax.device_put(v, jax.NamedSharding(mesh, jax.P())) for k, v in
+                                          s_batch.items()}, lam)
+    t2, o2, m2 = s_step(s_train, s_opt, s_frozen, s_batch, lam)
+    for x, y in zip(jax.tree_util.tree_leaves(t2), jax.tree_util.tree_leaves(s_train)):
+        assert x.sharding == y.sharding and y.is_deleted()  # born shardings out, the inputs donated
     for a, b in zip(jax.tree_util.tree_leaves(t1), jax.tree_util.tree_leaves(t2)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
     assert abs(float(m1["loss"]) - float(m2["loss"])) < 1e-6 * abs(float(m1["loss"]))  # fp32 sum order
