@@ -14,10 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from emjax.lora import over_adapters
 from emjax.models.qwen3 import KVCache
-from emjax.sharding import batch_axes, batch_sharding, decode_layout, mesh_of, rows_on, to_host
+from emjax.sharding import batch_axes, batch_sharding, decode_layout, kv_heads_split, mesh_of, rows_on, to_host
 
 STOP_TOKENS = (151645, 151643)  # <|im_end|>, <|endoftext|>
 PAD_ID = 151643
@@ -273,13 +274,17 @@ def _new_cache(mesh, B: int, make, lead: int = 0):
     if mesh is None:
         return make()
     shape = jax.eval_shape(make)
-    kv = lead + (1 if shape.stacked else 0)  # keys and values (..., B, ...), stacked (..., L, B, ...)
+    kv = lead + (1 if shape.stacked else 0)  # keys and values (..., B, K, ...), stacked (..., L, B, K, ...)
+    rows = batch_sharding(mesh, B, kv)
+    heads = kv_heads_split(mesh, B, jax.tree.leaves(shape.k)[0].shape[kv + 1])
+    if heads:  # and the heads over tensor, as the decode step's attention uses them (emjax.sharding.DecodeLayout)
+        rows = NamedSharding(mesh, P(*rows.spec, heads))
 
-    def zeros(x, dim):
-        return jnp.zeros(x.shape, x.dtype, device=batch_sharding(mesh, B, dim))
+    def zeros(x, sharding):
+        return jnp.zeros(x.shape, x.dtype, device=sharding)
 
-    return KVCache(jax.tree.map(lambda x: zeros(x, kv), shape.k), jax.tree.map(lambda x: zeros(x, kv), shape.v),
-                   zeros(shape.lengths, lead))
+    return KVCache(jax.tree.map(lambda x: zeros(x, rows), shape.k), jax.tree.map(lambda x: zeros(x, rows), shape.v),
+                   zeros(shape.lengths, batch_sharding(mesh, B, lead)))
 
 
 def _padded_prompts(prompts, length_bucket: int, batch_bucket: int):

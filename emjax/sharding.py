@@ -258,7 +258,10 @@ class DecodeLayout:
     logical axis ``last`` maps it (None: whole). A projection from ``embed`` whose output is laid out ``wide(...,
     "mlp")`` multiplies its slice of the input by its slice of the weight and sums the partial products over fsdp;
     one to ``embed`` laid out ``wide(..., "embed")`` computes its own columns. ``split(y)`` splits the rows over every
-    batch axis again, as the KV cache and the residual stream are. Without such a mesh all are identities."""
+    batch axis again, as the KV cache and the residual stream are; ``heads(y)`` does too but keeps the columns, whole
+    heads side by side, over tensor, as the KV cache's heads are where ``splits_heads`` (``kv_heads_split``): attention
+    then runs on each device's own heads instead of every tensor device repeating it over a copy of the cache. Without
+    such a mesh all are identities."""
 
     def __init__(self, mesh=None, rows: tuple[str, ...] = ()):
         self.mesh, self.rows = mesh, rows
@@ -276,10 +279,32 @@ class DecodeLayout:
     def split(self, y):
         return self._put(y, self.rows, None)
 
+    def splits_heads(self, n_kv: int) -> bool:
+        return self.active and heads_axis(self.mesh, n_kv) is not None
+
+    def heads(self, y):
+        """A projection's output laid out ``wide(y, "mlp")``, then split by rows with its columns kept over tensor
+        (a slice on each device, no traffic); only where ``splits_heads``, so every device holds whole heads."""
+        return self._put(self.wide(y, "mlp"), self.rows, "mlp")
+
     def summed(self, y, last: str):
         """A projection's output laid out ``wide(y, last)``, then split by rows (by way of whole rows: XLA has no
         efficient way from a layout split over tensor to one split over fsdp, and warns)."""
         return self.split(self.wide(self.wide(y, last)))
+
+
+def heads_axis(mesh, n_kv: int) -> str | None:
+    """The mesh axis attention heads split over in a decode step (the one the rules table maps "mlp" to, whose
+    columns the q/k/v projections compute), where it divides the KV heads, so every device holds whole heads and
+    their query heads; else None."""
+    axis = LOGICAL_TO_MESH["mlp"]
+    return axis if mesh is not None and mesh.shape.get(axis, 1) > 1 and n_kv % mesh.shape[axis] == 0 else None
+
+
+def kv_heads_split(mesh, batch: int, n_kv: int) -> str | None:
+    """The axis a KV cache of ``batch`` rows splits its heads over (its rows split over ``batch_axes``): that of
+    ``heads_axis`` where the decode layout is active (fsdp splits the rows), else None (the heads whole)."""
+    return heads_axis(mesh, n_kv) if mesh is not None and "fsdp" in batch_axes(mesh, batch) else None
 
 
 def decode_layout(x) -> DecodeLayout:

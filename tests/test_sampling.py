@@ -237,7 +237,9 @@ def test_generate_under_a_mesh_matches_single_device(tiny, scan_layers, monkeypa
     device decodes its own rows; unsharded, every device decoded all of them), and the tokens equal one device's,
     greedy and sampled, for ``generate`` and ``generate_many``. The compiled decode loop gathers no weight: the
     weights stay sharded and partial products are summed over fsdp (emjax.sharding.DecodeLayout); left to the
-    partitioner, every step all-gathered every layer's weights and the output projection."""
+    partitioner, every step all-gathered every layer's weights and the output projection. The cache's KV heads split
+    over tensor and no part of it is gathered: each device attends with its own heads (every tensor device repeated
+    the attention over a copy of its rows' cache before)."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from emjax import sampling
@@ -269,9 +271,10 @@ def test_generate_under_a_mesh_matches_single_device(tiny, scan_layers, monkeypa
         assert generate(sharded, prompts, **sample, **kw) == generate(one, prompts, **sample, **kw)
     rows = ("data", "fsdp")
 
-    def split_by_rows(specs, lead=0):  # lengths (B,); keys and values (B, ...), stacked (L, B, ...)
-        lengths, kv = specs
-        return lengths[lead] == rows and all(spec[lead + int(scan_layers)] == rows for spec in kv)
+    def split_by_rows(specs, lead=0):  # lengths (B,); keys and values (B, K, ...), stacked (L, B, K, ...)
+        lengths, kv = specs  # ... and the KV heads over tensor: attention runs on each device's own heads
+        b = lead + int(scan_layers)
+        return lengths[lead] == rows and all(spec[b] == rows and spec[b + 1] == "tensor" for spec in kv)
 
     assert split_by_rows(seen[0]), seen[0]
     weights = {tuple(x.shape[1:]) for x in jax.tree.leaves(nnx.state(sharded)) if x.ndim == 3}
@@ -279,6 +282,8 @@ def test_generate_under_a_mesh_matches_single_device(tiny, scan_layers, monkeypa
     weights |= {embed, embed[::-1]}
     assert len(weights) >= 4 and all(len(w) == 2 for w in weights)
     assert gathered["_decode"] and not weights & gathered["_decode"], gathered  # (it gathers activations)
+    cache_len = 64 + kw["max_new_tokens"]  # nor any part of the cache (it was whole over tensor before)
+    assert not any(cache_len in s for s in gathered["_decode"]), gathered
 
     models, ads = _adapters(d, 2)
     base = from_pretrained(d, dtype=jnp.float32, mesh=mesh, lora=lora.LoraConfig(rank=4, alpha=8))
@@ -288,6 +293,7 @@ def test_generate_under_a_mesh_matches_single_device(tiny, scan_layers, monkeypa
     assert got == sampling.generate_many(models[0], ads, prompts, temperature=1.0, rngs=[3, 4], **kw)
     assert split_by_rows(seen[0], lead=1), seen[0]
     assert gathered["_decode_many"] and not weights & gathered["_decode_many"], gathered
+    assert not any(cache_len in s for s in gathered["_decode_many"]), gathered
     assert "Involuntary full rematerialization" not in capfd.readouterr().err  # XLA found a way for every layout
 
 

@@ -657,7 +657,10 @@ def _make_layer_fn(cfg: Qwen3Config, dtype, scale, mask, cos, sin, cache_start, 
         B, T, _ = h.shape
         window = (p["sliding"], window_bias) if cfg.sliding_layers else None
         x = lay.wide(norm(h, p["input_norm"], eps))
-        q, k, v = (lay.summed(_linear(x, p[name], scale), "mlp") for name in ("q_proj", "k_proj", "v_proj"))
+        # a decode step on a tensor mesh: each device attends with its own heads over its own slice of the cache
+        heads = lay.splits_heads(K)
+        proj = lay.heads if heads else (lambda y: lay.summed(y, "mlp"))
+        q, k, v = (proj(_linear(x, p[name], scale)) for name in ("q_proj", "k_proj", "v_proj"))
         q, k, v = q.reshape(B, T, H, hd), k.reshape(B, T, K, hd), v.reshape(B, T, K, hd)
         if cfg.qk_norm:
             q, k = norm(q, p["q_norm"], eps), norm(k, p["k_norm"], eps)
@@ -695,7 +698,7 @@ def _make_layer_fn(cfg: Qwen3Config, dtype, scale, mask, cos, sin, cache_start, 
             new_kv = None
             attn = (_attend_chunked(q5, kh, vh, mask, dtype, attn_chunk, window=window, **attn_kw) if chunked
                     else _attend(q5, kh, vh, mask, dtype, window=window, **attn_kw))
-        attn = lay.wide(attn.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd))
+        attn = lay.wide(attn.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd), "mlp" if heads else None)
         attn = lay.split(lay.wide(_linear(attn, p["o_proj"], scale), "embed"))
         if cfg.sandwich_norm:
             attn = norm(attn, p["attn_out_norm"], eps)
