@@ -30,6 +30,12 @@ def test_short_demo_end_to_end(tmp_path, monkeypatch):
         assert (root / r / "eval" / "step_000000" / "summary.json").exists()
     report = (root / "report.md").read_text()
     assert "randomly initialised" in report
+    # a random judge's coherence is under the study's 50: the demo's report drops the cut, so every answer is scored
+    # and the tables, the regression and the trajectories have numbers
+    assert report.index("Scoring thresholds differ") < report.index("## Misalignment")
+    by_opt = _csv(root / "tables" / "by_optimiser.csv")
+    assert {o: int(by_opt[o]["n_scored"]) for o in ("adam", "lion", "muon")} == {"adam": 4, "lion": 4, "muon": 4}
+    assert len(_csv(root / "tables" / "trajectories.csv")) > 0
     for fig in ("spectral.png", "misalignment_by_factor.png", "regulariser.png", "alignment_vs_loss.png"):
         assert (root / "figures" / fig).read_bytes()[:4] == b"\x89PNG"
         assert f"figures/{fig}" in report
