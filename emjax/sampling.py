@@ -269,21 +269,22 @@ def _row_bucket(mesh, batch_bucket: int) -> int:
 
 
 def _new_cache(mesh, B: int, make, lead: int = 0):
-    """``make()``'s cache, created already split by rows over the mesh (never whole on one device); ``lead``: axes
-    before the batch axis (``generate_many``'s adapters)."""
+    """``make()``'s cache, created already split by rows over the mesh (never whole on one device), and by KV heads
+    over tensor where the decode layout splits them (``kv_heads_split``); ``lead``: axes before the batch axis
+    (``generate_many``'s adapters)."""
     if mesh is None:
         return make()
     shape = jax.eval_shape(make)
     kv = lead + (1 if shape.stacked else 0)  # keys and values (..., B, K, ...), stacked (..., L, B, K, ...)
-    rows = batch_sharding(mesh, B, kv)
+    kv_sh = batch_sharding(mesh, B, kv)
     heads = kv_heads_split(mesh, B, jax.tree.leaves(shape.k)[0].shape[kv + 1])
     if heads:  # and the heads over tensor, as the decode step's attention uses them (emjax.sharding.DecodeLayout)
-        rows = NamedSharding(mesh, P(*rows.spec, heads))
+        kv_sh = NamedSharding(mesh, P(*kv_sh.spec, heads))
 
     def zeros(x, sharding):
         return jnp.zeros(x.shape, x.dtype, device=sharding)
 
-    return KVCache(jax.tree.map(lambda x: zeros(x, rows), shape.k), jax.tree.map(lambda x: zeros(x, rows), shape.v),
+    return KVCache(jax.tree.map(lambda x: zeros(x, kv_sh), shape.k), jax.tree.map(lambda x: zeros(x, kv_sh), shape.v),
                    zeros(shape.lengths, batch_sharding(mesh, B, lead)))
 
 
