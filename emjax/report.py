@@ -10,7 +10,9 @@ Reads every run directory under SWEEP_DIR (``config.yaml``, ``final.json``, ``me
   ``emjax.eval.aggregate.summarize``) with outcome counts;
 - alignment ~ log(final training loss) across runs (R², OLS) and stratified by optimiser (adjusted R² of
   ``C(optimiser) + log_loss`` and ``C(optimiser) * log_loss``), statsmodels;
-- (loss, alignment) trajectories from evaluations during training;
+- (loss, alignment) trajectories from evaluations during training, and by phase of training (thirds of each run's
+  steps) whether the training loss or the optimiser better predicts alignment (the study: late in training, the
+  optimiser);
 - spectral metrics of the final adapters per optimiser (each run's mean over layers and modules, then over runs);
 - the regulariser: per optimiser, mean Δ alignment / Δ final training loss between λ>0 runs and the λ=0 run that
   matches them in every other setting.
@@ -63,6 +65,7 @@ class RunData:
     spectral: dict | None = None  # overall spectral metrics of the final adapter
     notes: list[str] = field(default_factory=list)
     rules: dict = field(default_factory=dict)  # summarize's thresholds when not the study's (build_report)
+    total_steps: int | None = None  # final.json's, else the config's ``steps`` (phases of training)
 
     def get(self, dotted: str, default=None):
         node: Any = self.config or {}
@@ -165,8 +168,11 @@ def read_run(path: Path, rules: dict | None = None) -> RunData:
     if (path / "final.json").exists():
         fin = json.loads((path / "final.json").read_text())
         run.train_loss, run.val_loss, final_step = fin.get("train_loss"), fin.get("val_loss"), fin.get("step")
+        run.total_steps = fin.get("total_steps")
     elif train_rows:
         run.train_loss = train_rows[-1]["loss"]
+    if run.total_steps is None and run.get("steps"):
+        run.total_steps = int(run.get("steps"))
     run.eval_step, run.judged, run.eval_summary = _last_eval(path, run.notes, final_step, run.rules)
 
     # spectral: the final report, else the last logged row
@@ -278,10 +284,28 @@ def headline(runs: Sequence[RunData], factor: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _ols(df, formula: str, unit: str = "points") -> tuple[float | None, float | None, str]:
+    """(R², adjusted R², note) of one OLS fit of ``formula`` (alignment on log_loss and/or C(optimiser), ``*`` for
+    their interaction), or no fit and a note saying why."""
+    import statsmodels.formula.api as smf
+
+    n_opt = df["optimiser"].nunique() if len(df) else 0
+    with_opt = "C(optimiser)" in formula
+    n_params = 2 * n_opt if "*" in formula else 1 + ("log_loss" in formula) + (n_opt - 1 if with_opt else 0)
+    if with_opt and n_opt < 2:
+        return None, None, f"needs {unit} from at least 2 optimisers"
+    if len(df) < n_params + 1 or ("log_loss" in formula and df["log_loss"].nunique() < 2):
+        return None, None, f"too few {unit} ({len(df)}) for {n_params} parameters"
+    if df["alignment"].nunique() < 2:
+        return None, None, "alignment does not vary: nothing to explain"
+    fit = smf.ols(formula, data=df).fit()
+    return (float(fit.rsquared), float(fit.rsquared_adj),
+            "saturated fit (no residual degrees of freedom)" if fit.df_resid < 1 else "")
+
+
 def regression(runs: Sequence[RunData], scope: str = "all runs") -> list[dict[str, Any]]:
     """alignment ~ log(final train loss), plain and stratified by optimiser (statsmodels OLS)."""
     import pandas as pd
-    import statsmodels.formula.api as smf
 
     pts = [r for r in runs if r.mean_alignment is not None and r.train_loss is not None and r.train_loss > 0]
     df = pd.DataFrame({"alignment": [r.mean_alignment for r in pts],
@@ -289,20 +313,49 @@ def regression(runs: Sequence[RunData], scope: str = "all runs") -> list[dict[st
                        "optimiser": [r.optimiser for r in pts]})
     n_opt = df["optimiser"].nunique() if len(df) else 0
     out = []
-    for formula, needs_opt in (("alignment ~ log_loss", False), ("alignment ~ C(optimiser) + log_loss", True),
-                               ("alignment ~ C(optimiser) * log_loss", True)):
-        row = {"scope": scope, "formula": formula, "n_runs": len(df), "n_optimisers": n_opt, "r2": None,
-               "adj_r2": None, "note": "", "runs": ";".join(r.name for r in pts)}
-        n_params = 2 if not needs_opt else (n_opt + 1 if "+" in formula else 2 * n_opt)
-        if needs_opt and n_opt < 2:
-            row["note"] = "needs runs from at least 2 optimisers"
-        elif len(df) < n_params + 1 or df["log_loss"].nunique() < 2:
-            row["note"] = f"too few runs ({len(df)}) for {n_params} parameters"
-        else:
-            fit = smf.ols(formula, data=df).fit()
-            row["r2"], row["adj_r2"] = float(fit.rsquared), float(fit.rsquared_adj)
-            if fit.df_resid < 1:
-                row["note"] = "saturated fit (no residual degrees of freedom)"
+    for formula in ("alignment ~ log_loss", "alignment ~ C(optimiser) + log_loss",
+                    "alignment ~ C(optimiser) * log_loss"):
+        r2, adj, note = _ols(df, formula, unit="runs")
+        out.append({"scope": scope, "formula": formula, "n_runs": len(df), "n_optimisers": n_opt, "r2": r2,
+                    "adj_r2": adj, "note": note, "runs": ";".join(r.name for r in pts)})
+    return out
+
+
+PHASES = ("early", "middle", "late")  # thirds of each run's training steps
+
+
+def phase_regression(runs: Sequence[RunData]) -> list[dict[str, Any]]:
+    """Which predicts alignment in each third of training: the training loss or the optimiser. Points are the
+    (run, evaluation) pairs of the trajectories whose step falls in that third of their run's ``total_steps``; per
+    phase, OLS of alignment on log(loss) and on the optimiser (categorical), and on both. Several evaluations of a
+    run can share a phase, so the R² values describe, they do not test."""
+    import pandas as pd
+
+    pts: dict[str, list[dict]] = {ph: [] for ph in PHASES}
+    for r in runs:
+        if not r.total_steps:
+            continue
+        for p in r.trajectory:
+            if p["train_loss"] and p["train_loss"] > 0 and 0 < p["step"] <= r.total_steps:
+                phase = PHASES[min(math.ceil(3 * p["step"] / r.total_steps) - 1, 2)]
+                pts[phase].append({"run": r.name, "alignment": p["mean_alignment"],
+                                   "log_loss": math.log(p["train_loss"]), "optimiser": r.optimiser})
+    out = []
+    for i, phase in enumerate(PHASES):
+        df = pd.DataFrame(pts[phase], columns=["run", "alignment", "log_loss", "optimiser"])
+        row = {"phase": phase, "steps": f"({i}/3, {i + 1}/3] of training", "n_points": len(df),
+               "n_runs": df["run"].nunique(), "n_optimisers": df["optimiser"].nunique()}
+        notes = []
+        for key, formula in (("loss", "alignment ~ log_loss"), ("optimiser", "alignment ~ C(optimiser)"),
+                             ("both", "alignment ~ C(optimiser) + log_loss")):
+            r2, adj, note = _ols(df, formula) if len(df) else (None, None, "no evaluations")
+            row[f"r2_{key}"], row[f"adj_r2_{key}"] = r2, adj
+            if note and note not in notes:
+                notes.append(note)
+        a, b = row["adj_r2_loss"], row["adj_r2_optimiser"]
+        row["better"] = "" if a is None or b is None else "optimiser" if b > a else "loss"
+        row["note"] = "; ".join(notes)
+        row["runs"] = ";".join(sorted(df["run"].unique()))
         out.append(row)
     return out
 
@@ -473,6 +526,22 @@ def _fig_trajectories(runs: list[RunData], path: Path) -> None:
     plt.close(fig)
 
 
+def _fig_phases(rows: list[dict], path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.5, 3.4))
+    x = np.arange(len(rows))
+    for key, label, style in (("loss", "log(training loss)", "o-"), ("optimiser", "optimiser", "s-")):
+        ax.plot(x, [r[f"adj_r2_{key}"] if r[f"adj_r2_{key}"] is not None else np.nan for r in rows], style,
+                label=label)
+    ax.set_xticks(x, [r["phase"] for r in rows])
+    ax.set_xlabel("phase of training (thirds of each run's steps)")
+    ax.set_ylabel("adjusted R² for alignment")
+    ax.legend(fontsize=7, title="predictor", title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _fig_bars(rows: list[dict], label: str, metrics: Sequence[str], path: Path) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.3 * len(metrics), 3.2), squeeze=False)
@@ -596,6 +665,28 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, *, cohere
                + ", ".join(f"{o}: {n}" for o, n in counts.items()) + "); each point joins an evaluation with the "
                "training loss logged at that step (or the last one before it).", "",
                "![trajectories](figures/trajectories.png)", ""]
+        # as the headline: with λ > 0 runs in the sweep, λ = 0 only (the regulariser is a treatment of its own)
+        phase_runs = [r for r in traj_runs if r.lam == 0.0] if main_done is not done else traj_runs
+        rows = phase_regression(phase_runs)
+        _write_csv(out / "tables" / "phases.csv", rows)
+        md += ["### Loss or optimiser: which predicts alignment, by phase of training", "",
+               ("The evaluations above of the runs with λ = 0, " if phase_runs is not traj_runs else
+                "The evaluations above, ") + "split by the third of its run's training steps each falls in; per phase, "
+               "alignment regressed (OLS) on log(training loss), on the optimiser (categorical) and on both. Several "
+               "evaluations of a run can fall in one phase, so these R² values describe rather than test. The study "
+               "found the optimiser the better predictor late in training.", "",
+               _md_table(rows, [("phase", "phase", "str"), ("n_points", "evaluations", "int"),
+                                ("n_runs", "runs", "int"), ("adj_r2_loss", "adj. R², loss", "num"),
+                                ("adj_r2_optimiser", "adj. R², optimiser", "num"),
+                                ("adj_r2_both", "adj. R², both", "num"), ("better", "better predictor", "str"),
+                                ("note", "note", "str")]), ""]
+        if any(r["adj_r2_loss"] is not None or r["adj_r2_optimiser"] is not None for r in rows):
+            _fig_phases(rows, out / "figures" / "phases.png")
+            md += ["![predictors by phase](figures/phases.png)", ""]
+        unknown = [r.name for r in phase_runs if not r.total_steps]
+        if unknown:
+            md += [f"_Left out of the phases (no final.json and no `steps` in the config, so no length of training): "
+                   f"{', '.join(unknown)}._", ""]
 
     # -- spectral ------------------------------------------------------------------------------------------------
     md += ["## Spectra of the LoRA updates by optimiser", ""]

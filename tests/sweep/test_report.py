@@ -236,3 +236,52 @@ def test_other_thresholds_rescore_every_answer(tmp_path, capsys):
     assert "Scoring thresholds differ" not in (root / "report.md").read_text()
     assert rp.main([str(root), "--coherence-min", "120"]) == 2
     assert "coherence_min 120.0: use a score from 0 to 100" in capsys.readouterr().err
+
+
+def _r2(y, X):
+    """R² and adjusted R² of least squares with design X (intercept included), by hand."""
+    beta = np.linalg.lstsq(X, y, rcond=None)[0]
+    r2 = 1 - np.sum((y - X @ beta) ** 2) / np.sum((y - y.mean()) ** 2)
+    return r2, 1 - (1 - r2) * (len(y) - 1) / (len(y) - X.shape[1])
+
+
+def test_phases_which_predicts_alignment(tmp_path):
+    """Trajectories split into thirds of training: early on alignment follows the loss, late it follows the
+    optimiser (as the study found); the table's R² values equal least squares by hand, its verdicts follow them,
+    and a run with no known length is named and left out."""
+    root = tmp_path / "dyn"
+    level = {"adam": 60.0, "lion": 40.0, "muon": 80.0}
+    pts = {ph: [] for ph in rp.PHASES}  # (alignment, log loss, optimiser) per phase
+    for i, (o, d) in enumerate((o, d) for o in level for d in ("insecure", "extreme_sports")):
+        wd = make_run(root, o, d, 16, 0.0, 0.8, 70.0, 1)
+        rows = []
+        for s in range(1, 10):
+            loss = (1.0 + 0.15 * i) * (1.6 - 0.1 * s)
+            align = (50 + 20 * math.log(loss) if s <= 3 else 50 + 10 * math.log(loss) + 0.2 * level[o] if s <= 6
+                     else level[o] + (0.5 if (i + s) % 2 else -0.5))
+            rows += [{"step": s, "split": "train", "loss": loss},
+                     {"step": s, "split": "eval", "eval/mean_alignment": align, "eval/misalignment_rate": 0.1}]
+            pts[rp.PHASES[(s - 1) // 3]].append((align, math.log(loss), o))
+        (wd / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        (wd / "final.json").write_text(json.dumps({"step": 9, "train_loss": loss, "total_steps": 9}))
+    # a partial run with no final.json and no steps in its config: in the trajectories, not in the phases
+    wd = make_run(root, "adam", "bad_medical_advice", 16, 0.0, 0.8, 70.0, 1, status=None)
+    rp.build_report(root)
+    got = {r["phase"]: r for r in read_csv(root / "tables" / "phases.csv")}
+    for ph in rp.PHASES:
+        y = np.array([p[0] for p in pts[ph]])
+        ones, log_loss = np.ones_like(y), np.array([p[1] for p in pts[ph]])
+        dummies = [np.array([p[2] == o for p in pts[ph]], float) for o in ("lion", "muon")]
+        want = {"loss": _r2(y, np.stack([ones, log_loss], 1)), "optimiser": _r2(y, np.stack([ones, *dummies], 1)),
+                "both": _r2(y, np.stack([ones, *dummies, log_loss], 1))}
+        assert int(got[ph]["n_points"]) == 18 and int(got[ph]["n_runs"]) == 6
+        for key, (r2, adj) in want.items():
+            assert float(got[ph][f"r2_{key}"]) == pytest.approx(r2, abs=1e-9)
+            assert float(got[ph][f"adj_r2_{key}"]) == pytest.approx(adj, abs=1e-9)
+        assert got[ph]["better"] == ("optimiser" if want["optimiser"][1] > want["loss"][1] else "loss")
+    assert got["early"]["better"] == "loss" and float(got["early"]["r2_loss"]) == pytest.approx(1.0)
+    assert got["late"]["better"] == "optimiser"
+    md = (root / "report.md").read_text()
+    assert "### Loss or optimiser" in md and "figures/phases.png" in md
+    assert (root / "figures" / "phases.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"no length of training): {wd.name}" in md
