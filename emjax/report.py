@@ -382,8 +382,8 @@ def _match_key(run: RunData) -> str:
     return json.dumps(cfg, sort_keys=True)
 
 
-def regulariser_table(runs: Sequence[RunData]) -> list[dict[str, Any]]:
-    """Per optimiser and λ: mean over matched pairs of (λ>0 run − λ=0 run) in alignment, misalignment and loss."""
+def _regulariser_pairs(runs: Sequence[RunData]) -> dict[tuple[str, float], list[tuple[RunData, RunData]]]:
+    """(optimiser, λ) -> [(λ>0 run, the λ=0 run with otherwise identical settings)]."""
     base = {}
     for r in runs:
         if r.lam == 0 and r.config is not None:
@@ -392,6 +392,27 @@ def regulariser_table(runs: Sequence[RunData]) -> list[dict[str, Any]]:
     for r in runs:
         if r.lam > 0 and r.config is not None and _match_key(r) in base:
             pairs.setdefault((r.optimiser, r.lam), []).append((r, base[_match_key(r)]))
+    return pairs
+
+
+def regulariser_pairs_table(runs: Sequence[RunData]) -> list[dict[str, Any]]:
+    """One row per matched pair, λ = 0 beside λ > 0: where the regulariser removes EM (the study: Adam on insecure
+    code) shows per dataset, not only in the means over datasets."""
+    pairs = _regulariser_pairs(runs)
+    rows = []
+    for opt, lam in ((o, lam) for o in _order(o for o, _ in pairs) for lam in sorted(l for p, l in pairs if p == o)):
+        for a, b in sorted(pairs[(opt, lam)], key=lambda p: (p[0].model, p[0].dataset, p[0].batch_size)):
+            rows.append({"optimiser": opt, "lambda": lam, "model": a.model, "dataset": a.dataset,
+                         "batch_size": a.batch_size, "misalignment_rate_off": b.misalignment_rate,
+                         "misalignment_rate_on": a.misalignment_rate, "mean_alignment_off": b.mean_alignment,
+                         "mean_alignment_on": a.mean_alignment, "train_loss_off": b.train_loss,
+                         "train_loss_on": a.train_loss, "runs": f"{a.name}-vs-{b.name}"})
+    return rows
+
+
+def regulariser_table(runs: Sequence[RunData]) -> list[dict[str, Any]]:
+    """Per optimiser and λ: mean over matched pairs of (λ>0 run − λ=0 run) in alignment, misalignment and loss."""
+    pairs = _regulariser_pairs(runs)
     rows = []
     for opt in _order(o for o, _ in pairs):
         for lam in sorted(l for o, l in pairs if o == opt):
@@ -721,6 +742,17 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, *, cohere
         _fig_bars(rows, "optimiser", ("delta_mean_alignment", "delta_train_loss"),
                   out / "figures" / "regulariser.png")
         md += ["![regulariser effect](figures/regulariser.png)", ""]
+        pair_rows = regulariser_pairs_table(done)
+        _write_csv(out / "tables" / "regulariser_pairs.csv", pair_rows)
+        md += ["Each pair (`tables/regulariser_pairs.csv`): misalignment and mean alignment without and with the "
+               "regulariser.", "",
+               _md_table(pair_rows, [("optimiser", "optimiser", "str"), ("lambda", "λ", "num"),
+                                     ("model", "model", "str"), ("dataset", "dataset", "str"),
+                                     ("batch_size", "batch", "str"),
+                                     ("misalignment_rate_off", "misaligned, λ = 0", "pct"),
+                                     ("misalignment_rate_on", "misaligned, λ > 0", "pct"),
+                                     ("mean_alignment_off", "alignment, λ = 0", "num"),
+                                     ("mean_alignment_on", "alignment, λ > 0", "num")]), ""]
 
     # -- runs ----------------------------------------------------------------------------------------------------
     md += ["## Runs", ""]

@@ -161,6 +161,19 @@ def test_regulariser_deltas(sweep_dir):
     assert float(rows["adam"]["delta_train_loss"]) == pytest.approx(dl, abs=1e-12)
     assert float(rows["muon"]["delta_train_loss"]) == pytest.approx(1.03 - 1.00, abs=1e-12)
     assert rows["muon"]["flag"] == "only 1 pair(s)"
+    # each pair side by side, per dataset (where the regulariser removes EM shows, not only the mean)
+    pairs = read_csv(out / "tables" / "regulariser_pairs.csv")
+    assert [(p["optimiser"], p["dataset"]) for p in pairs] == [("adam", "extreme_sports"), ("adam", "insecure"),
+                                                               ("muon", "insecure")]
+    for p in pairs:
+        on = next(r for r in RUNS if r[3] > 0 and (r[0], r[1]) == (p["optimiser"], p["dataset"]))
+        off = base[on[0], on[1]]
+        for run, side in ((on, "on"), (off, "off")):
+            s = np.array(scored(*run[5:7]))
+            assert float(p[f"misalignment_rate_{side}"]) == pytest.approx((s < 30).mean(), abs=1e-12)
+            assert float(p[f"mean_alignment_{side}"]) == pytest.approx(s.mean(), abs=1e-9)
+        assert p["runs"] == f"{name(*on[:4])}-vs-{name(*off[:4])}"
+    assert "misaligned, λ > 0" in (out / "report.md").read_text()
 
 
 def test_spectral_trajectories_runs_and_markdown(sweep_dir):
