@@ -375,6 +375,25 @@ def spectral_table(runs: Sequence[RunData]) -> list[dict[str, Any]]:
     return rows
 
 
+def spectrum_table(runs: Sequence[RunData]) -> list[dict[str, Any]]:
+    """Per optimiser and rank: the mean over runs of each run's mean normalised spectrum σᵢ/σ₁ (spectral.json's
+    ``normalised_spectrum``; all 1 when flat), one column per index i."""
+    groups: dict[tuple[str, int], list[RunData]] = {}
+    for r in runs:
+        spec = (r.spectral or {}).get("normalised_spectrum")
+        if spec:
+            groups.setdefault((r.optimiser, len(spec)), []).append(r)
+    rows = []
+    for opt in _order(o for o, _ in groups):
+        for rank in sorted(k for o, k in groups if o == opt):
+            group = groups[(opt, rank)]
+            mean = np.mean([r.spectral["normalised_spectrum"] for r in group], 0)
+            rows.append({"optimiser": opt, "rank": rank, "n_runs": len(group),
+                         **{f"s{i + 1}": float(v) for i, v in enumerate(mean)},
+                         "runs": ";".join(r.name for r in group)})
+    return rows
+
+
 def _match_key(run: RunData) -> str:
     cfg = json.loads(json.dumps(run.config or {}, default=str))
     cfg.pop("workdir", None)
@@ -563,6 +582,24 @@ def _fig_phases(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _fig_spectra(rows: list[dict], path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    several = len({r["rank"] for r in rows}) > 1
+    for row in rows:
+        ys = [row[f"s{i + 1}"] for i in range(row["rank"])]
+        ax.plot(np.arange(1, row["rank"] + 1), ys, "-o", ms=2.5, lw=1.2,
+                label=f"{row['optimiser']} (r={row['rank']})" if several else row["optimiser"])
+    ax.axhline(1.0, color="k", lw=0.6, ls=":", label="flat")
+    ax.set_yscale("log")
+    ax.set_xlabel("singular value index i")
+    ax.set_ylabel("σᵢ / σ₁ (mean over modules and runs)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _fig_bars(rows: list[dict], label: str, metrics: Sequence[str], path: Path) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.3 * len(metrics), 3.2), squeeze=False)
@@ -724,6 +761,13 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, *, cohere
                                 ("flag", "note", "str")]), ""]
         _fig_bars(rows, "optimiser", SPECTRAL_METRICS, out / "figures" / "spectral.png")
         md += ["![spectral metrics](figures/spectral.png)", ""]
+        spec_rows = spectrum_table(main_done)
+        if spec_rows:
+            _write_csv(out / "tables" / "spectra.csv", spec_rows)
+            _fig_spectra(spec_rows, out / "figures" / "spectra.png")
+            md += ["The spectra themselves: σᵢ/σ₁ of each adapted module's update, averaged over modules and layers, "
+                   "then over runs (`tables/spectra.csv`); a flat spectrum stays at 1.", "",
+                   "![normalised spectra](figures/spectra.png)", ""]
 
     # -- regulariser ---------------------------------------------------------------------------------------------
     md += ["## Spectral regulariser", ""]

@@ -445,10 +445,13 @@ def report(adapters: Adapters, scale=1.0, include_sigma: bool = False) -> dict[s
     Returns ``{"rows": [...], "by_projection": {...}, "overall": {...}}``. Each row: module, projection,
     index (the leading-dim index, e.g. [layer]), active, sigma_max and the METRIC_NAMES (None when skipped;
     condition_number None when infinite), optionally the spectrum. Summaries average each metric over
-    active rows (condition_number: over finite ones) and count ``n`` and ``n_skipped``. Runs on the host.
+    active rows (condition_number: over finite ones), count ``n`` and ``n_skipped``, and give
+    ``normalised_spectrum``, the mean over active rows of σᵢ/σ₁ (r values; all 1 for a perfectly flat spectrum): the
+    shape ``emjax report`` plots per optimiser. Runs on the host.
     """
     mods = _as_mapping(adapters)
     rows: list[dict[str, Any]] = []
+    normalised: list[np.ndarray | None] = []  # σ/σ₁ of each row (None when skipped), beside ``rows``
     for name, (a, b) in mods.items():
         _check_pair(a, b, name)
         s, m = jax.device_get(_module_stats(a, b, jnp.asarray(scale, jnp.float32), _default_qr()))
@@ -467,21 +470,25 @@ def report(adapters: Adapters, scale=1.0, include_sigma: bool = False) -> dict[s
             if include_sigma:
                 row["sigma"] = [float(v) for v in s[idx]]
             rows.append(row)
+            normalised.append(np.asarray(s[idx], np.float64) / float(s[idx][0]) if on and s[idx][0] > 0 else None)
 
-    def summarise(rs):
+    def summarise(sel):
+        rs = [rows[i] for i in sel]
         out: dict[str, Any] = {"n": len(rs), "n_skipped": sum(not r["active"] for r in rs)}
         on = [r for r in rs if r["active"]]
         for k in METRIC_NAMES:
             vals = [r[k] for r in on if r[k] is not None]
             out[k] = float(np.mean(vals)) if vals else None
         out["n_rank_deficient"] = sum(r["condition_number"] is None for r in on)
+        spectra = [normalised[i] for i in sel if normalised[i] is not None]
+        out["normalised_spectrum"] = [float(v) for v in np.mean(spectra, 0)] if spectra else None
         return out
 
     projs = list(dict.fromkeys(r["projection"] for r in rows))
     return {
         "rows": rows,
-        "by_projection": {p: summarise([r for r in rows if r["projection"] == p]) for p in projs},
-        "overall": summarise(rows),
+        "by_projection": {p: summarise([i for i, r in enumerate(rows) if r["projection"] == p]) for p in projs},
+        "overall": summarise(range(len(rows))),
     }
 
 

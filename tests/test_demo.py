@@ -36,7 +36,8 @@ def test_short_demo_end_to_end(tmp_path, monkeypatch):
     by_opt = _csv(root / "tables" / "by_optimiser.csv")
     assert {o: int(by_opt[o]["n_scored"]) for o in ("adam", "lion", "muon")} == {"adam": 4, "lion": 4, "muon": 4}
     assert len(_csv(root / "tables" / "trajectories.csv")) > 0
-    for fig in ("spectral.png", "misalignment_by_factor.png", "regulariser.png", "alignment_vs_loss.png"):
+    for fig in ("spectral.png", "spectra.png", "misalignment_by_factor.png", "regulariser.png",
+                "alignment_vs_loss.png"):
         assert (root / "figures" / fig).read_bytes()[:4] == b"\x89PNG"
         assert f"figures/{fig}" in report
     table = _csv(root / "tables" / "runs.csv")

@@ -381,6 +381,11 @@ def test_report_and_summary():
     ref = _ref_sv(a[[0, 2]], b[[0, 2]], 2.0, 6)
     want = np.sqrt((ref**2).sum(-1)) / ref.sum(-1)
     np.testing.assert_allclose(q["fn_ratio"], want.mean(), rtol=1e-5)
+    # the mean normalised spectrum σᵢ/σ₁ over active rows (what emjax report plots per optimiser), from plain SVDs
+    np.testing.assert_allclose(q["normalised_spectrum"], (ref / ref[:, :1]).mean(0), rtol=1e-5, atol=1e-6)
+    every = [_ref_sv(x[0][i], x[1][i], 2.0, 6) for k, x in ad.items() for i in range(3) if k != "q_proj" or i != 1]
+    np.testing.assert_allclose(rep["overall"]["normalised_spectrum"], np.mean([s / s[0] for s in every], 0),
+                               rtol=1e-5, atol=1e-6)
     row = next(r for r in rep["rows"] if r["projection"] == "k_proj" and r["index"] == [2])
     _assert_sv_close(np.array(row["sigma"]), _ref_sv(*[x[2] for x in ad["layers/self_attn/k_proj"]], 2.0, 6))
     flat = sp.summary(ad, scale=2.0)

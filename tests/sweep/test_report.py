@@ -68,7 +68,7 @@ def make_run(root, o, d, b, lam, loss, m, k, checkpoint="Qwen/Qwen3-8B", status=
                                                "total_steps": 6}))
     (wd / "spectral.json").write_text(json.dumps({"overall": {
         "fn_ratio": SPEC[o] + 0.01 * lam, "stable_rank": 10 * SPEC[o], "spectral_entropy": 1.0,
-        "condition_number": None}}))
+        "condition_number": None, "normalised_spectrum": [1.0, SPEC[o] + 0.01 * lam + 0.1 * loss, 0.1]}}))
     ev = wd / "eval" / "step_000006"
     ev.mkdir(parents=True)
     if evaluation == "judged":
@@ -183,6 +183,13 @@ def test_spectral_trajectories_runs_and_markdown(sweep_dir):
         runs = [r for r in RUNS if r[0] == o and r[3] == 0.0]
         assert float(spec[o]["fn_ratio"]) == pytest.approx(SPEC[o])
         assert int(spec[o]["n_runs"]) == len(runs) and spec[o]["condition_number"] == ""
+    # the mean normalised spectrum per optimiser, over its λ = 0 runs (the sweep mixes in λ > 0 ones)
+    spectra = {r["optimiser"]: r for r in read_csv(out / "tables" / "spectra.csv")}
+    for o in ("adam", "muon", "lion"):
+        runs = [r for r in RUNS if r[0] == o and r[3] == 0.0]
+        assert int(spectra[o]["rank"]) == 3 and int(spectra[o]["n_runs"]) == len(runs)
+        assert float(spectra[o]["s1"]) == 1.0 and float(spectra[o]["s3"]) == pytest.approx(0.1)
+        assert float(spectra[o]["s2"]) == pytest.approx(np.mean([SPEC[o] + 0.1 * r[4] for r in runs]), abs=1e-12)
     traj = [r for r in read_csv(out / "tables" / "trajectories.csv") if r["run"] == name(*RUNS[0][:4])]
     # step 0 has no training loss yet; step 3 takes the loss logged at step 2
     assert [(int(r["step"]), int(r["loss_step"])) for r in traj] == [(3, 2), (6, 6)]
@@ -195,7 +202,7 @@ def test_spectral_trajectories_runs_and_markdown(sweep_dir):
     assert "randomly initialised" not in md
     assert "14 run directories: 12 finished, 1 partial, 1 failed" in md
     assert "Llama models are not supported yet" in md and "unreadable JSON line skipped" in md
-    for fig in ("misalignment_by_factor", "alignment_vs_loss", "trajectories", "spectral", "regulariser"):
+    for fig in ("misalignment_by_factor", "alignment_vs_loss", "trajectories", "spectral", "spectra", "regulariser"):
         png = out / "figures" / f"{fig}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"figures/{fig}.png" in md
     assert not (root / "report.md").exists()  # --out respected
