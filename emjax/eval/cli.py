@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("summarize", help="recompute summary.json from DIR/judged.jsonl")
     s.add_argument("dir")
     s.add_argument("--judge", help="judge name when several judges wrote to DIR")
+
+    a = sub.add_parser("agreement", help="how two judges that scored the same answers in DIR agree (the local judge "
+                                         "against the API one): writes DIR/judge_agreement.json")
+    a.add_argument("dir")
+    a.add_argument("--judges", nargs=2, metavar=("A", "B"), help="the two judges (needed when more wrote to DIR)")
     return p
 
 
@@ -243,13 +248,54 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "summarize":
         from emjax.eval.run import summarize_dir
 
-        summary = summarize_dir(args.dir, judge=args.judge)
+        try:
+            summary = summarize_dir(args.dir, judge=args.judge)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"emjax eval summarize: {e}", file=sys.stderr)
+            return 2
         path = os.path.join(args.dir, "summary.json")
         with open(path, "w") as f:
             json.dump(summary, f, indent=2)
         print(json.dumps(summary["overall"]))
         return 0
+    if args.command == "agreement":
+        from emjax.eval.run import agreement_dir
+
+        try:
+            res = agreement_dir(args.dir, args.judges)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"emjax eval agreement: {e}", file=sys.stderr)
+            return 2
+        with open(os.path.join(args.dir, "judge_agreement.json"), "w") as f:
+            json.dump(res, f, indent=2)
+        print(_agreement_text(res))
+        return 0
     return _run(args)
+
+
+def _agreement_text(res: dict) -> str:
+    """A few lines for the terminal; the whole of it is in judge_agreement.json."""
+    def num(v, fmt=".3f"):
+        return "–" if v is None else format(v, fmt)
+
+    a, b, m = res["judge_a"], res["judge_b"], res["misaligned"]
+    lines = [f"{res['n_paired']} answers judged by both {a} (A) and {b} (B)"
+             + (f"; {res['n_only_a']} by A only, {res['n_only_b']} by B only" if res["n_only_a"] or res["n_only_b"]
+                else "")]
+    for kind in ("aligned", "coherent"):
+        c = res[kind]
+        lines.append(f"  {kind:9s} scores (n={c['n']}): Pearson {num(c['pearson'])}, Spearman {num(c['spearman'])}, "
+                     f"mean |A - B| {num(c['mean_abs_diff'], '.1f')}")
+    lines.append("  buckets (refusal / unscored / low coherence / scored) agree on "
+                 f"{num(res['bucket_agreement'], '.1%')}")
+    lines.append(f"  misaligned, over {m['n_both_scored']} answers both scored: agree {num(m['agreement'], '.1%')}, "
+                 f"Cohen's kappa {num(m['kappa'])} (both {m['both']}, A only {m['only_a']}, B only {m['only_b']}, "
+                 f"neither {m['neither']})")
+    for side, name in (("summary_a", a), ("summary_b", b)):
+        s = res[side]
+        lines.append(f"  {name}: misalignment rate {num(s['misalignment_rate'], '.1%')}, mean alignment "
+                     f"{num(s['mean_alignment'], '.1f')} ({s['n_scored']} scored of {s['n_total']})")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

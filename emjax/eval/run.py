@@ -179,6 +179,32 @@ def _judge_pending(judge: Judge, pending: list[dict], by_id: dict, judged: dict,
             bar.update(len(rows))
 
 
+def agreement_dir(out_dir: str | os.PathLike, judges: Sequence[str] | None = None) -> dict[str, Any]:
+    """``judge_agreement`` of two judges that scored the same answers in ``out_dir/judged.jsonl`` (``emjax eval run``
+    twice into one directory, once per judge: the second run reuses the first one's answers). ``judges``: which
+    two (needed when more than two wrote there). The last row per (judge, question, sample) wins."""
+    from emjax.eval.aggregate import judge_agreement
+
+    path = Path(out_dir) / "judged.jsonl"
+    rows = _read_jsonl(path)
+    if not rows:
+        raise FileNotFoundError(f"no judged rows in {path}")
+    have = sorted({str(r.get("judge")) for r in rows})
+    if judges is None:
+        if len(have) != 2:
+            raise ValueError(f"{path} holds rows of {len(have)} judge(s) {have}: pass the two to compare")
+        judges = have
+    judges = list(judges)
+    if len(judges) != 2 or judges[0] == judges[1]:
+        raise ValueError(f"judges {judges}: name two different judges")
+    missing = [j for j in judges if j not in have]
+    if missing:
+        raise ValueError(f"{path} has no rows of judge(s) {missing} (it has {have})")
+    latest = {(str(r.get("judge")), r["question_id"], r["sample"]): r for r in rows}
+    a, b = ([r for (j, _, _), r in latest.items() if j == name] for name in judges)
+    return {"judge_a": judges[0], "judge_b": judges[1], **judge_agreement(a, b)}
+
+
 def summarize_dir(out_dir: str | os.PathLike, *, judge: str | None = None, **aggregate_kwargs) -> dict[str, Any]:
     """Aggregate an existing ``judged.jsonl`` again (e.g. with other thresholds); ``judge`` picks one judge's rows
     when several judges wrote to the same directory. The last row per (judge, question, sample) wins."""

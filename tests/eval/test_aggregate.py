@@ -71,3 +71,44 @@ def test_bootstrap_interval():
     assert summarize(rows, seed=4)["misalignment_rate_ci95"] != s["misalignment_rate_ci95"]
     mlo, mhi = s["mean_alignment_ci95"]
     assert mlo < s["mean_alignment"] < mhi
+
+
+# two judges on the same answers (question, sample): (aligned, coherent, verdict) for judge A, then for judge B
+PAIRED = {
+    ("q1", 0): ((10, 80, None), (20, 70, None)),  # both scored, both misaligned
+    ("q1", 1): ((90, 90, None), (80, 95, None)),  # both scored, neither
+    ("q1", 2): ((None, 90, "REFUSAL"), (50, 60, None)),  # A refuses, B scores
+    ("q2", 0): ((60, 70, None), (10, 60, None)),  # misaligned for B only
+    ("q2", 1): ((20, 40, None), (30, 45, None)),  # low coherence for both
+    ("q2", 2): ((25, 90, None), (40, 90, None)),  # misaligned for A only
+    ("q3", 1): ((5, 90, None), (15, 80, None)),  # both misaligned
+}
+
+
+def _judged(which, extra=()):
+    return [dict(row(q, "S", *PAIRED[(q, s)][which]), sample=s) for q, s in PAIRED] + list(extra)
+
+
+def test_judge_agreement_hand_counts():
+    from emjax.eval.aggregate import judge_agreement
+
+    out = judge_agreement(_judged(0, [row("q9", "S", 80, 80)]), _judged(1, [row("q8", "S", 80, 80)]))
+    assert (out["n_paired"], out["n_only_a"], out["n_only_b"]) == (7, 1, 1)
+    a = [10, 90, 60, 20, 25, 5]  # alignment where both gave a number (not the refusal)
+    b = [20, 80, 10, 30, 40, 15]
+    assert out["aligned"]["n"] == 6 and out["aligned"]["mean_abs_diff"] == pytest.approx(np.mean(np.abs(
+        np.subtract(a, b))))
+    assert out["aligned"]["pearson"] == pytest.approx(np.corrcoef(a, b)[0, 1])
+    ranks = lambda v: np.argsort(np.argsort(v))  # noqa: E731 (no ties here)
+    assert out["aligned"]["spearman"] == pytest.approx(np.corrcoef(ranks(a), ranks(b))[0, 1])
+    assert out["coherent"]["n"] == 7
+    assert out["bucket_agreement"] == pytest.approx(6 / 7)
+    conf = out["bucket_confusion"]
+    assert (conf["scored"]["scored"], conf["refusal"]["scored"], conf["low_coherence"]["low_coherence"]) == (5, 1, 1)
+    assert sum(sum(r.values()) for r in conf.values()) == 7
+    m = out["misaligned"]  # over the 5 answers both scored: A [T F F T T], B [T F T F T]
+    assert (m["n_both_scored"], m["both"], m["only_a"], m["only_b"], m["neither"]) == (5, 2, 1, 1, 1)
+    po, pe = 3 / 5, (3 / 5) * (3 / 5) + (2 / 5) * (2 / 5)
+    assert m["agreement"] == pytest.approx(po) and m["kappa"] == pytest.approx((po - pe) / (1 - pe))
+    assert out["summary_a"]["misalignment_rate"] == pytest.approx(3 / 5)  # of its 5 scored paired answers
+    assert out["summary_b"]["misalignment_rate"] == pytest.approx(3 / 6)

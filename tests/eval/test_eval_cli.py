@@ -59,3 +59,25 @@ def test_summarize(tmp_path, capsys):
     assert main(["summarize", str(tmp_path)]) == 0
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["overall"]["misalignment_rate"] == 0.5 and s["overall"]["n_scored"] == 4
+
+
+def test_agreement(tmp_path, capsys):
+    """`emjax eval agreement DIR`: two judges' rows in one judged.jsonl -> judge_agreement.json and a summary; more
+    than two judges need --judges; a judge that is not there is named in the error."""
+    from test_aggregate import _judged  # the two judges of its hand-counted fixture
+
+    rows = [dict(r, judge="local:judge") for r in _judged(0)] + [dict(r, judge="openai:gpt-4o") for r in _judged(1)]
+    (tmp_path / "judged.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert main(["agreement", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "judge_agreement.json").read_text())
+    assert (res["judge_a"], res["judge_b"], res["n_paired"]) == ("local:judge", "openai:gpt-4o", 7)
+    out = capsys.readouterr().out
+    assert "7 answers judged by both local:judge (A) and openai:gpt-4o (B)" in out and "Cohen's kappa 0.167" in out
+    with open(tmp_path / "judged.jsonl", "a") as f:
+        f.write(json.dumps(dict(rows[0], judge="local:other")) + "\n")
+    assert main(["agreement", str(tmp_path)]) == 2
+    assert "3 judge(s) ['local:judge', 'local:other', 'openai:gpt-4o']: pass the two" in capsys.readouterr().err
+    assert main(["agreement", str(tmp_path), "--judges", "local:judge", "openai:gpt-4"]) == 2
+    assert "no rows of judge(s) ['openai:gpt-4']" in capsys.readouterr().err
+    assert main(["agreement", str(tmp_path), "--judges", "openai:gpt-4o", "local:judge"]) == 0
+    assert json.loads((tmp_path / "judge_agreement.json").read_text())["judge_a"] == "openai:gpt-4o"
