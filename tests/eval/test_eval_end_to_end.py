@@ -39,6 +39,19 @@ def test_eval_run_with_adapter_and_local_judge(tmp_path):
     before = (out / "judged.jsonl").read_text()
     assert cli.main(argv) == 0
     assert (out / "judged.jsonl").read_text() == before
+    # a second judge on the same answers (another local checkpoint): the answers are reused, its rows join
+    # judged.jsonl, and `emjax eval agreement` pairs the two judges' rows
+    other = tiny_hf_checkpoint(tmp_path / "judge2", seed=4, vocab_size=151_936, hidden_size=32, intermediate_size=64,
+                               num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True)
+    answers = (out / "responses.jsonl").read_text()
+    assert cli.main([*argv, "--judge-model", str(other)]) == 0  # the later --judge-model wins
+    assert (out / "responses.jsonl").read_text() == answers
+    assert cli.main(["agreement", str(out)]) == 0
+    agree = json.loads((out / "judge_agreement.json").read_text())
+    assert (agree["judge_a"], agree["judge_b"], agree["n_paired"]) == ("local:base", "local:judge2", 4)
+    assert sum(sum(r.values()) for r in agree["bucket_confusion"].values()) == 4  # (random judges: no numbers)
+    assert cli.main(["summarize", str(out)]) == 2  # two judges' rows now: it asks which
+    assert cli.main(["summarize", str(out), "--judge", "local:judge2"]) == 0
 
     # several adapters of the base in one call: sampled together, each into OUT/<its dir name>, each with the
     # answers it gets alone
