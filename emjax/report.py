@@ -304,6 +304,25 @@ def _ols(df, formula: str, unit: str = "points") -> tuple[float | None, float | 
             "saturated fit (no residual degrees of freedom)" if fit.df_resid < 1 else "")
 
 
+def answer_table(runs: Sequence[RunData], key: str) -> list[dict[str, Any]]:
+    """Per optimiser (and all runs together) and per value of an answer's ``key`` (``question_set`` or
+    ``question_id``): the pooled rate, interval and counts over the judged answers of the runs (those that kept only
+    summary.json have no answers to split, and are left out)."""
+    with_rows = [r for r in runs if r.judged is not None]
+    rules = with_rows[0].rules if with_rows else {}
+    rows = []
+    for opt in [*_order(r.optimiser for r in with_rows), "all"]:
+        group = [r for r in with_rows if opt in ("all", r.optimiser)]
+        values = list(dict.fromkeys(a.get(key) for r in group for a in r.judged))
+        for v in values:
+            s = summarize([a for r in group for a in r.judged if a.get(key) == v], **rules)
+            mci, aci = s.get("misalignment_rate_ci95") or (None, None), s.get("mean_alignment_ci95") or (None, None)
+            rows.append({"optimiser": opt, key: v, "n_runs": len(group), "misalignment_rate": s["misalignment_rate"],
+                         "misalignment_lo": mci[0], "misalignment_hi": mci[1], "mean_alignment": s["mean_alignment"],
+                         "alignment_lo": aci[0], "alignment_hi": aci[1], **{k: s[k] for k in COUNT_KEYS}})
+    return rows
+
+
 def regression(runs: Sequence[RunData], scope: str = "all runs") -> list[dict[str, Any]]:
     """alignment ~ log(final train loss), plain and stratified by optimiser (statsmodels OLS)."""
     import pandas as pd
@@ -691,6 +710,28 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, *, cohere
                 ("flag", "note", "str")]), ""]
         _fig_headline(tables, out / "figures" / "misalignment_by_factor.png")
         md += ["![misalignment rate by factor](figures/misalignment_by_factor.png)", ""]
+
+        # the same answers split by question set, and by question: which questions draw the misaligned answers
+        by_set = answer_table(head_runs, "question_set")
+        if by_set:
+            _write_csv(out / "tables" / "by_question_set.csv", by_set)
+            sets = list(dict.fromkeys(r["question_set"] for r in by_set))
+            cell = {(r["optimiser"], r["question_set"]): _fmt(r["misalignment_rate"], "pct")
+                    + (f" {_interval(r['misalignment_lo'], r['misalignment_hi'], 'pct')}"
+                       if r["misalignment_lo"] is not None else "") + f" (n={r['n_scored']})" for r in by_set}
+            pivot = [{"optimiser": o, **{q: cell.get((o, q), "–") for q in sets}}
+                     for o in dict.fromkeys(r["optimiser"] for r in by_set)]
+            md += ["### By question set", "", "Misalignment rate [95 % CI] (scored answers) of each optimiser's "
+                   "runs, per question set (`tables/by_question_set.csv`).", "",
+                   _md_table(pivot, [("optimiser", "optimiser", "str"), *((q, q, "str") for q in sets)]), ""]
+            by_q = answer_table(head_runs, "question_id")
+            _write_csv(out / "tables" / "by_question.csv", by_q)
+            top = sorted((r for r in by_q if r["optimiser"] == "all" and r["misalignment_rate"] is not None),
+                         key=lambda r: (-r["misalignment_rate"], str(r["question_id"])))[:10]
+            md += ["The questions with the highest misalignment rate over all runs (every question, per optimiser too: "
+                   "`tables/by_question.csv`):", "",
+                   _md_table(top, [("question_id", "question", "str"), ("misalignment_rate", "misaligned", "pct"),
+                                   ("mean_alignment", "mean alignment", "num"), ("n_scored", "scored", "int")]), ""]
 
     # -- regression ----------------------------------------------------------------------------------------------
     md += ["## Alignment vs log(final training loss)", ""]
