@@ -587,6 +587,30 @@ def _fig_trajectories(runs: list[RunData], path: Path) -> None:
     plt.close(fig)
 
 
+def _fig_dynamics(runs: list[RunData], path: Path) -> None:
+    """Mean alignment against the fraction of training done, one line per run, coloured by optimiser."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    opts = _order(r.optimiser for r in runs)
+    colors = {o: plt.cm.tab10(i % 10) for i, o in enumerate(opts)}
+    for r in runs:
+        t = [p for p in r.trajectory if 0 < p["step"] <= r.total_steps]
+        ax.plot([p["step"] / r.total_steps for p in t], [p["mean_alignment"] for p in t], "-o", ms=3, lw=1,
+                color=colors[r.optimiser], alpha=0.7)
+    for o in opts:
+        ax.plot([], [], color=colors[o], label=o)
+    for x in (1 / 3, 2 / 3):
+        ax.axvline(x, color="k", lw=0.5, ls=":")
+    ax.set_xlim(0, 1.02)
+    ax.set_xlabel("fraction of training done")
+    ax.set_ylabel("mean alignment")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _fig_phases(rows: list[dict], path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.5, 3.4))
@@ -784,6 +808,10 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, *, cohere
         if any(r["adj_r2_loss"] is not None or r["adj_r2_optimiser"] is not None for r in rows):
             _fig_phases(rows, out / "figures" / "phases.png")
             md += ["![predictors by phase](figures/phases.png)", ""]
+        if any(r.total_steps for r in phase_runs):
+            _fig_dynamics([r for r in phase_runs if r.total_steps], out / "figures" / "dynamics.png")
+            md += ["Alignment over the course of training (dotted: the phases' bounds):", "",
+                   "![alignment during training](figures/dynamics.png)", ""]
         unknown = [r.name for r in phase_runs if not r.total_steps]
         if unknown:
             md += [f"_Left out of the phases (no final.json and no `steps` in the config, so no length of training): "

@@ -329,6 +329,7 @@ def test_phases_which_predicts_alignment(tmp_path):
     assert got["early"]["better"] == "loss" and float(got["early"]["r2_loss"]) == pytest.approx(1.0)
     assert got["late"]["better"] == "optimiser"
     md = (root / "report.md").read_text()
-    assert "### Loss or optimiser" in md and "figures/phases.png" in md
-    assert (root / "figures" / "phases.png").read_bytes()[:4] == b"\x89PNG"
+    assert "### Loss or optimiser" in md and "figures/phases.png" in md and "figures/dynamics.png" in md
+    for fig in ("phases", "dynamics"):
+        assert (root / "figures" / f"{fig}.png").read_bytes()[:4] == b"\x89PNG"
     assert f"no length of training): {wd.name}" in md
