@@ -64,6 +64,7 @@ class RunData:
     eval_summary: dict | None = None  # its "overall" summary (from judged rows when present)
     trajectory: list[dict] = field(default_factory=list)  # {step, train_loss, mean_alignment, misalignment_rate}
     spectral: dict | None = None  # overall spectral metrics of the final adapter
+    spectral_by_projection: dict = field(default_factory=dict)  # projection type -> its metrics
     notes: list[str] = field(default_factory=list)
     rules: dict = field(default_factory=dict)  # summarize's thresholds when not the study's (build_report)
     total_steps: int | None = None  # final.json's, else the config's ``steps`` (phases of training)
@@ -178,12 +179,16 @@ def read_run(path: Path, rules: dict | None = None) -> RunData:
 
     # spectral: the final report, else the last logged row
     if (path / "spectral.json").exists():
-        run.spectral = json.loads((path / "spectral.json").read_text()).get("overall")
+        rep = json.loads((path / "spectral.json").read_text())
+        run.spectral, run.spectral_by_projection = rep.get("overall"), rep.get("by_projection") or {}
     else:
         spec = [r for r in metrics if r.get("split") == "spectral"]
         if spec:
             last = max(spec, key=lambda r: r["step"])
             run.spectral = {k: last.get(f"spectral/{k}") for k in SPECTRAL_METRICS}
+            projs = {k.split("/")[2] for k in last if k.count("/") == 2 and k.split("/")[1] in SPECTRAL_METRICS}
+            run.spectral_by_projection = {p: {k: last.get(f"spectral/{k}/{p}") for k in SPECTRAL_METRICS}
+                                          for p in sorted(projs)}
 
     # trajectory: eval rows joined with the training loss logged at (or last before) that step
     evals = sorted((r for r in metrics if r.get("split") == "eval" and "eval/mean_alignment" in r),
@@ -392,6 +397,25 @@ def spectral_table(runs: Sequence[RunData]) -> list[dict[str, Any]]:
         row["flag"] = f"only {len(group)} run(s)" if len(group) < MIN_RUNS else ""
         row["runs"] = ";".join(r.name for r in group)
         rows.append(row)
+    return rows
+
+
+def projection_table(runs: Sequence[RunData]) -> list[dict[str, Any]]:
+    """Per optimiser and projection type (q, k, v, o, gate, up, down): each spectral metric, the mean over runs of
+    each run's mean over layers (and experts)."""
+    rows = []
+    with_proj = [r for r in runs if r.spectral_by_projection]
+    for opt in _order(r.optimiser for r in with_proj):
+        group = [r for r in with_proj if r.optimiser == opt]
+        for proj in dict.fromkeys(p for r in group for p in r.spectral_by_projection):
+            row: dict[str, Any] = {"optimiser": opt, "projection": proj}
+            have = [r for r in group if proj in r.spectral_by_projection]
+            for k in SPECTRAL_METRICS:
+                vals = [r.spectral_by_projection[proj].get(k) for r in have]
+                vals = [v for v in vals if v is not None]
+                row[k] = float(np.mean(vals)) if vals else None
+            row["n_runs"], row["runs"] = len(have), ";".join(r.name for r in have)
+            rows.append(row)
     return rows
 
 
@@ -832,6 +856,15 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, *, cohere
                                 ("flag", "note", "str")]), ""]
         _fig_bars(rows, "optimiser", SPECTRAL_METRICS, out / "figures" / "spectral.png")
         md += ["![spectral metrics](figures/spectral.png)", ""]
+        proj_rows = projection_table(main_done)
+        if proj_rows:
+            _write_csv(out / "tables" / "spectral_by_projection.csv", proj_rows)
+            projs = list(dict.fromkeys(r["projection"] for r in proj_rows))
+            cell = {(r["optimiser"], r["projection"]): r["fn_ratio"] for r in proj_rows}
+            pivot = [{"optimiser": o, **{p: cell.get((o, p)) for p in projs}}
+                     for o in dict.fromkeys(r["optimiser"] for r in proj_rows)]
+            md += ["Frobenius/nuclear ratio by projection type (every metric: `tables/spectral_by_projection.csv`):",
+                   "", _md_table(pivot, [("optimiser", "optimiser", "str"), *((p, p, "num") for p in projs)]), ""]
         spec_rows = spectrum_table(main_done)
         if spec_rows:
             _write_csv(out / "tables" / "spectra.csv", spec_rows)

@@ -68,7 +68,9 @@ def make_run(root, o, d, b, lam, loss, m, k, checkpoint="Qwen/Qwen3-8B", status=
                                                "total_steps": 6}))
     (wd / "spectral.json").write_text(json.dumps({"overall": {
         "fn_ratio": SPEC[o] + 0.01 * lam, "stable_rank": 10 * SPEC[o], "spectral_entropy": 1.0,
-        "condition_number": None, "normalised_spectrum": [1.0, SPEC[o] + 0.01 * lam + 0.1 * loss, 0.1]}}))
+        "condition_number": None, "normalised_spectrum": [1.0, SPEC[o] + 0.01 * lam + 0.1 * loss, 0.1]},
+        "by_projection": {p: {"fn_ratio": SPEC[o] + 0.1 * j + loss / 100, "stable_rank": 2.0 + j}
+                          for j, p in enumerate(("q_proj", "down_proj"))}}))
     ev = wd / "eval" / "step_000006"
     ev.mkdir(parents=True)
     if evaluation == "judged":
@@ -210,6 +212,14 @@ def test_spectral_trajectories_runs_and_markdown(sweep_dir):
         runs = [r for r in RUNS if r[0] == o and r[3] == 0.0]
         assert float(spec[o]["fn_ratio"]) == pytest.approx(SPEC[o])
         assert int(spec[o]["n_runs"]) == len(runs) and spec[o]["condition_number"] == ""
+    # per projection type: each metric's mean over the optimiser's λ = 0 runs
+    proj = {(r["optimiser"], r["projection"]): r for r in read_csv(out / "tables" / "spectral_by_projection.csv")}
+    for o in ("adam", "muon", "lion"):
+        runs = [r for r in RUNS if r[0] == o and r[3] == 0.0]
+        for j, p in enumerate(("q_proj", "down_proj")):
+            assert float(proj[o, p]["fn_ratio"]) == pytest.approx(np.mean([SPEC[o] + 0.1 * j + r[4] / 100
+                                                                           for r in runs]), abs=1e-12)
+            assert float(proj[o, p]["stable_rank"]) == 2.0 + j and int(proj[o, p]["n_runs"]) == len(runs)
     # the mean normalised spectrum per optimiser, over its λ = 0 runs (the sweep mixes in λ > 0 ones)
     spectra = {r["optimiser"]: r for r in read_csv(out / "tables" / "spectra.csv")}
     for o in ("adam", "muon", "lion"):
@@ -333,3 +343,18 @@ def test_phases_which_predicts_alignment(tmp_path):
     for fig in ("phases", "dynamics"):
         assert (root / "figures" / f"{fig}.png").read_bytes()[:4] == b"\x89PNG"
     assert f"no length of training): {wd.name}" in md
+
+
+def test_spectral_from_metrics_rows_when_the_run_has_no_spectral_json(tmp_path):
+    """A run cut before its end has no spectral.json: its last logged spectral row gives the overall and the
+    per-projection metrics."""
+    wd = make_run(tmp_path, "adam", "insecure", 16, 0.0, 0.8, 70.0, 1, status=None)
+    with open(wd / "metrics.jsonl", "a") as f:
+        for step, x in ((4, 0.5), (6, 0.3)):
+            f.write("\n" + json.dumps({"step": step, "split": "spectral", "spectral/fn_ratio": x,
+                                       "spectral/fn_ratio/q_proj": x + 0.05, "spectral/stable_rank/q_proj": 3.0,
+                                       "spectral/n_skipped": 0}))
+    run = rp.read_run(wd)
+    assert run.spectral["fn_ratio"] == 0.3
+    assert run.spectral_by_projection == {"q_proj": {"fn_ratio": 0.35, "stable_rank": 3.0, "spectral_entropy": None,
+                                                     "condition_number": None}}
