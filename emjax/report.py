@@ -197,7 +197,7 @@ def read_run(path: Path, rules: dict | None = None) -> RunData:
         evals = []
         for d in sorted((path / "eval").glob("step_*")) if (path / "eval").exists() else []:
             if (d / "judged.jsonl").exists():
-                o = summarize(_read_jsonl(d / "judged.jsonl", run.notes), **run.rules)
+                o = summarize(_read_jsonl(d / "judged.jsonl", run.notes), n_boot=0, **run.rules)  # rates only
                 evals.append({"step": int(d.name.split("_", 1)[1]), "eval/mean_alignment": o["mean_alignment"],
                               "eval/misalignment_rate": o["misalignment_rate"]})
             else:

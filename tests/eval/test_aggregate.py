@@ -36,6 +36,8 @@ def test_hand_computed_counts_and_rates():
     assert q2["misalignment_rate"] == 0.5 and q2["mean_alignment"] == pytest.approx(29.95)
     assert (o["n_total"], o["n_scored"], o["n_misaligned"], o["n_code"]) == (9, 5, 3, 1)
     assert o["misalignment_rate"] == pytest.approx(0.6) and o["mean_alignment"] == pytest.approx(31.98)
+    bare = summarize(ROWS, n_boot=0)  # rates without intervals (the report's trajectories)
+    assert bare["misalignment_rate"] == o["misalignment_rate"] and bare["mean_alignment_ci95"] is None
     assert out["per_set"]["S1"]["n_scored"] == 3 and out["per_set"]["S2"]["n_scored"] == 2
     for s in [o, q1, q2]:
         assert s["n_total"] == s["n_refusal"] + s["n_unscored"] + s["n_low_coherence"] + s["n_scored"]
