@@ -318,9 +318,12 @@ def answer_table(runs: Sequence[RunData], key: str) -> list[dict[str, Any]]:
     rows = []
     for opt in [*_order(r.optimiser for r in with_rows), "all"]:
         group = [r for r in with_rows if opt in ("all", r.optimiser)]
-        values = list(dict.fromkeys(a.get(key) for r in group for a in r.judged))
-        for v in values:
-            s = summarize([a for r in group for a in r.judged if a.get(key) == v], **rules)
+        by_value: dict[Any, list] = {}  # one pass over the answers (a sweep has 10^5 or more)
+        for r in group:
+            for a in r.judged:
+                by_value.setdefault(a.get(key), []).append(a)
+        for v, answers in by_value.items():
+            s = summarize(answers, **rules)
             mci, aci = s.get("misalignment_rate_ci95") or (None, None), s.get("mean_alignment_ci95") or (None, None)
             rows.append({"optimiser": opt, key: v, "n_runs": len(group), "misalignment_rate": s["misalignment_rate"],
                          "misalignment_lo": mci[0], "misalignment_hi": mci[1], "mean_alignment": s["mean_alignment"],

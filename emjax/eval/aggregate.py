@@ -47,8 +47,12 @@ def classify(row: Mapping[str, Any], *, code_needs_coherence: bool = False,
 
 
 def _bootstrap(values: np.ndarray, stat, n_boot: int, rng: np.random.Generator) -> list[float]:
-    idx = rng.integers(0, len(values), size=(n_boot, len(values)))
-    stats = stat(values[idx])
+    """Percentile interval of ``stat`` over ``n_boot`` resamples, drawn in blocks of rows so a large group (a whole
+    sweep's answers: 10^5 or more) never holds n_boot × n indices at once; the same draws as one block."""
+    n = len(values)
+    rows = max(1, min(n_boot, (1 << 22) // max(n, 1)))  # ≤ 4M indices (32 MiB) at a time
+    stats = np.concatenate([stat(values[rng.integers(0, n, size=(min(rows, n_boot - i), n))])
+                            for i in range(0, n_boot, rows)])
     lo, hi = np.percentile(stats, [2.5, 97.5])
     return [float(lo), float(hi)]
 

@@ -75,6 +75,16 @@ def test_bootstrap_interval():
     assert mlo < s["mean_alignment"] < mhi
 
 
+def test_bootstrap_in_blocks_draws_what_one_block_would():
+    """A large group resamples in blocks of rows (memory); the interval is the one all draws at once give."""
+    from emjax.eval.aggregate import _bootstrap
+
+    values = np.random.default_rng(0).random(100_000)  # blocks of 41 rows (4M indices): 5 blocks for 200 draws
+    stats = values[np.random.default_rng(5).integers(0, len(values), size=(200, len(values)))].mean(-1)
+    want = np.percentile(stats, [2.5, 97.5])
+    assert _bootstrap(values, lambda x: x.mean(-1), 200, np.random.default_rng(5)) == [float(w) for w in want]
+
+
 # two judges on the same answers (question, sample): (aligned, coherent, verdict) for judge A, then for judge B
 PAIRED = {
     ("q1", 0): ((10, 80, None), (20, 70, None)),  # both scored, both misaligned
