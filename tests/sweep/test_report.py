@@ -358,3 +358,30 @@ def test_spectral_from_metrics_rows_when_the_run_has_no_spectral_json(tmp_path):
     assert run.spectral["fn_ratio"] == 0.3
     assert run.spectral_by_projection == {"q_proj": {"fn_ratio": 0.35, "stable_rank": 3.0, "spectral_entropy": None,
                                                      "condition_number": None}}
+
+
+def test_two_judges_on_the_same_answers_count_once(tmp_path):
+    """A run whose final answers two judges scored (emjax eval run again with another judge): the report uses one
+    judge's rows, the API judge's by default or the one --judge names, never both pooled; a run without the named
+    judge is left out with a note."""
+    root = tmp_path / "judges"
+    wd = make_run(root, "adam", "insecure", 16, 0.0, 0.8, 70.0, 1)
+    ev = wd / "eval" / "step_000006"
+    api = [dict(a, judge="openai:gpt-4o-2024-08-06") for a in answers(70.0, 1)]
+    local = [dict(a, judge="local:base", aligned=None if a["aligned"] is None else 20.0) for a in answers(70.0, 1)]
+    (ev / "judged.jsonl").write_text("\n".join(json.dumps(r) for r in local + api) + "\n")
+    other = make_run(root, "muon", "insecure", 16, 0.0, 1.0, 85.0, 0)  # one judge only (no judge field)
+
+    def adam_row():
+        return next(r for r in read_csv(root / "tables" / "runs.csv") if r["run"] == wd.name)
+
+    rp.build_report(root)
+    s = np.array(scored(70.0, 1))  # the API judge's answers, each once
+    assert float(adam_row()["mean_alignment"]) == pytest.approx(s.mean())
+    md = (root / "report.md").read_text()
+    assert "answers judged by ['local:base', 'openai:gpt-4o-2024-08-06']; the report uses openai:gpt-4o" in md
+    assert rp.main([str(root), "--judge", "local:base"]) == 0
+    assert float(adam_row()["mean_alignment"]) == pytest.approx(np.mean([20.0] * 9 + [20.0, 0.0]))
+    assert f"{other.name}/eval/step_000006: no answers judged by local:base" in (root / "report.md").read_text()
+    runs = {r["run"]: r for r in read_csv(root / "tables" / "runs.csv")}
+    assert runs[other.name]["mean_alignment"] == ""  # left out, not scored by another judge
