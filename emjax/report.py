@@ -41,7 +41,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from emjax.eval.aggregate import COHERENCE_MIN, MISALIGNED_BELOW, summarize
+from emjax.eval.aggregate import COHERENCE_MIN, MISALIGNED_BELOW, rows_by_judge, summarize
 
 MIN_RUNS = 2  # groups with fewer finished runs are flagged
 OPTIMISER_ORDER = ("sgd", "sgdm", "adam", "adamw", "lion", "muon")
@@ -130,18 +130,19 @@ def _one_judge(rows: list[dict], judge: str | None, where: Path, notes: list[str
     """The rows of one judge. Two judges can score the same answers in one directory (``emjax eval run`` again
     with another judge, for ``emjax eval agreement``); pooled, every answer would count twice. ``judge`` names it;
     by default the only one, else the API judge (the study's) when there is one, else the first by name."""
-    names = sorted({str(r.get("judge")) for r in rows})
+    by_judge = rows_by_judge(rows)
+    names = list(by_judge)
     if judge is not None:
-        if judge not in names:
+        if judge not in by_judge:
             notes.append(f"{where}: no answers judged by {judge} (it has {names}); left out")
             return []
     elif len(names) == 1:
-        return rows
-    else:
+        judge = names[0]
+    elif names:
         api = [n for n in names if n.startswith("openai:")]
         judge = api[0] if len(api) == 1 else names[0]
         notes.append(f"{where}: answers judged by {names}; the report uses {judge} (`--judge` picks another)")
-    return [r for r in rows if str(r.get("judge")) == judge]
+    return by_judge.get(judge, [])
 
 
 def _last_eval(path: Path, notes: list[str], final_step: int | None, rules: dict, judge: str | None = None):
@@ -220,14 +221,18 @@ def read_run(path: Path, rules: dict | None = None, judge: str | None = None) ->
     if run.rules or judge is not None:  # other thresholds or a named judge: each evaluation's answers scored again
         evals = []  # (the logged rows used 50/30 and the training hook's judge)
         for d in sorted((path / "eval").glob("step_*")) if (path / "eval").exists() else []:
-            if (d / "judged.jsonl").exists():  # (steps the named judge did not score drop out without a note each)
+            step = int(d.name.split("_", 1)[1])
+            if step == run.eval_step and run.judged is not None:  # read above, for the headline
+                rows = run.judged
+            elif (d / "judged.jsonl").exists():  # (steps the named judge did not score drop out without a note each)
                 rows = _one_judge(_read_jsonl(d / "judged.jsonl", run.notes), judge, d,
                                   [] if judge is not None else run.notes)
-                o = summarize(rows, n_boot=0, **run.rules)  # rates only
-                evals.append({"step": int(d.name.split("_", 1)[1]), "eval/mean_alignment": o["mean_alignment"],
-                              "eval/misalignment_rate": o["misalignment_rate"]})
             else:
                 run.notes.append(f"{d}: no judged.jsonl to score with the report's thresholds; not in the trajectory")
+                continue
+            o = summarize(rows, n_boot=0, **run.rules)  # rates only
+            evals.append({"step": step, "eval/mean_alignment": o["mean_alignment"],
+                          "eval/misalignment_rate": o["misalignment_rate"]})
     elif not evals:  # fall back to the per-evaluation summaries on disk
         for d in sorted((path / "eval").glob("step_*")) if (path / "eval").exists() else []:
             s = d / "summary.json"
@@ -301,36 +306,41 @@ def pool(runs: Sequence[RunData]) -> dict[str, Any]:
     return out
 
 
+def _rate_fields(s: dict[str, Any]) -> dict[str, Any]:
+    """A ``summarize`` result as a table row's fields: rates, their intervals' ends, counts."""
+    mci, aci = s.get("misalignment_rate_ci95") or (None, None), s.get("mean_alignment_ci95") or (None, None)
+    return {"misalignment_rate": s["misalignment_rate"], "misalignment_lo": mci[0], "misalignment_hi": mci[1],
+            "mean_alignment": s["mean_alignment"], "alignment_lo": aci[0], "alignment_hi": aci[1],
+            **{k: s[k] for k in COUNT_KEYS}}
+
+
 def headline(runs: Sequence[RunData], factor: str) -> list[dict[str, Any]]:
     """One row per level of ``factor``: pooled rates, intervals, counts, the runs used and a few-runs flag."""
     rows = []
     for level in _order(getattr(r, factor) for r in runs):
         group = [r for r in runs if getattr(r, factor) == level]
-        s = pool(group)
-        mci, aci = s.get("misalignment_rate_ci95") or (None, None), s.get("mean_alignment_ci95") or (None, None)
-        rows.append({factor: level, "n_runs": len(group), "misalignment_rate": s["misalignment_rate"],
-                     "misalignment_lo": mci[0], "misalignment_hi": mci[1], "mean_alignment": s["mean_alignment"],
-                     "alignment_lo": aci[0], "alignment_hi": aci[1], **{k: s[k] for k in COUNT_KEYS},
+        rows.append({factor: level, "n_runs": len(group), **_rate_fields(pool(group)),
                      "flag": f"only {len(group)} run(s)" if len(group) < MIN_RUNS else "",
                      "runs": ";".join(r.name for r in group)})
     return rows
 
 
 def _ols(df, formula: str, unit: str = "points") -> tuple[float | None, float | None, str]:
-    """(R², adjusted R², note) of one OLS fit of ``formula`` (alignment on log_loss and/or C(optimiser), ``*`` for
-    their interaction), or no fit and a note saying why."""
+    """(R², adjusted R², note) of one OLS fit of ``formula`` (alignment on log_loss and/or C(optimiser)), or no fit
+    and a note saying why."""
     import statsmodels.formula.api as smf
 
-    n_opt = df["optimiser"].nunique() if len(df) else 0
-    with_opt = "C(optimiser)" in formula
-    n_params = 2 * n_opt if "*" in formula else 1 + ("log_loss" in formula) + (n_opt - 1 if with_opt else 0)
-    if with_opt and n_opt < 2:
+    if "C(optimiser)" in formula and df["optimiser"].nunique() < 2:
         return None, None, f"needs {unit} from at least 2 optimisers"
-    if len(df) < n_params + 1 or ("log_loss" in formula and df["log_loss"].nunique() < 2):
+    model = smf.ols(formula, data=df)
+    n_params = model.exog.shape[1]  # the design matrix's columns
+    if len(df) < n_params + 1:
         return None, None, f"too few {unit} ({len(df)}) for {n_params} parameters"
+    if np.linalg.matrix_rank(model.exog) < n_params:
+        return None, None, f"the {unit} cannot separate the {n_params} parameters (e.g. one loss for all)"
     if df["alignment"].nunique() < 2:
         return None, None, "alignment does not vary: nothing to explain"
-    fit = smf.ols(formula, data=df).fit()
+    fit = model.fit()
     return (float(fit.rsquared), float(fit.rsquared_adj),
             "saturated fit (no residual degrees of freedom)" if fit.df_resid < 1 else "")
 
@@ -349,11 +359,7 @@ def answer_table(runs: Sequence[RunData], key: str) -> list[dict[str, Any]]:
             for a in r.judged:
                 by_value.setdefault(a.get(key), []).append(a)
         for v, answers in by_value.items():
-            s = summarize(answers, **rules)
-            mci, aci = s.get("misalignment_rate_ci95") or (None, None), s.get("mean_alignment_ci95") or (None, None)
-            rows.append({"optimiser": opt, key: v, "n_runs": len(group), "misalignment_rate": s["misalignment_rate"],
-                         "misalignment_lo": mci[0], "misalignment_hi": mci[1], "mean_alignment": s["mean_alignment"],
-                         "alignment_lo": aci[0], "alignment_hi": aci[1], **{k: s[k] for k in COUNT_KEYS}})
+            rows.append({"optimiser": opt, key: v, "n_runs": len(group), **_rate_fields(summarize(answers, **rules))})
     return rows
 
 
@@ -414,15 +420,21 @@ def phase_regression(runs: Sequence[RunData]) -> list[dict[str, Any]]:
     return out
 
 
+def _metric_means(summaries: Sequence[dict]) -> dict[str, float | None]:
+    """Each spectral metric's mean over ``summaries`` (runs' spectral summaries) that have it."""
+    out = {}
+    for k in SPECTRAL_METRICS:
+        vals = [s.get(k) for s in summaries if s.get(k) is not None]
+        out[k] = float(np.mean(vals)) if vals else None
+    return out
+
+
 def spectral_table(runs: Sequence[RunData]) -> list[dict[str, Any]]:
     rows = []
     with_spec = [r for r in runs if r.spectral]
     for opt in _order(r.optimiser for r in with_spec):
         group = [r for r in with_spec if r.optimiser == opt]
-        row: dict[str, Any] = {"optimiser": opt, "n_runs": len(group)}
-        for k in SPECTRAL_METRICS:
-            vals = [r.spectral.get(k) for r in group if r.spectral.get(k) is not None]
-            row[k] = float(np.mean(vals)) if vals else None
+        row: dict[str, Any] = {"optimiser": opt, "n_runs": len(group), **_metric_means([r.spectral for r in group])}
         row["flag"] = f"only {len(group)} run(s)" if len(group) < MIN_RUNS else ""
         row["runs"] = ";".join(r.name for r in group)
         rows.append(row)
@@ -437,14 +449,10 @@ def projection_table(runs: Sequence[RunData]) -> list[dict[str, Any]]:
     for opt in _order(r.optimiser for r in with_proj):
         group = [r for r in with_proj if r.optimiser == opt]
         for proj in dict.fromkeys(p for r in group for p in r.spectral_by_projection):
-            row: dict[str, Any] = {"optimiser": opt, "projection": proj}
             have = [r for r in group if proj in r.spectral_by_projection]
-            for k in SPECTRAL_METRICS:
-                vals = [r.spectral_by_projection[proj].get(k) for r in have]
-                vals = [v for v in vals if v is not None]
-                row[k] = float(np.mean(vals)) if vals else None
-            row["n_runs"], row["runs"] = len(have), ";".join(r.name for r in have)
-            rows.append(row)
+            rows.append({"optimiser": opt, "projection": proj,
+                         **_metric_means([r.spectral_by_projection[proj] for r in have]),
+                         "n_runs": len(have), "runs": ";".join(r.name for r in have)})
     return rows
 
 
@@ -561,6 +569,15 @@ def _md_table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     return "\n".join([head, sep, *body])
 
 
+def _pivot(rows: list[dict], col: str, cell) -> tuple[list[dict], list]:
+    """Rows per optimiser, one column per value of ``col``, each cell ``cell(row)`` ("–" where missing); and the
+    columns in order."""
+    cols = list(dict.fromkeys(r[col] for r in rows))
+    cells = {(r["optimiser"], r[col]): cell(r) for r in rows}
+    return [{"optimiser": o, **{c: cells.get((o, c), "–") for c in cols}}
+            for o in dict.fromkeys(r["optimiser"] for r in rows)], cols
+
+
 def _interval(lo, hi, kind):
     return "–" if lo is None else f"[{_fmt(lo, kind)}, {_fmt(hi, kind)}]"
 
@@ -572,6 +589,15 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, path: Path, ax=None) -> None:
+    """Every figure's end: a legend where ``ax`` has labelled artists (none: no matplotlib warning), then the PNG."""
+    if ax is not None and ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
 
 
 def _fig_headline(tables: dict[str, list[dict]], path: Path) -> None:
@@ -589,9 +615,7 @@ def _fig_headline(tables: dict[str, list[dict]], path: Path) -> None:
         ax.set_xticks(x, [str(r[factor]) for r in rows], rotation=30, ha="right", fontsize=8)
         ax.set_title(factor.replace("_", " "))
         ax.set_ylabel("misalignment rate (%)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _fig_regression(runs: list[RunData], path: Path) -> None:
@@ -610,58 +634,28 @@ def _fig_regression(runs: list[RunData], path: Path) -> None:
             ax.plot(xs, icpt + slope * xs, "k--", lw=1, label="OLS (all)")
     ax.set_xlabel("log(final training loss)")
     ax.set_ylabel("mean alignment")
-    if ax.get_legend_handles_labels()[0]:  # no points: an empty figure, not matplotlib's warning
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, ax)
 
 
-def _fig_trajectories(runs: list[RunData], path: Path) -> None:
+def _fig_runs(runs: list[RunData], path: Path, x, xlabel: str, log_x: bool = False, bounds=()) -> None:
+    """Each run's evaluations during training as a line, mean alignment against ``x(run, point)``, coloured by
+    optimiser; ``bounds``: dotted vertical lines."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    opts = _order(r.optimiser for r in runs if r.trajectory)
-    colors = {o: plt.cm.tab10(i % 10) for i, o in enumerate(opts)}
+    runs = [r for r in runs if r.trajectory]
+    colors = {o: plt.cm.tab10(i % 10) for i, o in enumerate(_order(r.optimiser for r in runs))}
     for r in runs:
-        if not r.trajectory:
-            continue
-        t = r.trajectory
-        ax.plot([p["train_loss"] for p in t], [p["mean_alignment"] for p in t], "-o", ms=3, lw=1,
+        ax.plot([x(r, p) for p in r.trajectory], [p["mean_alignment"] for p in r.trajectory], "-o", ms=3, lw=1,
                 color=colors[r.optimiser], alpha=0.7)
-    for o in opts:
-        ax.plot([], [], color=colors[o], label=o)
-    ax.set_xscale("log")
-    ax.set_xlabel("training loss at evaluation step (log scale)")
+    for o, c in colors.items():
+        ax.plot([], [], color=c, label=o)
+    for b in bounds:
+        ax.axvline(b, color="k", lw=0.5, ls=":")
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("mean alignment")
-    if ax.get_legend_handles_labels()[0]:  # no points: an empty figure, not matplotlib's warning
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _fig_dynamics(runs: list[RunData], path: Path) -> None:
-    """Mean alignment against the fraction of training done, one line per run, coloured by optimiser."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    opts = _order(r.optimiser for r in runs)
-    colors = {o: plt.cm.tab10(i % 10) for i, o in enumerate(opts)}
-    for r in runs:
-        t = [p for p in r.trajectory if 0 < p["step"] <= r.total_steps]
-        ax.plot([p["step"] / r.total_steps for p in t], [p["mean_alignment"] for p in t], "-o", ms=3, lw=1,
-                color=colors[r.optimiser], alpha=0.7)
-    for o in opts:
-        ax.plot([], [], color=colors[o], label=o)
-    for x in (1 / 3, 2 / 3):
-        ax.axvline(x, color="k", lw=0.5, ls=":")
-    ax.set_xlim(0, 1.02)
-    ax.set_xlabel("fraction of training done")
-    ax.set_ylabel("mean alignment")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, ax)
 
 
 def _fig_phases(rows: list[dict], path: Path) -> None:
@@ -675,9 +669,7 @@ def _fig_phases(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("phase of training (thirds of each run's steps)")
     ax.set_ylabel("adjusted R² for alignment")
     ax.legend(fontsize=7, title="predictor", title_fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _fig_spectra(rows: list[dict], path: Path) -> None:
@@ -692,10 +684,7 @@ def _fig_spectra(rows: list[dict], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("singular value index i")
     ax.set_ylabel("σᵢ / σ₁ (mean over modules and runs)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, ax)
 
 
 def _fig_bars(rows: list[dict], label: str, metrics: Sequence[str], path: Path) -> None:
@@ -708,9 +697,7 @@ def _fig_bars(rows: list[dict], label: str, metrics: Sequence[str], path: Path) 
         ax.set_xticks(np.arange(len(xs)), xs, rotation=30, ha="right", fontsize=8)
         ax.set_title(m, fontsize=9)
         ax.axhline(0, color="k", lw=0.5)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def build_report(sweep_dir: str | Path, out: str | Path | None = None, *, coherence_min: float = COHERENCE_MIN,
@@ -793,12 +780,9 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, *, cohere
         by_set = answer_table(head_runs, "question_set")
         if by_set:
             _write_csv(out / "tables" / "by_question_set.csv", by_set)
-            sets = list(dict.fromkeys(r["question_set"] for r in by_set))
-            cell = {(r["optimiser"], r["question_set"]): _fmt(r["misalignment_rate"], "pct")
-                    + (f" {_interval(r['misalignment_lo'], r['misalignment_hi'], 'pct')}"
-                       if r["misalignment_lo"] is not None else "") + f" (n={r['n_scored']})" for r in by_set}
-            pivot = [{"optimiser": o, **{q: cell.get((o, q), "–") for q in sets}}
-                     for o in dict.fromkeys(r["optimiser"] for r in by_set)]
+            pivot, sets = _pivot(by_set, "question_set", lambda r: _fmt(r["misalignment_rate"], "pct") + (
+                f" {_interval(r['misalignment_lo'], r['misalignment_hi'], 'pct')}" if r["misalignment_lo"] is not None
+                else "") + f" (n={r['n_scored']})")
             md += ["### By question set", "", "Misalignment rate [95 % CI] (scored answers) of each optimiser's "
                    "runs, per question set (`tables/by_question_set.csv`).", "",
                    _md_table(pivot, [("optimiser", "optimiser", "str"), *((q, q, "str") for q in sets)]), ""]
@@ -839,7 +823,8 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, *, cohere
         rows = [{"run": r.name, "optimiser": r.optimiser, **p} for r in traj_runs for p in r.trajectory]
         _write_csv(out / "tables" / "trajectories.csv", rows)
         counts = {o: sum(r.optimiser == o for r in traj_runs) for o in _order(r.optimiser for r in traj_runs)}
-        _fig_trajectories(traj_runs, out / "figures" / "trajectories.png")
+        _fig_runs(traj_runs, out / "figures" / "trajectories.png", lambda r, p: p["train_loss"],
+                  "training loss at evaluation step (log scale)", log_x=True)
         md += [f"{len(rows)} evaluations from {len(traj_runs)} runs ("
                + ", ".join(f"{o}: {n}" for o, n in counts.items()) + "); each point joins an evaluation with the "
                "training loss logged at that step (or the last one before it).", "",
@@ -863,7 +848,8 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, *, cohere
             _fig_phases(rows, out / "figures" / "phases.png")
             md += ["![predictors by phase](figures/phases.png)", ""]
         if any(r.total_steps for r in phase_runs):
-            _fig_dynamics([r for r in phase_runs if r.total_steps], out / "figures" / "dynamics.png")
+            _fig_runs([r for r in phase_runs if r.total_steps], out / "figures" / "dynamics.png",
+                      lambda r, p: p["step"] / r.total_steps, "fraction of training done", bounds=(1 / 3, 2 / 3))
             md += ["Alignment over the course of training (dotted: the phases' bounds):", "",
                    "![alignment during training](figures/dynamics.png)", ""]
         unknown = [r.name for r in phase_runs if not r.total_steps]
@@ -889,12 +875,9 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, *, cohere
         proj_rows = projection_table(main_done)
         if proj_rows:
             _write_csv(out / "tables" / "spectral_by_projection.csv", proj_rows)
-            projs = list(dict.fromkeys(r["projection"] for r in proj_rows))
-            cell = {(r["optimiser"], r["projection"]): r["fn_ratio"] for r in proj_rows}
-            pivot = [{"optimiser": o, **{p: cell.get((o, p)) for p in projs}}
-                     for o in dict.fromkeys(r["optimiser"] for r in proj_rows)]
+            pivot, projs = _pivot(proj_rows, "projection", lambda r: _fmt(r["fn_ratio"]))
             md += ["Frobenius/nuclear ratio by projection type (every metric: `tables/spectral_by_projection.csv`):",
-                   "", _md_table(pivot, [("optimiser", "optimiser", "str"), *((p, p, "num") for p in projs)]), ""]
+                   "", _md_table(pivot, [("optimiser", "optimiser", "str"), *((p, p, "str") for p in projs)]), ""]
         spec_rows = spectrum_table(main_done)
         if spec_rows:
             _write_csv(out / "tables" / "spectra.csv", spec_rows)

@@ -112,6 +112,17 @@ def aggregate(rows: Iterable[Mapping[str, Any]], **kwargs) -> dict[str, Any]:
     }
 
 
+def rows_by_judge(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    """judged.jsonl's rows per judge (its ``judge`` field; "None" where absent), the last row per (judge, question,
+    sample) winning: one directory can hold several judges' scores of the same answers (``emjax eval run`` again
+    with another judge), which must never be pooled."""
+    latest = {(str(r.get("judge")), r["question_id"], r["sample"]): r for r in rows}
+    out: dict[str, list[Mapping[str, Any]]] = {}
+    for (judge, _, _), r in latest.items():
+        out.setdefault(judge, []).append(r)
+    return dict(sorted(out.items()))
+
+
 def _kappa(x: np.ndarray, y: np.ndarray) -> float | None:
     """Cohen's κ of two boolean labellings of the same items (None when chance agreement is total)."""
     po = float(np.mean(x == y))

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from emjax.eval.aggregate import aggregate
+from emjax.eval.aggregate import aggregate, rows_by_judge
 from emjax.eval.judge import END_OF_TEXT, IM_END, Judge, chat_prompt_ids, score_answers
 from emjax.eval.questions import Question
 
@@ -189,7 +189,8 @@ def agreement_dir(out_dir: str | os.PathLike, judges: Sequence[str] | None = Non
     rows = _read_jsonl(path)
     if not rows:
         raise FileNotFoundError(f"no judged rows in {path}")
-    have = sorted({str(r.get("judge")) for r in rows})
+    by_judge = rows_by_judge(rows)
+    have = list(by_judge)
     if judges is None:
         if len(have) != 2:
             raise ValueError(f"{path} holds rows of {len(have)} judge(s) {have}: pass the two to compare")
@@ -200,9 +201,7 @@ def agreement_dir(out_dir: str | os.PathLike, judges: Sequence[str] | None = Non
     missing = [j for j in judges if j not in have]
     if missing:
         raise ValueError(f"{path} has no rows of judge(s) {missing} (it has {have})")
-    latest = {(str(r.get("judge")), r["question_id"], r["sample"]): r for r in rows}
-    a, b = ([r for (j, _, _), r in latest.items() if j == name] for name in judges)
-    return {"judge_a": judges[0], "judge_b": judges[1], **judge_agreement(a, b)}
+    return {"judge_a": judges[0], "judge_b": judges[1], **judge_agreement(by_judge[judges[0]], by_judge[judges[1]])}
 
 
 def summarize_dir(out_dir: str | os.PathLike, *, judge: str | None = None, **aggregate_kwargs) -> dict[str, Any]:
@@ -212,12 +211,10 @@ def summarize_dir(out_dir: str | os.PathLike, *, judge: str | None = None, **agg
     rows = _read_jsonl(path)
     if not rows:
         raise FileNotFoundError(f"no judged rows in {path}")
-    judges = sorted({str(r.get("judge")) for r in rows})
+    by_judge = rows_by_judge(rows)
+    judges = list(by_judge)
     if judge is None and len(judges) > 1:
         raise ValueError(f"{path} holds rows of several judges {judges}: pass judge=")
-    if judge is not None:
-        rows = [r for r in rows if r.get("judge") == judge]
-        if not rows:
-            raise ValueError(f"{path} has no rows of judge {judge!r} (it has {judges})")
-    latest = {(r.get("judge"), r["question_id"], r["sample"]): r for r in rows}
-    return aggregate(latest.values(), **aggregate_kwargs)
+    if judge is not None and judge not in by_judge:
+        raise ValueError(f"{path} has no rows of judge {judge!r} (it has {judges})")
+    return aggregate(by_judge[judge if judge is not None else judges[0]], **aggregate_kwargs)
