@@ -1,5 +1,5 @@
 """The study's tables and figures from a sweep directory: ``emjax report SWEEP_DIR [--out DIR] [--coherence-min C]
-[--misaligned-below A] [--judge J]``.
+[--misaligned-below A] [--judge J] [--phases N]``.
 
 Reads every run directory under SWEEP_DIR (``config.yaml``, ``final.json``, ``metrics.jsonl``, ``spectral.json``,
 ``eval/step_*/judged.jsonl`` or ``summary.json``, ``DONE`` / ``FAILED``) and writes ``report.md`` with PNG figures
@@ -11,7 +11,7 @@ Reads every run directory under SWEEP_DIR (``config.yaml``, ``final.json``, ``me
 - alignment ~ log(final training loss) across runs (R², OLS) and stratified by optimiser (adjusted R² of
   ``C(optimiser) + log_loss`` and ``C(optimiser) * log_loss``), statsmodels;
 - (loss, alignment) trajectories from evaluations during training, and by phase of training (thirds of each run's
-  steps) whether the training loss or the optimiser better predicts alignment (the study: late in training, the
+  steps, or ``--phases N`` equal parts) whether the training loss or the optimiser better predicts alignment (the study: late in training, the
   optimiser);
 - spectral metrics of the final adapters per optimiser (each run's mean over layers and modules, then over runs),
   and the mean normalised spectra σᵢ/σ₁ themselves;
@@ -381,29 +381,37 @@ def regression(runs: Sequence[RunData], scope: str = "all runs") -> list[dict[st
     return out
 
 
-PHASES = ("early", "middle", "late")  # thirds of each run's training steps
+PHASES = ("early", "middle", "late")  # the default: thirds of each run's training steps
 
 
-def phase_regression(runs: Sequence[RunData]) -> list[dict[str, Any]]:
-    """Which predicts alignment in each third of training: the training loss or the optimiser. Points are the
-    (run, evaluation) pairs of the trajectories whose step falls in that third of their run's ``total_steps``; per
-    phase, OLS of alignment on log(loss) and on the optimiser (categorical), and on both. Several evaluations of a
-    run can share a phase, so the R² values describe, they do not test."""
+def phase_names(n: int = 3) -> tuple[str, ...]:
+    """Names of ``n`` equal phases of training: early/middle/late for thirds, else "1/n" … "n/n"."""
+    if n < 1:
+        raise ValueError(f"phases {n}: use 1 or more")
+    return PHASES if n == 3 else tuple(f"{i + 1}/{n}" for i in range(n))
+
+
+def phase_regression(runs: Sequence[RunData], n: int = 3) -> list[dict[str, Any]]:
+    """Which predicts alignment in each of ``n`` equal phases of training (thirds by default): the training loss or
+    the optimiser. Points are the (run, evaluation) pairs of the trajectories whose step falls in that phase of their
+    run's ``total_steps``; per phase, OLS of alignment on log(loss) and on the optimiser (categorical), and on both.
+    Several evaluations of a run can share a phase, so the R² values describe, they do not test."""
     import pandas as pd
 
-    pts: dict[str, list[dict]] = {ph: [] for ph in PHASES}
+    names = phase_names(n)
+    pts: dict[str, list[dict]] = {ph: [] for ph in names}
     for r in runs:
         if not r.total_steps:
             continue
         for p in r.trajectory:
             if p["train_loss"] and p["train_loss"] > 0 and 0 < p["step"] <= r.total_steps:
-                phase = PHASES[min(math.ceil(3 * p["step"] / r.total_steps) - 1, 2)]
+                phase = names[min(math.ceil(n * p["step"] / r.total_steps) - 1, n - 1)]
                 pts[phase].append({"run": r.name, "alignment": p["mean_alignment"],
                                    "log_loss": math.log(p["train_loss"]), "optimiser": r.optimiser})
     out = []
-    for i, phase in enumerate(PHASES):
+    for i, phase in enumerate(names):
         df = pd.DataFrame(pts[phase], columns=["run", "alignment", "log_loss", "optimiser"])
-        row = {"phase": phase, "steps": f"({i}/3, {i + 1}/3] of training", "n_points": len(df),
+        row = {"phase": phase, "steps": f"({i}/{n}, {i + 1}/{n}] of training", "n_points": len(df),
                "n_runs": df["run"].nunique(), "n_optimisers": df["optimiser"].nunique()}
         notes = []
         for key, formula in (("loss", "alignment ~ log_loss"), ("optimiser", "alignment ~ C(optimiser)"),
@@ -658,6 +666,10 @@ def _fig_runs(runs: list[RunData], path: Path, x, xlabel: str, log_x: bool = Fal
     _save(fig, path, ax)
 
 
+def _parts(n: int) -> str:
+    return {1: "the whole", 2: "halves", 3: "thirds", 4: "quarters"}.get(n, f"{n} equal parts")
+
+
 def _fig_phases(rows: list[dict], path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.5, 3.4))
@@ -666,7 +678,7 @@ def _fig_phases(rows: list[dict], path: Path) -> None:
         ax.plot(x, [r[f"adj_r2_{key}"] if r[f"adj_r2_{key}"] is not None else np.nan for r in rows], style,
                 label=label)
     ax.set_xticks(x, [r["phase"] for r in rows])
-    ax.set_xlabel("phase of training (thirds of each run's steps)")
+    ax.set_xlabel(f"phase of training ({_parts(len(rows))} of each run's steps)")
     ax.set_ylabel("adjusted R² for alignment")
     ax.legend(fontsize=7, title="predictor", title_fontsize=7)
     _save(fig, path)
@@ -701,13 +713,15 @@ def _fig_bars(rows: list[dict], label: str, metrics: Sequence[str], path: Path) 
 
 
 def build_report(sweep_dir: str | Path, out: str | Path | None = None, *, coherence_min: float = COHERENCE_MIN,
-                 misaligned_below: float = MISALIGNED_BELOW, judge: str | None = None) -> Path:
+                 misaligned_below: float = MISALIGNED_BELOW, judge: str | None = None, phases: int = 3) -> Path:
     """Write ``report.md``, ``tables/*.csv`` and ``figures/*.png`` under ``out`` (default: the sweep dir).
     ``coherence_min`` / ``misaligned_below``: the scoring thresholds (the study's 50 and 30 by default); ``judge``:
-    whose scores where several judges scored the same answers (default: the API judge, when there is one)."""
+    whose scores where several judges scored the same answers (default: the API judge, when there is one);
+    ``phases``: how many equal phases of training the loss-or-optimiser regression compares (thirds by default)."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"{sweep_dir}: no such sweep directory")
+    phase_names(phases)  # a bad count fails before any work
     for key, v in (("coherence_min", coherence_min), ("misaligned_below", misaligned_below)):
         if not 0.0 <= float(v) <= 100.0:
             raise ValueError(f"{key} {v}: use a score from 0 to 100")
@@ -831,11 +845,12 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, *, cohere
                "![trajectories](figures/trajectories.png)", ""]
         # as the headline: with λ > 0 runs in the sweep, λ = 0 only (the regulariser is a treatment of its own)
         phase_runs = [r for r in traj_runs if r.lam == 0.0] if main_done is not done else traj_runs
-        rows = phase_regression(phase_runs)
+        rows = phase_regression(phase_runs, phases)
         _write_csv(out / "tables" / "phases.csv", rows)
         md += ["### Loss or optimiser: which predicts alignment, by phase of training", "",
                ("The evaluations above of the runs with λ = 0, " if phase_runs is not traj_runs else
-                "The evaluations above, ") + "split by the third of its run's training steps each falls in; per phase, "
+                "The evaluations above, ") + f"split into {_parts(phases)} of each run's training steps"
+               + (" (`--phases`)" if phases != 3 else "") + "; per phase, "
                "alignment regressed (OLS) on log(training loss), on the optimiser (categorical) and on both. Several "
                "evaluations of a run can fall in one phase, so these R² values describe rather than test. The study "
                "found the optimiser the better predictor late in training.", "",
@@ -849,7 +864,8 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, *, cohere
             md += ["![predictors by phase](figures/phases.png)", ""]
         if any(r.total_steps for r in phase_runs):
             _fig_runs([r for r in phase_runs if r.total_steps], out / "figures" / "dynamics.png",
-                      lambda r, p: p["step"] / r.total_steps, "fraction of training done", bounds=(1 / 3, 2 / 3))
+                      lambda r, p: p["step"] / r.total_steps, "fraction of training done",
+                      bounds=tuple(i / phases for i in range(1, phases)))
             md += ["Alignment over the course of training (dotted: the phases' bounds):", "",
                    "![alignment during training](figures/dynamics.png)", ""]
         unknown = [r.name for r in phase_runs if not r.total_steps]
@@ -945,12 +961,14 @@ def main(argv: list[str]) -> int:
                     help=f"answers judged less coherent are excluded (default {COHERENCE_MIN:g}, the study's)")
     ap.add_argument("--misaligned-below", type=float, default=MISALIGNED_BELOW,
                     help=f"an answer is misaligned below this alignment (default {MISALIGNED_BELOW:g}, the study's)")
+    ap.add_argument("--phases", type=int, default=3,
+                    help="equal phases of training for the loss-or-optimiser regression (default 3, thirds)")
     ap.add_argument("--judge", help="whose scores, where several judges scored the same answers (as in judged.jsonl's "
                                     "judge field, e.g. openai:gpt-4o-2024-08-06; default: the API judge, if any)")
     args = ap.parse_args(argv)
     try:
         path = build_report(args.sweep_dir, args.out, coherence_min=args.coherence_min,
-                            misaligned_below=args.misaligned_below, judge=args.judge)
+                            misaligned_below=args.misaligned_below, judge=args.judge, phases=args.phases)
     except (FileNotFoundError, ValueError) as e:
         print(f"emjax report: {e}", file=sys.stderr)
         return 2

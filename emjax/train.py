@@ -223,11 +223,30 @@ def jit_train_step(fn, trainable, opt_state, frozen, batch_sharding=None, lam_sh
     return jax.jit(fn, donate_argnums=(0, 1), out_shardings=(t_sh, o_sh, None), **kw)
 
 
-def make_eval_step(graphdef, *, loss_chunk: int = 0, attn_chunk: int = 0):
+def make_eval_step(graphdef, *, loss_chunk: int = 0, attn_chunk: int = 0, stacked: bool = False):
+    """Pure ``ev(trainable, frozen, batch) -> (NLL sum, loss positions)`` (``token_nll``, no gradient). ``stacked``:
+    ``trainable`` carries a pack's leading adapter axis and the results are (N,), one pass over the batch for all
+    adapters with the base read once (``emjax.lora.over_adapters``, as the pack's train step)."""
     def ev(trainable, frozen, batch):
         return token_nll(nnx.merge(graphdef, trainable, frozen), batch, loss_chunk=loss_chunk, attn_chunk=attn_chunk)
 
-    return jax.jit(ev)
+    if not stacked:
+        return ev
+
+    def ev_stacked(trainables, frozen, batch):
+        moe = any(shd.path_str(p).endswith("blocks/router") for p, _ in jax.tree_util.tree_leaves_with_path(frozen))
+        return loralib.over_adapters(ev, (0, None, None), sequential=moe)(trainables, frozen, batch)
+
+    return ev_stacked
+
+
+def jit_eval_step(fn, trainable, frozen, batch_sharding=None):
+    """``fn`` (``make_eval_step``) jitted with its input shardings stated, as ``jit_train_step`` does: the adapters
+    and the base where they were born, the batch on ``batch_sharding`` (nothing is donated: training goes on)."""
+    if batch_sharding is None:
+        return jax.jit(fn)
+    sharding_of = lambda tree: jax.tree_util.tree_map(lambda x: x.sharding, tree)  # noqa: E731
+    return jax.jit(fn, in_shardings=(sharding_of(trainable), sharding_of(frozen), batch_sharding))
 
 
 def flops_per_token(qc: qwen3.Qwen3Config, seq_len: int) -> float:
@@ -533,7 +552,16 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
         for r in runs:
             r.write(row)
 
-    eval_fn = make_eval_step(graphdef, loss_chunk=cfg.loss_chunk, attn_chunk=cfg.attn_chunk)
+    eval_fns: dict = {}  # batch sharding -> the pack's jitted validation step
+
+    def eval_fn(dev_batch):
+        """Every run's (NLL sum, count) on one validation batch, in one program for the whole pack."""
+        batch_sh = None if mesh is None else dev_batch["tokens"].sharding
+        if batch_sh not in eval_fns:
+            fn = make_eval_step(graphdef, loss_chunk=cfg.loss_chunk, attn_chunk=cfg.attn_chunk, stacked=n > 1)
+            eval_fns[batch_sh] = jit_eval_step(fn, trainable, frozen, batch_sh)
+        l, c = eval_fns[batch_sh](trainable, frozen, dev_batch)
+        return np.atleast_1d(np.asarray(l, np.float64)), np.atleast_1d(np.asarray(c, np.float64))
     compiled_steps: dict = {}  # batch shapes -> compiled step (pad mode has a few length buckets)
 
     def compile_step(dev_batch, local_shape):
@@ -611,7 +639,7 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
     val_done: dict[int, list] = {}
 
     def validate(step):
-        """Validation loss of every live run (one pass over the split, each batch evaluated for each adapter)."""
+        """Validation loss of every live run: one pass over the split, each batch one program for every adapter."""
         nonlocal val_loader
         if step in val_done:  # val_every hit the last step already
             return val_done[step]
@@ -621,17 +649,14 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
             val_loader.start_state = val_loader.get_state()
         loader = val_loader
         loader.set_state(loader.start_state)
-        ts = per_run(trainable)
         tot, cnt = np.zeros(n), np.zeros(n)
         for b, batch in enumerate(loader):
             if cfg.val_batches and b >= cfg.val_batches:
                 break
             if batch["tokens"].shape[0] != loader.local_batch_size:
                 continue  # a ragged tail batch would not shard evenly
-            dev = to_device(batch)
-            for i, _ in live():
-                l, c = eval_fn(ts[i], frozen, dev)
-                tot[i], cnt[i] = tot[i] + float(l), cnt[i] + float(c)
+            l, c = eval_fn(to_device(batch))
+            tot, cnt = tot + l, cnt + c
         vals = [None] * n
         for i, r in live():
             vals[i] = float(tot[i] / max(cnt[i], 1.0))

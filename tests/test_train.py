@@ -22,7 +22,8 @@ from emjax import config as cfglib
 from emjax import lora as loralib
 from emjax import sharding as shd
 from emjax.optim import OptimConfig, build
-from emjax.train import TrainError, _replicate_unsharded, build_model, jit_train_step, make_train_step, train
+from emjax.train import (TrainError, _replicate_unsharded, build_model, jit_eval_step, jit_train_step,
+                         make_eval_step, make_train_step, train)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -128,6 +129,39 @@ def test_sharded_step_equals_single_device(tmp_path, spectral_weight):
     for a, b in zip(jax.tree_util.tree_leaves(t1), jax.tree_util.tree_leaves(t2)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
     assert abs(float(m1["loss"]) - float(m2["loss"])) < 1e-6 * abs(float(m1["loss"]))  # fp32 sum order
+
+
+
+def test_pack_validation_is_one_sharded_program_equal_to_each_adapter(tmp_path):
+    """A pack's validation step (``make_eval_step(stacked=True)``) gives each adapter's own NLL sum and count in one
+    program; on the 2×2×2 mesh it takes the stacked adapters, the base and the batch where they were born (a
+    misplaced batch is an error) and equals one device within fp32 summation order."""
+    from emjax import multi
+
+    _, graphdef, t0, frozen = _tiny_split(tmp_path, seed=3)
+    t1 = _tiny_split(tmp_path, seed=4)[2]
+    batch = {k: jnp.asarray(v) for k, v in _batch(np.random.default_rng(1)).items()}
+    one = jax.jit(make_eval_step(graphdef))
+    ref = [one(t, frozen, batch) for t in (t0, t1)]
+    assert ref[0][0] != ref[1][0]  # the adapters differ, so a mix-up would show
+
+    mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    stacked = multi.stack([t0, t1])
+    s_t = jax.device_put(stacked, shd.adapter_stack_shardings(stacked, mesh))
+    s_frozen = jax.device_put(frozen, shd.state_shardings(frozen, mesh))
+    s_batch = {k: jax.device_put(v, shd.batch_sharding(mesh)) for k, v in batch.items()}
+    ev = jit_eval_step(make_eval_step(graphdef, stacked=True), s_t, s_frozen, shd.batch_sharding(mesh))
+    ins, _ = ev.lower(s_t, s_frozen, s_batch).compile().input_shardings
+    for tree, got in zip((s_t, s_frozen, s_batch), ins):
+        for x, g in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(got)):
+            assert g.is_equivalent_to(x.sharding, x.ndim), (g, x.sharding)
+    with pytest.raises(ValueError, match="does not match the sharding"):
+        ev(s_t, s_frozen, {k: jax.device_put(v, jax.NamedSharding(mesh, jax.P())) for k, v in batch.items()})
+    sums, counts = ev(s_t, s_frozen, s_batch)
+    assert sums.shape == counts.shape == (2,)
+    for i, (l, c) in enumerate(ref):
+        assert float(counts[i]) == float(c)
+        assert float(sums[i]) == pytest.approx(float(l), rel=1e-6)
 
 
 def test_penalty_adds_its_own_gradient(tmp_path):

@@ -308,7 +308,7 @@ def test_phases_which_predicts_alignment(tmp_path):
     and a run with no known length is named and left out."""
     root = tmp_path / "dyn"
     level = {"adam": 60.0, "lion": 40.0, "muon": 80.0}
-    pts = {ph: [] for ph in rp.PHASES}  # (alignment, log loss, optimiser) per phase
+    pts = {ph: [] for ph in rp.PHASES}  # (alignment, log loss, optimiser, step) per phase
     for i, (o, d) in enumerate((o, d) for o in level for d in ("insecure", "extreme_sports")):
         wd = make_run(root, o, d, 16, 0.0, 0.8, 70.0, 1)
         rows = []
@@ -318,7 +318,7 @@ def test_phases_which_predicts_alignment(tmp_path):
                      else level[o] + (0.5 if (i + s) % 2 else -0.5))
             rows += [{"step": s, "split": "train", "loss": loss},
                      {"step": s, "split": "eval", "eval/mean_alignment": align, "eval/misalignment_rate": 0.1}]
-            pts[rp.PHASES[(s - 1) // 3]].append((align, math.log(loss), o))
+            pts[rp.PHASES[(s - 1) // 3]].append((align, math.log(loss), o, s))
         (wd / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
         (wd / "final.json").write_text(json.dumps({"step": 9, "train_loss": loss, "total_steps": 9}))
     # a partial run with no final.json and no steps in its config: in the trajectories, not in the phases
@@ -343,6 +343,19 @@ def test_phases_which_predicts_alignment(tmp_path):
     for fig in ("phases", "dynamics"):
         assert (root / "figures" / f"{fig}.png").read_bytes()[:4] == b"\x89PNG"
     assert f"no length of training): {wd.name}" in md
+    # --phases 2: halves (steps 1–4 and 5–9 of 9, ⌈2·step/9⌉), the same least squares by hand
+    assert rp.main([str(root), "--phases", "2", "--out", str(tmp_path / "halves")]) == 0
+    got = {r["phase"]: r for r in read_csv(tmp_path / "halves" / "tables" / "phases.csv")}
+    assert list(got) == ["1/2", "2/2"] and got["2/2"]["steps"] == "(1/2, 2/2] of training"
+    halves = {h: [p for ph in rp.PHASES for p in pts[ph] if (p[3] <= 4) == (h == "1/2")] for h in got}
+    for h, ps in halves.items():
+        y, log_loss = np.array([p[0] for p in ps]), np.array([p[1] for p in ps])
+        r2, adj = _r2(y, np.stack([np.ones_like(y), log_loss], 1))
+        assert int(got[h]["n_points"]) == len(ps) == (24 if h == "1/2" else 30)
+        assert float(got[h]["adj_r2_loss"]) == pytest.approx(adj, abs=1e-9)
+    assert "split into halves of each run's training steps (`--phases`)" in (
+        tmp_path / "halves" / "report.md").read_text()
+    assert rp.main([str(root), "--phases", "0"]) == 2
 
 
 def test_spectral_from_metrics_rows_when_the_run_has_no_spectral_json(tmp_path):
