@@ -11,8 +11,8 @@ Reads every run directory under SWEEP_DIR (``config.yaml``, ``final.json``, ``me
 - alignment ~ log(final training loss) across runs (R², OLS) and stratified by optimiser (adjusted R² of
   ``C(optimiser) + log_loss`` and ``C(optimiser) * log_loss``), statsmodels;
 - (loss, alignment) trajectories from evaluations during training, and by phase of training (thirds of each run's
-  steps, or ``--phases N`` equal parts) whether the training loss or the optimiser better predicts alignment (the study: late in training, the
-  optimiser);
+  steps, or ``--phases N`` equal parts) whether the training loss or the optimiser better predicts alignment (the
+  study: late in training, the optimiser);
 - spectral metrics of the final adapters per optimiser (each run's mean over layers and modules, then over runs),
   and the mean normalised spectra σᵢ/σ₁ themselves;
 - the regulariser: per optimiser, mean Δ alignment / Δ final training loss between λ>0 runs and the λ=0 run that
