@@ -76,7 +76,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     use_compile_cache()
     module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except USER_ERRORS as e:
+        return user_error(f"emjax {name}", e)
+
+
+# What bad input raises (emjax's messages name the file, key, line or tensor): one line on stderr and exit status 2,
+# not a traceback, which is for debugging emjax itself (EMJAX_DEBUG=1 keeps it).
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def user_error(prog: str, e: BaseException) -> int:
+    if os.environ.get("EMJAX_DEBUG"):
+        raise e
+    print(f"{prog}: {type(e).__name__}: {e}\n(set EMJAX_DEBUG=1 for the traceback)", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Mapping, Optional, Sequence
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from emjax.data.pipeline import DataConfig
@@ -137,7 +138,13 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = (), schema=T
     try:
         if path is not None:
             where = str(find_config(path))
-            file_cfg = OmegaConf.load(where)
+            try:
+                file_cfg = OmegaConf.load(where)
+            except yaml.YAMLError as e:  # its text names the line and column
+                raise ConfigError(f"{where}: not valid YAML: {' '.join(str(e).split())}") from None
+            if not isinstance(file_cfg, DictConfig):
+                raise ConfigError(f"{where}: a config file is a mapping of keys to values, not a "
+                                  f"{type(file_cfg).__name__.removesuffix('Config').lower() or 'scalar'}")
             file_cfg.pop("sweep", None)  # sweep files carry their axes beside a base config
             base = OmegaConf.merge(base, file_cfg)
         for ov in overrides:
@@ -147,7 +154,8 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = (), schema=T
             base = OmegaConf.merge(base, OmegaConf.from_dotlist([ov]))
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or ""
-        raise ConfigError(f"{where}: bad config key {key!r}: {e.msg if hasattr(e, 'msg') else e}") from None
+        msg = str(e.msg if hasattr(e, "msg") else e).splitlines()  # the rest repeats the key and the schema's type
+        raise ConfigError(f"{where}: bad config key {key!r}: {msg[0] if msg else type(e).__name__}") from None
     return base
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import signal
 import sys
@@ -950,6 +949,8 @@ def main(argv: list[str]) -> int:
     import argparse
     import shlex
 
+    from emjax.cli import USER_ERRORS, user_error
+
     ap = argparse.ArgumentParser(
         prog="emjax train", description="LoRA fine-tuning from a config file. With --run, several runs that differ "
         "only in optimiser, spectral.weight, workdir (and seed, with model.checkpoint) train as one pack: their "
@@ -965,12 +966,8 @@ def main(argv: list[str]) -> int:
     try:
         cfgs = [cfglib.load(args.config, [*args.overrides, *shlex.split(r)]) for r in args.run or [""]]
         results = train_many(cfgs)
-    except (cfglib.ConfigError, TrainError, FileNotFoundError, KeyError, ValueError) as e:
-        # emjax's errors name the file, key or tensor; the traceback is for debugging emjax itself
-        if os.environ.get("EMJAX_DEBUG"):
-            raise
-        print(f"emjax train: {type(e).__name__}: {e}\n(set EMJAX_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 2
+    except (TrainError, *USER_ERRORS) as e:
+        return user_error("emjax train", e)
     for result in results:
         print(json.dumps({"workdir": str(result.workdir), "step": result.step, "train_loss": result.final_loss,
                           "val_loss": result.val_loss, "status": result.status}))

@@ -29,6 +29,23 @@ def test_unknown_command():
     assert cli.main([]) == 0
 
 
+def test_bad_input_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    """Every sub-command: an error emjax raises for bad input (here a model directory that is not a checkpoint, and a
+    config file that is not YAML) exits 2 with the message on one line; EMJAX_DEBUG=1 keeps the traceback."""
+    monkeypatch.delenv("EMJAX_DEBUG", raising=False)
+    argv = ["eval", "run", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "out"), "--limit", "1"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"emjax eval: FileNotFoundError: {tmp_path / 'nothing'}: not a checkpoint directory")
+    assert "Traceback" not in err and err.count("\n") == 2  # the message and the EMJAX_DEBUG hint
+    (tmp_path / "bad.yaml").write_text("steps: [\n")
+    assert cli.main(["train", str(tmp_path / "bad.yaml")]) == 2
+    assert "emjax train: ConfigError: " in capsys.readouterr().err
+    monkeypatch.setenv("EMJAX_DEBUG", "1")
+    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+        cli.main(argv)
+
+
 def test_compile_cache_dir_rules(tmp_path):
     home = {"HOME": str(tmp_path)}
     assert paths.compile_cache_dir(home) == tmp_path / ".cache" / "emjax" / "xla"

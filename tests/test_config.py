@@ -29,6 +29,23 @@ def test_overrides_and_errors(tmp_path):
     assert Path(cfglib.find_config("tiny")).name == "tiny.yaml"
 
 
+@pytest.mark.parametrize("text, match", [
+    ("steps: 3\ndata:\n  batch_size: [\n", r"bad.yaml: not valid YAML: .*line 4, column 1"),  # unclosed list
+    ("steps: 3\nsteps: 4\n", r"bad.yaml: not valid YAML: .*duplicate key steps.*line 2"),
+    ("- steps\n- 3\n", r"bad.yaml: a config file is a mapping of keys to values, not a list"),
+    ("data:\n  batch_size: many\n", r"bad.yaml: bad config key 'data.batch_size': Value 'many' .* could not be "
+                                      r"converted to Integer$"),
+])
+def test_a_malformed_config_file_is_one_error_naming_the_file(tmp_path, text, match):
+    """YAML syntax (with its line), a file that is not a mapping and a mistyped value: a ConfigError naming the file,
+    in one line (not a YAML traceback, nor OmegaConf's extra lines repeating the key)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(cfglib.ConfigError, match=match) as e:
+        cfglib.load(bad)
+    assert "\n" not in str(e.value)
+
+
 def test_per_group_learning_rates_from_the_command_line():
     """``optim.lr_scales`` as a whole mapping or one key at a time; a factor that is not a number names its key."""
     from emjax.optim import build
