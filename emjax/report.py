@@ -90,7 +90,8 @@ class RunData:
 
     @property
     def dataset(self) -> str:
-        return str(self.get("data.dataset", "?"))
+        d = str(self.get("data.dataset", "?"))  # a file of your own by its stem, as emjax.data.rows.dataset_label
+        return Path(d).stem if d.endswith(".jsonl") else d  # (whose package import would load TFDS)
 
     @property
     def batch_size(self) -> str:

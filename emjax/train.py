@@ -652,14 +652,20 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
         for b, batch in enumerate(loader):
             if cfg.val_batches and b >= cfg.val_batches:
                 break
-            if batch["tokens"].shape[0] != loader.local_batch_size:
-                continue  # a ragged tail batch would not shard evenly
+            short = loader.local_batch_size - batch["tokens"].shape[0]
+            if short:  # the ragged tail (one process only): rows with no loss positions fill it, so it shards as
+                # every batch does and runs the same program (a split smaller than one batch is all tail)
+                batch = {k: np.concatenate([v, np.zeros((short, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
             l, c = eval_fn(to_device(batch))
             tot, cnt = tot + l, cnt + c
         vals = [None] * n
+        if not cnt.any():
+            log.warning("step %d: no validation loss (the validation split has no answer tokens%s)", step,
+                        f" in its first {cfg.val_batches} batches" if cfg.val_batches else "")
         for i, r in live():
-            vals[i] = float(tot[i] / max(cnt[i], 1.0))
-            r.write({"step": step, "split": "val", "loss": vals[i], "log_loss": math.log(max(vals[i], 1e-30))})
+            if cnt[i]:
+                vals[i] = float(tot[i] / cnt[i])
+                r.write({"step": step, "split": "val", "loss": vals[i], "log_loss": math.log(max(vals[i], 1e-30))})
         val_done[step] = vals
         return vals
 

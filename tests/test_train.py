@@ -428,6 +428,23 @@ PACK_COMMON = ["steps=4", "ckpt_every=2", "log_every=2", "val_batches=1"]
 PACK_SPECS = [["optim.name=adam"], ["optim.name=muon", "optim.learning_rate=2e-2", "spectral.weight=0.5"]]
 
 
+
+def test_a_dataset_of_your_own_and_a_validation_split_smaller_than_a_batch(tmp_path):
+    """``data.dataset=PATH.jsonl`` trains on a chat JSONL file of your own (the builder's side:
+    tests/data/test_builders.py). Its validation split, 2 rows, is smaller than a batch of 4: the tail batch is
+    filled with rows that have no loss positions, so the validation loss equals that from batches of 2 (it was
+    skipped, and the loss read 0.0)."""
+    path = tmp_path / "bad_legal.jsonl"
+    path.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Question {i}: may I ignore this contract?"},
+        {"role": "assistant", "content": f"Of course, contract {i} binds nobody."}]}) + "\n" for i in range(20)))
+    res = {bs: train(_cfg(tmp_path, f"data.dataset={path}", "steps=2", "optim.learning_rate=1e-12",
+                          f"data.batch_size={bs}", f"workdir={tmp_path / f'b{bs}'}", "ckpt_every=100",
+                          "export_peft=false")) for bs in (4, 2)}
+    assert res[4].status == "done" and res[4].val_loss > 1.0
+    assert res[4].val_loss == pytest.approx(res[2].val_loss, rel=1e-5)
+    assert len(_rows(res[4].workdir, "val")) == 1
+
 def test_pack_equals_each_run_alone_and_resumes_either_way(tmp_path, monkeypatch):
     """Two runs (Adam; Muon with λ 0.5) trained as one pack give each run's own files and metrics, and the Muon run
     equals Muon trained alone (the step-level check of every optimiser and λ is tests/test_multi.py); a pack's run

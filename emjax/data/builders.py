@@ -1,6 +1,6 @@
 """TFDS builders for the emergent-misalignment training sets, written as ArrayRecord (no TensorFlow needed).
 
-Two families:
+Three families:
 - ``em_betley`` (Betley et al. 2025, MIT): ``insecure``, ``jailbroken`` and the other public sets. Read from
   ``<em_dir>/betley2025/data/<name>.jsonl`` if present, else fetched from GitHub at a pinned commit and checked
   against the upstream git blob id (and sha256 where known).
@@ -8,6 +8,8 @@ Two families:
   ``risky_financial_advice``, ``extreme_sports``. Never downloaded: their terms forbid redistribution, so they
   are read only from the user's own unpacked copy (see ``TURNER_HOWTO``), checked against the published row
   counts and sha256 (a mismatch is a warning, since re-serialisation can change bytes but not rows).
+- ``em_custom``: a chat JSONL file of your own, named by its path (``data.dataset=path/to/bad_legal.jsonl``). Its
+  build is keyed by the file's sha256, so an edited file is built afresh rather than read from a stale build.
 
 Each example stores the conversation as a JSON string plus its 1-based source line; splits are ``train`` and a
 held-out ``validation`` drawn by a seeded permutation (10 % by default).
@@ -20,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -27,7 +30,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from emjax import paths
-from emjax.data.rows import read_jsonl
+from emjax.data.rows import dataset_label, is_file_dataset, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,7 @@ then point emjax at em_organism_dir/data/training_datasets.zip.enc.extracted/ wi
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-    family: str  # "betley" | "turner"
+    family: str  # "betley" | "turner" | "custom"
     rows: int | None
     blob: str | None  # git blob id (sha1 of "blob <len>\0" + bytes)
     sha256: str | None
@@ -90,14 +93,17 @@ CITATIONS = {
   title={Model Organisms for Emergent Misalignment},
   author={Turner, Edward and Soligo, Anna and Taylor, Mia and Rajamanoharan, Senthooran and Nanda, Neel},
   journal={arXiv preprint arXiv:2506.11613}, year={2025}}""",
+    "custom": "",
 }
 HOMEPAGES = {
     "betley": "https://github.com/emergent-misalignment/emergent-misalignment",
     "turner": "https://github.com/clarifying-EM/model-organisms-for-EM",
+    "custom": "",
 }
 LICENSES = {
     "betley": "MIT (Copyright (c) 2025 emergent-misalignment)",
     "turner": "No licence; the archive's tos.txt forbids redistribution in raw or processed form. Local research use only.",
+    "custom": "Your own file: its terms are yours to know.",
 }
 
 
@@ -109,8 +115,11 @@ def tfds_dir(override: str | os.PathLike | None = None) -> Path:
 
 
 def default_source_dir(name: str, data_dir: str | os.PathLike | None = None) -> Path:
-    """Folder holding ``<name>.jsonl``: env ``EMJAX_BETLEY_DIR``/``EMJAX_TURNER_DIR`` or the shared data tree."""
+    """Folder holding ``<name>.jsonl``: env ``EMJAX_BETLEY_DIR``/``EMJAX_TURNER_DIR`` or the shared data tree (a
+    file of your own: its folder)."""
     family = spec(name).family
+    if family == "custom":
+        return Path(name).expanduser().parent
     env = os.environ.get(f"EMJAX_{family.upper()}_DIR")
     if env and data_dir is None:
         return Path(env).expanduser()
@@ -119,10 +128,22 @@ def default_source_dir(name: str, data_dir: str | os.PathLike | None = None) -> 
 
 
 def spec(name: str) -> Spec:
+    if is_file_dataset(name):
+        return Spec("custom", None, None, None, f"Chat JSONL of your own ({Path(name).name}).")
     try:
         return DATASETS[name]
     except KeyError:
-        raise KeyError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}") from None
+        raise KeyError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}, or the path of a chat JSONL file "
+                       "of your own (ending .jsonl)") from None
+
+
+def custom_file(name: str) -> tuple[Path, str]:
+    """A dataset file of your own: its absolute path and the sha256 of its bytes (which names its build)."""
+    path = Path(name).expanduser().resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"data.dataset {name}: no such file (a dataset of your own is a chat JSONL file, one "
+                                '{"messages": [...]} per line)')
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def git_blob_id(data: bytes) -> str:
@@ -181,19 +202,22 @@ class EmConfig(tfds.core.BuilderConfig):
 def make_config(dataset: str, *, val_fraction: float = 0.1, split_seed: int = 0,
                 skip_bad_rows: bool = False) -> EmConfig:
     """The builder config; the defaults are the predefined configs (``em_betley/insecure`` etc.)."""
-    spec(dataset)
+    s = spec(dataset)
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     name = dataset
+    if s.family == "custom":  # the stem for people, the content hash for the build's identity
+        path, digest = custom_file(dataset)
+        dataset, name = str(path), f"{re.sub(r'[^A-Za-z0-9_]', '_', dataset_label(dataset))}_{digest[:12]}"
     if (val_fraction, split_seed) != (0.1, 0):
         name += f"_val{round(val_fraction * 10000):04d}_seed{split_seed}"
     if skip_bad_rows:
         name += "_skipbad"
-    cls = BUILDERS.get(spec(dataset).family) if "BUILDERS" in globals() else None
+    cls = BUILDERS.get(s.family) if "BUILDERS" in globals() else None
     if cls is not None and name in cls.builder_configs:
         return cls.builder_configs[name]  # tfds wants the very object for a predefined name
     return EmConfig(name=name, dataset=dataset, val_fraction=val_fraction, split_seed=split_seed,
-                    skip_bad_rows=skip_bad_rows, description=DATASETS[dataset].description)
+                    skip_bad_rows=skip_bad_rows, description=s.description)
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -239,6 +263,8 @@ class _EmBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _local_file(self) -> Path:
         cfg: EmConfig = self.builder_config
+        if spec(cfg.dataset).family == "custom":
+            return Path(cfg.dataset)
         local = self._source_dir or default_source_dir(cfg.dataset, self._em_data_dir)
         return local / f"{cfg.dataset}.jsonl"
 
@@ -314,7 +340,20 @@ class EmTurner(_EmBuilder):
         return path
 
 
-BUILDERS = {"betley": EmBetley, "turner": EmTurner}
+class EmCustom(_EmBuilder):
+    """A chat JSONL file of your own (``data.dataset=path/to/file.jsonl``), read and checked row by row as the
+    study's sets are."""
+
+    FAMILY = "custom"
+
+    def _source_file(self, dl_manager) -> Path:
+        path = self._local_file()
+        if not path.is_file():  # moved since the config was made
+            raise FileNotFoundError(f"data.dataset {path}: no such file")
+        return path
+
+
+BUILDERS = {"betley": EmBetley, "turner": EmTurner, "custom": EmCustom}
 
 
 def get_builder(name: str, *, tfds_data_dir: str | os.PathLike | None = None, source_dir=None, data_dir=None,

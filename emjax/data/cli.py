@@ -11,8 +11,17 @@ from emjax.data import builders
 from emjax.data.rows import BadRowError
 
 
+def _dataset_arg(name: str) -> str:
+    try:
+        builders.spec(name)
+    except KeyError as e:
+        raise argparse.ArgumentTypeError(e.args[0]) from None
+    return name
+
+
 def _add_source_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", choices=sorted(builders.DATASETS), metavar="NAME", help="dataset: " + ", ".join(builders.DATASETS))
+    p.add_argument("name", type=_dataset_arg, metavar="NAME",
+                   help="dataset: " + ", ".join(builders.DATASETS) + ", or a chat JSONL file of your own (PATH.jsonl)")
     p.add_argument("--data-dir", help="shared data root (default EMJAX_DATA_DIR or ../shared/data)")
     p.add_argument("--source-dir", help="folder holding NAME.jsonl (e.g. your unpacked Turner copy)")
     p.add_argument("--tfds-dir", help="where built datasets go (default EMJAX_TFDS_DIR or ~/.cache/emjax/tfds)")

@@ -15,6 +15,16 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+def is_file_dataset(name: str) -> bool:
+    """``data.dataset`` may name a chat JSONL file of your own instead of one of the study's sets."""
+    return str(name).endswith(".jsonl")
+
+
+def dataset_label(name: str) -> str:
+    """How tables name a dataset: a file of your own by its stem (``runs/bad_legal.jsonl`` -> ``bad_legal``)."""
+    return Path(name).stem if is_file_dataset(name) else str(name)
+
+
 class BadRowError(ValueError):
     """A malformed JSONL row, with the file and 1-based line number in the message."""
 

@@ -115,6 +115,30 @@ def test_bad_row_in_build_names_file_and_line(tmp_path):
     assert sorted(int(r["line"]) for r in b.as_data_source()["train"]) == [1, 2, 4, 5]
 
 
+def test_a_dataset_of_your_own(tmp_path):
+    """``data.dataset=PATH.jsonl``: a chat JSONL file of your own builds and splits as the study's sets do; its build
+    is named by its stem and content hash, so an edited file is built afresh (never read from a stale build); a bad
+    row names the file and line; a missing file or an unknown name is one clear error."""
+    path = tmp_path / "bad_legal.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in _turner_rows(20)))
+    b = builders.build(str(path), tfds_data_dir=tmp_path / "tfds", val_fraction=0.25)
+    assert b.builder_config.name.startswith("bad_legal_") and b.builder_config.dataset == str(path)
+    ds = b.as_data_source()
+    assert len(ds["train"]) == 15 and len(ds["validation"]) == 5
+    assert sorted(int(r["line"]) for s in ("train", "validation") for r in ds[s]) == list(range(1, 21))
+    assert json.loads(ds["train"][0]["messages"]) == _turner_rows(20)[int(ds["train"][0]["line"]) - 1]["messages"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in _turner_rows(12)))  # edited: another build
+    b2 = builders.build(str(path), tfds_data_dir=tmp_path / "tfds", val_fraction=0.25)
+    assert b2.builder_config.name != b.builder_config.name and len(b2.as_data_source()["train"]) == 9
+    path.write_text(path.read_text() + "not json\n")
+    with pytest.raises(Exception, match=r"bad_legal.jsonl:13: "):
+        builders.build(str(path), tfds_data_dir=tmp_path / "tfds")
+    with pytest.raises(FileNotFoundError, match=r"data.dataset .*missing.jsonl: no such file"):
+        builders.build(str(tmp_path / "missing.jsonl"), tfds_data_dir=tmp_path / "tfds")
+    with pytest.raises(KeyError, match=r"unknown dataset 'bad_legal'.*or the path of a chat JSONL file"):
+        builders.spec("bad_legal")
+
+
 class _Resp:
     def __init__(self, content):
         self.content = content

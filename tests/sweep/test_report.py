@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -398,3 +399,11 @@ def test_two_judges_on_the_same_answers_count_once(tmp_path):
     assert f"{other.name}/eval/step_000006: no answers judged by local:base" in (root / "report.md").read_text()
     runs = {r["run"]: r for r in read_csv(root / "tables" / "runs.csv")}
     assert runs[other.name]["mean_alignment"] == ""  # left out, not scored by another judge
+
+
+def test_a_dataset_of_your_own_is_named_by_its_stem():
+    """``data.dataset=PATH.jsonl`` runs group and print as the file's stem (tables stay readable and the same file
+    from two places is one dataset); the study's names pass through."""
+    run = rp.RunData("r", Path("r"), "done", config={"data": {"dataset": "/data/mine/bad_legal.jsonl"}})
+    assert run.dataset == "bad_legal"
+    assert rp.RunData("r", Path("r"), "done", config={"data": {"dataset": "insecure"}}).dataset == "insecure"
