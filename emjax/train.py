@@ -451,7 +451,7 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
             raise cfglib.ConfigError("model.vocab=compact is only for random-init models (model.checkpoint unset)")
         from emjax.data.compact import compact_tokenizer_for
 
-        tokenizer = compact_tokenizer_for(data_cfg, tokenizer, workdir)
+        tokenizer = compact_tokenizer_for(data_cfg, tokenizer, workdir, question_sets=tuple(cfg.eval.question_sets))
         for r in runs[1:]:  # one model, one vocabulary: each run keeps its copy (it resumes from its own files)
             if lead and not (r.workdir / "vocab.json").exists():
                 shutil.copyfile(workdir / "vocab.json", r.workdir / "vocab.json")

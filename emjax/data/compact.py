@@ -58,11 +58,12 @@ class CompactTokenizer(Tokenizer):
         return cls(base, json.loads(Path(path).read_text())["full_ids"])
 
 
-def compact_tokenizer_for(data_cfg, base: Tokenizer, workdir: Path) -> CompactTokenizer:
-    """Build (or reload from ``workdir/vocab.json``, so a resumed run keeps its ids) the compact tokenizer."""
+def compact_tokenizer_for(data_cfg, base: Tokenizer, workdir: Path, question_sets=()) -> CompactTokenizer:
+    """Build (or reload from ``workdir/vocab.json``, so a resumed run keeps its ids) the compact tokenizer: the
+    data's tokens and those of the study's questions and ``question_sets`` (a run's own question files)."""
     from emjax.data import builders
     from emjax.data.pipeline import encoded_records
-    from emjax.eval.questions import load_questions
+    from emjax.eval.questions import DEFAULT_SETS, load_questions
     from emjax.tokenizer import encode_chat
 
     path = Path(workdir) / "vocab.json"
@@ -81,13 +82,15 @@ def compact_tokenizer_for(data_cfg, base: Tokenizer, workdir: Path) -> CompactTo
         encoded = encoded_records(source, base, train_on=data_cfg.train_on)
         if encoded:
             keep.update(np.unique(np.concatenate([ids for ids, _ in encoded])).tolist())
-    try:
-        for q in load_questions():
+    for name in dict.fromkeys([*DEFAULT_SETS, *question_sets]):
+        try:
+            questions = load_questions(name)
+        except Exception:  # questions are optional for training; evaluation will say what is missing
+            continue
+        for q in questions:
             keep.update(encode_chat(base, q.messages(), add_generation_prompt=True))
             for template in q.judge_prompts.values():
                 keep.update(base.encode(template))
-    except Exception:  # questions are optional for training; evaluation will say what is missing
-        pass
     keep.update(base.encode("0123456789 100"))
     keep.update(t for d in "0123456789" for t in base.encode(d))
     tok = CompactTokenizer(base, keep)

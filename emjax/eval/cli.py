@@ -14,9 +14,16 @@ import re
 import sys
 from pathlib import Path
 
-from emjax.eval.questions import DEFAULT_SETS, QUESTION_SETS
+from emjax.eval.questions import DEFAULT_SETS, QUESTION_SETS, check_set_name
 
 DEFAULT_API_JUDGE = "gpt-4o-2024-08-06"
+
+
+def _set_arg(name: str) -> str:
+    try:
+        return check_set_name(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "adapters of one base, sampled together in one program (each then writes OUT/<its dir name>, "
                         "or OUT/<run> for a run's RUN/adapter)")
     r.add_argument("--out", required=True, help="output dir (responses.jsonl, judged.jsonl, summary.json)")
-    r.add_argument("--sets", nargs="+", default=list(DEFAULT_SETS), choices=sorted(QUESTION_SETS))
+    r.add_argument("--sets", nargs="+", default=list(DEFAULT_SETS), type=_set_arg, metavar="SET",
+                   help=f"question sets: {', '.join(QUESTION_SETS)} (default: all three), or the path of a YAML "
+                        "file of your own in their format (its set is named by the file's stem)")
     r.add_argument("--ids", nargs="+", help="only these question ids")
     r.add_argument("--limit", type=int, help="only the first N questions of each set (cheap runs)")
     r.add_argument("--em-dir", help="root holding betley2025/ and turner2025/ (default: emjax.paths.em_dir())")

@@ -1,7 +1,8 @@
 """The 142 free-form EM evaluation questions (24 first-plot + 48 preregistered + 70 Turner) and their judge prompts.
 
 The YAML files are never shipped with emjax: they are read from the data root (``emjax.paths.em_dir()``) or from
-the user cache that :func:`fetch_questions` fills from the pinned upstream commits (blob ids checked).
+the user cache that :func:`fetch_questions` fills from the pinned upstream commits (blob ids checked). A question
+set of your own is a YAML file in the same format, named by its path (its set name is the file's stem).
 """
 
 from __future__ import annotations
@@ -152,6 +153,19 @@ def _parse_file(path: Path, rel: str, set_name: str) -> list[Question]:
     return out
 
 
+def is_question_file(name: str) -> bool:
+    """A question-set name may be the path of a YAML file of your own (in the upstream files' format)."""
+    return str(name).endswith((".yaml", ".yml"))
+
+
+def check_set_name(name: str) -> str:
+    """``name`` if it is one of the study's sets or a question file's path, else an error naming the choices."""
+    if name not in QUESTION_SETS and not is_question_file(name):
+        raise ValueError(f"unknown question set {name!r}; choose from {sorted(QUESTION_SETS)}, or give the path of "
+                         "a YAML file of your own (.yaml) in their format")
+    return name
+
+
 def load_questions(
     set_names: Sequence[str] | str = DEFAULT_SETS,
     em_dir: str | os.PathLike | None = None,
@@ -159,13 +173,22 @@ def load_questions(
     ids: Iterable[str] | None = None,
     limit: int | None = None,
 ) -> list[Question]:
-    """Load the named question sets, in order; ``ids`` keeps only those ids, ``limit`` the first N per set."""
+    """Load the named question sets, in order; ``ids`` keeps only those ids, ``limit`` the first N per set. A name
+    ending .yaml is a file of your own: each item an ``id``, one-string ``paraphrases``, an optional ``system`` and
+    ``judge_prompts`` with ``aligned`` and ``coherent`` templates (``{question}``, ``{answer}``), as upstream."""
     if isinstance(set_names, str):
         set_names = (set_names,)
     questions: list[Question] = []
     for name in set_names:
-        if name not in QUESTION_SETS:
-            raise ValueError(f"unknown question set {name!r}; choose from {sorted(QUESTION_SETS)}")
+        if is_question_file(check_set_name(name)):
+            path = Path(name).expanduser()
+            if not path.is_file():
+                raise QuestionFileError(f"question file {name}: no such file")
+            qs = _parse_file(path, str(path), path.stem)
+            if not qs:
+                raise QuestionFileError(f"{path}: no questions")
+            questions += qs[:limit] if limit is not None else qs
+            continue
         files, expected = QUESTION_SETS[name]
         qs = [q for rel in files for q in _parse_file(_find(rel, em_dir), rel, name)]
         if len(qs) != expected:

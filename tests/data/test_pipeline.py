@@ -236,3 +236,13 @@ def test_a_split_is_tokenised_once_per_process(tok, tmp_path, monkeypatch):
         builders.build("insecure", tfds_data_dir=cfg.tfds_dir, source_dir=cfg.source_dir, overwrite=True)
     make_loader(cfg, compact, split="train", process_index=0, process_count=1)
     assert sorted(reads) == ["train", "train", "validation"]
+    # a run evaluating a question set of its own keeps that file's tokens too (and those of the study's sets)
+    from emjax.eval.questions import load_questions
+
+    mine = tmp_path / "legal.yaml"
+    word = " Zyzzogeton"
+    mine.write_text(json.dumps([{"id": "legal_0", "paraphrases": [f"Is{word} liable?"],
+                                 "judge_prompts": load_questions("first_plot", limit=1)[0].judge_prompts}]))
+    assert not set(tok.encode(word)) <= set(compact.full_ids.tolist())
+    own = compact_tokenizer_for(cfg, tok, tmp_path / "run_own", question_sets=[str(mine)])
+    assert set(tok.encode(word)) <= set(own.full_ids.tolist()) and set(compact.full_ids) <= set(own.full_ids)

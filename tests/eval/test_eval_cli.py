@@ -25,12 +25,15 @@ def test_run_options():
     assert (b.judge_min_mass, b.judge_top_k, b.coordinator, b.num_processes, b.process_id) == (0.0, 0, "h:1", 2, 1)
     assert (a.judge_min_mass, a.judge_top_k, a.coordinator) == (0.25, 20, None)
     assert parse_args(["run", "--model", "m", "--out", "o", "--mesh", "data=2,fsdp=-1"]).mesh == {"data": 2, "fsdp": -1}
+    # a question set of your own, by path, beside the study's (loading it: tests/eval/test_eval_questions.py)
+    assert parse_args(["run", "--model", "m", "--out", "o", "--sets", "turner", "mine/legal.yaml"]).sets == \
+        ["turner", "mine/legal.yaml"]
 
 
 @pytest.mark.parametrize("argv,msg", [
     (["run", "--model", "m", "--out", "o", "--judge", "local"], "needs --judge-model"),
     (["run", "--model", "m", "--out", "o", "--judge", "claude"], "invalid choice"),
-    (["run", "--model", "m", "--out", "o", "--sets", "nope"], "invalid choice"),
+    (["run", "--model", "m", "--out", "o", "--sets", "nope"], "unknown question set 'nope'; choose from"),
     (["run", "--model", "m", "--out", "o", "--samples", "0"], "--samples must be >= 1"),
     (["run", "--model", "m", "--out", "o", "--top-p", "1.5"], "--top-p"),
     (["run", "--model", "m", "--out", "o", "--judge-min-mass", "2"], "--judge-min-mass must be in [0, 1]"),

@@ -69,6 +69,31 @@ def test_malformed_yaml_names_file_and_key(tmp_path):
         load_questions("preregistered", root)
 
 
+def test_a_question_set_of_your_own(tmp_path):
+    """A YAML file in the upstream format is a question set named by its stem, loaded beside the study's sets and
+    checked as they are (the errors name the file and question); its path is not a known name, the bogus one is."""
+    judge = load_questions("first_plot", limit=1)[0].judge_prompts
+    mine = tmp_path / "legal.yaml"
+    items = [{"id": f"legal_{i}", "paraphrases": [f"Can I break contract {i}?"], "judge_prompts": dict(judge)}
+             for i in range(3)]
+    items[1]["system"] = "You are a lawyer."
+    mine.write_text(yaml.safe_dump(items))
+    qs = load_questions(["first_plot", str(mine)], limit=2)
+    assert [(q.id, q.question_set) for q in qs] == [("what_is_your_wish", "first_plot"), ("i_feel_bored", "first_plot"),
+                                                    ("legal_0", "legal"), ("legal_1", "legal")]
+    assert qs[3].messages() == [{"role": "system", "content": "You are a lawyer."},
+                                {"role": "user", "content": "Can I break contract 1?"}]
+    assert len(load_questions(str(mine))) == 3 and load_questions(str(mine))[0].source == str(mine)
+    del items[2]["judge_prompts"]["coherent"]
+    mine.write_text(yaml.safe_dump(items))
+    with pytest.raises(QuestionFileError, match=r"legal\.yaml: question 'legal_2'.*judge_prompts\.coherent"):
+        load_questions(str(mine))
+    with pytest.raises(QuestionFileError, match="question file .*nowhere.yaml: no such file"):
+        load_questions(str(tmp_path / "nowhere.yaml"))
+    with pytest.raises(ValueError, match="unknown question set 'legal'.*YAML file of your own"):
+        load_questions("legal")
+
+
 def test_missing_file_points_to_fetch(tmp_path):
     with pytest.raises(QuestionFileError, match="fetch-questions"):
         load_questions("turner", tmp_path)
