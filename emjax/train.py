@@ -303,6 +303,26 @@ def _check_compatible(workdir: Path, cfg) -> None:
             else:
                 detail = f"{section}: saved {a!r}, now {b!r}"
             raise TrainError(f"{saved_path}: incompatible checkpoint — {detail}. Use a new workdir to start afresh.")
+    ident, saved = _dataset_identity(cfg), workdir / "dataset.json"
+    if ident and saved.exists():
+        old = json.loads(saved.read_text()).get("sha256", "")
+        if old != ident["sha256"]:
+            raise TrainError(f"data.dataset {ident['dataset']}: the file changed since this run's checkpoints were "
+                             f"written (sha256 {old[:12]}… then, {ident['sha256'][:12]}… now), so resuming would go on "
+                             "over other rows. Restore the file, or use a new workdir to start afresh.")
+
+
+def _dataset_identity(cfg) -> dict | None:
+    """A dataset file of your own: its path and the sha256 of its bytes, kept in the work directory so a resumed run
+    knows the file is the one it started on (the study's sets are checked against their published sums instead)."""
+    from emjax.data.rows import is_file_dataset
+
+    if not is_file_dataset(cfg.data.dataset):
+        return None
+    from emjax.data.builders import custom_file
+
+    path, digest = custom_file(cfg.data.dataset)
+    return {"dataset": str(path), "sha256": digest}
 
 
 @dataclass
@@ -339,6 +359,9 @@ class _RunFiles:
         if not self.lead:
             return
         (self.workdir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg))
+        ident = _dataset_identity(self.cfg)
+        if ident:
+            (self.workdir / "dataset.json").write_text(json.dumps(ident, indent=1))
         self.metrics_f = open(self.workdir / "metrics.jsonl", "a")
         try:
             self.tb = _tensorboard_writer(self.workdir / "tb")
