@@ -665,6 +665,8 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
         nonlocal val_loader
         if step in val_done:  # val_every hit the last step already
             return val_done[step]
+        if not data_cfg.val_fraction:  # nothing held out: no validation loss (val and final.json's val_loss empty)
+            return [None] * n
         if val_loader is None:  # tokenise the split once; later validations rewind the iterator
             val_cfg = cfglib.replace(data_cfg, num_epochs=1, shuffle=False, drop_remainder=jax.process_count() > 1)
             val_loader = make_loader(val_cfg, tokenizer, split="validation")
