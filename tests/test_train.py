@@ -433,8 +433,8 @@ def test_a_dataset_of_your_own_and_a_validation_split_smaller_than_a_batch(tmp_p
     """``data.dataset=PATH.jsonl`` trains on a chat JSONL file of your own (the builder's side:
     tests/data/test_builders.py). Its validation split, 2 rows, is smaller than a batch of 4: the tail batch is
     filled with rows that have no loss positions, so the validation loss equals that from batches of 2 (it was
-    skipped, and the loss read 0.0); with none held out there is no validation loss. A run does not resume over an
-    edited file."""
+    skipped, and the loss read 0.0); with none held out there is no validation loss. Without ``steps`` the epochs
+    give the length. A run does not resume over an edited file."""
     path = tmp_path / "bad_legal.jsonl"
     path.write_text("".join(json.dumps({"messages": [
         {"role": "user", "content": f"Question {i}: may I ignore this contract?"},
@@ -445,6 +445,12 @@ def test_a_dataset_of_your_own_and_a_validation_split_smaller_than_a_batch(tmp_p
     assert res[4].status == "done" and res[4].val_loss > 1.0
     assert res[4].val_loss == pytest.approx(res[2].val_loss, rel=1e-5)
     assert len(_rows(res[4].workdir, "val")) == 1
+    # without `steps`, the epochs set the length: 18 training rows in batches of 4 are 4 steps, 5 with the short
+    # last batch kept, and 9 over two epochs (the second epoch's batches start within the first's last)
+    for extra, want in ((["data.drop_remainder=false"], 5), (["data.num_epochs=2"], 9)):
+        r = train(_cfg(tmp_path, f"data.dataset={path}", "steps=null", "data.batch_size=4", *extra,
+                       f"workdir={tmp_path / str(want)}", "ckpt_every=100", "export_peft=false", "log_every=1"))
+        assert r.step == want and [x["step"] for x in _rows(r.workdir)] == list(range(1, want + 1)), extra
     # nothing held out (val_fraction 0): no validation loss, and the run finishes (it failed at its end before)
     none = train(_cfg(tmp_path, f"data.dataset={path}", "steps=2", "data.batch_size=4", "data.val_fraction=0",
                       "val_every=1", f"workdir={tmp_path / 'v0'}", "ckpt_every=100", "export_peft=false"))
