@@ -586,6 +586,7 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
             eval_fns[batch_sh] = jit_eval_step(fn, trainable, frozen, batch_sh)
         l, c = eval_fns[batch_sh](trainable, frozen, dev_batch)
         return np.atleast_1d(np.asarray(l, np.float64)), np.atleast_1d(np.asarray(c, np.float64))
+
     compiled_steps: dict = {}  # batch shapes -> compiled step (pad mode has a few length buckets)
 
     def compile_step(dev_batch, local_shape):
@@ -667,11 +668,16 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
         nonlocal val_loader
         if step in val_done:  # val_every hit the last step already
             return val_done[step]
-        if not data_cfg.val_fraction:  # nothing held out: no validation loss (val and final.json's val_loss empty)
+        if not data_cfg.val_fraction or val_loader is False:  # nothing held out: no validation loss
             return [None] * n
         if val_loader is None:  # tokenise the split once; later validations rewind the iterator
             val_cfg = cfglib.replace(data_cfg, num_epochs=1, shuffle=False, drop_remainder=jax.process_count() > 1)
-            val_loader = make_loader(val_cfg, tokenizer, split="validation")
+            try:
+                val_loader = make_loader(val_cfg, tokenizer, split="validation")
+            except KeyError as e:  # val_fraction rounded to no rows of a small dataset
+                log.warning("no validation loss: %s", e.args[0])
+                val_loader = False
+                return [None] * n
             val_loader.start_state = val_loader.get_state()
         loader = val_loader
         loader.set_state(loader.start_state)

@@ -455,6 +455,12 @@ def test_a_dataset_of_your_own_and_a_validation_split_smaller_than_a_batch(tmp_p
     none = train(_cfg(tmp_path, f"data.dataset={path}", "steps=2", "data.batch_size=4", "data.val_fraction=0",
                       "val_every=1", f"workdir={tmp_path / 'v0'}", "ckpt_every=100", "export_peft=false"))
     assert none.status == "done" and none.val_loss is None and not _rows(none.workdir, "val")
+    # nor where val_fraction 0.1 of 4 rows rounds to none
+    four = tmp_path / "four.jsonl"
+    four.write_text("".join(path.read_text().splitlines(keepends=True)[:4]))
+    none = train(_cfg(tmp_path, f"data.dataset={four}", "steps=2", "data.batch_size=2", f"workdir={tmp_path / 'f'}",
+                      "ckpt_every=100", "export_peft=false"))
+    assert none.status == "done" and none.val_loss is None and not _rows(none.workdir, "val")
     # the file edited under a run that has checkpoints: resuming it is refused, naming the file
     assert json.loads((res[4].workdir / "dataset.json").read_text())["dataset"] == str(path)
     path.write_text(path.read_text().replace("binds nobody", "binds nobody at all"))

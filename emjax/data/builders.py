@@ -380,7 +380,8 @@ def data_source(name: str, split: str, **kwargs):
     b = build(name, **kwargs)
     sources = b.as_data_source()
     if split not in sources:
-        raise KeyError(f"{name}: no split {split!r} (have {sorted(sources)}); val_fraction=0 has no validation")
+        raise KeyError(f"{name}: no split {split!r} (have {sorted(sources)}); the validation split is empty where "
+                       f"val_fraction ({kwargs.get('val_fraction', 0.1)}) × the rows rounds to 0")
     return sources[split]
 
 
