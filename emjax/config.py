@@ -36,6 +36,7 @@ class LoraSection:
     alpha: float = 64.0
     rslora: bool = True
     targets: List[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+    layers: Optional[List[int]] = None  # PEFT's layers_to_transform: adapt only these layer indices (null: all)
 
 
 @dataclass

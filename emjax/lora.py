@@ -68,13 +68,18 @@ _BY_MODULE = {mod: short for short, (mod, _) in TARGETS.items()}
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-    """The study's adapter: rsLoRA r=32, α=64 on all seven projections, no dropout."""
+    """The study's adapter: rsLoRA r=32, α=64 on all seven projections of every layer, no dropout.
+
+    ``layers`` (PEFT's ``layers_to_transform``) adapts only those layer indices, e.g. a rank-1 adapter on one layer's
+    down projection (Turner et al.'s minimal EM organisms). The stacked factors keep every layer; the others hold
+    A = B = 0, so their update is 0, their gradients are exactly 0 and no optimiser moves them."""
 
     rank: int = 32
     alpha: float = 64.0
     rslora: bool = True
     targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
     dropout: float = 0.0
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(_short(t) for t in self.targets))
@@ -82,6 +87,26 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.rank must be >= 1, got {self.rank}")
         if self.dropout != 0.0:
             raise ValueError("LoraConfig.dropout: only 0.0 is supported (the study uses none)")
+        if self.layers is not None:
+            layers = tuple(sorted({int(i) for i in self.layers}))
+            if not layers or layers[0] < 0:
+                raise ValueError(f"lora.layers {list(self.layers)}: give layer indices from 0, or null for all layers")
+            object.__setattr__(self, "layers", layers)
+
+    def layer_mask(self, n_layers: int) -> np.ndarray:
+        """(n_layers,) bool: the adapted layers."""
+        if self.layers is None:
+            return np.ones(n_layers, bool)
+        if self.layers[-1] >= n_layers:
+            raise ValueError(f"lora.layers {list(self.layers)}: the model has {n_layers} layers (0 to {n_layers - 1})")
+        return np.isin(np.arange(n_layers), self.layers)
+
+    def mask_layers(self, x):
+        """``x`` (n_layers, ...) with the entries of the layers this adapter leaves alone set to 0."""
+        if self.layers is None:
+            return x
+        m = self.layer_mask(x.shape[0]).reshape((-1,) + (1,) * (x.ndim - 1))
+        return x * m.astype(x.dtype) if isinstance(x, np.ndarray) else x * jnp.asarray(m, x.dtype)
 
     @property
     def scale(self) -> float:
@@ -199,7 +224,10 @@ def export_peft(model, out_dir: str | os.PathLike, *, base_model_name_or_path: s
         a = np.asarray(jax.device_get(lin.lora_a[...]), dtype=np.float32)  # (L, [E,] in, r)
         b = np.asarray(jax.device_get(lin.lora_b[...]), dtype=np.float32)  # (L, [E,] r, out)
         layers = getattr(model, "hf_layers", "model.layers")
+        adapted = cfg.layer_mask(a.shape[0])
         for idx, i, e in _entries(a.shape):
+            if not adapted[i]:  # PEFT gives the layers outside layers_to_transform no adapter at all
+                continue
             tensors[_peft_key(i, name, "A", e, layers)] = np.ascontiguousarray(a[idx].T)  # (r, in)
             tensors[_peft_key(i, name, "B", e, layers)] = np.ascontiguousarray(b[idx].T)  # (out, r)
     save_file(tensors, str(out / "adapter_model.safetensors"))
@@ -218,6 +246,8 @@ def export_peft(model, out_dir: str | os.PathLike, *, base_model_name_or_path: s
         "modules_to_save": None,
         "base_model_name_or_path": base_model_name_or_path or getattr(model, "source", None),
     }
+    if cfg.layers is not None:
+        config["layers_to_transform"] = list(cfg.layers)
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
 
@@ -235,9 +265,15 @@ def read_peft_config(adapter_dir: str | os.PathLike) -> LoraConfig:
     if float(raw.get("lora_dropout", 0.0) or 0.0) != 0.0:
         # Dropout only matters in training; loading for evaluation or continued training without it is exact.
         raw["lora_dropout"] = 0.0
+    layers = raw.get("layers_to_transform")
+    if isinstance(layers, int):
+        layers = [layers]
+    pattern = raw.get("layers_pattern")
+    if layers is not None and pattern not in (None, "layers", ["layers"]):
+        raise ValueError(f"{path}: layers_pattern {pattern!r} is not supported (the decoder's layers are 'layers')")
     return LoraConfig(
         rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), rslora=bool(raw.get("use_rslora", False)),
-        targets=tuple(targets),
+        targets=tuple(targets), layers=None if layers is None else tuple(layers),
     )
 
 
@@ -249,10 +285,11 @@ def load_peft(model, adapter_dir: str | os.PathLike) -> None:
     adapter_dir = Path(adapter_dir)
     cfg = read_peft_config(adapter_dir)
     mcfg: LoraConfig = model.lora_config
-    if mcfg is None or (mcfg.rank, set(mcfg.targets)) != (cfg.rank, set(cfg.targets)):
+    if mcfg is None or (mcfg.rank, set(mcfg.targets), mcfg.layers) != (cfg.rank, set(cfg.targets), cfg.layers):
         raise ValueError(
             f"{adapter_dir / 'adapter_config.json'}: adapter has r={cfg.rank}, targets={sorted(cfg.targets)}, "
-            f"but the model was built with {mcfg}; build it with lora=emjax.lora.read_peft_config(dir)"
+            f"layers={'all' if cfg.layers is None else list(cfg.layers)}, but the model was built with {mcfg}; build "
+            "it with lora=emjax.lora.read_peft_config(dir)"
         )
     if not math.isclose(cfg.scale, mcfg.scale):
         raise ValueError(f"{adapter_dir}: adapter scale {cfg.scale} differs from the model's {mcfg.scale}")
@@ -263,9 +300,12 @@ def load_peft(model, adapter_dir: str | os.PathLike) -> None:
     for name, lin in lora_modules(model):
         *lead, d_in, r = lin.lora_a.shape
         d_out = lin.lora_b.shape[-1]
-        a = np.empty((*lead, d_in, r), np.float32)
-        b = np.empty((*lead, r, d_out), np.float32)
+        a = np.zeros((*lead, d_in, r), np.float32)
+        b = np.zeros((*lead, r, d_out), np.float32)
+        adapted = cfg.layer_mask(a.shape[0])
         for idx, i, e in _entries(a.shape):
+            if not adapted[i]:  # outside layers_to_transform: no tensors, A = B = 0
+                continue
             for which, dst, shape in (("A", a, (r, d_in)), ("B", b, (d_out, r))):
                 key = _peft_key(i, name, which, e, getattr(model, "hf_layers", "model.layers"))
                 if key not in tensors:

@@ -58,7 +58,7 @@ def make_multi_train_step(graphdef, txs: Sequence[optax.GradientTransformation],
                           spectral_weights: Sequence[float] | None = None, shared_batch: bool = True,
                           grad_accum: int = 1, spectral_kind: str = "fn_ratio", spectral_reduce: str = "mean",
                           lora_scale: float = 1.0, lr_fns: Sequence[Callable | None] | None = None,
-                          remat: str = "none", loss_chunk: int = 0, attn_chunk: int = 0):
+                          remat: str = "none", loss_chunk: int = 0, attn_chunk: int = 0, lora_layers=None):
     """``step(trainables, opt_states, frozen, batch) -> (trainables, opt_states, metrics)`` for N = ``len(txs)``
     adapters: ``trainables`` stacked (:func:`stack`), ``opt_states`` a tuple of N (:func:`init`), ``frozen`` the
     one base, ``batch`` one (B, T) batch that every adapter trains on (``shared_batch``) or (N, B, T), one each.
@@ -78,7 +78,7 @@ def make_multi_train_step(graphdef, txs: Sequence[optax.GradientTransformation],
         raise ValueError(f"make_multi_train_step: {len(lr_fns)} lr_fns for {n} adapters")
     grads_fn = make_grad_fn(graphdef, grad_accum=grad_accum, with_penalty=any(weights), spectral_kind=spectral_kind,
                             spectral_reduce=spectral_reduce, lora_scale=lora_scale, remat=remat,
-                            loss_chunk=loss_chunk, attn_chunk=attn_chunk)
+                            loss_chunk=loss_chunk, attn_chunk=attn_chunk, lora_layers=lora_layers)
     # the frozen base is unbatched: vmap makes each base projection one matmul over every adapter's activations
     in_axes = (0, None, None if shared_batch else 0, 0)
 

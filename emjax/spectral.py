@@ -27,7 +27,7 @@ single ``(a, b)`` pair.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -386,11 +386,13 @@ def _per_module_penalty(a, b, scale, kind, qr):
 
 
 def penalty(adapters: Adapters, scale=1.0, kind: str = "fn_ratio", reduce: str = "mean",
-            qr: str | None = None) -> jax.Array:
+            qr: str | None = None, layers: Sequence[int] | None = None) -> jax.Array:
     """Spectral regulariser: ``kind`` per module and layer, reduced over all modules × layers.
 
     ``reduce="mean"`` divides by the total count of modules × layers, skipped ones (b = 0) included as 0, so
-    the denominator never jumps; ``"sum"`` adds them up. Scalar float32 (float64 for float64 inputs).
+    the denominator never jumps; ``"sum"`` adds them up. ``layers``: an adapter on only these layers
+    (``LoraConfig.layers``; its other layers hold zeros): only they count, in the sum and in the mean's denominator.
+    Scalar float32 (float64 for float64 inputs).
     Jittable, works on sharded stacked factors, finite value and gradient everywhere (0 at b = 0).
 
     The fn_ratio and entropy penalties are scale invariant (unchanged by ΔW → cΔW), so their gradient
@@ -410,7 +412,13 @@ def penalty(adapters: Adapters, scale=1.0, kind: str = "fn_ratio", reduce: str =
         if count:
             a, b = after(total, (a, b))  # one module after another on CPU, see after()
         per = per_module_penalty(a, b, scale, kind, qr)
-        total, count = total + jnp.sum(per), count + per.size  # per-module sums: no gather of sharded values
+        if layers is not None:  # (L, ...) over the layer stack
+            mask = np.isin(np.arange(per.shape[0]), list(layers)).reshape((-1,) + (1,) * (per.ndim - 1))
+            per = jnp.where(mask, per, 0.0)
+            count += per.size // per.shape[0] * int(mask.sum())
+        else:
+            count += per.size
+        total = total + jnp.sum(per)  # per-module sums: no gather of sharded values
     return total if reduce == "sum" else total / count
 
 
@@ -439,7 +447,8 @@ def _num(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def report(adapters: Adapters, scale=1.0, include_sigma: bool = False) -> dict[str, Any]:
+def report(adapters: Adapters, scale=1.0, include_sigma: bool = False,
+           layers: Sequence[int] | None = None) -> dict[str, Any]:
     """Per-module-per-layer metrics plus a per-projection-type summary, as plain JSON-ready Python.
 
     Returns ``{"rows": [...], "by_projection": {...}, "overall": {...}}``. Each row: module, projection,
@@ -447,7 +456,8 @@ def report(adapters: Adapters, scale=1.0, include_sigma: bool = False) -> dict[s
     condition_number None when infinite), optionally the spectrum. Summaries average each metric over
     active rows (condition_number: over finite ones), count ``n`` and ``n_skipped``, and give
     ``normalised_spectrum``, the mean over active rows of σᵢ/σ₁ (r values; all 1 for a perfectly flat spectrum): the
-    shape ``emjax report`` plots per optimiser. Runs on the host.
+    shape ``emjax report`` plots per optimiser. ``layers``: an adapter on those layers only (``LoraConfig.layers``):
+    the other layers' rows are left out, not counted as skipped. Runs on the host.
     """
     mods = _as_mapping(adapters)
     rows: list[dict[str, Any]] = []
@@ -457,6 +467,8 @@ def report(adapters: Adapters, scale=1.0, include_sigma: bool = False) -> dict[s
         s, m = jax.device_get(_module_stats(a, b, jnp.asarray(scale, jnp.float32), _default_qr()))
         lead = s.shape[:-1]
         for idx in np.ndindex(*lead):
+            if layers is not None and idx[0] not in layers:
+                continue
             on = bool(m["active"][idx])
             row: dict[str, Any] = {
                 "module": name,
@@ -492,10 +504,12 @@ def report(adapters: Adapters, scale=1.0, include_sigma: bool = False) -> dict[s
     }
 
 
-def summary(adapters: Adapters, scale=1.0, prefix: str = "spectral") -> dict[str, float]:
+def summary(adapters: Adapters, scale=1.0, prefix: str = "spectral",
+            layers: Sequence[int] | None = None) -> dict[str, float]:
     """Flat dict for metrics loggers: {"spectral/fn_ratio": x, "spectral/fn_ratio/q_proj": y, ...,
-    "spectral/n_skipped": k}. Means over active modules × layers; metrics with no value are left out."""
-    rep = report(adapters, scale)
+    "spectral/n_skipped": k}. Means over active modules × layers (of ``layers`` only, as in ``report``); metrics
+    with no value are left out."""
+    rep = report(adapters, scale, layers=layers)
     out: dict[str, float] = {}
     groups = [("", rep["overall"])] + [(f"/{p}", v) for p, v in rep["by_projection"].items()]
     for suffix, summ in groups:

@@ -141,7 +141,7 @@ def token_nll(model, batch, *, remat: str = "none", loss_chunk: int = 0, attn_ch
 
 def make_grad_fn(graphdef, *, grad_accum: int = 1, with_penalty: bool = False, spectral_kind: str = "fn_ratio",
                  spectral_reduce: str = "mean", lora_scale: float = 1.0, remat: str = "none", loss_chunk: int = 0,
-                 attn_chunk: int = 0):
+                 attn_chunk: int = 0, lora_layers=None):
     """``(trainable, frozen, batch, spectral_weight) -> (grads, metrics)``: the train step before its optimiser
     update, shared by :func:`make_train_step` and ``emjax.multi`` (which vmaps it over adapters). The penalty is only
     traced ``with_penalty``; ``spectral_weight`` may then be a traced scalar."""
@@ -152,7 +152,7 @@ def make_grad_fn(graphdef, *, grad_accum: int = 1, with_penalty: bool = False, s
 
     def penalty_fn(trainable):
         return spectral.penalty(loralib.adapter_pairs_from_state(trainable), lora_scale, spectral_kind,
-                                spectral_reduce)
+                                spectral_reduce, layers=lora_layers)
 
     def grads_and_metrics(trainable, frozen, batch, spectral_weight):
         # interleave so every micro-batch spans all batch shards
@@ -184,17 +184,18 @@ def make_grad_fn(graphdef, *, grad_accum: int = 1, with_penalty: bool = False, s
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, grad_accum: int = 1, spectral_weight: float = 0.0,
                     spectral_kind: str = "fn_ratio", spectral_reduce: str = "mean", lora_scale: float = 1.0,
-                    lr_fn: Callable | None = None, remat: str = "none", loss_chunk: int = 0, attn_chunk: int = 0):
+                    lr_fn: Callable | None = None, remat: str = "none", loss_chunk: int = 0, attn_chunk: int = 0,
+                    lora_layers=None):
     """Pure step: token-weighted CE over ``grad_accum`` micro-batches + λ·spectral penalty, one optimiser update.
     ``remat``, ``loss_chunk`` and ``attn_chunk`` trade compute for memory (see ``token_nll``); none changes the
-    result.
+    result. ``lora_layers``: the adapter's ``LoraConfig.layers`` (the penalty counts only them).
 
     The penalty is traced only when ``spectral_weight`` is non-zero. The step's optional fifth argument replaces
     that λ at call time as data, so runs that differ only in λ > 0 share one compiled program (and its persistent
     cache entry) instead of compiling λ in as a constant; it is ignored when the step was built with λ = 0."""
     grads_fn = make_grad_fn(graphdef, grad_accum=grad_accum, with_penalty=bool(spectral_weight),
                             spectral_kind=spectral_kind, spectral_reduce=spectral_reduce, lora_scale=lora_scale,
-                            remat=remat, loss_chunk=loss_chunk, attn_chunk=attn_chunk)
+                            remat=remat, loss_chunk=loss_chunk, attn_chunk=attn_chunk, lora_layers=lora_layers)
 
     def step(trainable, opt_state, frozen, batch, lam=None):
         grads, metrics = grads_fn(trainable, frozen, batch, spectral_weight if lam is None else lam)
@@ -460,8 +461,12 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
         mesh = shd.mesh_or_none(dict(cfg.mesh))
     except ValueError as e:
         raise cfglib.ConfigError(str(e)) from None
-    lora_cfg = loralib.LoraConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, rslora=cfg.lora.rslora,
-                                  targets=tuple(cfg.lora.targets))
+    try:
+        lora_cfg = loralib.LoraConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, rslora=cfg.lora.rslora,
+                                      targets=tuple(cfg.lora.targets),
+                                      layers=None if cfg.lora.layers is None else tuple(cfg.lora.layers))
+    except ValueError as e:
+        raise cfglib.ConfigError(str(e)) from None
 
     tokenizer = load_tokenizer(cfg.model.checkpoint if cfg.model.checkpoint and Path(cfg.model.checkpoint).is_dir()
                                else None)
@@ -518,7 +523,8 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
     graphdef, trainable0, frozen = nnx.split(model, nnx.LoRAParam, ...)
     # runs of a pack with another seed (a checkpoint base only: cfglib.pack_key) draw their own adapter, as
     # from_pretrained would have for that seed
-    trainables = [trainable0 if c.seed == cfg.seed else init_lora(trainable0, int(c.seed), mesh) for c in cfgs]
+    trainables = [trainable0 if c.seed == cfg.seed else init_lora(trainable0, int(c.seed), mesh, lora_cfg)
+                  for c in cfgs]
     # every run's optimiser state from one compiled program (a 54-run pack compiled 54 inits)
     born = jax.jit(lambda ts: tuple(tx.init(t) for tx, t in zip(txs, ts)))(tuple(trainables))
     opt_states = [_replicate_unsharded(s, mesh) for s in born]
@@ -562,7 +568,7 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
         key = (tuple(sorted(opts.items())), batch_sh)
         if key not in step_fns:
             common = dict(spectral_kind=cfg.spectral.kind, spectral_reduce=cfg.spectral.reduce,
-                          lora_scale=lora_cfg.scale, **opts)
+                          lora_scale=lora_cfg.scale, lora_layers=lora_cfg.layers, **opts)
             if n == 1:
                 fn = make_train_step(graphdef, txs[0], spectral_weight=float(cfg.spectral.weight), lr_fn=current_lr,
                                      **common)
@@ -706,7 +712,8 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
         ts = per_run(trainable)
         for i, r in live():
             row = {"step": step, "split": "spectral"}
-            row.update(spectral.summary(loralib.adapter_pairs_from_state(_replicated(ts[i], mesh)), lora_cfg.scale))
+            row.update(spectral.summary(loralib.adapter_pairs_from_state(_replicated(ts[i], mesh)), lora_cfg.scale,
+                                        layers=lora_cfg.layers))
             r.write(row)
 
     def run_hooks(step):
@@ -813,7 +820,7 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
             if lead:
                 if r.cfg.export_peft:
                     loralib.export_peft(model, r.workdir / "adapter", base_model_name_or_path=cfg.model.checkpoint)
-                rep = spectral.report(loralib.adapter_pairs(model), lora_cfg.scale)
+                rep = spectral.report(loralib.adapter_pairs(model), lora_cfg.scale, layers=lora_cfg.layers)
                 (r.workdir / "spectral.json").write_text(json.dumps(rep, indent=1, default=_json_default))
                 (r.workdir / "final.json").write_text(json.dumps(
                     {"step": step, "train_loss": r.last_loss, "val_loss": vals[i], "total_steps": total_steps},

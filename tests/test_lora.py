@@ -20,6 +20,20 @@ def _randomise_b(model, seed=0):
         lin.lora_b[...] = jnp.asarray(rng.normal(0, 0.05, lin.lora_b.shape), jnp.float32)
 
 
+def _peft_adapter(hf, pcfg, path, seed):
+    """PEFT's adapter ``pcfg`` on ``hf`` with random B (so it is not a no-op), saved to ``path``."""
+    from peft import get_peft_model
+
+    pm = get_peft_model(hf, pcfg)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    pm.save_pretrained(path)
+    return pm
+
+
 def test_config_scale_and_targets():
     c = lora.LoraConfig()
     assert c.scale == pytest.approx(64 / np.sqrt(32))
@@ -63,19 +77,13 @@ def test_export_then_peft_matches(tmp_path, targets):
 
 
 def test_peft_saved_adapter_loads(tmp_path):
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+    from peft import LoraConfig as PeftLoraConfig
 
     hf = tiny_hf_model(seed=2)
     hf.save_pretrained(tmp_path / "base")
     pcfg = PeftLoraConfig(r=4, lora_alpha=16, use_rslora=False, target_modules=["q_proj", "k_proj", "v_proj",
                           "o_proj", "gate_proj", "up_proj", "down_proj"], lora_dropout=0.0, task_type="CAUSAL_LM")
-    pm = get_peft_model(hf, pcfg)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    pm.save_pretrained(tmp_path / "adapter")
+    pm = _peft_adapter(hf, pcfg, tmp_path / "adapter", seed=0)
     tokens = np.random.default_rng(1).integers(0, 256, (2, 20))
     with torch.no_grad():
         ref = pm.eval()(torch.tensor(tokens)).logits.numpy()
@@ -84,6 +92,68 @@ def test_peft_saved_adapter_loads(tmp_path):
     model = from_pretrained(tmp_path / "base", dtype=jnp.float32, lora=cfg)
     lora.load_peft(model, tmp_path / "adapter")
     assert np.abs(np.asarray(model(jnp.asarray(tokens))) - ref).max() < TOL
+
+
+def test_an_adapter_on_some_layers_is_peft_layers_to_transform(tmp_path):
+    """``LoraConfig(layers=...)`` is PEFT's ``layers_to_transform``: a rank-1 adapter on layer 1's down projection
+    (Turner et al.'s minimal EM organism) has A = B = 0 in layer 0 and no gradient there; it exports as PEFT writes
+    it (only layer 1's tensors, ``layers_to_transform: [1]``) with PEFT's logits, and an adapter PEFT trained that way
+    loads back with PEFT's logits and gradients; a layer the model lacks, or another layer set, is a clear error."""
+    import jax
+    from flax import nnx
+    from peft import LoraConfig as PeftLoraConfig, PeftModel
+
+    from emjax.train import token_nll
+
+    hf = tiny_hf_model(seed=5)
+    hf.save_pretrained(tmp_path / "base")
+    cfg = lora.LoraConfig(rank=1, alpha=4, targets=("down",), layers=[1])
+    model = from_pretrained(tmp_path / "base", dtype=jnp.float32, lora=cfg)
+    a = np.asarray(model.blocks.down_proj.lora_a[...])
+    assert a.shape == (2, 96, 1) and not np.any(a[0]) and np.all(a[1] != 0)
+    _randomise_b(model, 3)
+    model.blocks.down_proj.lora_b[...] = cfg.mask_layers(model.blocks.down_proj.lora_b[...])
+    lora.export_peft(model, tmp_path / "ours")
+    saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert saved["layers_to_transform"] == [1] and saved["target_modules"] == ["down_proj"]
+    from safetensors.numpy import load_file
+    assert sorted(load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))) == [
+        lora._peft_key(1, "down_proj", "A"), lora._peft_key(1, "down_proj", "B")]
+    tokens = np.random.default_rng(4).integers(0, 256, (2, 20))
+    with torch.no_grad():
+        ref = PeftModel.from_pretrained(hf, tmp_path / "ours").eval()(torch.tensor(tokens)).logits.numpy()
+    assert np.abs(np.asarray(model(jnp.asarray(tokens))) - ref).max() < TOL
+
+    # PEFT's own adapter on layer 1: loads with PEFT's logits, and emjax's gradients equal PEFT's (zero in layer 0)
+    hf = tiny_hf_model(seed=5)
+    pm = _peft_adapter(hf, PeftLoraConfig(r=1, lora_alpha=4, target_modules=["down_proj"], layers_to_transform=[1],
+                                          task_type="CAUSAL_LM"), tmp_path / "peft", seed=1)
+    pm.train()
+    pm(input_ids=torch.tensor(tokens), labels=torch.tensor(tokens)).loss.backward()
+    grads = {n.replace(".default", ""): prm.grad.numpy() for n, prm in pm.named_parameters() if prm.grad is not None}
+    assert len(grads) == 2
+    got = from_pretrained(tmp_path / "base", dtype=jnp.float32, lora=lora.read_peft_config(tmp_path / "peft"))
+    lora.load_peft(got, tmp_path / "peft")
+    with torch.no_grad():
+        want = pm.eval()(torch.tensor(tokens)).logits.numpy()
+    assert np.abs(np.asarray(got(jnp.asarray(tokens))) - want).max() < TOL
+    graphdef, trainable, frozen = nnx.split(got, nnx.LoRAParam, ...)
+    batch = {"tokens": jnp.asarray(tokens), "loss_mask": jnp.ones(tokens.shape, jnp.int32),
+             "segment_ids": jnp.ones(tokens.shape, jnp.int32),
+             "positions": jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)}
+    g = jax.grad(lambda tr: (lambda s, n: s / n)(*token_nll(nnx.merge(graphdef, tr, frozen), batch)))(trainable)
+    ga, gb = np.asarray(g["blocks"]["down_proj"]["lora_a"][...]), np.asarray(g["blocks"]["down_proj"]["lora_b"][...])
+    assert not np.any(ga[0]) and not np.any(gb[0])
+    scale = max(np.abs(x).max() for x in grads.values())
+    np.testing.assert_allclose(ga[1].T, grads[lora._peft_key(1, "down_proj", "A")], atol=1e-5 * scale)
+    np.testing.assert_allclose(gb[1].T, grads[lora._peft_key(1, "down_proj", "B")], atol=1e-5 * scale)
+
+    with pytest.raises(ValueError, match=r"lora.layers \[5\]: the model has 2 layers"):
+        from_pretrained(tmp_path / "base", dtype=jnp.float32, lora=lora.LoraConfig(rank=1, layers=[5]))
+    every = from_pretrained(tmp_path / "base", dtype=jnp.float32, lora=lora.LoraConfig(rank=1, alpha=4,
+                                                                                       targets=("down",)))
+    with pytest.raises(ValueError, match=r"layers=\[1\], but the model was built with"):
+        lora.load_peft(every, tmp_path / "peft")
 
 
 def test_merge_preserves_logits(tmp_path):

@@ -164,6 +164,41 @@ def test_pack_validation_is_one_sharded_program_equal_to_each_adapter(tmp_path):
         assert float(sums[i]) == pytest.approx(float(l), rel=1e-6)
 
 
+def test_an_adapter_on_some_layers_stays_there_under_every_optimiser(tmp_path):
+    """``lora.layers=[1]``: SGD with momentum, AdamW (weight decay), Lion and Muon, each with λ 0.5, in one pack
+    step: the layers left alone keep A = B = 0 exactly (no gradient, no decay reaches them), layer 1 trains, and the
+    penalty is layer 1's alone (``tests/spectral``: the mean counts only the adapted layers)."""
+    from emjax import multi, spectral
+
+    cfg = _cfg(tmp_path, "model.vocab=full", "lora.layers=[1]", "lora.rank=2")
+    lcfg = loralib.LoraConfig(rank=2, alpha=cfg.lora.alpha, layers=tuple(cfg.lora.layers))
+    model = build_model(cfg.model, lcfg, None, vocab_size=200, seed=0)
+    graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    common = dict(total_steps=10, warmup_steps=0)
+    optims = [OptimConfig(name="sgd", learning_rate=0.1, momentum=0.9, **common),
+              OptimConfig(name="adamw", learning_rate=1e-2, weight_decay=0.1, **common),
+              OptimConfig(name="lion", learning_rate=1e-3, weight_decay=0.1, **common),
+              OptimConfig(name="muon", learning_rate=2e-2, **common)]
+    txs = [build(o) for o in optims]
+    stacked = multi.stack([trainable] * len(txs))
+    states = multi.init(txs, stacked)
+    step = jax.jit(multi.make_multi_train_step(graphdef, txs, spectral_weights=[0.5] * len(txs),
+                                               lora_scale=lcfg.scale, lora_layers=lcfg.layers))
+    batch = {k: jnp.asarray(v) for k, v in _batch(np.random.default_rng(5)).items()}
+    for _ in range(3):
+        stacked, states, metrics = step(stacked, states, frozen, batch)
+    for o, t in zip(optims, multi.unstack(stacked)):
+        pairs = loralib.adapter_pairs_from_state(t)
+        assert set(pairs) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+        for name, (a, b) in pairs.items():
+            assert not np.any(np.asarray(a[0])) and not np.any(np.asarray(b[0])), (o.name, name)
+            assert np.any(np.asarray(b[1])), (o.name, name)
+    pen = [float(spectral.penalty({n: (a[1:], b[1:]) for n, (a, b) in loralib.adapter_pairs_from_state(t).items()},
+                                  lcfg.scale)) for t in multi.unstack(stacked)]
+    _, _, metrics = step(stacked, states, frozen, batch)  # its penalty metric is taken on its input adapters
+    np.testing.assert_allclose(np.asarray(metrics["penalty"]), pen, rtol=1e-5)
+
+
 def test_penalty_adds_its_own_gradient(tmp_path):
     """λ > 0: the update is the λ = 0 update plus −lr·λ·∇penalty, the penalty taken on the step's input adapters
     (the step orders the penalty after the model's backward on CPU; the values must not depend on that). λ given at

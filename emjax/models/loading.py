@@ -171,23 +171,26 @@ def _sources(cfg: qwen3.Qwen3Config, prefix: str = "model."):
     return src
 
 
-def _lora_leaf(path: str, shape, rng: np.random.Generator, sharding):
+def _lora_leaf(path: str, shape, rng: np.random.Generator, sharding, lora: LoraConfig | None = None):
     """A fresh LoRA factor (fp32) of the layer-stacked (layers, [experts,] in, out) shape: A ~ U(±1/√in) from the
-    host ``rng`` (PEFT's kaiming-uniform bound), B = 0."""
+    host ``rng`` (PEFT's kaiming-uniform bound), B = 0; A = 0 too in the layers ``lora.layers`` leaves alone (drawn
+    all the same, so the adapted layers get the values they would have with every layer adapted)."""
     if path.endswith("/lora_a"):
         bound = 1.0 / np.sqrt(shape[-2])
-        return jax.device_put(rng.uniform(-bound, bound, size=shape).astype(np.float32), sharding)
+        a = rng.uniform(-bound, bound, size=shape).astype(np.float32)
+        return jax.device_put(lora.mask_layers(a) if lora is not None else a, sharding)
     return jax.device_put(np.zeros(shape, np.float32), sharding)
 
 
-def init_lora(lora_state, seed: int, mesh: jax.sharding.Mesh | None = None):
-    """Fresh LoRA factors for ``seed``, drawn exactly as ``from_pretrained(..., seed=seed)`` draws them (the same host
-    RNG over the factors in the same order): what lets runs that differ only in seed share one loaded base."""
+def init_lora(lora_state, seed: int, mesh: jax.sharding.Mesh | None = None, lora: LoraConfig | None = None):
+    """Fresh LoRA factors for ``seed``, drawn exactly as ``from_pretrained(..., seed=seed, lora=lora)`` draws them
+    (the same host RNG over the factors in the same order): what lets runs that differ only in seed share one loaded
+    base."""
     rng = np.random.default_rng(seed)
 
     def one(path, var):
         p = shd.path_str(path)
-        return _lora_leaf(p, var.shape, rng, shd.param_sharding(p, var.shape, mesh))
+        return _lora_leaf(p, var.shape, rng, shd.param_sharding(p, var.shape, mesh), lora)
 
     return jax.tree_util.tree_map_with_path(one, lora_state)
 
@@ -216,7 +219,7 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=jnp.bfloat16, co
         shape, leaf_dtype = var.shape, var.dtype
         sharding = shd.param_sharding(p, shape, mesh)
         if p.endswith(("/lora_a", "/lora_b")):
-            return _lora_leaf(p, shape, rng, sharding)
+            return _lora_leaf(p, shape, rng, sharding, lora)
         if p not in sources:
             raise CheckpointError(f"{root}: no source for parameter {p}")
         template, transpose = sources[p]

@@ -257,8 +257,8 @@ class StackedLinear(nnx.Module):
         self.kernel = nnx.Param(init(rngs.params(), (*lead, d_in, d_out), param_dtype))
         if lora is not None:
             bound = 1.0 / math.sqrt(d_in)  # PEFT: kaiming_uniform(a=√5) on (r, in) == U(±1/√in)
-            self.lora_a = nnx.LoRAParam(
-                jax.random.uniform(rngs.params(), (*lead, d_in, lora.rank), jnp.float32, -bound, bound))
+            a = jax.random.uniform(rngs.params(), (*lead, d_in, lora.rank), jnp.float32, -bound, bound)
+            self.lora_a = nnx.LoRAParam(lora.mask_layers(a))  # A = B = 0 where lora.layers leaves a layer alone
             self.lora_b = nnx.LoRAParam(jnp.zeros((*lead, lora.rank, d_out), jnp.float32))
         else:
             self.lora_a = None

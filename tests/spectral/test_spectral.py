@@ -334,6 +334,27 @@ def test_penalty_finite_at_init_and_rank_deficient(kind):
     assert np.all(np.asarray(ga0) == 0) and np.all(np.asarray(gb0) == 0)
 
 
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+def test_penalty_over_some_layers_counts_only_them(reduce):
+    """``layers`` (an adapter on those layers only, ``LoraConfig.layers``): the penalty of the stack restricted to
+    them, the mean's denominator included; the other layers get no gradient (here they are not even zero)."""
+    rng = np.random.default_rng(13)
+    ad = _adapters(rng, L=4)
+    keep = [1, 3]
+    got = sp.penalty(ad, scale=2.0, reduce=reduce, layers=keep)
+    want = sp.penalty({n: (a[keep], b[keep]) for n, (a, b) in ad.items()}, scale=2.0, reduce=reduce)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert abs(float(got) - float(sp.penalty(ad, scale=2.0, reduce=reduce))) > 1e-4
+    g = jax.grad(lambda ad: sp.penalty(ad, scale=2.0, reduce=reduce, layers=keep))(ad)
+    for ga, gb in g.values():
+        assert not np.any(np.asarray(ga)[[0, 2]]) and not np.any(np.asarray(gb)[[0, 2]])
+        assert np.all(np.abs(np.asarray(gb)[keep]).sum(axis=(1, 2)) > 0)
+    rep = sp.report(ad, scale=2.0, layers=keep)  # the other layers' rows are left out, not skipped
+    assert {r["index"][0] for r in rep["rows"]} == set(keep) and rep["overall"]["n"] == 3 * len(keep)
+    sub = sp.report({n: (a[keep], b[keep]) for n, (a, b) in ad.items()}, scale=2.0)
+    assert rep["overall"]["fn_ratio"] == pytest.approx(sub["overall"]["fn_ratio"], rel=1e-6)
+
+
 def test_penalty_bf16_gradients_come_back_in_bf16():
     rng = np.random.default_rng(11)
     ad = {k: (jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16)) for k, (a, b) in _adapters(rng).items()}
