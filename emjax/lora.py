@@ -21,6 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from emjax.sharding import path_str
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def lora_matmul(x, kernel, a, b, scale: float):
     """``x @ kernel + scale·(x @ a) @ b`` with a hand-written backward for a *frozen* kernel.
@@ -166,6 +169,11 @@ def merge(model) -> None:
                                    lin.lora_b[...].astype(jnp.float32))
         lin.kernel[...] = (k.astype(jnp.float32) + delta).astype(k.dtype)
         lin.lora_b[...] = jnp.zeros_like(lin.lora_b[...])
+
+
+def has_routed_experts(frozen) -> bool:
+    """Whether a base (its frozen state) is Qwen3-MoE's: what ``over_adapters(..., sequential=)`` needs to know."""
+    return any(path_str(p).endswith("blocks/router") for p, _ in jax.tree_util.tree_leaves_with_path(frozen))
 
 
 def over_adapters(fn, in_axes, *, sequential: bool = False):

@@ -28,8 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from emjax import sharding as shd
-from emjax.lora import over_adapters
+from emjax.lora import has_routed_experts, over_adapters
 from emjax.train import make_grad_fn
 
 
@@ -88,8 +87,8 @@ def make_multi_train_step(graphdef, txs: Sequence[optax.GradientTransformation],
         lams = jnp.asarray(weights if lams is None else lams, jnp.float32)
         if lams.shape != (n,):
             raise ValueError(f"multi step: spectral weights of shape {lams.shape} for {n} adapters")
-        moe = any(shd.path_str(p).endswith("blocks/router") for p, _ in jax.tree_util.tree_leaves_with_path(frozen))
-        grads, metrics = over_adapters(grads_fn, in_axes, sequential=moe)(trainables, frozen, batch, lams)
+        over = over_adapters(grads_fn, in_axes, sequential=has_routed_experts(frozen))
+        grads, metrics = over(trainables, frozen, batch, lams)
         params, new_states = [], []
         for tx, g, p, s in zip(txs, unstack(grads), unstack(trainables), opt_states):
             updates, s = tx.update(g, s, p)

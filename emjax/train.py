@@ -234,8 +234,8 @@ def make_eval_step(graphdef, *, loss_chunk: int = 0, attn_chunk: int = 0, stacke
         return ev
 
     def ev_stacked(trainables, frozen, batch):
-        moe = any(shd.path_str(p).endswith("blocks/router") for p, _ in jax.tree_util.tree_leaves_with_path(frozen))
-        return loralib.over_adapters(ev, (0, None, None), sequential=moe)(trainables, frozen, batch)
+        over = loralib.over_adapters(ev, (0, None, None), sequential=loralib.has_routed_experts(frozen))
+        return over(trainables, frozen, batch)
 
     return ev_stacked
 

@@ -18,6 +18,7 @@ held-out ``validation`` drawn by a seeded permutation (10 % by default).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -143,7 +144,14 @@ def custom_file(name: str) -> tuple[Path, str]:
     if not path.is_file():
         raise FileNotFoundError(f"data.dataset {name}: no such file (a dataset of your own is a chat JSONL file, one "
                                 '{"messages": [...]} per line)')
-    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+    st = path.stat()
+    return path, _sha256(path, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: Path, mtime_ns: int, size: int) -> str:
+    """A file's sha256, read once per version of it (a run asks at start, per split and for its work directory)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def git_blob_id(data: bytes) -> str:

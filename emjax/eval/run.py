@@ -179,17 +179,25 @@ def _judge_pending(judge: Judge, pending: list[dict], by_id: dict, judged: dict,
             bar.update(len(rows))
 
 
+def _judged_by_judge(out_dir: str | os.PathLike) -> tuple[Path, dict[str, list[dict[str, Any]]]]:
+    """An evaluation directory's judged.jsonl and its rows per judge (``rows_by_judge``); a missing directory or a
+    file with no rows is an error saying which."""
+    if not Path(out_dir).is_dir():
+        raise FileNotFoundError(f"{out_dir}: no such evaluation directory")
+    path = Path(out_dir) / "judged.jsonl"
+    rows = _read_jsonl(path)
+    if not rows:
+        raise FileNotFoundError(f"no judged rows in {path}")
+    return path, rows_by_judge(rows)
+
+
 def agreement_dir(out_dir: str | os.PathLike, judges: Sequence[str] | None = None) -> dict[str, Any]:
     """``judge_agreement`` of two judges that scored the same answers in ``out_dir/judged.jsonl`` (``emjax eval run``
     twice into one directory, once per judge: the second run reuses the first one's answers). ``judges``: which
     two (needed when more than two wrote there). The last row per (judge, question, sample) wins."""
     from emjax.eval.aggregate import judge_agreement
 
-    path = Path(out_dir) / "judged.jsonl"
-    rows = _read_jsonl(path)
-    if not rows:
-        raise FileNotFoundError(f"no judged rows in {path}")
-    by_judge = rows_by_judge(rows)
+    path, by_judge = _judged_by_judge(out_dir)
     have = list(by_judge)
     if judges is None:
         if len(have) != 2:
@@ -207,11 +215,7 @@ def agreement_dir(out_dir: str | os.PathLike, judges: Sequence[str] | None = Non
 def summarize_dir(out_dir: str | os.PathLike, *, judge: str | None = None, **aggregate_kwargs) -> dict[str, Any]:
     """Aggregate an existing ``judged.jsonl`` again (e.g. with other thresholds); ``judge`` picks one judge's rows
     when several judges wrote to the same directory. The last row per (judge, question, sample) wins."""
-    path = Path(out_dir) / "judged.jsonl"
-    rows = _read_jsonl(path)
-    if not rows:
-        raise FileNotFoundError(f"no judged rows in {path}")
-    by_judge = rows_by_judge(rows)
+    path, by_judge = _judged_by_judge(out_dir)
     judges = list(by_judge)
     if judge is None and len(judges) > 1:
         raise ValueError(f"{path} holds rows of several judges {judges}: pass judge=")

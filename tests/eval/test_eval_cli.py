@@ -62,6 +62,13 @@ def test_summarize(tmp_path, capsys):
     assert main(["summarize", str(tmp_path)]) == 0
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["overall"]["misalignment_rate"] == 0.5 and s["overall"]["n_scored"] == 4
+    # a directory that is not there, or one with no judged rows: each says which, for both commands
+    (tmp_path / "empty").mkdir()
+    for cmd in ("summarize", "agreement"):
+        assert main([cmd, str(tmp_path / "nowhere")]) == 2
+        assert f"{tmp_path / 'nowhere'}: no such evaluation directory" in capsys.readouterr().err
+        assert main([cmd, str(tmp_path / "empty")]) == 2
+        assert "no judged rows in" in capsys.readouterr().err
 
 
 def test_agreement(tmp_path, capsys):
