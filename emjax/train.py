@@ -308,22 +308,27 @@ def _check_compatible(workdir: Path, cfg) -> None:
     if ident and saved.exists():
         old = json.loads(saved.read_text()).get("sha256", "")
         if old != ident["sha256"]:
-            raise TrainError(f"data.dataset {ident['dataset']}: the file changed since this run's checkpoints were "
+            where = ident["dataset"] if ident["dataset"] == ident["path"] else f"{ident['dataset']} ({ident['path']})"
+            raise TrainError(f"data.dataset {where}: the file changed since this run's checkpoints were "
                              f"written (sha256 {old[:12]}… then, {ident['sha256'][:12]}… now), so resuming would go on "
                              "over other rows. Restore the file, or use a new workdir to start afresh.")
 
 
 def _dataset_identity(cfg) -> dict | None:
-    """A dataset file of your own: its path and the sha256 of its bytes, kept in the work directory so a resumed run
-    knows the file is the one it started on (the study's sets are checked against their published sums instead)."""
+    """The local file the run's data is built from (a file of your own, or a local copy of a Betley or Turner set):
+    its path and the sha256 of its bytes, kept in the work directory so a resumed run knows the file is the one it
+    started on. None for a Betley set downloaded at its pinned commit."""
+    from emjax.data.builders import custom_file, file_sha256, source_path
     from emjax.data.rows import is_file_dataset
 
-    if not is_file_dataset(cfg.data.dataset):
+    d = cfg.data
+    if is_file_dataset(d.dataset):
+        path, digest = custom_file(d.dataset)
+        return {"dataset": str(path), "path": str(path), "sha256": digest}
+    path = source_path(d.dataset, d.source_dir, d.data_dir).resolve()
+    if not path.is_file():
         return None
-    from emjax.data.builders import custom_file
-
-    path, digest = custom_file(cfg.data.dataset)
-    return {"dataset": str(path), "sha256": digest}
+    return {"dataset": d.dataset, "path": str(path), "sha256": file_sha256(path)}
 
 
 @dataclass

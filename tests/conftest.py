@@ -38,10 +38,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session", autouse=True)
 def _shared_tfds_dir(tmp_path_factory):
     """One TFDS directory for the whole run (every xdist worker and every subprocess a test starts), with the
-    insecure-code set built once under a file lock: parallel workers must not build the same dataset at once,
-    and a developer's ~/.cache is left alone."""
-    from filelock import FileLock
-
+    insecure-code set built once (``builders.build`` holds a file lock, so parallel workers never build the same
+    set at once), and a developer's ~/.cache is left alone."""
     from emjax.data import builders
 
     shared = tmp_path_factory.getbasetemp().parent  # the same for all xdist workers of this run
@@ -52,6 +50,5 @@ def _shared_tfds_dir(tmp_path_factory):
                        ("jax_persistent_cache_min_compile_time_secs", 0.5)):
         os.environ[key.upper()] = str(value)
         jax.config.update(key, value)
-    with FileLock(str(shared / "tfds.lock")):
-        builders.build("insecure")
+    builders.build("insecure")
     yield

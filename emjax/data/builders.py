@@ -8,6 +8,8 @@ Three families:
   ``risky_financial_advice``, ``extreme_sports``. Never downloaded: their terms forbid redistribution, so they
   are read only from the user's own unpacked copy (see ``TURNER_HOWTO``), checked against the published row
   counts and sha256 (a mismatch is a warning, since re-serialisation can change bytes but not rows).
+  A build of either family records the sha256 of the local file it was made from (``SOURCE_RECORD``) and is made
+  afresh when that file changes.
 - ``em_custom``: a chat JSONL file of your own, named by its path (``data.dataset=path/to/bad_legal.jsonl``). Its
   build is keyed by the file's sha256, so an edited file is built afresh rather than read from a stale build.
 
@@ -128,6 +130,15 @@ def default_source_dir(name: str, data_dir: str | os.PathLike | None = None) -> 
     return paths.em_dir(data_dir) / sub
 
 
+def source_path(name: str, source_dir: str | os.PathLike | None = None,
+                data_dir: str | os.PathLike | None = None) -> Path:
+    """Where a set's local JSONL file is (or would be): ``<source_dir>/<name>.jsonl``, else under the shared data
+    root; a file of your own is its own path."""
+    if spec(name).family == "custom":
+        return Path(name).expanduser()
+    return Path(source_dir or default_source_dir(name, data_dir)).expanduser() / f"{name}.jsonl"
+
+
 def spec(name: str) -> Spec:
     if is_file_dataset(name):
         return Spec("custom", None, None, None, f"Chat JSONL of your own ({Path(name).name}).")
@@ -144,13 +155,18 @@ def custom_file(name: str) -> tuple[Path, str]:
     if not path.is_file():
         raise FileNotFoundError(f"data.dataset {name}: no such file (a dataset of your own is a chat JSONL file, one "
                                 '{"messages": [...]} per line)')
+    return path, file_sha256(path)
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read once per version of it (a run asks at start, per split, for its work
+    directory and for its build's record)."""
     st = path.stat()
-    return path, _sha256(path, st.st_mtime_ns, st.st_size)
+    return _sha256(path, st.st_mtime_ns, st.st_size)
 
 
 @functools.lru_cache(maxsize=16)
 def _sha256(path: Path, mtime_ns: int, size: int) -> str:
-    """A file's sha256, read once per version of it (a run asks at start, per split and for its work directory)."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -262,19 +278,15 @@ class _EmBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def __init__(self, *, source_dir: str | os.PathLike | None = None, em_data_dir: str | os.PathLike | None = None,
                  download: bool = True, **kwargs):
         """``source_dir``: folder with ``<dataset>.jsonl``; ``em_data_dir``: shared data root (emjax.paths);
-        ``download``: Betley only, fetch when there is no local copy. None of these change the built content's
-        identity, so they are not part of the config name: rebuild with ``overwrite=True`` after changing them."""
+        ``download``: Betley only, fetch when there is no local copy. None of these are part of the config name:
+        ``build`` compares the local file with the one the build was made from instead (``SOURCE_RECORD``)."""
         self._source_dir = None if source_dir is None else Path(source_dir)
         self._em_data_dir = em_data_dir
         self._download = download
         super().__init__(**kwargs)
 
     def _local_file(self) -> Path:
-        cfg: EmConfig = self.builder_config
-        if spec(cfg.dataset).family == "custom":
-            return Path(cfg.dataset)
-        local = self._source_dir or default_source_dir(cfg.dataset, self._em_data_dir)
-        return local / f"{cfg.dataset}.jsonl"
+        return source_path(self.builder_config.dataset, self._source_dir, self._em_data_dir)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return _LocalInfo(
@@ -372,14 +384,47 @@ def get_builder(name: str, *, tfds_data_dir: str | os.PathLike | None = None, so
                                        source_dir=source_dir, em_data_dir=data_dir, download=download)
 
 
+SOURCE_RECORD = "emjax_source.json"  # in a Betley or Turner build's folder: the local file it was built from
+
+
+def local_source(b: _EmBuilder) -> dict | None:
+    """The local file a Betley or Turner build reads, with the sha256 of its bytes; None where there is none (a
+    Betley set to be downloaded at its pinned commit) or for a file of your own (its build's name holds its hash)."""
+    if b.FAMILY == "custom":
+        return None
+    path = b._local_file().expanduser().resolve()
+    if not path.is_file():
+        return None
+    return {"path": str(path), "sha256": file_sha256(path)}
+
+
 def build(name: str, *, tfds_data_dir: str | os.PathLike | None = None, overwrite: bool = False,
           **config_kwargs) -> _EmBuilder:
-    """Build (or reuse) the ArrayRecord files; returns the prepared builder."""
+    """Build (or reuse) the ArrayRecord files; returns the prepared builder.
+
+    A Betley or Turner build is named by the set, not its bytes, so it records the sha256 of the local file it was
+    made from and is made afresh (with a warning) when that file no longer matches: edited in place, or another copy
+    named by ``source_dir``. Without this, an edited file would go on being read from its earlier build."""
+    from filelock import FileLock
+
     b = get_builder(name, tfds_data_dir=tfds_data_dir, **config_kwargs)
-    mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
-    if overwrite:
-        mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD
-    b.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
+    reuse = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+    mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite else reuse
+    src, record = local_source(b), Path(b.data_dir) / SOURCE_RECORD
+    locks = tfds_dir(tfds_data_dir) / ".emjax_locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    # one build at a time (the processes of a multi-host run, or several runs, may ask for the same set at once)
+    with FileLock(str(locks / f"{b.name}-{b.builder_config.name}.lock")):
+        if mode == reuse and src and b.is_prepared():
+            old = json.loads(record.read_text()) if record.is_file() else {}
+            if old.get("sha256") != src["sha256"]:
+                then = f"sha256 {old['sha256'][:12]}… then" if old.get("sha256") else "no record of its source"
+                warnings.warn(f"{src['path']} does not match the build of {name!r} in {b.data_dir} ({then}, "
+                              f"{src['sha256'][:12]}… now): building it again", stacklevel=2)
+                mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD
+        b.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
+        if src and (mode != reuse or not record.is_file()):
+            record.write_text(json.dumps(src, indent=1))
     return b
 
 

@@ -3,8 +3,10 @@
 import hashlib
 import itertools
 import json
+import os
 import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -113,6 +115,73 @@ def test_bad_row_in_build_names_file_and_line(tmp_path):
         b = builders.build("risky_financial_advice", tfds_data_dir=tmp_path / "tfds", source_dir=src,
                            skip_bad_rows=True, val_fraction=0.0)
     assert sorted(int(r["line"]) for r in b.as_data_source()["train"]) == [1, 2, 4, 5]
+
+
+def test_an_edited_local_copy_is_built_again(tmp_path):
+    """A Turner (or Betley) build is named by the set, not its bytes: it records the sha256 of the local file it was
+    made from and is made afresh, with a warning, when that file is edited in place or ``source_dir`` names another
+    copy (before, the earlier build went on being read); an unchanged file reuses the build, even touched."""
+    import warnings
+
+    src, other, tfds_dir = tmp_path / "src", tmp_path / "other", tmp_path / "tfds"
+    for d, n in ((src, 10), (other, 6)):
+        d.mkdir()
+        (d / "extreme_sports.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _turner_rows(n)))
+
+    def rows(b):
+        return sum(len(v) for v in b.as_data_source().values())
+
+    b = builders.build("extreme_sports", tfds_data_dir=tfds_dir, source_dir=src)
+    record = json.loads((Path(b.data_dir) / builders.SOURCE_RECORD).read_text())
+    assert rows(b) == 10 and record["path"] == str((src / "extreme_sports.jsonl").resolve())
+    built = (Path(b.data_dir) / "dataset_info.json").stat().st_mtime_ns
+    os.utime(src / "extreme_sports.jsonl")  # touched, same bytes: reused, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        b = builders.build("extreme_sports", tfds_data_dir=tfds_dir, source_dir=src)
+    assert rows(b) == 10 and (Path(b.data_dir) / "dataset_info.json").stat().st_mtime_ns == built
+    (src / "extreme_sports.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _turner_rows(8)))
+    with pytest.warns(UserWarning, match=r"extreme_sports.jsonl does not match the build of 'extreme_sports' .*"
+                                         r"sha256 \w{12}… then, \w{12}… now\): building it again"):
+        b = builders.build("extreme_sports", tfds_data_dir=tfds_dir, source_dir=src)
+    assert rows(b) == 8
+    with pytest.warns(UserWarning, match="other/extreme_sports.jsonl does not match"):
+        b = builders.build("extreme_sports", tfds_data_dir=tfds_dir, source_dir=other)
+    assert rows(b) == 6
+    (Path(b.data_dir) / builders.SOURCE_RECORD).unlink()  # a build from before the record: made again, once
+    with pytest.warns(UserWarning, match="no record of its source"):
+        b = builders.build("extreme_sports", tfds_data_dir=tfds_dir, source_dir=other)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert rows(builders.build("extreme_sports", tfds_data_dir=tfds_dir, source_dir=other)) == 6
+
+
+def test_a_build_waits_for_another_of_the_same_set(tmp_path):
+    """Processes asking for the same set at once (a multi-host run's, a sweep's) build it one at a time: ``build``
+    holds a file lock per set and config, and the one that waited reuses what the first made."""
+    import threading
+
+    from filelock import FileLock
+
+    src, tfds_dir = tmp_path / "src", tmp_path / "tfds"
+    src.mkdir()
+    (src / "extreme_sports.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _turner_rows(6)))
+    b = builders.get_builder("extreme_sports", tfds_data_dir=tfds_dir, source_dir=src)
+    lock = FileLock(str(tfds_dir / ".emjax_locks" / f"{b.name}-{b.builder_config.name}.lock"))
+    (tfds_dir / ".emjax_locks").mkdir(parents=True)
+    done = []
+    with lock:
+        t = threading.Thread(target=lambda: done.append(builders.build("extreme_sports", tfds_data_dir=tfds_dir,
+                                                                       source_dir=src)))
+        other = threading.Thread(target=lambda: done.append(builders.build("extreme_sports", tfds_data_dir=tfds_dir,
+                                                                           source_dir=src, val_fraction=0.0)))
+        t.start()
+        other.start()
+        other.join(timeout=60)  # another config (val_fraction 0) has its own lock: not held up
+        t.join(timeout=1.0)
+        assert t.is_alive() and len(done) == 1 and not b.is_prepared()
+    t.join(timeout=60)
+    assert not t.is_alive() and len(done) == 2 and b.is_prepared()
 
 
 def test_a_dataset_of_your_own(tmp_path):
