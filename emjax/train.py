@@ -508,10 +508,7 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
     if cfg.steps is not None:
         total_steps = int(cfg.steps)
     else:
-        # the epochs are repeated before batching, so batches run across their seams; a short last batch is a step
-        # unless data.drop_remainder
-        rows, bs = train_loader.num_examples * int(data_cfg.num_epochs or 1), train_loader.local_batch_size
-        total_steps = rows // bs if data_cfg.drop_remainder else -(-rows // bs)
+        total_steps = train_loader.steps(int(data_cfg.num_epochs or 1), data_cfg.drop_remainder)
         if data_cfg.mode == "pack":
             log.warning("data.mode=pack without explicit steps: step count estimated from unpacked examples")
     if total_steps < 1:

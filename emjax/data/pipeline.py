@@ -169,12 +169,23 @@ def _packed_to_batch(x: Mapping[str, np.ndarray], pad_id: int) -> dict[str, np.n
 class Loader:
     """Iterator over batches with checkpointable state; ``stats`` describes the tokenised split."""
 
-    def __init__(self, dataset: grain.IterDataset, stats: TokenStats, local_batch_size: int, num_examples: int):
+    def __init__(self, dataset: grain.IterDataset, stats: TokenStats, local_batch_size: int, num_examples: int,
+                 global_examples: int | None = None, process_count: int = 1):
         self.dataset = dataset
         self.iterator = iter(dataset)
         self.stats = stats
         self.local_batch_size = local_batch_size
-        self.num_examples = num_examples  # this process's examples per epoch
+        self.num_examples = num_examples  # this process's examples per epoch (whole rounds over the processes)
+        self.global_examples = num_examples * process_count if global_examples is None else global_examples
+        self.process_count = process_count
+
+    def steps(self, num_epochs: int, drop_remainder: bool) -> int:
+        """Batches in ``num_epochs`` passes (pad mode), the same on every process. The epochs are repeated before
+        the rows are dealt and batched, so batches and the processes' rounds run across the epochs' seams: N rows
+        over E epochs give each process ⌊N·E / processes⌋ rows (more than E·⌊N / processes⌋ where N does not
+        divide), and a short last batch is a step unless ``drop_remainder``."""
+        rows = self.global_examples * num_epochs // self.process_count
+        return rows // self.local_batch_size if drop_remainder else -(-rows // self.local_batch_size)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
@@ -226,7 +237,8 @@ def make_loader(cfg: DataConfig, tokenizer: Tokenizer, *, split: str = "train", 
     # Shuffle globally (same seed everywhere), then deal examples round-robin to processes: the union of the
     # processes' batch j is exactly the single-process batch j, so a multi-host run trains on the same batches.
     ds = grain.MapDataset.source(examples)
-    n_local = len(ds) // pc
+    n_global = len(ds)
+    n_local = n_global // pc
     if n_local == 0:
         raise ValueError(f"{cfg.dataset}/{split}: process {pi} of {pc} has no examples")
     if cfg.shuffle:
@@ -244,7 +256,7 @@ def make_loader(cfg: DataConfig, tokenizer: Tokenizer, *, split: str = "train", 
         it = FirstFitPackIterDataset(it, length_struct={"tokens": T, "loss_mask": T}, num_packing_bins=local_bs,
                                      shuffle_bins=False)
         it = it.map(lambda x: _packed_to_batch(x, pad_id)).batch(local_bs, drop_remainder=cfg.drop_remainder)
-    return Loader(it, stats, local_bs, n_local)
+    return Loader(it, stats, local_bs, n_local, global_examples=n_global, process_count=pc)
 
 
 def attention_allowed(segment_ids: np.ndarray) -> np.ndarray:

@@ -154,6 +154,21 @@ def test_two_processes_cover_dataset_once_per_epoch(tok, examples):
         assert sorted(batches[0][j] + batches[1][j]) == sorted(whole)
 
 
+def test_steps_count_the_batches_on_every_process(tok):
+    """``Loader.steps`` (a run's length without ``steps``) is the number of batches each process's loader yields, the
+    same on every process: rows are dealt across the epochs' seams, so 19 rows over 3 epochs on 2 processes give
+    each ⌊57 / 2⌋ = 28 rows, one more than 3 · ⌊19 / 2⌋ (the count before, which ended such a run a batch early
+    where batches are 4 rows)."""
+    for n, procs, epochs, bs, drop in itertools.product((19, 20), (1, 2), (1, 3), (2, 4, 8), (True, False)):
+        cfg = _cfg(batch_size=bs * procs, num_epochs=epochs, drop_remainder=drop)
+        for p in range(procs):
+            loader = make_loader(cfg, tok, source=_source(n), process_index=p, process_count=procs)
+            assert loader.steps(epochs, drop) == sum(1 for _ in loader), (n, procs, epochs, bs, drop, p)
+    loader = make_loader(_cfg(batch_size=8, num_epochs=3, drop_remainder=True), tok, source=_source(19),
+                         process_index=1, process_count=2)
+    assert loader.steps(3, True) == 7 != (3 * loader.num_examples) // 4
+
+
 def test_truncation_counted(tok):
     lens = [len(encode_chat(tok, json.loads(r["messages"]))[0]) for r in _source()]
     L = 40
