@@ -388,17 +388,45 @@ class _RunFiles:
         import orbax.checkpoint as ocp
 
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, {"trainable": trainable, "opt": opt_state})
-        restored = self.mngr.restore(self.mngr.latest_step(), args=ocp.args.Composite(
+        step = self.mngr.latest_step()
+        restored = self.mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        return restored["state"]["trainable"], restored["state"]["opt"], restored["meta"]["data"]
+        meta = restored["meta"]
+        # the training loss at that step, which final.json reports even when no step is left to run (a run killed
+        # after its last checkpoint, in its final validation or evaluation); checkpoints from before it was kept:
+        # the last logged one
+        self.last_loss = meta["loss"] if "loss" in meta else self._logged_loss(step)
+        return restored["state"]["trainable"], restored["state"]["opt"], meta["data"]
+
+    def _logged_loss(self, step: int) -> float | None:
+        path, loss = self.workdir / "metrics.jsonl", None
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if row.get("split") == "train" and row.get("step", step + 1) <= step and "loss" in row:
+                    loss = row["loss"]
+        return loss
 
     def save(self, step, trainable, opt_state, data_state):
         import orbax.checkpoint as ocp
 
+        if self.mngr.latest_step() == step:  # saved already (a SIGTERM on a checkpoint step)
+            return
         self.mngr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave({"trainable": trainable, "opt": opt_state}),
-            meta=ocp.args.JsonSave({"step": step, "data": data_state})), force=True)
+            meta=ocp.args.JsonSave({"step": step, "data": data_state, "loss": self.last_loss})), force=True)
         self.mngr.wait_until_finished()
+
+    def finished(self) -> RunResult | None:
+        """The result of a run that has finished (``DONE`` and ``final.json``), which a rerun leaves as it is."""
+        final = self.workdir / "final.json"
+        if not ((self.workdir / "DONE").exists() and final.is_file()):
+            return None
+        f = json.loads(final.read_text())
+        return RunResult(self.workdir, f["step"], f.get("train_loss"), f.get("val_loss"), "done")
 
     def close(self):
         if self.metrics_f is not None:
@@ -459,6 +487,14 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
             r.close()
         raise TrainError("the runs of a pack must resume from one step: " + ", ".join(
             f"{r.workdir} at {s or 0}" for r, s in zip(runs, latest)) + ". Train them apart, or each to that step.")
+    done = [r.finished() for r in runs]
+    if all(done):  # a rerun of finished runs (their config checked above): nothing to train, validate or export
+        for r in runs:
+            r.close()
+        if lead:
+            print(f"emjax: {', '.join(str(r.workdir) for r in runs)}: finished already (DONE); nothing to do. "
+                  "Use a new workdir to train again.", file=sys.stderr)
+        return done
     workdir = runs[0].workdir
     name = workdir.name if n == 1 else f"pack of {n}"
 

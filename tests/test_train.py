@@ -764,6 +764,37 @@ def test_incompatible_checkpoint(tmp_path):
     _check_compatible(tmp_path / "run", _cfg(tmp_path, "steps=2", "lora.rank=8"))
 
 
+def test_a_finished_run_rerun_and_a_run_killed_after_its_last_checkpoint(tmp_path):
+    """Rerunning a finished run (DONE) does nothing and returns its result (it validated, evaluated, exported and
+    logged again). A run killed after its last checkpoint but before DONE (in its final validation or evaluation)
+    has no step left when rerun: its final.json still reports the training loss of that step, kept in the
+    checkpoint (it wrote null, and the report left the run out); a checkpoint from before the loss was kept falls
+    back to the last logged one."""
+    args = ["steps=4", "ckpt_every=2", "log_every=1", "export_peft=false"]
+    first = train(_cfg(tmp_path, *args))
+    run = first.workdir
+    metrics = (run / "metrics.jsonl").read_text()
+    again = train(_cfg(tmp_path, *args))
+    assert (again.status, again.step, again.final_loss, again.val_loss) == ("done", 4, first.final_loss,
+                                                                          first.val_loss)
+    assert (run / "metrics.jsonl").read_text() == metrics
+    for meta_loss in (True, False):
+        (run / "DONE").unlink()
+        (run / "final.json").unlink()
+        if not meta_loss:  # as a checkpoint written before the loss was kept in it
+            for f in (run / "checkpoints" / "4" / "meta").rglob("*"):
+                if f.is_file() and '"loss"' in f.read_text():
+                    meta = json.loads(f.read_text())
+                    del meta["loss"]
+                    f.write_text(json.dumps(meta))
+                    break
+            else:
+                raise AssertionError("no checkpoint metadata holds the loss")
+        res = train(_cfg(tmp_path, *args))
+        assert res.status == "done" and res.final_loss == first.final_loss is not None, meta_loss
+        assert json.loads((run / "final.json").read_text())["train_loss"] == first.final_loss
+
+
 def test_nan_loss_stops_naming_the_step(tmp_path):
     # sgd with lr 1e30: step 1 is finite (and checkpointed), its update overflows, so step 2's loss is NaN
     with pytest.raises(TrainError, match=r"non-finite loss nan at step 2; .*last good checkpoint \(step 1\)"):
@@ -814,9 +845,12 @@ def test_kill9_then_resume_is_bitwise_identical(tmp_path):
         np.testing.assert_array_equal(a[k], b[k])
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("ckpt_every", [1000, 1])
+def test_sigterm_saves_and_exits_cleanly(tmp_path, ckpt_every):
+    """Also on a step that has just been checkpointed (every step with ckpt_every 1), which was saved twice and
+    failed with orbax's StepAlreadyExistsError."""
     env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    proc = subprocess.Popen(_cli(tmp_path / "c", "steps=400", "ckpt_every=1000"), env=env, cwd=ROOT,
+    proc = subprocess.Popen(_cli(tmp_path / "c", "steps=400", f"ckpt_every={ckpt_every}"), env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "c" / "metrics.jsonl"
     deadline = time.time() + 240
