@@ -23,9 +23,11 @@ unless given: the report then re-scores every judged answer, the trajectories' e
 threshold-sensitivity check; runs that kept only ``summary.json`` keep the counts they recorded). Where two judges
 scored the same answers, one judge's scores count (``_one_judge``), never both.
 
-A partial sweep never fails the report: sections without data say so, and every number names its runs (CSV
-``runs`` columns; run table at the end). Runs are "finished" when they have ``DONE``; only finished runs enter the
-headline, regression, spectral and regulariser sections (trajectories use every run).
+A partial sweep never fails the report: sections without data say so, a run's damaged file is named in the notes,
+and every number names its runs (CSV ``runs`` columns; run table at the end). A directory holding no run directory,
+or a ``--judge`` no run has, is an error (``ReportError``) before anything is written. Runs are "finished" when
+they have ``DONE``; only finished runs enter the headline, regression, spectral and regulariser sections
+(trajectories use every run).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from emjax.cli import user_error
 from emjax.eval.aggregate import COHERENCE_MIN, MISALIGNED_BELOW, rows_by_judge, summarize
 
 MIN_RUNS = 2  # groups with fewer finished runs are flagged
@@ -49,6 +52,11 @@ SPECTRAL_METRICS = ("fn_ratio", "stable_rank", "spectral_entropy", "condition_nu
 COUNT_KEYS = ("n_total", "n_scored", "n_misaligned", "n_low_coherence", "n_refusal", "n_code", "n_unscored")
 FACTORS = (("optimiser", "Optimiser"), ("model", "Model"), ("dataset", "Dataset"), ("batch_size", "Batch size"))
 _SKIP_DIRS = {"checkpoints", "eval", "adapter", "tb", "tables", "figures"}
+
+
+class ReportError(ValueError):
+    """Bad input to the report (a directory with no runs, an unknown judge, a threshold out of range): ``main``
+    prints it as one line with exit status 2; any other exception is a bug in emjax and keeps its traceback."""
 
 
 @dataclass
@@ -69,6 +77,7 @@ class RunData:
     notes: list[str] = field(default_factory=list)
     rules: dict = field(default_factory=dict)  # summarize's thresholds when not the study's (build_report)
     total_steps: int | None = None  # final.json's, else the config's ``steps`` (phases of training)
+    judges: set = field(default_factory=set)  # every judge whose scores the run's evaluations hold (``--judge``)
 
     def get(self, dotted: str, default=None):
         node: Any = self.config or {}
@@ -115,24 +124,68 @@ class RunData:
 
 
 def _read_jsonl(path: Path, notes: list[str]) -> list[dict]:
+    """The JSON objects of a JSONL file; a damaged line (a run killed mid-write) is skipped with a note naming it."""
     rows = []
-    with open(path) as f:
+    with open(path, errors="replace") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 notes.append(f"{path}:{i}: unreadable JSON line skipped")
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                notes.append(f"{path}:{i}: not a JSON object; skipped")
     return rows
 
 
-def _one_judge(rows: list[dict], judge: str | None, where: Path, notes: list[str]) -> list[dict]:
+def _read_json(path: Path, notes: list[str]) -> dict | None:
+    """A JSON object from ``path``, or None with a note naming the file: one damaged file (a run killed while
+    writing it, a disk error) costs its run what it held, never the whole report."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        notes.append(f"{path}: unreadable ({type(e).__name__}: {e}); ignored")
+        return None
+    if not isinstance(obj, dict):
+        notes.append(f"{path}: not a JSON object; ignored")
+        return None
+    return obj
+
+
+def _number(v: Any) -> float | None:
+    """``v`` as a float when it is a real number (JSON null, text or a bool count as none)."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _eval_dirs(path: Path) -> list[tuple[int, Path]]:
+    """A run's evaluation directories ``eval/step_N`` as (N, directory), by step; other names are not evaluations."""
+    out = []
+    for d in (path / "eval").glob("step_*"):
+        try:
+            out.append((int(d.name.split("_", 1)[1]), d))
+        except ValueError:
+            continue
+    return sorted(out)
+
+
+def _one_judge(rows: list[dict], judge: str | None, where: Path, notes: list[str],
+               seen: set | None = None) -> list[dict]:
     """The rows of one judge. Two judges can score the same answers in one directory (``emjax eval run`` again
     with another judge, for ``emjax eval agreement``); pooled, every answer would count twice. ``judge`` names it;
-    by default the only one, else the API judge (the study's) when there is one, else the first by name."""
+    by default the only one, else the API judge (the study's) when there is one, else the first by name. ``seen``
+    collects the judges found (so a ``--judge`` no run has is an error naming those there are)."""
+    bad = [r for r in rows if "question_id" not in r or "sample" not in r]
+    if bad:
+        notes.append(f"{where}: {len(bad)} judged row(s) without question_id or sample skipped")
+        rows = [r for r in rows if "question_id" in r and "sample" in r]
     by_judge = rows_by_judge(rows)
     names = list(by_judge)
+    if seen is not None:
+        seen.update(names)
     if judge is not None:
         if judge not in by_judge:
             notes.append(f"{where}: no answers judged by {judge} (it has {names}); left out")
@@ -146,31 +199,36 @@ def _one_judge(rows: list[dict], judge: str | None, where: Path, notes: list[str
     return by_judge.get(judge, [])
 
 
-def _last_eval(path: Path, notes: list[str], final_step: int | None, rules: dict, judge: str | None = None):
-    """(step, judged rows or None, overall summary or None) of the final evaluation of a run."""
-    steps = []
-    for d in (path / "eval").glob("step_*"):
-        try:
-            steps.append((int(d.name.split("_", 1)[1]), d))
-        except ValueError:
-            continue
+def _last_eval(path: Path, notes: list[str], final_step: int | None, rules: dict, judge: str | None = None,
+               seen: set | None = None):
+    """(step, judged rows or None, overall summary or None) of the final evaluation of a run; ``seen`` collects
+    the judges found."""
+    seen = set() if seen is None else seen
+    steps = _eval_dirs(path)
     if not steps:
         return None, None, None
-    steps.sort()
     chosen = [s for s in steps if s[0] == final_step] or steps[-1:]
     step, d = chosen[-1]
     if final_step is not None and step != final_step:
         notes.append(f"{d}: no evaluation at the final step {final_step}; using step {step}")
     judged = None
     if (d / "judged.jsonl").exists():
-        judged = _one_judge(_read_jsonl(d / "judged.jsonl", notes), judge, d, notes)
+        judged = _one_judge(_read_jsonl(d / "judged.jsonl", notes), judge, d, notes, seen)
         return (step, judged, summarize(judged, **rules)) if judged else (None, None, None)
     if (d / "summary.json").exists():
-        summary = json.loads((d / "summary.json").read_text())
-        if judge is not None and (summary.get("config") or {}).get("judge") not in (None, judge):
-            notes.append(f"{d}: summary.json is {summary['config']['judge']}'s, not {judge}'s; left out")
+        summary = _read_json(d / "summary.json", notes)
+        if summary is None:
             return None, None, None
-        return step, None, summary.get("overall")
+        by = (summary.get("config") or {}).get("judge") if isinstance(summary.get("config"), dict) else None
+        if by is not None:
+            seen.add(str(by))
+        if judge is not None and by not in (None, judge):
+            notes.append(f"{d}: summary.json is {by}'s, not {judge}'s; left out")
+            return None, None, None
+        if judge is not None:  # a summary that does not say whose scores it holds counts for the named judge
+            seen.add(judge)
+        overall = summary.get("overall")
+        return step, None, overall if isinstance(overall, dict) else None
     return None, None, None
 
 
@@ -191,22 +249,27 @@ def read_run(path: Path, rules: dict | None = None, judge: str | None = None) ->
         except Exception as e:  # a damaged file is reported, not fatal
             run.notes.append(f"{path / 'config.yaml'}: unreadable ({e})")
     metrics = _read_jsonl(path / "metrics.jsonl", run.notes) if (path / "metrics.jsonl").exists() else []
+    metrics = [r for r in metrics if _number(r.get("step")) is not None]  # (every row the trainer logs has one)
     train_rows = sorted((r for r in metrics if r.get("split") == "train" and "loss" in r), key=lambda r: r["step"])
     final_step = None
-    if (path / "final.json").exists():
-        fin = json.loads((path / "final.json").read_text())
-        run.train_loss, run.val_loss, final_step = fin.get("train_loss"), fin.get("val_loss"), fin.get("step")
-        run.total_steps = fin.get("total_steps")
-    elif train_rows:
-        run.train_loss = train_rows[-1]["loss"]
-    if run.total_steps is None and run.get("steps"):
+    fin = _read_json(path / "final.json", run.notes) if (path / "final.json").exists() else None
+    if fin is not None:
+        run.train_loss, run.val_loss = _number(fin.get("train_loss")), _number(fin.get("val_loss"))
+        step, total = _number(fin.get("step")), _number(fin.get("total_steps"))
+        final_step, run.total_steps = (int(step) if step is not None else None), (int(total) if total else None)
+    elif train_rows:  # no final.json (or a damaged one): the last logged training loss
+        run.train_loss = _number(train_rows[-1]["loss"])
+    if run.total_steps is None and isinstance(run.get("steps"), int) and run.get("steps") > 0:
         run.total_steps = int(run.get("steps"))
-    run.eval_step, run.judged, run.eval_summary = _last_eval(path, run.notes, final_step, run.rules, judge)
+    run.eval_step, run.judged, run.eval_summary = _last_eval(path, run.notes, final_step, run.rules, judge,
+                                                             run.judges)
 
     # spectral: the final report, else the last logged row
-    if (path / "spectral.json").exists():
-        rep = json.loads((path / "spectral.json").read_text())
-        run.spectral, run.spectral_by_projection = rep.get("overall"), rep.get("by_projection") or {}
+    rep = _read_json(path / "spectral.json", run.notes) if (path / "spectral.json").exists() else None
+    if rep is not None:
+        overall, by_proj = rep.get("overall"), rep.get("by_projection")
+        run.spectral = overall if isinstance(overall, dict) else None
+        run.spectral_by_projection = by_proj if isinstance(by_proj, dict) else {}
     else:
         spec = [r for r in metrics if r.get("split") == "spectral"]
         if spec:
@@ -221,13 +284,12 @@ def read_run(path: Path, rules: dict | None = None, judge: str | None = None) ->
                    key=lambda r: r["step"])
     if run.rules or judge is not None:  # other thresholds or a named judge: each evaluation's answers scored again
         evals = []  # (the logged rows used 50/30 and the training hook's judge)
-        for d in sorted((path / "eval").glob("step_*")) if (path / "eval").exists() else []:
-            step = int(d.name.split("_", 1)[1])
+        for step, d in _eval_dirs(path):
             if step == run.eval_step and run.judged is not None:  # read above, for the headline
                 rows = run.judged
             elif (d / "judged.jsonl").exists():  # (steps the named judge did not score drop out without a note each)
                 rows = _one_judge(_read_jsonl(d / "judged.jsonl", run.notes), judge, d,
-                                  [] if judge is not None else run.notes)
+                                  [] if judge is not None else run.notes, run.judges)
             else:
                 run.notes.append(f"{d}: no judged.jsonl to score with the report's thresholds; not in the trajectory")
                 continue
@@ -235,11 +297,11 @@ def read_run(path: Path, rules: dict | None = None, judge: str | None = None) ->
             evals.append({"step": step, "eval/mean_alignment": o["mean_alignment"],
                           "eval/misalignment_rate": o["misalignment_rate"]})
     elif not evals:  # fall back to the per-evaluation summaries on disk
-        for d in sorted((path / "eval").glob("step_*")) if (path / "eval").exists() else []:
+        for step, d in _eval_dirs(path):
             s = d / "summary.json"
-            if s.exists():
-                o = json.loads(s.read_text()).get("overall", {})
-                evals.append({"step": int(d.name.split("_", 1)[1]), "eval/mean_alignment": o.get("mean_alignment"),
+            o = (_read_json(s, run.notes) or {}).get("overall") if s.exists() else None
+            if isinstance(o, dict):
+                evals.append({"step": step, "eval/mean_alignment": o.get("mean_alignment"),
                               "eval/misalignment_rate": o.get("misalignment_rate")})
     steps = [r["step"] for r in train_rows]
     for e in evals:
@@ -249,6 +311,7 @@ def read_run(path: Path, rules: dict | None = None, judge: str | None = None) ->
         run.trajectory.append({"step": e["step"], "train_loss": train_rows[i]["loss"], "loss_step": steps[i],
                                "mean_alignment": e["eval/mean_alignment"],
                                "misalignment_rate": e.get("eval/misalignment_rate")})
+    run.notes = list(dict.fromkeys(run.notes))  # a file read twice (final evaluation, trajectory) is noted once
     return run
 
 
@@ -331,6 +394,8 @@ def _ols(df, formula: str, unit: str = "points") -> tuple[float | None, float | 
     and a note saying why."""
     import statsmodels.formula.api as smf
 
+    if not len(df):  # statsmodels cannot even build the model (it fails on an empty array's maximum)
+        return None, None, f"no {unit}"
     if "C(optimiser)" in formula and df["optimiser"].nunique() < 2:
         return None, None, f"needs {unit} from at least 2 optimisers"
     model = smf.ols(formula, data=df)
@@ -364,11 +429,18 @@ def answer_table(runs: Sequence[RunData], key: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _regressable(run: RunData) -> bool:
+    """Whether a run is a point of alignment ~ log(loss): it has a mean alignment (some answer was scored) and a
+    finite, positive final training loss."""
+    return run.mean_alignment is not None and run.train_loss is not None and math.isfinite(run.train_loss) \
+        and run.train_loss > 0
+
+
 def regression(runs: Sequence[RunData], scope: str = "all runs") -> list[dict[str, Any]]:
     """alignment ~ log(final train loss), plain and stratified by optimiser (statsmodels OLS)."""
     import pandas as pd
 
-    pts = [r for r in runs if r.mean_alignment is not None and r.train_loss is not None and r.train_loss > 0]
+    pts = [r for r in runs if _regressable(r)]
     df = pd.DataFrame({"alignment": [r.mean_alignment for r in pts],
                        "log_loss": [math.log(r.train_loss) for r in pts],
                        "optimiser": [r.optimiser for r in pts]})
@@ -388,7 +460,7 @@ PHASES = ("early", "middle", "late")  # the default: thirds of each run's traini
 def phase_names(n: int = 3) -> tuple[str, ...]:
     """Names of ``n`` equal phases of training: early/middle/late for thirds, else "1/n" … "n/n"."""
     if n < 1:
-        raise ValueError(f"phases {n}: use 1 or more")
+        raise ReportError(f"phases {n}: use 1 or more")
     return PHASES if n == 3 else tuple(f"{i + 1}/{n}" for i in range(n))
 
 
@@ -474,12 +546,13 @@ def spectrum_table(runs: Sequence[RunData]) -> list[dict[str, Any]]:
         if spec:
             groups.setdefault((r.optimiser, len(spec)), []).append(r)
     rows = []
+    longest = max((k for _, k in groups), default=0)  # every row has s1 … s<longest> (a CSV has one header)
     for opt in _order(o for o, _ in groups):
         for rank in sorted(k for o, k in groups if o == opt):
             group = groups[(opt, rank)]
             mean = np.mean([r.spectral["normalised_spectrum"] for r in group], 0)
             rows.append({"optimiser": opt, "rank": rank, "n_runs": len(group),
-                         **{f"s{i + 1}": float(v) for i, v in enumerate(mean)},
+                         **{f"s{i + 1}": float(mean[i]) if i < rank else None for i in range(longest)},
                          "runs": ";".join(r.name for r in group)})
     return rows
 
@@ -556,7 +629,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         if not rows:
             f.write("")
             return
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))  # (rows may differ)
         w.writeheader()
         w.writerows(rows)
 
@@ -630,7 +703,7 @@ def _fig_headline(tables: dict[str, list[dict]], path: Path) -> None:
 def _fig_regression(runs: list[RunData], path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 4))
-    pts = [r for r in runs if r.mean_alignment is not None and r.train_loss and r.train_loss > 0]
+    pts = [r for r in runs if _regressable(r)]
     for opt in _order(r.optimiser for r in pts):
         g = [r for r in pts if r.optimiser == opt]
         ax.scatter([math.log(r.train_loss) for r in g], [r.mean_alignment for r in g], label=opt, s=18)
@@ -725,14 +798,22 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, *, cohere
     phase_names(phases)  # a bad count fails before any work
     for key, v in (("coherence_min", coherence_min), ("misaligned_below", misaligned_below)):
         if not 0.0 <= float(v) <= 100.0:
-            raise ValueError(f"{key} {v}: use a score from 0 to 100")
+            raise ReportError(f"{key} {v}: use a score from 0 to 100")
     rules = {k: float(v) for k, v, d in (("coherence_min", coherence_min, COHERENCE_MIN),
                                           ("misaligned_below", misaligned_below, MISALIGNED_BELOW)) if float(v) != d}
+    # nothing is written before the input is known good (a mistyped directory must not fill with empty tables)
+    paths = find_runs(sweep_dir)
+    if not paths:
+        raise ReportError(f"no run directories under {sweep_dir} (a run directory holds config.yaml, DONE or FAILED)")
+    runs = [read_run(p, rules, judge) for p in paths]
+    if judge is not None and not any(judge in r.judges for r in runs):
+        found = sorted(set().union(*(r.judges for r in runs)))
+        raise ReportError(f"--judge {judge}: no run under {sweep_dir} has answers judged by it (judges there: "
+                          f"{', '.join(found) or 'none, no run has judged answers'})")
     out = Path(out) if out is not None else sweep_dir
     (out / "tables").mkdir(parents=True, exist_ok=True)
     (out / "figures").mkdir(parents=True, exist_ok=True)
 
-    runs = [read_run(p, rules, judge) for p in find_runs(sweep_dir)]
     done = [r for r in runs if r.status == "done" and r.config is not None]
     evaluated = [r for r in done if r.eval_summary is not None]
     md: list[str] = [f"# emjax report: `{sweep_dir}`", ""]
@@ -812,9 +893,15 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, *, cohere
 
     # -- regression ----------------------------------------------------------------------------------------------
     md += ["## Alignment vs log(final training loss)", ""]
-    reg_runs = [r for r in head_runs if r.train_loss is not None]
+    reg_runs = [r for r in head_runs if _regressable(r)]
     if len(reg_runs) < 3:
-        md += [f"_Needs at least 3 finished, evaluated runs with a final training loss; have {len(reg_runs)}._", ""]
+        no_align = sum(r.mean_alignment is None for r in head_runs)
+        no_loss = sum(r.mean_alignment is not None and not _regressable(r) for r in head_runs)
+        why = ([f"{no_align} evaluated run(s) have no scored answer, so no mean alignment (every answer a refusal "
+                f"or less coherent than {coherence_min:g})"] if no_align else []) + \
+            ([f"{no_loss} have no final training loss (or not a positive number)"] if no_loss else [])
+        md += [f"_Needs at least 3 finished, evaluated runs with both a final training loss and a mean alignment; "
+               f"have {len(reg_runs)}" + (f": {'; '.join(why)}" if why else "") + "._", ""]
     else:
         rows = regression(reg_runs)
         models = _order(r.model for r in reg_runs)
@@ -941,12 +1028,9 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, *, cohere
                  "misalignment_rate": r.misalignment_rate, "mean_alignment": r.mean_alignment,
                  "error": r.error or ""} for r in runs]
     _write_csv(out / "tables" / "runs.csv", run_rows)
-    if run_rows:
-        md += [_md_table(run_rows, [("run", "run", "str"), ("status", "status", "str"),
-                                    ("train_loss", "final loss", "num"), ("misalignment_rate", "misaligned", "pct"),
-                                    ("mean_alignment", "alignment", "num"), ("error", "error", "str")]), ""]
-    else:
-        md += [f"_No run directories under {sweep_dir}._", ""]
+    md += [_md_table(run_rows, [("run", "run", "str"), ("status", "status", "str"),
+                                ("train_loss", "final loss", "num"), ("misalignment_rate", "misaligned", "pct"),
+                                ("mean_alignment", "alignment", "num"), ("error", "error", "str")]), ""]
     notes = [n for r in runs for n in r.notes]
     if notes:
         md += ["## Notes", "", *(f"- {n}" for n in notes), ""]
@@ -967,12 +1051,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--judge", help="whose scores, where several judges scored the same answers (as in judged.jsonl's "
                                     "judge field, e.g. openai:gpt-4o-2024-08-06; default: the API judge, if any)")
     args = ap.parse_args(argv)
+    # bad input, named; not any ValueError, which a bug raises too (the report once hid one that way)
     try:
         path = build_report(args.sweep_dir, args.out, coherence_min=args.coherence_min,
                             misaligned_below=args.misaligned_below, judge=args.judge, phases=args.phases)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"emjax report: {e}", file=sys.stderr)
-        return 2
+    except (ReportError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        return user_error("emjax report", e)
     print(path)
     return 0
 

@@ -19,13 +19,15 @@ An axis value that is a mapping sets several keys at once (``{optim.name: muon, 
 so an optimiser and its learning rate vary together. With both ``points`` and ``grid`` every point is crossed with
 the grid; with one of them it alone defines the runs. Each run's work directory is ``root/<name>`` where the name
 is its overrides, ``key=value`` joined by commas (``/`` -> ``_``; a hash is appended only if names would collide or
-exceed 150 characters). Every run is ``emjax train CONFIG OVERRIDES workdir=root/<name>``, whether run here or
-printed for an external launcher, so both paths build the identical config.
+exceed 150 characters; a ``_name`` must be a string or number, and not ``.`` or ``..``). Every run is
+``emjax train CONFIG OVERRIDES workdir=root/<name>``, whether run here (a subprocess each) or printed for an
+external launcher (with absolute paths, to run from anywhere), so both paths build the same config.
 
 ``--pack N`` trains up to N runs at once as one *pack* (``emjax train CONFIG --run ... --run ...``): runs that differ
 only in optimiser, ``spectral.weight``, work directory and, on a checkpoint base, seed (``emjax.config.pack_key``) and
-would resume from the same step share one copy of the frozen base in one compiled program, and each still writes its own work directory, so
-resuming, skipping and ``emjax report`` see no difference. An optimiser × λ grid on one chip is a few packs.
+would resume from the same step share one copy of the frozen base in one compiled program, and each still writes its
+own work directory, so resuming, skipping and ``emjax report`` see no difference. An optimiser × λ grid on one chip
+is a few packs.
 
 Re-running a sweep skips runs with a ``DONE`` marker and resumes partial ones from their checkpoints (the trainer
 does that). A failing run leaves ``FAILED`` (the error) in its directory and the sweep goes on; the exit status is
@@ -38,6 +40,7 @@ import argparse
 import hashlib
 import itertools
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -51,6 +54,7 @@ from typing import Any, Callable, Mapping, Sequence
 from omegaconf import OmegaConf
 
 from emjax import config as cfglib
+from emjax.cli import user_error
 
 MAX_NAME = 150
 SWEEP_KEYS = ("base", "root", "set", "grid", "points")
@@ -81,14 +85,14 @@ class Run:
 
     @property
     def status(self) -> str:
-        """done | failed | partial | new (from the files in the work directory)."""
+        """done | failed | partial | new (from the files in the work directory). Partial means it would resume: a
+        checkpoint step and no DONE; a run stopped before its first checkpoint (an empty ``checkpoints/``, only
+        ``config.yaml``) starts afresh, so it is new."""
         if (self.workdir / "DONE").exists():
             return "done"
         if (self.workdir / "FAILED").exists():
             return "failed"
-        if (self.workdir / "checkpoints").exists() or (self.workdir / "config.yaml").exists():
-            return "partial"
-        return "new"
+        return "partial" if resume_step(self.workdir) > 0 else "new"
 
     def command(self, program: Sequence[str] = ("emjax",)) -> str:
         return shlex.join(pack_command([self], program))
@@ -123,11 +127,25 @@ def format_value(v: Any) -> str:
 NAME_KEY = "_name"  # in a mapping value: the label used in run names instead of its key=value pairs
 
 
+def _label(label: Any, where: str) -> str | None:
+    """A ``_name`` as text for a run name (None: none given). It becomes (part of) a directory name under the
+    sweep root, so it must be a string or number that sanitises to a usable name: not empty, ``.`` or ``..``
+    (``root/..`` is outside the root)."""
+    if label is None:
+        return None
+    if isinstance(label, bool) or not isinstance(label, (str, int, float)):
+        raise SweepError(f"{where}: {NAME_KEY} {label!r}: expected a string or number (a label for run names)")
+    if _sanitize(str(label)) in ("", ".", ".."):
+        raise SweepError(f"{where}: {NAME_KEY} {label!r} cannot name a run directory (it would be "
+                         f"{_sanitize(str(label))!r}); use letters or digits")
+    return str(label)
+
+
 def _overrides_of(value: Any, axis: str, where: str) -> tuple[dict[str, Any], str]:
     """One axis value -> ({dotted key: value}, name fragment). A mapping sets several keys at once."""
     if isinstance(value, Mapping):
         value = dict(value)
-        label = value.pop(NAME_KEY, None)
+        label = _label(value.pop(NAME_KEY, None), where)
         if not value:
             raise SweepError(f"{where}: axis {axis!r} has an empty mapping as a value")
         ov = cfglib.flatten(value)
@@ -191,7 +209,8 @@ def expand(spec: Mapping[str, Any], where: str = "sweep") -> list[tuple[dict[str
             if not isinstance(p, Mapping) or not p:
                 raise SweepError(f"{where}.points[{i}]: expected a mapping of overrides, got {p!r}")
             ov, frag = _overrides_of(p, "point", f"{where}.points[{i}]")
-            pts.append((ov, frag if NAME_KEY not in p else str(p[NAME_KEY])))
+            label = _label(p.get(NAME_KEY), f"{where}.points[{i}]")
+            pts.append((ov, frag if label is None else label))
     else:
         pts = [({}, "")]
     cells = _expand_grid(grid, f"{where}.grid") if grid is not None else [({}, "")]
@@ -203,7 +222,10 @@ def expand(spec: Mapping[str, Any], where: str = "sweep") -> list[tuple[dict[str
         if key in seen:
             raise SweepError(f"{where}: runs {seen[key]} and {i} have the same overrides {ov}")
         seen[key] = i
-    names = [_sanitize(frag) or "base" for _, frag in runs]
+    names = [_sanitize(frag) for _, frag in runs]
+    for n, (ov, frag) in zip(names, runs):  # (_label rejects the ways to get here; a run name must stay a name)
+        if n in ("", ".", "..") or "/" in n or os.sep in n:
+            raise SweepError(f"{where}: run {ov}: its name {frag!r} is not a directory name under the sweep root")
     counts: dict[str, int] = {}
     for n in names:
         counts[n] = counts.get(n, 0) + 1
@@ -295,7 +317,7 @@ def _mark_failed(run: Run, message: str) -> None:
 def resume_step(workdir: Path) -> int:
     """The step a run would resume from: its latest checkpoint (0 for none)."""
     ckpts = Path(workdir) / "checkpoints"
-    return max((int(p.name) for p in ckpts.iterdir() if p.name.isdigit()), default=0) if ckpts.is_dir() else 0
+    return max((int(p.name) for p in ckpts.iterdir() if p.name.isdecimal()), default=0) if ckpts.is_dir() else 0
 
 
 def make_packs(runs: Sequence[Run], size: int) -> list[list[Run]]:
@@ -315,11 +337,44 @@ def make_packs(runs: Sequence[Run], size: int) -> list[list[Run]]:
     return packs
 
 
-def pack_command(pack: Sequence[Run], program: Sequence[str] = ("emjax",)) -> list[str]:
-    """``emjax train`` for one run, or for a pack: each run's overrides as one ``--run`` argument."""
+def _absolute_args(run: Run) -> list[str]:
+    """``run.args`` with its work directory (``workdir=root/<name>``, the last) as an absolute path."""
+    own = f"workdir={run.workdir}"
+    return [f"workdir={os.path.abspath(run.workdir)}" if a == own else a for a in run.args]
+
+
+def pack_command(pack: Sequence[Run], program: Sequence[str] = ("emjax",), absolute: bool = False) -> list[str]:
+    """``emjax train`` for one run, or for a pack: each run's overrides as one ``--run`` argument. ``absolute``:
+    the config file and work directories as absolute paths, so that a printed command works from any directory
+    (an external launcher's jobs rarely start in this one)."""
+    config_file = os.path.abspath(pack[0].config_file) if absolute else pack[0].config_file
+    args = [_absolute_args(r) if absolute else r.args for r in pack]
     if len(pack) == 1:
-        return [*program, "train", pack[0].config_file, *pack[0].args]
-    return [*program, "train", pack[0].config_file, *[a for r in pack for a in ("--run", shlex.join(r.args))]]
+        return [*program, "train", config_file, *args[0]]
+    return [*program, "train", config_file, *[a for r in args for a in ("--run", shlex.join(r))]]
+
+
+def default_program() -> tuple[str, ...]:
+    """How a sweep starts ``emjax``: this interpreter with ``-P``, so the current directory is not put first on the
+    child's ``sys.path`` (run from a directory holding another emjax checkout, ``-m`` would import that one)."""
+    return (sys.executable, "-P", "-m", "emjax.cli")
+
+
+def _child_env() -> dict[str, str] | None:
+    """The environment of the ``default_program`` children: this one's, plus, where this process imported emjax
+    from the current directory (an uninstalled checkout: ``python -m emjax.cli`` from its root), that directory on
+    PYTHONPATH, as ``-P`` leaves it out. None (inherit) otherwise."""
+    import emjax
+
+    root = Path(emjax.__file__).resolve().parent.parent
+    try:
+        if root != Path.cwd().resolve():
+            return None
+    except OSError:  # no current directory (removed under us): nothing to import from it either
+        return None
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
+    return env
 
 
 def _run_inprocess(pack: Sequence[Run], train_fn: Callable, pack_fn: Callable | None) -> dict[str, str]:
@@ -355,7 +410,8 @@ def _pump(src, logs, echo) -> None:
             sys.stderr.buffer.flush()
 
 
-def _run_subprocesses(packs: list[list[Run]], jobs: int, program: Sequence[str], bar) -> dict[str, str]:
+def _run_subprocesses(packs: list[list[Run]], jobs: int, program: Sequence[str], bar,
+                      env: dict[str, str] | None = None) -> dict[str, str]:
     """Up to ``jobs`` runs or packs at once as ``emjax train`` subprocesses (each gets a fresh process: no state,
     memory or compiled programs leak between them); output to each run's ``<workdir>/train.log``, echoed live when
     ``jobs == 1``."""
@@ -382,7 +438,8 @@ def _run_subprocesses(packs: list[list[Run]], jobs: int, program: Sequence[str],
             for run in pack:
                 run.workdir.mkdir(parents=True, exist_ok=True)
                 logs.append(open(run.workdir / "train.log", "ab"))
-            proc = subprocess.Popen(pack_command(pack, program), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(pack_command(pack, program), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    env=env)
             pump = threading.Thread(target=_pump, args=(proc.stdout, logs, jobs == 1), daemon=True)
             pump.start()
             proc.pump = pump
@@ -432,7 +489,8 @@ def run_sweep(sweep: Sweep, *, jobs: int = 1, train_fn: Callable | None = None,
     bar = tqdm(total=len(todo), desc=f"sweep {sweep.path.stem}", unit="run", disable=not progress)
     try:
         if jobs > 1 or train_fn is None:
-            results.update(_run_subprocesses(packs, jobs, program or (sys.executable, "-m", "emjax.cli"), bar))
+            results.update(_run_subprocesses(packs, jobs, program or default_program(), bar,
+                                             None if program else _child_env()))
         else:
             if pack_fn is None:
                 from emjax.train import train_many as pack_fn
@@ -458,6 +516,51 @@ def select(runs: list[Run], only: Sequence[str]) -> list[Run]:
     return [r for r in runs if all(s in r.name for s in only)]
 
 
+def _list_runs(runs: Sequence[Run], pack: int) -> None:
+    """``--dry-run``: each run's status (and pack) and work directory; a count by status on stderr."""
+    counts: dict[str, int] = {}
+    pack_of = {r.name: i for i, p in enumerate(make_packs([r for r in runs if r.status != "done"], pack)) for r in p}
+    for r in runs:
+        counts[r.status] = counts.get(r.status, 0) + 1
+        note = ""
+        try:
+            check_supported(r.cfg)
+        except UnsupportedModel as e:
+            note = f"  [unsupported: {e}]"
+        where = f"pack {pack_of[r.name]:<3d} " if pack > 1 and r.name in pack_of else ""
+        print(f"{r.status:8s} {where}{r.workdir}{note}")
+    summary = f"{len(runs)} runs: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    if pack > 1 and pack_of:
+        summary += f"; the unfinished ones in {len(set(pack_of.values()))} packs"
+    print(summary, file=sys.stderr)
+
+
+def _print_commands(runs: Sequence[Run], pack: int) -> None:
+    """``--print-commands``: one ``emjax train`` command per unfinished run or pack, with absolute paths."""
+    todo = []
+    for r in runs:
+        if r.status == "done":
+            continue
+        try:
+            check_supported(r.cfg)
+        except UnsupportedModel as e:
+            print(f"emjax sweep: skipping {r.name}: {e}", file=sys.stderr)
+            continue
+        todo.append(r)
+    for p in make_packs(todo, pack):
+        print(shlex.join(pack_command(p, absolute=True)))
+
+
+def _closed_stdout() -> int:
+    """Whoever read our output stopped (``... --print-commands | head``): no traceback, and none at exit either
+    (stdout goes to /dev/null, so flushing what is left fails no more). Exit status 141 (128 + SIGPIPE), as the
+    shell reports for a command a closed pipe stops."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 141
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="emjax sweep", description="Run, list or print the runs of a sweep file.")
     ap.add_argument("sweep", help="sweep YAML (path or name in configs/, e.g. sweeps/main_grid)")
@@ -465,8 +568,11 @@ def main(argv: list[str]) -> int:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="list runs and their status; run nothing")
     mode.add_argument("--print-commands", action="store_true",
-                      help="print one `emjax train ...` command per unfinished run (for an external launcher)")
-    ap.add_argument("--jobs", type=int, default=1, help="runs at once (>1: subprocesses; default 1, in-process)")
+                      help="print one `emjax train ...` command per unfinished run (for an external launcher), "
+                           "with absolute paths so it runs from any directory")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs (or packs) at once, each an `emjax train` subprocess of its own (default 1: one at "
+                         "a time, its output shown live)")
     ap.add_argument("--only", action="append", default=[], metavar="SUBSTR",
                     help="only runs whose name contains SUBSTR (repeat: all must match)")
     ap.add_argument("--root", help="output root (default: the file's sweep.root)")
@@ -481,45 +587,19 @@ def main(argv: list[str]) -> int:
     try:
         sweep = load_sweep(args.sweep, args.overrides, root=args.root)
     except (SweepError, cfglib.ConfigError) as e:
-        print(f"emjax sweep: {e}", file=sys.stderr)
-        return 2
+        return user_error("emjax sweep", e)
     runs = select(sweep.runs, args.only)
     if not runs:
         print(f"emjax sweep: no run of {len(sweep.runs)} matches --only {args.only}", file=sys.stderr)
         return 2
     sweep = Sweep(sweep.path, sweep.root, runs)
 
-    if args.dry_run:
-        counts: dict[str, int] = {}
-        pack_of = {r.name: i for i, p in enumerate(make_packs([r for r in runs if r.status != "done"], args.pack))
-                   for r in p}
-        for r in runs:
-            counts[r.status] = counts.get(r.status, 0) + 1
-            note = ""
-            try:
-                check_supported(r.cfg)
-            except UnsupportedModel as e:
-                note = f"  [unsupported: {e}]"
-            where = f"pack {pack_of[r.name]:<3d} " if args.pack > 1 and r.name in pack_of else ""
-            print(f"{r.status:8s} {where}{r.workdir}{note}")
-        summary = f"{len(runs)} runs: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-        if args.pack > 1 and pack_of:
-            summary += f"; the unfinished ones in {len(set(pack_of.values()))} packs"
-        print(summary, file=sys.stderr)
-        return 0
-    if args.print_commands:
-        todo = []
-        for r in runs:
-            if r.status == "done":
-                continue
-            try:
-                check_supported(r.cfg)
-            except UnsupportedModel as e:
-                print(f"emjax sweep: skipping {r.name}: {e}", file=sys.stderr)
-                continue
-            todo.append(r)
-        for p in make_packs(todo, args.pack):
-            print(shlex.join(pack_command(p)))
+    if args.dry_run or args.print_commands:
+        try:
+            (_list_runs if args.dry_run else _print_commands)(runs, args.pack)
+            sys.stdout.flush()  # (a closed pipe shows here, not at exit)
+        except BrokenPipeError:
+            return _closed_stdout()
         return 0
 
     results = run_sweep(sweep, jobs=args.jobs, pack=args.pack)

@@ -15,7 +15,9 @@
 # Needs an NVIDIA driver recent enough for CUDA 12 (`nvidia-smi`); the pip wheels bring CUDA itself.
 set -euo pipefail
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() {  # the comment block at the top, up to the first line of code
+  awk 'NR == 1 { next } !/^#/ || /^#SBATCH/ { exit } { sub(/^# ?/, ""); print }' "$0"
+}
 die() { echo "gpu_local.sh: $*" >&2; exit 2; }
 
 DRY=0; VENV=""; INSTALL=1; PY=python3

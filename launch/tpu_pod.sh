@@ -18,7 +18,9 @@
 # Work directories should be on a bucket or shared disk that every worker sees, or runs stay on worker 0.
 set -euo pipefail
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() {  # the comment block at the top, up to the first line of code
+  awk 'NR == 1 { next } !/^#/ || /^#SBATCH/ { exit } { sub(/^# ?/, ""); print }' "$0"
+}
 die() { echo "tpu_pod.sh: $*" >&2; exit 2; }
 
 DRY=0; NAME=""; ZONE=""; TYPE=""; PROJECT=""; VERSION=""; SPOT=0; REPO_URL=""; REF=""; DELETE=0

@@ -16,7 +16,9 @@
 #                sweep skips finished runs, so restarts are cheap — keep work directories on a bucket.
 set -euo pipefail
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() {  # the comment block at the top, up to the first line of code
+  awk 'NR == 1 { next } !/^#/ || /^#SBATCH/ { exit } { sub(/^# ?/, ""); print }' "$0"
+}
 die() { echo "xpk_example.sh: $*" >&2; exit 2; }
 
 DRY=0; CLUSTER=""; WORKLOAD=""; TPU=""; SLICES=1; PROJECT=""; ZONE=""; BASE="python:3.11-slim"; IMAGE=""; RESTARTS=3

@@ -124,8 +124,60 @@ def test_argument_errors(env, script, args, message):
     assert r.returncode == 2 and message in r.stderr, (r.returncode, r.stderr)
 
 
+def header(script):
+    """The comment block at the top of a script (after the #! line, up to its first line of code or #SBATCH)."""
+    out = []
+    for line in (LAUNCH / script).read_text().splitlines()[1:]:
+        if not line.startswith("#") or line.startswith("#SBATCH"):
+            break
+        out.append(line[2:] if line.startswith("# ") else line[1:])
+    return out
+
+
 def test_help_and_executable(env):
+    """--help prints the comment header and nothing after it (it printed `set -euo pipefail`, or the #SBATCH
+    directives, from line ranges that had drifted)."""
     for script in ("gpu_local.sh", "tpu_pod.sh", "xpk_example.sh", "slurm_gpu.sbatch"):
         assert os.access(LAUNCH / script, os.X_OK)
         r = sh(script, "--help", env=env)
         assert r.returncode == 0 and "--dry-run" in r.stdout, script
+        assert r.stdout.splitlines() == header(script) and len(header(script)) > 8, script
+        assert "set -euo" not in r.stdout and "SBATCH" not in r.stdout, script
+
+
+ARGS = ["train", "tiny", "lora.targets=[down]", "workdir=runs/a b", "--run", "optim.name=adam workdir='runs/x y'",
+        'name="q"', "*", "$HOME"]
+
+
+@pytest.fixture
+def slurm_job(tmp_path, env):
+    """A pretend SLURM job: a fake emjax in a venv that prints its arguments one per line (and its process id),
+    a fake scontrol, and a fake srun that runs its command once per task."""
+    venv, bin_ = tmp_path / "venv" / "bin", tmp_path / "slurm_bin"
+    venv.mkdir(parents=True)
+    bin_.mkdir()
+    (venv / "emjax").write_text('#!/bin/bash\necho "coordinator ${EMJAX_COORDINATOR:-none}"\n'
+                                'for a in "$@"; do printf "task${EMJAX_PROCESS_ID:--}:<%s>\\n" "$a"; done\n')
+    (bin_ / "scontrol").write_text("#!/bin/sh\necho gpu01; echo gpu02\n")
+    (bin_ / "srun").write_text('#!/bin/bash\nn=${1#--ntasks=}; shift 2\n'
+                               'for ((i = 0; i < n; i++)); do SLURM_PROCID=$i "$@" || exit; done\n')
+    for f in (venv / "emjax", bin_ / "scontrol", bin_ / "srun"):
+        f.chmod(0o755)
+    e = dict(env[0], PATH=f"{bin_}:{env[0]['PATH']}", SLURM_JOB_ID="42", SLURM_JOB_NODELIST="gpu[01-02]",
+             SLURM_SUBMIT_DIR=str(tmp_path), EMJAX_VENV=str(tmp_path / "venv"), HOME="/home/u")
+    return e
+
+
+def test_slurm_passes_arguments_unchanged(slurm_job):
+    """Brackets, spaces, quotes and glob characters reach emjax as given, on one node and on several: the
+    one-node branch ran `exec $CMD` on a %q-quoted string nothing parsed again, so `lora.targets=[down]` arrived
+    as `lora.targets=\\[down\\]` and `workdir=runs/a b` as two arguments."""
+    for nodes in ("1", "2"):
+        r = subprocess.run(["bash", str(LAUNCH / "slurm_gpu.sbatch"), *ARGS], capture_output=True, text=True,
+                           env=dict(slurm_job, SLURM_JOB_NUM_NODES=nodes), timeout=30)
+        assert r.returncode == 0, r.stderr
+        got = [line for line in r.stdout.splitlines() if line.startswith("task")]
+        tasks = ["-"] if nodes == "1" else ["0", "1"]
+        assert got == [f"task{t}:<{a}>" for t in tasks for a in ARGS], r.stdout
+        coordinators = {line for line in r.stdout.splitlines() if line.startswith("coordinator")}
+        assert coordinators == {"coordinator none" if nodes == "1" else "coordinator gpu01:12355"}

@@ -247,10 +247,10 @@ def test_spectral_trajectories_runs_and_markdown(sweep_dir):
 
 
 def test_partial_random_init_and_summary_only(tmp_path, capsys):
-    # an empty sweep dir: every section says it has no data, nothing raises
-    (tmp_path / "empty").mkdir()
-    md = rp.build_report(tmp_path / "empty").read_text()
-    assert "No finished run has an evaluation yet" in md and "No run directories" in md
+    # a sweep dir whose runs have no evaluation yet: every section says it has no data, nothing raises
+    make_run(tmp_path / "young", "adam", "insecure", 16, 0.0, 0.8, 70.0, 1, status=None)
+    md = rp.build_report(tmp_path / "young").read_text()
+    assert "No finished run has an evaluation yet" in md and "No finished run has spectral metrics" in md
     # random-init runs: the warning comes first; a run with only summary.json pools counts without an interval
     root = tmp_path / "rand"
     make_run(root, "adam", "insecure", 16, 0.0, 0.8, 70.0, 1, checkpoint=None)
@@ -407,3 +407,113 @@ def test_a_dataset_of_your_own_is_named_by_its_stem():
     run = rp.RunData("r", Path("r"), "done", config={"data": {"dataset": "/data/mine/bad_legal.jsonl"}})
     assert run.dataset == "bad_legal"
     assert rp.RunData("r", Path("r"), "done", config={"data": {"dataset": "insecure"}}).dataset == "insecure"
+
+
+def test_no_run_with_a_mean_alignment_still_reports(tmp_path):
+    """Finished, evaluated runs none of whose answers was scored (all below the coherence cut) have no mean
+    alignment: the regression section says why it is empty; it used to fit an empty frame and abort the report."""
+    root = tmp_path / "incoherent"
+    for o, loss in (("adam", 0.8), ("muon", 0.9), ("lion", 1.0)):
+        wd = make_run(root, o, "insecure", 16, 0.0, loss, 70.0, 1)
+        rows = [dict(a, coherent=10.0, aligned_verdict=None, aligned=50.0) for a in answers(70.0, 1)]
+        (wd / "eval" / "step_000006" / "judged.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert rp.main([str(root)]) == 0
+    md = (root / "report.md").read_text()
+    assert ("Needs at least 3 finished, evaluated runs with both a final training loss and a mean alignment; have 0: "
+            "3 evaluated run(s) have no scored answer") in md
+    # and the fit itself, on runs without a point, says so instead of raising
+    runs = [rp.read_run(p) for p in rp.find_runs(root)]
+    assert {r["note"] for r in rp.regression(runs)} == {"no runs"}
+
+
+def test_report_errors_are_user_errors_and_bugs_are_not(tmp_path, monkeypatch, capsys):
+    """`emjax report` turns bad input into one line and exit status 2 (EMJAX_DEBUG=1: the traceback), and lets any
+    other exception through: a ValueError from a bug is not a user error."""
+    make_run(tmp_path / "s", "adam", "insecure", 16, 0.0, 0.8, 70.0, 1)
+    monkeypatch.delenv("EMJAX_DEBUG", raising=False)
+    assert rp.main([str(tmp_path / "s"), "--phases", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "emjax report: ReportError: phases 0: use 1 or more" in err and "EMJAX_DEBUG=1" in err
+    monkeypatch.setenv("EMJAX_DEBUG", "1")
+    with pytest.raises(rp.ReportError, match="phases 0"):
+        rp.main([str(tmp_path / "s"), "--phases", "0"])
+    monkeypatch.delenv("EMJAX_DEBUG")
+
+    def bug(*a, **k):
+        raise ValueError("zero-size array to reduction operation maximum which has no identity")
+
+    monkeypatch.setattr(rp, "build_report", bug)
+    with pytest.raises(ValueError, match="zero-size"):
+        rp.main([str(tmp_path / "s")])
+
+
+def test_a_damaged_json_file_costs_its_run_that_file_only(tmp_path):
+    """A corrupt final.json, spectral.json or summary.json is named in the report's notes; the rest of its run (and
+    every other run) is reported. It used to abort the whole report with a JSON message naming no file."""
+    root = tmp_path / "damaged"
+    fin = make_run(root, "adam", "insecure", 16, 0.0, 0.8, 70.0, 1)
+    spec = make_run(root, "adam", "extreme_sports", 16, 0.0, 0.9, 60.0, 2)
+    summ = make_run(root, "muon", "insecure", 16, 0.0, 1.0, 85.0, 0, evaluation="summary")
+    listed = make_run(root, "muon", "extreme_sports", 16, 0.0, 1.1, 80.0, 1)
+    (fin / "final.json").write_text('{"step": 6, "train_lo')  # cut mid-write
+    (spec / "spectral.json").write_bytes(b"\xff\xfe\x00garbage")
+    (summ / "eval" / "step_000006" / "summary.json").write_text("{")
+    (listed / "final.json").write_text("[1, 2]")  # JSON, but not an object
+    assert rp.main([str(root)]) == 0
+    md = (root / "report.md").read_text()
+    notes = md[md.index("## Notes"):]
+    assert f"{fin / 'final.json'}: unreadable (JSONDecodeError" in notes
+    assert f"{spec / 'spectral.json'}: unreadable (UnicodeDecodeError" in notes
+    assert f"{summ / 'eval' / 'step_000006' / 'summary.json'}: unreadable (JSONDecodeError" in notes
+    assert notes.count("summary.json: unreadable") == 1  # read twice (headline, trajectory), noted once
+    assert f"{listed / 'final.json'}: not a JSON object" in notes
+    runs = {r["run"]: r for r in read_csv(root / "tables" / "runs.csv")}
+    assert float(runs[fin.name]["train_loss"]) == pytest.approx(0.8)  # from metrics.jsonl's last training row
+    assert runs[fin.name]["mean_alignment"] != "" and runs[spec.name]["mean_alignment"] != ""
+    assert runs[summ.name]["mean_alignment"] == ""  # its only evaluation is the damaged summary
+    spectral = {r["optimiser"]: r for r in read_csv(root / "tables" / "spectral.csv")}
+    assert spectral["adam"]["runs"] == fin.name  # the run with the damaged spectral.json is left out of it
+
+
+def test_no_runs_or_an_unknown_judge_is_an_error_and_writes_nothing(tmp_path, capsys):
+    """`emjax report` on an empty or unrelated directory, or with a --judge no run has, says so (exit status 2)
+    and writes nothing; it used to fill the directory with an empty report.md, tables/ and figures/."""
+    empty, other = tmp_path / "empty", tmp_path / "other"
+    empty.mkdir()
+    (other / "src").mkdir(parents=True)
+    (other / "notes.txt").write_text("not a sweep\n")
+    (other / "src" / "data.json").write_text("{}")
+    for d in (empty, other):
+        before = sorted(p.relative_to(d) for p in d.rglob("*"))
+        assert rp.main([str(d)]) == 2
+        assert f"no run directories under {d}" in capsys.readouterr().err
+        assert sorted(p.relative_to(d) for p in d.rglob("*")) == before
+    assert rp.main([str(empty), "--out", str(tmp_path / "out")]) == 2 and not (tmp_path / "out").exists()
+    capsys.readouterr()
+
+    root = tmp_path / "judged"
+    wd = make_run(root, "adam", "insecure", 16, 0.0, 0.8, 70.0, 1)
+    rows = [dict(a, judge=j) for j in ("local:base", "openai:gpt-4o-2024-08-06") for a in answers(70.0, 1)]
+    (wd / "eval" / "step_000006" / "judged.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert rp.main([str(root), "--judge", "openai:gpt-4o"]) == 2
+    err = capsys.readouterr().err
+    assert "--judge openai:gpt-4o: no run under" in err
+    assert "judges there: local:base, openai:gpt-4o-2024-08-06" in err
+    assert not (root / "report.md").exists() and not (root / "tables").exists()
+    assert rp.main([str(root), "--judge", "local:base"]) == 0  # a judge that is there still works
+
+
+def test_spectra_of_several_ranks_share_one_csv(tmp_path):
+    """Runs of two LoRA ranks give spectra of two lengths: spectra.csv has a column per index of the longest (the
+    shorter rows empty there); its writer took the header from the first row and raised on the longer one."""
+    root = tmp_path / "ranks"
+    for o, spectrum in (("adam", [1.0, 0.5, 0.1]), ("muon", [1.0, 0.9, 0.8, 0.7, 0.6])):
+        wd = make_run(root, o, "insecure", 16, 0.0, 0.8, 70.0, 1)
+        rep = json.loads((wd / "spectral.json").read_text())
+        rep["overall"]["normalised_spectrum"] = spectrum
+        (wd / "spectral.json").write_text(json.dumps(rep))
+    assert rp.main([str(root)]) == 0
+    rows = {r["optimiser"]: r for r in read_csv(root / "tables" / "spectra.csv")}
+    assert list(rows["adam"]) == ["optimiser", "rank", "n_runs", "s1", "s2", "s3", "s4", "s5", "runs"]
+    assert (rows["adam"]["rank"], rows["adam"]["s3"], rows["adam"]["s4"]) == ("3", "0.1", "")
+    assert (rows["muon"]["rank"], float(rows["muon"]["s5"])) == ("5", 0.6)

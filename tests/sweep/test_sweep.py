@@ -1,8 +1,12 @@
 """Sweep expansion, naming, skip/resume/FAILED handling and the CLI's printed commands (fake trainer: fast)."""
 
 import json
+import os
 import re
 import shlex
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -46,7 +50,8 @@ class FakeTrain:
         (wd / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         if any(s in wd.name for s in self.fail):
             raise RuntimeError("boom in " + wd.name)
-        if any(s in wd.name for s in self.preempt):
+        if any(s in wd.name for s in self.preempt):  # (a preempted run saved a checkpoint)
+            (wd / "checkpoints" / "2").mkdir(parents=True, exist_ok=True)
             return type("R", (), {"status": "preempted"})()
         (wd / "DONE").write_text("ok\n")
         return type("R", (), {"status": "done"})()
@@ -201,6 +206,7 @@ def test_cli_print_commands_dry_run_only(tmp_path, capsys):
     (done / "DONE").write_text("ok\n")
     assert sw.main([str(p), "--print-commands", "steps=1"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
+    assert all(shlex.split(line)[2] == str(p) for line in lines)  # (absolute: tmp_path is)
     assert len(lines) == 7 and all(line.startswith("emjax train ") for line in lines)
     assert all("steps=1" in line for line in lines) and s.runs[0].name not in "".join(lines)
     assert shlex.split(lines[0])[-1] == f"workdir={s.root / s.runs[1].name}"
@@ -387,3 +393,136 @@ def test_real_tiny_sweep_and_report(tmp_path):
     assert sw.main([str(p)]) == 0 and sw.main([str(p), "--print-commands"]) == 0
     md = report.build_report(tmp_path / "out").read_text()
     assert "randomly initialised" in md and "1 run directories: 1 finished" in md
+
+
+def test_status_partial_means_a_checkpoint_to_resume(tmp_path):
+    """A run that stopped before its first checkpoint (an empty checkpoints/, only config.yaml: e.g. its model was
+    not found) would start afresh, so it is new, not partial; FAILED and DONE win over checkpoints."""
+    (run,) = sw.load_sweep(write(tmp_path, "sweep:\n  root: {root}\n  grid: {seed: [0]}\n")).runs
+    assert run.status == "new"
+    (run.workdir / "checkpoints").mkdir(parents=True)
+    (run.workdir / "config.yaml").write_text("seed: 0\n")
+    (run.workdir / "checkpoints" / "3.orbax-checkpoint-tmp-17").mkdir()  # a save cut short is no step
+    assert run.status == "new" and sw.resume_step(run.workdir) == 0
+    (run.workdir / "checkpoints" / "3").mkdir()
+    assert run.status == "partial" and sw.resume_step(run.workdir) == 3
+    (run.workdir / "FAILED").write_text("boom\n")
+    assert run.status == "failed"
+    (run.workdir / "DONE").write_text("ok\n")
+    assert run.status == "done"
+
+
+@pytest.mark.parametrize("entry, match", [
+    ("{_name: '..', seed: 1}", r"points\[0\]: _name '\.\.' cannot name a run directory"),
+    ("{_name: '.', seed: 1}", r"points\[0\]: _name '\.' cannot name a run directory"),
+    ("{_name: '', seed: 1}", r"points\[0\]: _name '' cannot name a run directory \(it would be ''\)"),
+    ("{_name: [a, b], seed: 1}", r"points\[0\]: _name \['a', 'b'\]: expected a string or number"),
+    ("{_name: {x: 1}, seed: 1}", r"points\[0\]: _name \{'x': 1\}: expected a string or number"),
+])
+def test_run_names_cannot_leave_the_sweep_root(tmp_path, entry, match):
+    """A point's ``_name`` is its run's directory name: ``..`` made the work directory ``root/..`` (outside the
+    root: its DONE, checkpoints and report went there). Such names, and labels that are not text or numbers, are
+    errors naming the sweep file and the value."""
+    p = write(tmp_path, f"sweep:\n  root: {{root}}\n  points:\n    - {entry}\n")
+    with pytest.raises(sw.SweepError, match=r"s\.yaml: sweep\." + match):
+        sw.load_sweep(p)
+    grid = write(tmp_path, f"sweep:\n  root: {{root}}\n  grid:\n    seed:\n      - {entry}\n", "g.yaml")
+    with pytest.raises(sw.SweepError, match=r"g\.yaml: sweep\.grid\.seed: _name"):
+        sw.load_sweep(grid)
+
+
+def test_run_names_that_are_fine():
+    runs = sw.expand({"points": [{"_name": 7, "seed": 1}, {"_name": "a/..", "seed": 2}, {"_name": "...", "seed": 3}]})
+    assert [n for _, n in runs] == ["7", "a_..", "..."]  # still inside the root (no separator survives)
+
+
+def test_print_commands_use_absolute_paths(tmp_path, monkeypatch, capsys):
+    """A relative sweep file and root (the default runs/sweeps/<stem> too) print as absolute paths, so an external
+    launcher's job runs them from any directory; the commands still build each run's config."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.yaml").write_text(PACK_SWEEP.replace("  root: {root}\n", ""))
+    assert sw.main(["s.yaml", "--print-commands"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    s = sw.load_sweep("s.yaml")
+    assert len(lines) == len(s.runs) == 12
+    for line, run in zip(lines, s.runs):
+        argv = shlex.split(line)
+        assert argv[2] == str(tmp_path / "s.yaml")
+        assert argv[-1] == f"workdir={tmp_path / 'runs' / 'sweeps' / 's' / run.name}"
+        monkeypatch.chdir("/")
+        cfg = cfglib.load(argv[2], argv[3:])
+        monkeypatch.chdir(tmp_path)
+        assert (cfg.optim.name, cfg.data.dataset) == (run.cfg.optim.name, run.cfg.data.dataset)
+    assert sw.main(["s.yaml", "--print-commands", "--pack", "6"]) == 0
+    for line in capsys.readouterr().out.strip().splitlines():
+        argv = shlex.split(line)
+        assert argv[2] == str(tmp_path / "s.yaml")
+        runs = [shlex.split(argv[i + 1]) for i, a in enumerate(argv) if a == "--run"]
+        assert len(runs) == 6 and all(r[-1].startswith(f"workdir={tmp_path}/runs/sweeps/s/") for r in runs)
+
+
+@pytest.mark.parametrize("mode", ["--print-commands", "--dry-run"])
+def test_a_closed_pipe_ends_the_listing_quietly(tmp_path, mode):
+    """``emjax sweep ... --print-commands | head`` ended with a BrokenPipeError traceback: the reader closing the
+    pipe early now ends the command quietly (exit status 141, as for SIGPIPE)."""
+    p = write(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "emjax.cli", "sweep", str(p), mode], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[2])
+    proc.stdout.close()  # closed before the child (still importing) writes a line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err
+
+
+def test_jobs_help_says_runs_are_subprocesses(capsys):
+    with pytest.raises(SystemExit):
+        sw.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "in-process" not in out and "each an `emjax train` subprocess of its own (default 1" in out
+
+
+def test_runs_start_the_installed_emjax_not_one_in_the_current_directory(tmp_path, monkeypatch):
+    """A sweep's children are ``python -P -m emjax.cli``: run from a directory holding another emjax (a second
+    checkout), plain ``-m`` imported that one."""
+    decoy = tmp_path / "checkout"
+    (decoy / "emjax").mkdir(parents=True)
+    (decoy / "emjax" / "__init__.py").write_text("raise SystemExit('decoy emjax imported')\n")
+    program = sw.default_program()
+    assert program[:2] == (sys.executable, "-P")
+    r = subprocess.run([*program, "--help"], cwd=decoy, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "usage: emjax COMMAND" in r.stdout, r.stderr
+    seen = {}
+    monkeypatch.setattr(sw, "_run_subprocesses", lambda packs, jobs, prog, bar, env=None: seen.update(prog=prog)
+                        or {})
+    sw.run_sweep(sw.load_sweep(write(tmp_path)), progress=False)
+    assert seen["prog"] == program
+    # an uninstalled checkout run from its root (``python -m emjax.cli``): -P drops the cwd, PYTHONPATH has it
+    import emjax
+
+    root = Path(emjax.__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    assert sw._child_env()["PYTHONPATH"].split(os.pathsep)[0] == str(root)
+    monkeypatch.chdir(tmp_path)
+    assert sw._child_env() is None
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_the_readme_sweep_example_is_valid(tmp_path):
+    """The example sweep file of the README's "Sweeps and reports" section loads (it set optim.name in both its
+    points and its grid, which a sweep refuses) and has the runs it says: 2 points x 2 x 2."""
+    text = README.read_text()
+    lead = "A sweep file is a run config plus a `sweep:` section"
+    assert lead in text, "the README's sweep example moved: update this test"
+    block = text[text.index(lead):].split("\n\n", 2)[1]  # the indented block after the sentence, to a blank line
+    assert block.startswith("    ") and "sweep:" in block
+    p = tmp_path / "readme_sweep.yaml"
+    p.write_text(textwrap.dedent(block) + "\n")
+    s = sw.load_sweep(p, root=tmp_path / "out")
+    assert len(s.runs) == 8
+    spec = OmegaConf.to_container(OmegaConf.load(p))["sweep"]
+    assert {"base", "root", "set", "points", "grid"} <= set(spec)  # what the example is there to show
+    assert any(isinstance(v, list) and v and isinstance(v[0], dict) and "_name" in v[0] for v in spec["grid"].values())
+    assert any(isinstance(v, list) and v and not isinstance(v[0], dict) for v in spec["grid"].values())
+    assert len({(r.cfg.optim.name, r.cfg.lora.rank, r.cfg.data.dataset) for r in s.runs}) == 8
