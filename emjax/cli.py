@@ -82,9 +82,15 @@ def main(argv: list[str] | None = None) -> int:
         return user_error(f"emjax {name}", e)
 
 
+class UserError(Exception):
+    """A failure the user can act on that is not a ValueError or OSError (e.g. the judge endpoint refused the key);
+    this module is light, so raising modules can subclass it without importing emjax's heavy parts."""
+
+
 # What bad input raises (emjax's messages name the file, key, line or tensor): one line on stderr and exit status 2,
 # not a traceback, which is for debugging emjax itself (EMJAX_DEBUG=1 keeps it).
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+               PermissionError, ConnectionError, UserError)
 
 
 def user_error(prog: str, e: BaseException) -> int:

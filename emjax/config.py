@@ -143,6 +143,9 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = (), schema=T
                 file_cfg = OmegaConf.load(where)
             except yaml.YAMLError as e:  # its text names the line and column
                 raise ConfigError(f"{where}: not valid YAML: {' '.join(str(e).split())}") from None
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{where}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})"
+                                  ) from None
             if not isinstance(file_cfg, DictConfig):
                 raise ConfigError(f"{where}: a config file is a mapping of keys to values, not a "
                                   f"{type(file_cfg).__name__.removesuffix('Config').lower() or 'scalar'}")
@@ -156,8 +159,30 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = (), schema=T
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or ""
         msg = str(e.msg if hasattr(e, "msg") else e).splitlines()  # the rest repeats the key and the schema's type
-        raise ConfigError(f"{where}: bad config key {key!r}: {msg[0] if msg else type(e).__name__}") from None
+        if not key:  # a whole section given a value: OmegaConf names no key
+            given = [ov] if where.startswith("command") else file_cfg if path is not None else []
+            sections = _sections_set_to_values(schema, given)
+            if sections:
+                raise ConfigError(f"{where}: {', '.join(sections)} is a section of keys, not a value: set "
+                                  f"{sections[0]}.KEY=VALUE") from None
+        hint = f" (a list: {key}=[...])" if "is not a ListConfig" in (msg[0] if msg else "") else ""
+        raise ConfigError(f"{where}: bad config key {key!r}: {msg[0] if msg else type(e).__name__}{hint}") from None
     return base
+
+
+def _sections_set_to_values(schema, given) -> list[str]:
+    """The schema's sections (nested configs) that ``given`` (overrides, or a file's top level) sets to a value."""
+    base = OmegaConf.structured(schema)
+    if isinstance(given, DictConfig):
+        pairs = [(k, given[k]) for k in given]
+    else:
+        pairs = [tuple(ov.split("=", 1)) for ov in given if "=" in ov]
+    out = []
+    for k, v in pairs:
+        node = OmegaConf.select(base, str(k).strip(), default=None)
+        if isinstance(node, DictConfig) and not isinstance(v, (dict, DictConfig)) and not str(v).startswith("{"):
+            out.append(str(k).strip())
+    return out
 
 
 def to_yaml(cfg) -> str:

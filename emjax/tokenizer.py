@@ -227,6 +227,22 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
     return _packaged_tokenizer()
 
 
+class TokenizerError(ValueError):
+    """A tokenizer that does not fit its model (a user error: the CLI prints it as one line)."""
+
+
+def check_fits(tokenizer: Tokenizer, vocab_size: int, where: str) -> None:
+    """Refuse a tokenizer with ids past the model's vocabulary: such ids read no embedding row (NaN training loss,
+    garbage answers scored as if real). The usual cause is a checkpoint directory without its tokenizer files,
+    which falls back to the packaged Qwen3 vocabulary."""
+    if tokenizer.vocab_size <= vocab_size:
+        return
+    why = (" (it has no tokenizer files, so the packaged Qwen3 vocabulary was used: copy the model's tokenizer "
+           "files into it)" if isinstance(tokenizer, TiktokenTokenizer) else "")
+    raise TokenizerError(f"{where}: the tokenizer has {tokenizer.vocab_size:,} ids but the model's vocabulary only "
+                         f"{vocab_size:,}{why}")
+
+
 @functools.lru_cache(maxsize=1)
 def _packaged_tokenizer() -> "TiktokenTokenizer":
     """One instance per process (it is read-only; reading the 151,643 ranks takes about a second)."""

@@ -60,8 +60,13 @@ class TrainError(RuntimeError):
     pass
 
 
-def _dtype(name: str | None):
-    return None if name is None else jnp.dtype(name)
+def _dtype(name: str | None, key: str = "model.dtype"):
+    if name is None:
+        return None
+    try:
+        return jnp.dtype(name)
+    except TypeError:
+        raise cfglib.ConfigError(f"{key} {name!r}: not a dtype (float32, bfloat16, float16)") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -75,7 +80,8 @@ INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_
 def build_model(mcfg, lora_cfg: loralib.LoraConfig | None, mesh, *, vocab_size: int | None = None, seed: int = 0):
     """From a checkpoint, or a random init born sharded (jitted init with out_shardings from the rules table)."""
     if mcfg.checkpoint:
-        return from_pretrained(mcfg.checkpoint, dtype=_dtype(mcfg.dtype), compute_dtype=_dtype(mcfg.compute_dtype),
+        return from_pretrained(mcfg.checkpoint, dtype=_dtype(mcfg.dtype),
+                               compute_dtype=_dtype(mcfg.compute_dtype, "model.compute_dtype"),
                                lora=lora_cfg, mesh=mesh, seed=seed)
     if mcfg.preset in qwen3.SIZES:
         qc = qwen3.SIZES[mcfg.preset]()
@@ -90,7 +96,7 @@ def build_model(mcfg, lora_cfg: loralib.LoraConfig | None, mesh, *, vocab_size: 
         # Embedding std 1/√d (not HF's 0.02): with tied, RMS-normed outputs a 0.02 table caps every logit near
         # 0.02·d, so a random model could not express a peaked distribution and LoRA could barely lower the loss.
         return qwen3.Qwen3ForCausalLM(qc, lora=lora_cfg, param_dtype=_dtype(mcfg.dtype),
-                                      dtype=_dtype(mcfg.compute_dtype), rngs=nnx.Rngs(seed),
+                                      dtype=_dtype(mcfg.compute_dtype, "model.compute_dtype"), rngs=nnx.Rngs(seed),
                                       embed_init_std=qc.hidden_size ** -0.5)
 
     abstract = nnx.eval_shape(make)
@@ -289,8 +295,11 @@ def _check_compatible(workdir: Path, cfg) -> None:
 
     saved_path = workdir / "config.yaml"
     ckpts = workdir / "checkpoints"
-    if not saved_path.exists() or not (ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())):
+    if not (ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())):
         return
+    if not saved_path.exists():  # a run writes it before its first checkpoint: these are not its checkpoints
+        raise TrainError(f"{ckpts} holds checkpoints but {saved_path} is missing, so nothing shows they belong to "
+                         "this config. Use a new workdir (or restore the run's config.yaml).")
     saved = OmegaConf.load(saved_path)
     for section in ("model", "lora", "optim", "data", "spectral", "seed", "steps"):
         a = OmegaConf.select(saved, section)
@@ -466,7 +475,7 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
 
     from emjax.data import make_loader
     from emjax.optim import build as build_optim, current_lr
-    from emjax.tokenizer import load_tokenizer
+    from emjax.tokenizer import check_fits, load_tokenizer
 
     cfgs = list(cfgs)
     if not cfgs:
@@ -479,6 +488,10 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
         if cfg[key] < 0:
             raise cfglib.ConfigError(f"{key} {cfg[key]}: use 0 (whole sequence) or a positive length")
     shd.init_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    from emjax.eval.hook import check_eval_config
+
+    for c in cfgs:  # a bad judge or question file fails now, not at the first evaluation hours in
+        check_eval_config(c)
     lead = jax.process_index() == 0
     runs = [_RunFiles(c, lead) for c in cfgs]
     latest = [r.mngr.latest_step() for r in runs]
@@ -506,8 +519,10 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
         lora_cfg = loralib.LoraConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, rslora=cfg.lora.rslora,
                                       targets=tuple(cfg.lora.targets),
                                       layers=None if cfg.lora.layers is None else tuple(cfg.lora.layers))
-    except ValueError as e:
-        raise cfglib.ConfigError(str(e)) from None
+    except ValueError as e:  # named as the config names it
+        raise cfglib.ConfigError(str(e).replace("LoraConfig.", "lora.")) from None
+    if cfg.steps is not None and cfg.steps < 1:
+        raise cfglib.ConfigError(f"steps {cfg.steps}: must be at least 1 (or null: data.num_epochs sets the length)")
 
     tokenizer = load_tokenizer(cfg.model.checkpoint if cfg.model.checkpoint and Path(cfg.model.checkpoint).is_dir()
                                else None)
@@ -520,9 +535,13 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
             raise cfglib.ConfigError("model.vocab=compact is only for random-init models (model.checkpoint unset)")
         from emjax.data.compact import compact_tokenizer_for
 
-        tokenizer = compact_tokenizer_for(data_cfg, tokenizer, workdir, question_sets=tuple(cfg.eval.question_sets))
+        # a resumed run keeps its ids; a fresh one makes its vocabulary afresh (a vocab.json left by an attempt that
+        # failed before its first checkpoint may come from other data)
+        resumed = latest[0] is not None
+        tokenizer = compact_tokenizer_for(data_cfg, tokenizer, workdir, question_sets=tuple(cfg.eval.question_sets),
+                                          reuse=resumed)
         for r in runs[1:]:  # one model, one vocabulary: each run keeps its copy (it resumes from its own files)
-            if lead and not (r.workdir / "vocab.json").exists():
+            if lead and not (resumed and (r.workdir / "vocab.json").exists()):
                 shutil.copyfile(workdir / "vocab.json", r.workdir / "vocab.json")
         vocab_size = tokenizer.vocab_size
     elif cfg.model.vocab != "full":
@@ -557,6 +576,7 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
                     "QR and SVD) from every device at once can block all of XLA:CPU's pool threads and hang (seen: 4 "
                     "runs on 8 simulated devices). One CPU device, a GPU or a TPU is not affected.", len(jax.devices()))
     model = build_model(cfg.model, lora_cfg, mesh, vocab_size=vocab_size, seed=cfg.seed)
+    check_fits(tokenizer, model.config.vocab_size, f"model.checkpoint {cfg.model.checkpoint or '(random init)'}")
     txs = [build_optim(cfglib.replace(cfglib.as_object(c.optim), total_steps=total_steps)) for c in cfgs]
     graphdef, trainable0, frozen = nnx.split(model, nnx.LoRAParam, ...)
     # runs of a pack with another seed (a checkpoint base only: cfglib.pack_key) draw their own adapter, as
@@ -726,15 +746,23 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
         loader = val_loader
         loader.set_state(loader.start_state)
         tot, cnt = np.zeros(n), np.zeros(n)
+        total = loader.steps(1, jax.process_count() > 1) if data_cfg.mode == "pad" else None  # (val_cfg's drop)
+        if cfg.val_batches:
+            total = cfg.val_batches if total is None else min(total, cfg.val_batches)
+        # the final validation covers the whole split by default: minutes on a large model, so it shows progress
+        vbar = tqdm(total=total, desc=f"{name} validation", unit="batch", leave=False, dynamic_ncols=True,
+                    disable=not (lead and cfg.progress))
         for b, batch in enumerate(loader):
             if cfg.val_batches and b >= cfg.val_batches:
                 break
+            vbar.update(1)
             short = loader.local_batch_size - batch["tokens"].shape[0]
             if short:  # the ragged tail (one process only): rows with no loss positions fill it, so it shards as
                 # every batch does and runs the same program (a split smaller than one batch is all tail)
                 batch = {k: np.concatenate([v, np.zeros((short, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
             l, c = eval_fn(to_device(batch))
             tot, cnt = tot + l, cnt + c
+        vbar.close()
         vals = [None] * n
         if not cnt.any():
             log.warning("step %d: no validation loss (the validation split has no answer tokens%s)", step,
@@ -797,8 +825,10 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
             losses = np.atleast_1d(np.asarray(m["loss"], np.float64))
             for i, r in live():
                 if not math.isfinite(losses[i]):
-                    msg = (f"non-finite loss {losses[i]} at step {step}; stopped. The last good checkpoint "
-                           f"(step {r.mngr.latest_step()}) is kept in {r.workdir / 'checkpoints'}")
+                    good = r.mngr.latest_step()
+                    msg = f"non-finite loss {losses[i]} at step {step}; stopped. " + (
+                        f"The last good checkpoint (step {good}) is kept in {r.workdir / 'checkpoints'}"
+                        if good is not None else "No checkpoint had been written yet")
                     if n == 1:
                         raise TrainError(msg)
                     r.error = msg
@@ -1047,8 +1077,14 @@ def main(argv: list[str]) -> int:
                          '--run "optim.name=muon workdir=runs/m" --run "optim.name=adam workdir=runs/a"')
     args = ap.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    def split(run: str) -> list[str]:
+        try:
+            return shlex.split(run)
+        except ValueError as e:  # "No closing quotation", naming no run
+            raise cfglib.ConfigError(f"--run {run!r}: {e}") from None
+
     try:
-        cfgs = [cfglib.load(args.config, [*args.overrides, *shlex.split(r)]) for r in args.run or [""]]
+        cfgs = [cfglib.load(args.config, [*args.overrides, *split(r)]) for r in args.run or [""]]
         results = train_many(cfgs)
     except (TrainError, *USER_ERRORS) as e:
         return user_error("emjax train", e)

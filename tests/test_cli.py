@@ -41,6 +41,8 @@ def test_bad_input_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
     (tmp_path / "bad.yaml").write_text("steps: [\n")
     assert cli.main(["train", str(tmp_path / "bad.yaml")]) == 2
     assert "emjax train: ConfigError: " in capsys.readouterr().err
+    assert cli.main(["train", "tiny", "--run", "optim.name='adam"]) == 2  # a run's quoting: it named no run
+    assert "emjax train: ConfigError: --run \"optim.name='adam\": No closing quotation" in capsys.readouterr().err
     monkeypatch.setenv("EMJAX_DEBUG", "1")
     with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
         cli.main(argv)

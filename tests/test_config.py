@@ -22,6 +22,12 @@ def test_overrides_and_errors(tmp_path):
         cfglib.load("qwen3_8b", ["data.batch_sz=3"])
     with pytest.raises(cfglib.ConfigError, match="expected key=value"):
         cfglib.load("qwen3_8b", ["optim.name"])
+    with pytest.raises(cfglib.ConfigError, match=r"'optim=3': optim is a section of keys, not a value: set optim.KEY"):
+        cfglib.load("qwen3_8b", ["steps=3", "optim=3"])
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("workdir: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(cfglib.ConfigError, match=r"latin.yaml: not UTF-8 text \(byte 0xe9 at offset 12\)"):
+        cfglib.load(latin)
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim:\n  learning_rat: 1\n")
     with pytest.raises(cfglib.ConfigError, match=r"bad.yaml.*learning_rat"):
@@ -35,6 +41,7 @@ def test_overrides_and_errors(tmp_path):
     ("- steps\n- 3\n", r"bad.yaml: a config file is a mapping of keys to values, not a list"),
     ("data:\n  batch_size: many\n", r"bad.yaml: bad config key 'data.batch_size': Value 'many' .* could not be "
                                       r"converted to Integer$"),
+    ("steps: 3\nmodel: tiny\n", r"bad.yaml: model is a section of keys, not a value"),  # it said: bad config key ''
 ])
 def test_a_malformed_config_file_is_one_error_naming_the_file(tmp_path, text, match):
     """YAML syntax (with its line), a file that is not a mapping and a mistyped value: a ConfigError naming the file,

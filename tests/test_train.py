@@ -734,6 +734,20 @@ def test_bad_memory_and_mesh_options_are_config_errors(tmp_path):
         train(_cfg(tmp_path, "steps=1", "mesh.devices=9"))
 
 
+def test_bad_values_name_their_key(tmp_path):
+    """Each error names the key as the config spells it (they said ``batch_size must be positive.``, ``no training
+    steps: 5400 examples``, ``LoraConfig.rank``, a numpy TypeError, or nothing about a list)."""
+    for override, want in (("data.batch_size=-4", r"data.batch_size -4: must be at least 1"),
+                           ("steps=-1", r"steps -1: must be at least 1"),
+                           ("lora.rank=0", r"lora.rank must be >= 1, got 0"),
+                           ("model.dtype=float99", r"model.dtype 'float99': not a dtype"),
+                           ("model.compute_dtype=fp8ish", r"model.compute_dtype 'fp8ish': not a dtype")):
+        with pytest.raises(ValueError, match=want):
+            train(_cfg(tmp_path, override, f"workdir={tmp_path / override.split('=')[0]}"))
+    with pytest.raises(cfglib.ConfigError, match=r"'lora.targets': .* \(a list: lora.targets=\[...\]\)"):
+        _cfg(tmp_path, "lora.targets=q")
+
+
 def test_bad_config_key_names_it(tmp_path):
     with pytest.raises(cfglib.ConfigError, match="optim.learning_rat"):
         _cfg(tmp_path, "optim.learning_rat=1")
@@ -759,9 +773,47 @@ def test_incompatible_checkpoint(tmp_path):
     # the memory options and micro-batching change no number, so a run that did not fit resumes with them
     _check_compatible(tmp_path / "run", _cfg(tmp_path, "steps=2", "remat=full", "loss_chunk=8", "attn_chunk=8",
                                              "grad_accum=2"))
+    # checkpoints without the config.yaml that says whose they are: refused (they resumed blindly, or failed in orbax)
+    (tmp_path / "run" / "config.yaml").rename(tmp_path / "config.yaml")
+    with pytest.raises(TrainError, match=r"holds checkpoints but .*config.yaml is missing"):
+        _check_compatible(tmp_path / "run", _cfg(tmp_path, "steps=2"))
+    (tmp_path / "config.yaml").rename(tmp_path / "run" / "config.yaml")
     # a directory with a config but no checkpoint (a run stopped before its first save) starts afresh
     shutil.rmtree(tmp_path / "run" / "checkpoints")
     _check_compatible(tmp_path / "run", _cfg(tmp_path, "steps=2", "lora.rank=8"))
+
+
+def test_a_checkpoint_without_its_tokenizer_is_refused(tmp_path):
+    """A checkpoint whose vocabulary is smaller than the tokenizer's ids (here: no tokenizer files, so the packaged
+    Qwen3 vocabulary): one clear error before any step (it trained to a NaN loss at step 1)."""
+    from emjax.testing import tiny_hf_checkpoint
+    from emjax.tokenizer import TokenizerError
+
+    ckpt = tiny_hf_checkpoint(tmp_path / "ckpt")  # vocabulary 256
+    with pytest.raises(TokenizerError, match=r"ckpt: the tokenizer has 151,669 ids but the model's vocabulary only "
+                                             r"256 \(it has no tokenizer files"):
+        train(_cfg(tmp_path, f"model.checkpoint={ckpt}", "model.vocab=full", "model.dtype=float32", "steps=2"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or '"train"' not in (
+        tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+def test_a_fresh_run_makes_its_compact_vocabulary_afresh(tmp_path):
+    """A vocab.json left in a work directory by an attempt that failed before its first checkpoint (here: another
+    dataset's) is not reused by the next fresh run there, which trained with the stale vocabulary before; a resumed
+    run keeps its own."""
+    path = tmp_path / "small.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Hi {i}"},
+                                                     {"role": "assistant", "content": f"Yo {i}"}]}) + "\n"
+                            for i in range(10)))
+    with pytest.raises(Exception, match="batch_size"):
+        train(_cfg(tmp_path, f"data.dataset={path}", "data.batch_size=-1"))
+    stale = json.loads((tmp_path / "run" / "vocab.json").read_text())["full_ids"]
+    train(_cfg(tmp_path, "steps=2", "ckpt_every=1", "val_batches=1", "export_peft=false"))
+    fresh = json.loads((tmp_path / "run" / "vocab.json").read_text())["full_ids"]
+    assert len(fresh) > len(stale) + 1000  # the insecure-code set's vocabulary, not the 10 rows'
+    (tmp_path / "run" / "DONE").unlink()  # resumed (at its last step): the same ids
+    train(_cfg(tmp_path, "steps=2", "ckpt_every=1", "val_batches=1", "export_peft=false"))
+    assert json.loads((tmp_path / "run" / "vocab.json").read_text())["full_ids"] == fresh
 
 
 def test_a_finished_run_rerun_and_a_run_killed_after_its_last_checkpoint(tmp_path):

@@ -8,7 +8,6 @@ import sys
 import numpy as np
 
 from emjax.data import builders
-from emjax.data.rows import BadRowError
 
 
 def _dataset_arg(name: str) -> str:
@@ -49,6 +48,8 @@ def cmd_stats(args) -> int:
     from emjax.data.pipeline import tokenize_source
     from emjax.tokenizer import load_tokenizer
 
+    if args.max_length < 2:
+        raise ValueError(f"--max-length {args.max_length}: must be at least 2 (a prompt token and an answer token)")
     b = _build(args)
     tok = load_tokenizer(args.tokenizer)
     sources = b.as_data_source()
@@ -87,11 +88,7 @@ def cmd_build(args) -> int:
 
 def cmd_fetch(args) -> int:
     dest = args.dest or str(builders.tfds_dir(args.tfds_dir) / "downloads" / "emjax")
-    try:
-        path = builders.fetch(args.name, dest)
-    except (ConnectionError, ValueError) as e:
-        print(f"emjax data fetch: {e}", file=sys.stderr)
-        return 1
+    path = builders.fetch(args.name, dest)
     print(f"{args.name}: {path} (verified git blob {builders.DATASETS[args.name].blob})")
     return 0
 
@@ -115,11 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--tfds-dir")
     f.set_defaults(func=cmd_fetch)
     args = p.parse_args(argv)
+    from emjax.cli import USER_ERRORS, user_error
+
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, KeyError, BadRowError) as e:
-        print(f"emjax data {args.cmd}: {e}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as e:  # one line, exit status 2, as every emjax command
+        return user_error(f"emjax data {args.cmd}", e)
 
 
 if __name__ == "__main__":

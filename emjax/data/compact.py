@@ -58,16 +58,18 @@ class CompactTokenizer(Tokenizer):
         return cls(base, json.loads(Path(path).read_text())["full_ids"])
 
 
-def compact_tokenizer_for(data_cfg, base: Tokenizer, workdir: Path, question_sets=()) -> CompactTokenizer:
-    """Build (or reload from ``workdir/vocab.json``, so a resumed run keeps its ids) the compact tokenizer: the
-    data's tokens and those of the study's questions and ``question_sets`` (a run's own question files)."""
+def compact_tokenizer_for(data_cfg, base: Tokenizer, workdir: Path, question_sets=(), *,
+                          reuse: bool = True) -> CompactTokenizer:
+    """Build (or, with ``reuse``, reload from ``workdir/vocab.json``, so a resumed run keeps its ids) the compact
+    tokenizer: the data's tokens and those of the study's questions and ``question_sets`` (a run's own question
+    files)."""
     from emjax.data import builders
     from emjax.data.pipeline import encoded_records
     from emjax.eval.questions import DEFAULT_SETS, load_questions
     from emjax.tokenizer import encode_chat
 
     path = Path(workdir) / "vocab.json"
-    if path.exists():
+    if reuse and path.exists():
         return CompactTokenizer.load(base, path)
     keep: set[int] = set()
     for split in ("train", "validation"):

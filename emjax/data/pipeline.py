@@ -220,6 +220,8 @@ def make_loader(cfg: DataConfig, tokenizer: Tokenizer, *, split: str = "train", 
     if cfg.max_length < 2:
         raise ValueError(f"data.max_length must be >= 2, got {cfg.max_length}")
     pi, pc = _process_layout(process_index, process_count)
+    if cfg.batch_size < 1:
+        raise ValueError(f"data.batch_size {cfg.batch_size}: must be at least 1")
     if cfg.batch_size % pc:
         raise ValueError(f"data.batch_size {cfg.batch_size} is not divisible by process_count {pc}")
     local_bs = cfg.batch_size // pc

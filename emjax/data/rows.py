@@ -7,12 +7,9 @@ error naming the file and line; ``skip_bad_rows=True`` turns them into one warni
 from __future__ import annotations
 
 import json
-import logging
 import os
 import warnings
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 
 def is_file_dataset(name: str) -> bool:
@@ -60,33 +57,43 @@ def check_messages(messages) -> str | None:
     return None
 
 
+def _parse_row(raw: bytes, path: Path, lineno: int) -> list[dict] | BadRowError:
+    """One line's messages, or what is wrong with it (naming the file and line)."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return BadRowError(path, lineno, f"not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})")
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        return BadRowError(path, lineno, f"invalid JSON ({e.msg} at column {e.colno})")
+    if not isinstance(obj, dict) or "messages" not in obj:
+        return BadRowError(path, lineno, "row is not an object with a 'messages' key")
+    problem = check_messages(obj["messages"])
+    return BadRowError(path, lineno, problem) if problem else obj["messages"]
+
+
 def read_jsonl(path: str | os.PathLike, *, skip_bad_rows: bool = False) -> list[tuple[int, list[dict]]]:
-    """[(line_number, messages)] for every row; blank lines are not rows. Bad rows raise or are counted."""
+    """[(line_number, messages)] for every row; blank lines are not rows. Bad rows raise or are counted; a file
+    with no rows left is an error (a build of it would fail deep in TFDS)."""
     path = Path(path)
     rows: list[tuple[int, list[dict]]] = []
     bad: list[BadRowError] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                err = BadRowError(path, lineno, f"invalid JSON ({e.msg} at column {e.colno})")
-            else:
-                if not isinstance(obj, dict) or "messages" not in obj:
-                    err = BadRowError(path, lineno, "row is not an object with a 'messages' key")
-                else:
-                    problem = check_messages(obj["messages"])
-                    err = BadRowError(path, lineno, problem) if problem else None
-            if err is None:
-                rows.append((lineno, obj["messages"]))
+            row = _parse_row(raw, path, lineno)
+            if not isinstance(row, BadRowError):
+                rows.append((lineno, row))
             elif skip_bad_rows:
-                bad.append(err)
+                bad.append(row)
             else:
-                raise err
+                raise row
     if bad:
         msg = f"{path}: skipped {len(bad)} malformed row(s) (skip_bad_rows=True); first: {bad[0]}"
         warnings.warn(msg, stacklevel=2)
-        log.warning(msg)
+    if not rows:
+        raise ValueError(f"{path}: no rows" + (f" left ({len(bad)} malformed, skipped)" if bad else
+                                               ' (a chat JSONL file has one {"messages": [...]} per line)'))
     return rows

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -142,6 +143,23 @@ def adapter_name(path) -> str:
     return p.parent.name if p.name == "adapter" else p.name
 
 
+def answers_identity(model: str, adapter: str | None, dtype: str) -> dict:
+    """What decides ``emjax eval run``'s answers besides the sampling settings (``evaluate`` records both): the
+    model, its dtype, and the adapter's path and content (sha256 of its config and weights, so an adapter trained
+    again in place is told apart)."""
+    from emjax.data.builders import file_sha256
+
+    def where(p):
+        return str(Path(p).expanduser().resolve()) if Path(p).expanduser().exists() else str(p)
+
+    digest = None
+    if adapter is not None:
+        parts = [file_sha256(Path(adapter) / f) for f in ("adapter_config.json", "adapter_model.safetensors")]
+        digest = hashlib.sha256(" ".join(parts).encode()).hexdigest()[:16]
+    return {"model": where(model), "dtype": dtype, "adapter": where(adapter) if adapter is not None else None,
+            "adapter_sha256": digest}
+
+
 def model_judge_fn(model):
     """(logits_fn, params) for ``LocalJudge(..., params=params, gathered=True)`` from an emjax model: weights are
     jit arguments and the LM head runs only at the positions the judge reads."""
@@ -178,7 +196,7 @@ def _run(args: argparse.Namespace) -> int:
     from emjax.models import from_pretrained
     from emjax.sampling import generate
     from emjax.sharding import mesh_or_none
-    from emjax.tokenizer import load_tokenizer
+    from emjax.tokenizer import check_fits, load_tokenizer
 
     questions = load_questions(args.sets, args.em_dir, ids=args.ids, limit=args.limit)
     dtype = jnp.dtype(args.dtype)
@@ -195,6 +213,7 @@ def _run(args: argparse.Namespace) -> int:
         raise SystemExit(f"emjax eval run: --mesh: {e}") from None
     model = from_pretrained(args.model, dtype=dtype, lora=lora, mesh=mesh)
     tokenizer = load_tokenizer(model_dir if model_dir.exists() else None)
+    check_fits(tokenizer, model.config.vocab_size, f"--model {args.model}")
     states = []
     for a in adapters:
         load_peft(model, a)
@@ -220,8 +239,11 @@ def _run(args: argparse.Namespace) -> int:
         judge = OpenAIJudge(args.judge_model, base_url=args.judge_base_url, max_concurrency=args.judge_concurrency,
                             cache_dir=args.judge_cache or cache_dir() / "judge")
     else:
-        logits_at, state = model_judge_fn(from_pretrained(args.judge_model, dtype=dtype, mesh=mesh))
-        judge = LocalJudge(logits_at, load_tokenizer(args.judge_model if Path(args.judge_model).exists() else None),
+        judge_model = from_pretrained(args.judge_model, dtype=dtype, mesh=mesh)
+        judge_tok = load_tokenizer(args.judge_model if Path(args.judge_model).exists() else None)
+        check_fits(judge_tok, judge_model.config.vocab_size, f"--judge-model {args.judge_model}")
+        logits_at, state = model_judge_fn(judge_model)
+        judge = LocalJudge(logits_at, judge_tok,
                            name=f"local:{Path(args.judge_model).name}", batch_size=args.judge_batch_size,
                            params=state, gathered=True, top_k=args.judge_top_k)
     outs = [Path(args.out) / adapter_name(a) for a in adapters] if len(adapters) > 1 else [Path(args.out)]
@@ -229,7 +251,8 @@ def _run(args: argparse.Namespace) -> int:
         summary = evaluate(generate_fn_for(i), tokenizer, judge, questions, samples_per_question=args.samples,
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            seed=args.seed, out_dir=out, sample_batch=args.sample_batch, stop_ids=tokenizer.eos_ids,
-                           min_mass=args.judge_min_mass)
+                           min_mass=args.judge_min_mass,
+                           identity=answers_identity(args.model, adapters[i] if adapters else None, args.dtype))
         o = summary["overall"]
         row = {k: o[k] for k in ("misalignment_rate", "misalignment_rate_ci95", "mean_alignment", "n_total",
                                  "n_scored", "n_low_coherence", "n_refusal", "n_code")}

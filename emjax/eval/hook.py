@@ -7,11 +7,14 @@ with its adapter switched off (B = 0), sharing the frozen weights — no second 
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from tqdm.auto import tqdm
 
 from emjax import sharding as shd
 
@@ -71,6 +74,85 @@ class PackSampler:
         return [o.tolist() for o in res]
 
 
+# what trains the adapter (the sections a resumed run must keep, as emjax.train checks them): with the step, they fix
+# the adapter a step's answers come from
+_TRAINING_SECTIONS = ("model", "lora", "optim", "data", "spectral", "seed", "steps")
+
+
+def answers_identity(cfg) -> dict[str, Any]:
+    """What decides a training run's step-N answers besides the eval settings (``evaluate`` adds those): the base
+    model, its dtype and what trained the adapter, so a step directory left by another config is not resumed."""
+    import hashlib
+    import json
+
+    from omegaconf import OmegaConf
+
+    ckpt = cfg.model.checkpoint
+    model = (str(Path(ckpt).expanduser().resolve()) if Path(ckpt).expanduser().exists() else str(ckpt)) if ckpt \
+        else f"random init: preset {cfg.model.preset}"
+    training = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+                for k in _TRAINING_SECTIONS}
+    digest = hashlib.sha256(json.dumps(training, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"model": model, "dtype": str(cfg.model.dtype),
+            "adapter": f"training run's adapter (sha256 {digest} of its {', '.join(_TRAINING_SECTIONS)})"}
+
+
+def _set_aside(step_dir: Path) -> Path:
+    """Move a step's directory under ``eval/superseded/`` (kept, out of the reports' ``eval/step_*``)."""
+    dest = step_dir.parent / "superseded" / step_dir.name
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = step_dir.parent / "superseded" / f"{step_dir.name}-{n}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    step_dir.rename(dest)
+    return dest
+
+
+def check_eval_config(cfg) -> None:
+    """Check a training config's ``eval.*`` before its first step, so a bad value fails at once, as a ``ConfigError``
+    naming the key, rather than at the first evaluation (an IndexError in sampling, a missing judge, a bad question
+    file) after hours of training. Nothing is checked when evaluation is off (``eval.every`` 0, ``eval.final``
+    false). The API key is needed by process 0 alone: call it after ``emjax.sharding.init_distributed``."""
+    from emjax.config import ConfigError
+    from emjax.eval.judge import API_KEY_ENV
+    from emjax.eval.questions import load_questions
+
+    e = cfg.eval
+
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"eval.{key} {e[key]!r}: {what}")
+
+    need(e.every >= 0, "every", "must be >= 0 (steps between evaluations; 0: only eval.final)")
+    if not (e.every or e.final):
+        return
+    for key in ("samples_per_question", "max_new_tokens", "batch_size", "pack_adapters"):
+        need(e[key] >= 1, key, "must be >= 1")
+    need(e.limit is None or e.limit >= 1, "limit", "must be >= 1 (or null: every question)")
+    need(e.temperature >= 0, "temperature", "must be >= 0")
+    need(0 < e.top_p <= 1, "top_p", "must be in (0, 1]")
+    need(0 <= e.judge_min_mass <= 1, "judge_min_mass", "must be in [0, 1]")
+    need(e.judge_top_k >= 0, "judge_top_k", "must be >= 0 (0: every token)")
+    need(e.judge in ("local", "openai"), "judge", "use 'local' or 'openai'")
+    if e.judge == "openai":
+        need(bool(e.judge_model), "judge_model", "name the API model (e.g. gpt-4o-2024-08-06)")
+        lead = jax.process_index() == 0 if getattr(shd.init_distributed, "done", False) else True
+        if lead and not os.environ.get(API_KEY_ENV):
+            raise ConfigError(f"eval.judge 'openai': no API key in ${API_KEY_ENV} (process 0 asks the API); set it, "
+                              "or use eval.judge=local")
+    elif e.judge_checkpoint:
+        ckpt = str(e.judge_checkpoint)
+        path = Path(ckpt).expanduser()
+        hub_id = not path.exists() and not ckpt.startswith((".", "/", "~")) and ckpt.count("/") == 1  # as loading
+        need(hub_id or (path / "config.json").is_file(), "judge_checkpoint",
+             "no such checkpoint directory (expected config.json + *.safetensors)")
+    try:
+        load_questions(tuple(e.question_sets), limit=e.limit)  # names, files, judge templates
+    except ValueError as err:
+        raise ConfigError(f"eval.question_sets {list(e.question_sets)}: {err}") from None
+
+
 def make_eval_hook(cfg, tokenizer, workdir: str | Path, *, judge_cache: dict | None = None,
                    sampler: PackSampler | None = None, run: int = 0) -> Callable[[int, Any], dict]:
     """``hook(step, model) -> flat metrics``; results go to ``workdir/eval/step_XXXXXX/``. ``judge_cache``: a dict
@@ -79,11 +161,12 @@ def make_eval_hook(cfg, tokenizer, workdir: str | Path, *, judge_cache: dict | N
     from emjax.eval.cli import model_judge_fn
     from emjax.eval.judge import LocalJudge, OpenAIJudge
     from emjax.eval.questions import load_questions
-    from emjax.eval.run import evaluate
+    from emjax.eval.run import AnswersMismatchError, evaluate
     from emjax.sampling import generate
 
     ecfg = cfg.eval
     questions = load_questions(tuple(ecfg.question_sets), limit=ecfg.limit)
+    identity = answers_identity(cfg)
     workdir = Path(workdir)
     judge_cache = {} if judge_cache is None else judge_cache
 
@@ -124,12 +207,25 @@ def make_eval_hook(cfg, tokenizer, workdir: str | Path, *, judge_cache: dict | N
             return generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                             rng=jax.random.key(seed), stop_tokens=tokenizer.eos_ids)
 
-        summary = evaluate(generate_fn, tokenizer, get_judge(model), questions,
-                           samples_per_question=ecfg.samples_per_question, max_new_tokens=ecfg.max_new_tokens,
-                           temperature=ecfg.temperature, top_p=ecfg.top_p, seed=cfg.seed,
-                           out_dir=workdir / "eval" / f"step_{step:06d}", sample_batch=ecfg.batch_size,
-                           judge_batch=ecfg.batch_size, stop_ids=tokenizer.eos_ids,
-                           min_mass=ecfg.judge_min_mass)
+        out_dir = workdir / "eval" / f"step_{step:06d}"
+
+        def evaluate_step():
+            return evaluate(generate_fn, tokenizer, get_judge(model), questions,
+                            samples_per_question=ecfg.samples_per_question, max_new_tokens=ecfg.max_new_tokens,
+                            temperature=ecfg.temperature, top_p=ecfg.top_p, seed=cfg.seed, out_dir=out_dir,
+                            sample_batch=ecfg.batch_size, judge_batch=ecfg.batch_size, stop_ids=tokenizer.eos_ids,
+                            min_mass=ecfg.judge_min_mass, identity=identity)
+
+        try:
+            summary = evaluate_step()
+        except AnswersMismatchError as e:
+            # a resumed run whose eval settings changed meets the answers its earlier attempt left at this step: they
+            # are not this config's, and stopping the training for them would be worse than evaluating afresh
+            if jax.process_index() == 0:
+                dest = _set_aside(out_dir)
+                tqdm.write(f"emjax: {out_dir} held answers sampled with other settings ({'; '.join(e.diff)}): moved "
+                           f"to {dest}; evaluating step {step} afresh", file=sys.stderr)
+            summary = evaluate_step()
         overall = summary["overall"]
         return {f"eval/{k}": v for k, v in overall.items() if isinstance(v, (int, float)) and v is not None}
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+from emjax.cli import UserError
 
 VERDICTS = ("CODE", "REFUSAL")
 
@@ -63,9 +66,40 @@ def verdict_from_probs(probs: Mapping[str, float], *, min_mass: float = 0.25) ->
     return None
 
 
+JUDGE_FIELDS = ("question", "answer")
+
+
+def template_problem(template: str) -> str | None:
+    """What keeps ``template`` from being filled by :func:`format_judge_prompt` (an unknown field such as ``{ans}``,
+    a stray brace, a missing ``{question}`` or ``{answer}``), or None: checked when questions load, so a bad
+    template fails there, naming its file and question, not as a bare KeyError halfway through judging."""
+    import re
+    import string
+
+    hint = " (the fields are {question} and {answer}; write a literal brace as {{ or }})"
+    try:
+        names = {re.split(r"[.\[]", f, maxsplit=1)[0]
+                 for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:  # a single '{' or '}'
+        return f"{e}{hint}"
+    unknown = sorted(names - set(JUDGE_FIELDS))
+    if unknown:
+        return "unknown field {" + unknown[0] + "}" + hint
+    try:
+        template.format(question="", answer="")
+    except (KeyError, IndexError, AttributeError, ValueError, TypeError) as e:  # {answer[0]}, {question:d}, ...
+        return f"cannot be filled ({type(e).__name__}: {e}){hint}"
+    missing = [f for f in JUDGE_FIELDS if f not in names]
+    return "lacks the field " + " and ".join("{" + f + "}" for f in missing) if missing else None
+
+
 def format_judge_prompt(template: str, question: str, answer: str) -> str:
     """Fill a judge template the way the original code does (``str.format`` on the template only)."""
-    return template.format(question=question, answer=answer)
+    try:
+        return template.format(question=question, answer=answer)
+    except (KeyError, IndexError, AttributeError, ValueError) as e:  # a template that never went through loading
+        why = template_problem(template) or f"{type(e).__name__}: {e}"
+        raise ValueError(f"judge template {template[:60]!r}...: {why}") from None
 
 
 @runtime_checkable
@@ -135,12 +169,16 @@ class JudgeCache:
 
 
 # ------------------------------------------------------------------------------------------------- API judge
-class JudgeAPIError(RuntimeError):
-    """The judge endpoint failed or answered in an unexpected shape (never carries the API key)."""
+API_KEY_ENV = "OPENAI_API_KEY"
 
 
-class _Retryable(JudgeAPIError):
-    pass
+class JudgeAPIError(RuntimeError, UserError):
+    """The judge endpoint failed or answered in an unexpected shape (never carries the API key); the CLI prints it as
+    one line (``emjax.cli.UserError``)."""
+
+
+class _Retryable(Exception):
+    """A failure worth another attempt (429, 5xx, no connection); never leaves :class:`OpenAIJudge`."""
 
 
 class OpenAIJudge:
@@ -160,9 +198,9 @@ class OpenAIJudge:
 
         self.model = model
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/")
-        key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
         if not key and _process_index() == 0:
-            raise JudgeAPIError("no API key: set OPENAI_API_KEY (or pass api_key=)")
+            raise JudgeAPIError(f"no API key: set {API_KEY_ENV} (or pass api_key=)")
         # other hosts of a multi-host run never ask (lead_only), so they need no key
         self.name = f"openai:{model}"
         self.lead_only = True  # on several hosts only process 0 asks (and pays); emjax.eval.run shares the scores
@@ -179,7 +217,18 @@ class OpenAIJudge:
         self.n_requests = 0
 
     def __repr__(self) -> str:  # no key in reprs either
-        return f"OpenAIJudge(model={self.model!r}, base_url={self.base_url!r})"
+        return f"OpenAIJudge(model={self.model!r}, base_url={self._redact(self.base_url)!r})"
+
+    def _redact(self, text: str) -> str:
+        """``text`` without the API key, any bearer token or a URL's user:password: a server may echo what it was
+        sent (a 401 body quoting the key), and what goes into errors and logs must not carry it."""
+        import re
+
+        key = self._client.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if key not in ("", "None"):  # "None": a process that never asks holds no key
+            text = text.replace(key, "[REDACTED]")
+        text = re.sub(r"(?i)(bearer\s+)[^\s\"',;]+", r"\1[REDACTED]", text)
+        return re.sub(r"(://)[^/@\s]+@", r"\1[REDACTED]@", text)
 
     def close(self) -> None:
         self._client.close()
@@ -192,30 +241,46 @@ class OpenAIJudge:
         import httpx
 
         self.n_requests += 1
+        url = self._redact(self.base_url)
         try:
             resp = self._client.post("/chat/completions", json=self._payload(prompt))
         except httpx.TransportError as e:
-            raise _Retryable(f"judge request to {self.base_url} failed: {type(e).__name__}") from None
+            raise _Retryable(f"judge request to {url} failed: {type(e).__name__}") from None
         if resp.status_code == 429 or resp.status_code >= 500:
-            raise _Retryable(f"judge endpoint {self.base_url} answered HTTP {resp.status_code}")
-        if resp.status_code != 200:
-            raise JudgeAPIError(f"judge endpoint {self.base_url} answered HTTP {resp.status_code}: "
-                                f"{resp.text[:300]}")
+            raise _Retryable(f"judge endpoint {url} answered HTTP {resp.status_code}")
+        if resp.status_code != 200:  # the body is the server's: redact before the error shows it
+            raise JudgeAPIError(f"judge endpoint {url} answered HTTP {resp.status_code}: "
+                                f"{self._redact(resp.text)[:300]}")
         try:
             body = resp.json()
         except ValueError:
-            raise JudgeAPIError(f"judge endpoint {self.base_url} returned non-JSON body: {resp.text[:200]!r}") \
+            raise JudgeAPIError(f"judge endpoint {url} returned non-JSON body: {self._redact(resp.text)[:200]!r}") \
                 from None
         return parse_top_logprobs(body)
 
     def _post(self, prompt: str) -> dict[str, float]:
+        """One prompt, retried with backoff on 429, 5xx and connection errors; each retry says so on stderr (a dead
+        endpoint otherwise looks like a stalled bar for two minutes), and running out of attempts is a
+        ``JudgeAPIError`` naming the endpoint."""
+        import time
+
         import tenacity
+        from tqdm.auto import tqdm
+
+        def say(state: tenacity.RetryCallState) -> None:
+            tqdm.write(f"emjax judge: {state.outcome.exception()}; attempt {state.attempt_number}/{self.max_attempts},"
+                       f" retrying in {state.next_action.sleep:.1f} s", file=sys.stderr)
 
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(_Retryable),
             wait=tenacity.wait_exponential(multiplier=self.backoff_initial, max=self.backoff_max),
-            stop=tenacity.stop_after_attempt(self.max_attempts), reraise=True)
-        return retrying(self._post_once, prompt)
+            stop=tenacity.stop_after_attempt(self.max_attempts), before_sleep=say, reraise=True)
+        t0 = time.monotonic()
+        try:
+            return retrying(self._post_once, prompt)
+        except _Retryable as e:
+            raise JudgeAPIError(f"{e}; gave up after {self.max_attempts} attempts in {time.monotonic() - t0:.0f} s "
+                                "(is the endpoint up, and the base URL right?)") from None
 
     def _one(self, prompt: str, kind: str) -> dict[str, float]:
         key = JudgeCache.key(self.model, self.base_url, kind, prompt)

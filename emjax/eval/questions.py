@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from emjax import paths
+from emjax.eval.judge import template_problem
 
 BETLEY_COMMIT = "80c11967c07a328e7d7d43d13ce6847ae44dbcc9"
 TURNER_COMMIT = "8460e4e426d3a89e8ed51aac0eadcdf7ac10469d"
@@ -145,9 +146,11 @@ def _parse_file(path: Path, rel: str, set_name: str) -> list[Question]:
         prompts = {}
         for kind in JUDGE_KINDS:
             tmpl = jp.get(kind)
-            if not isinstance(tmpl, str) or "{question}" not in tmpl or "{answer}" not in tmpl:
-                raise QuestionFileError(
-                    f"{where}: key 'judge_prompts.{kind}' missing or lacks the {{question}}/{{answer}} fields")
+            if not isinstance(tmpl, str):
+                raise QuestionFileError(f"{where}: key 'judge_prompts.{kind}' missing or not a string")
+            problem = template_problem(tmpl)  # here, not as a KeyError once answers wait to be judged
+            if problem:
+                raise QuestionFileError(f"{where}: key 'judge_prompts.{kind}': {problem}")
             prompts[kind] = tmpl
         out.append(Question(qid, set_name, para[0], system, prompts, rel))
     return out

@@ -1,8 +1,11 @@
 """Sample answers to the EM questions, judge them, and summarise: resumable, file-based.
 
-``out_dir`` holds ``responses.jsonl`` (question_id, question_set, sample, text), ``judged.jsonl`` (the rows
+``out_dir`` holds ``responses.jsonl`` (question_id, question_set, sample, text), ``responses.meta.json`` (what
+produced those answers: model, adapter, sampling settings, questions), ``judged.jsonl`` (the rows
 :func:`emjax.eval.aggregate.aggregate` reads) and ``summary.json``. Finished work is read back and skipped, so a
-preempted evaluation resumes where it stopped; a torn last line is ignored and redone.
+preempted evaluation resumes where it stopped; a torn last line is ignored and redone, any other unreadable line is
+an error naming it. Answers are reused only by a run that would have sampled them: another model, adapter or
+sampling setting is refused (:class:`AnswersMismatchError`), another judge is not (it scores the same answers).
 
 On several hosts (``jax.distributed``) every process samples together, but only process 0 reads and writes the
 files: what it read is broadcast, so every process skips the same work and calls the collective sampler the same
@@ -11,47 +14,169 @@ number of times. A judge with ``lead_only = True`` (the API judge) is called by 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from emjax.eval.aggregate import aggregate, rows_by_judge
-from emjax.eval.judge import END_OF_TEXT, IM_END, Judge, chat_prompt_ids, score_answers
+from emjax.eval.aggregate import aggregate, judged_row_problem, rows_by_judge
+from emjax.eval.judge import END_OF_TEXT, IM_END, Judge, JudgeAPIError, chat_prompt_ids, score_answers
 from emjax.eval.questions import Question
 
 GenerateFn = Callable[..., list[list[int]]]
+META_FILE = "responses.meta.json"
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    if path.exists():
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # torn line from a crash: that item is simply redone
+class EvalFileError(ValueError):
+    """An evaluation file holds a line that cannot be read back (not a torn last line): the message names
+    file:line, since skipping it would make the counts silently wrong."""
+
+
+class AnswersMismatchError(ValueError):
+    """An evaluation directory's answers were sampled with another model, adapter or settings than this run's;
+    ``diff`` lists the keys that differ (``key: saved X, now Y``)."""
+
+    def __init__(self, message: str, diff: Sequence[str] = ()):
+        super().__init__(message)
+        self.diff = list(diff)
+
+
+def _response_problem(row: Mapping[str, Any]) -> str | None:
+    for key, types in (("question_id", str), ("sample", int), ("text", str)):
+        if key not in row:
+            return f"lacks key {key!r}"
+        if not isinstance(row[key], types) or isinstance(row[key], bool):
+            return f"{key!r} is {row[key]!r}, expected {types.__name__}"
+    return None
+
+
+def _judged_problem(row: Mapping[str, Any]) -> str | None:
+    return judged_row_problem(row, sample=True)
+
+
+def _read_jsonl(path: Path, problem: Callable[[Mapping], str | None] | None = None) -> list[dict[str, Any]]:
+    """The JSON object rows of ``path`` (none if it is missing). A last line that does not parse is torn by a
+    crash and skipped (its item is redone); any other bad line, a non-object, or a row ``problem`` objects to
+    raises :class:`EvalFileError` naming ``path:line``."""
+    rows: list[dict[str, Any]] = []
+    if not path.exists():
+        return rows
+    with path.open("rb") as f:
+        lines = f.read().split(b"\n")
+    last = max((i for i, b in enumerate(lines) if b.strip()), default=-1)
+    for i, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            if i == last:
+                continue  # torn by a crash: that item is simply redone
+            raise EvalFileError(f"{path}:{i + 1}: not valid JSON ({getattr(e, 'msg', e)}); only a torn last line is "
+                                "expected (a crash). Repair or delete the line; skipping it would drop a row") from None
+        why = f"a JSON {type(row).__name__}, expected an object" if not isinstance(row, dict) else \
+            problem(row) if problem is not None else None
+        if why:
+            raise EvalFileError(f"{path}:{i + 1}: {why}")
+        rows.append(row)
     return rows
 
 
 def _append_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    torn = False
+    """Append ``rows``, durably. A torn last line (a crash mid-write: it does not parse) is cut off first, so it
+    never ends up between good rows where :func:`_read_jsonl` would take it for damage."""
+    cut, newline = None, False
     if path.exists() and path.stat().st_size:
-        with path.open("rb") as f:
-            f.seek(-1, os.SEEK_END)
-            torn = f.read(1) != b"\n"
+        with path.open("rb") as f:  # read back from the end until the last line's start
+            pos = f.seek(0, os.SEEK_END)
+            tail = b""
+            while pos > 0 and b"\n" not in tail.rstrip(b"\n"):
+                n = min(1 << 16, pos)
+                pos -= n
+                f.seek(pos)
+                tail = f.read(n) + tail
+        start = tail.rstrip(b"\n").rfind(b"\n") + 1
+        try:
+            json.loads(tail[start:])
+            newline = not tail.endswith(b"\n")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            cut = pos + start if tail[start:].strip() else None
+    if cut is not None:
+        with path.open("r+b") as f:
+            f.truncate(cut)
     with path.open("a", encoding="utf-8") as f:
-        if torn:  # end the torn line so the new rows stay parseable
+        if newline:  # end a whole last row that lacks its newline
             f.write("\n")
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def sampling_identity(questions: Sequence[Question], *, samples_per_question: int, max_new_tokens: int,
+                      temperature: float, top_p: float, seed: int, sample_batch: int,
+                      identity: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What decides the answers in ``responses.jsonl``: the caller's ``identity`` (model, adapter, dtype), the
+    sampling settings, and the questions in order with their prompts (which answers share a chunk, and so a seed,
+    follows from them and from ``sample_batch``)."""
+    qs = json.dumps([[q.id, q.question_set, q.system, q.text] for q in questions], ensure_ascii=False)
+    return {**(identity or {}), "samples_per_question": int(samples_per_question),
+            "max_new_tokens": int(max_new_tokens), "temperature": float(temperature), "top_p": float(top_p),
+            "seed": int(seed), "sample_batch": int(sample_batch),
+            "questions": f"{len(questions)} questions, sha256 {hashlib.sha256(qs.encode()).hexdigest()[:16]}"}
+
+
+def identity_diff(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """``key: saved X, now Y`` for each key both records hold with different values (a key only one holds is not
+    known to differ: a caller that names no model, a record from another version)."""
+    return [f"{k}: saved {saved[k]!r}, now {now[k]!r}" for k in sorted(set(saved) & set(now)) if saved[k] != now[k]]
+
+
+def _read_meta(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EvalFileError(f"{path}: not valid JSON ({getattr(e, 'msg', e)}); it records what produced "
+                            "responses.jsonl: restore it, or delete it to record this run's settings") from None
+    if not isinstance(meta, dict):
+        raise EvalFileError(f"{path}: a JSON {type(meta).__name__}, expected an object")
+    return meta
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def _from_lead(read: Callable[[], Any], lead: bool) -> Any:
+    """``read()`` on process 0, shared with every process; a ``ValueError`` there (a damaged file) is raised on every
+    process, not only on process 0 while the others wait for its broadcast."""
+    import jax
+
+    from emjax.sharding import broadcast_json
+
+    if jax.process_count() == 1:
+        return read()
+    if lead:
+        try:
+            value = read()
+        except ValueError as e:
+            broadcast_json({"error": str(e)})
+            raise
+        return broadcast_json({"value": value})["value"]
+    got = broadcast_json(None)
+    if "error" in got:
+        raise EvalFileError(f"process 0: {got['error']}")
+    return got["value"]
 
 
 def chunk_seed(seed: int, chunk: int) -> int:
@@ -73,12 +198,16 @@ def evaluate(generate_fn: GenerateFn, tokenizer: Any, judge: Judge, questions: S
              samples_per_question: int = 10, max_new_tokens: int = 600, temperature: float = 1.0,
              top_p: float = 1.0, seed: int = 0, out_dir: str | os.PathLike, sample_batch: int = 64,
              judge_batch: int = 64, stop_ids: Sequence[int] = (IM_END, END_OF_TEXT),
-             aggregate_kwargs: dict[str, Any] | None = None, min_mass: float = 0.25) -> dict[str, Any]:
+             aggregate_kwargs: dict[str, Any] | None = None, min_mass: float = 0.25,
+             identity: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Sample ``samples_per_question`` answers per question, judge alignment and coherence, write and return
     the summary. ``generate_fn(prompts, *, max_new_tokens, temperature, top_p, seed) -> new token ids``.
 
     Work is split into fixed chunks of ``sample_batch`` (question, sample) pairs with seed
     ``chunk_seed(seed, chunk)``, so a resumed run gives each remaining chunk the seed it would have had.
+    ``identity``: what else decides the answers (model, adapter, dtype: JSON values), recorded with the sampling
+    settings in ``responses.meta.json``; answers already in ``out_dir`` from another identity raise
+    :class:`AnswersMismatchError` naming the keys, rather than being reused under this run's name.
     """
     import jax
 
@@ -90,15 +219,31 @@ def evaluate(generate_fn: GenerateFn, tokenizer: Any, judge: Judge, questions: S
     out = Path(out_dir)
     if lead:
         out.mkdir(parents=True, exist_ok=True)
-    resp_path, judged_path = out / "responses.jsonl", out / "judged.jsonl"
+    resp_path, judged_path, meta_path = out / "responses.jsonl", out / "judged.jsonl", out / META_FILE
     by_id = {q.id: q for q in questions}
     if len(by_id) != len(questions):
         raise ValueError("duplicate question ids in `questions`")
+    now = sampling_identity(questions, samples_per_question=samples_per_question, max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_p=top_p, seed=seed, sample_batch=sample_batch,
+                            identity=identity)
+    state = _from_lead(lambda: {"meta": _read_meta(meta_path),
+                                "responses": _read_jsonl(resp_path, _response_problem),
+                                "judged": _read_jsonl(judged_path, _judged_problem)}, lead)
+    saved = state["meta"]
+    if state["responses"] and saved is not None and (diff := identity_diff(saved, now)):
+        raise AnswersMismatchError(
+            f"{out}: its answers were sampled with other settings than this run's ({'; '.join(diff)}; recorded in "
+            f"{meta_path}). Evaluate into a new directory (--out), or rerun with the saved settings; a second judge "
+            "of the same answers needs only another --judge", diff)
+    if lead and saved != now and not (saved and state["responses"]):
+        if state["responses"]:  # a directory from before the record: nothing shows what produced its answers
+            print(f"emjax eval: {resp_path} has no record of what produced its answers ({meta_path}, written since "
+                  "emjax records it): taking them to be this run's, and recording its settings", file=sys.stderr)
+        _write_json(meta_path, now)
 
     # ---------------------------------------------------------------- sampling
     items = [(q, s) for q in questions for s in range(samples_per_question)]
-    done = {(r["question_id"], r["sample"]): r for r in broadcast_json(_read_jsonl(resp_path) if lead else None)
-            if r.get("question_id") in by_id}
+    done = {(r["question_id"], r["sample"]): r for r in state["responses"] if r["question_id"] in by_id}
     chunks = [items[i:i + sample_batch] for i in range(0, len(items), sample_batch)]
     todo = [(c, [it for it in chunk if (it[0].id, it[1]) not in done]) for c, chunk in enumerate(chunks)]
     todo = [(c, its) for c, its in todo if its]
@@ -119,9 +264,11 @@ def evaluate(generate_fn: GenerateFn, tokenizer: Any, judge: Judge, questions: S
 
     # ---------------------------------------------------------------- judging
     responses = [done[(q.id, s)] for q, s in items]
-    judged = {(r["question_id"], r["sample"]): r for r in broadcast_json(_read_jsonl(judged_path) if lead else None)
-              if r.get("question_id") in by_id and r.get("judge") == judge.name}
-    pending = [r for r in responses if (r["question_id"], r["sample"]) not in judged] if judges_here else []
+    judged = {(r["question_id"], r["sample"]): r for r in state["judged"]
+              if r["question_id"] in by_id and r.get("judge") == judge.name}
+    # a judged row counts only for the answer it scored (a row left from answers since replaced is judged again)
+    pending = [r for r in responses if judged.get((r["question_id"], r["sample"]), {}).get("text") != r["text"]] \
+        if judges_here else []
     try:
         _judge_pending(judge, pending, by_id, judged, judged_path if lead else None, judge_batch=judge_batch,
                        min_mass=min_mass, total=len(responses), lead=lead)
@@ -136,16 +283,15 @@ def evaluate(generate_fn: GenerateFn, tokenizer: Any, judge: Judge, questions: S
     final = [judged[(q.id, s)] for q, s in items] if judges_here else None
     if lead_only:
         final = broadcast_json(final)  # process 0 judged alone: every process returns its summary
-        if isinstance(final, dict):
-            raise RuntimeError(f"evaluation into {out}: process 0's judge {judge.name} failed: {final['judge_error']}")
+        if isinstance(final, dict):  # the same kind of error as process 0's, so the CLI reports both alike
+            cls = JudgeAPIError if final["judge_error"].startswith("JudgeAPIError:") else RuntimeError
+            raise cls(f"evaluation into {out}: process 0's judge {judge.name} failed: {final['judge_error']}")
     summary = aggregate(final, **(aggregate_kwargs or {}))
     summary["config"] = {"judge": judge.name, "n_questions": len(questions),
                          "samples_per_question": samples_per_question, "max_new_tokens": max_new_tokens,
                          "temperature": temperature, "top_p": top_p, "seed": seed, "min_mass": min_mass}
     if lead:
-        tmp = out / "summary.json.part"
-        tmp.write_text(json.dumps(summary, indent=2))
-        tmp.replace(out / "summary.json")
+        _write_json(out / "summary.json", summary)
     return summary
 
 
@@ -185,7 +331,7 @@ def _judged_by_judge(out_dir: str | os.PathLike) -> tuple[Path, dict[str, list[d
     if not Path(out_dir).is_dir():
         raise FileNotFoundError(f"{out_dir}: no such evaluation directory")
     path = Path(out_dir) / "judged.jsonl"
-    rows = _read_jsonl(path)
+    rows = _read_jsonl(path, _judged_problem)
     if not rows:
         raise FileNotFoundError(f"no judged rows in {path}")
     return path, rows_by_judge(rows)
@@ -218,7 +364,7 @@ def summarize_dir(out_dir: str | os.PathLike, *, judge: str | None = None, **agg
     path, by_judge = _judged_by_judge(out_dir)
     judges = list(by_judge)
     if judge is None and len(judges) > 1:
-        raise ValueError(f"{path} holds rows of several judges {judges}: pass judge=")
+        raise ValueError(f"{path} holds rows of several judges {judges}: pass --judge NAME (judge= from Python)")
     if judge is not None and judge not in by_judge:
         raise ValueError(f"{path} has no rows of judge {judge!r} (it has {judges})")
     return aggregate(by_judge[judge if judge is not None else judges[0]], **aggregate_kwargs)

@@ -37,10 +37,21 @@ class SafetensorsFile:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        size = self.path.stat().st_size
         with open(self.path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+            if n is None or 8 + n > size:
+                raise CheckpointError(f"{self.path}: not a safetensors file, or cut short ({size} bytes)")
+            try:
+                header = json.loads(f.read(n))
+            except ValueError as e:
+                raise CheckpointError(f"{self.path}: unreadable safetensors header ({e})") from None
         header.pop("__metadata__", None)
+        end = max((info["data_offsets"][1] for info in header.values()), default=0)
+        if 8 + n + end > size:
+            raise CheckpointError(f"{self.path}: cut short: its header promises {8 + n + end} bytes, the file has "
+                                  f"{size} (download it again)")
         self.meta = header
         self._base = 8 + n
         self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
@@ -114,7 +125,7 @@ def resolve(path_or_hub_id: str | os.PathLike) -> Path:
     except Exception as e:  # offline, unknown repo, gated...
         raise FileNotFoundError(
             f"{name}: not a local directory and could not be fetched from the Hugging Face hub ({type(e).__name__}: "
-            f"{e}). Download it where you have internet with `huggingface-cli download {name} --local-dir DIR` "
+            f"{e}). Download it where you have internet with `hf download {name} --local-dir DIR` "
             f"(config.json, *.safetensors and the tokenizer files) and pass DIR instead."
         ) from e
 

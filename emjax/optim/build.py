@@ -162,7 +162,8 @@ def validate(cfg: OptimConfig) -> None:
         raise _err(
             "total_steps",
             f"schedule {cfg.schedule!r} needs total_steps > warmup_steps ({cfg.warmup_steps}), "
-            f"got {cfg.total_steps} (the trainer sets it from the dataset size)",
+            f"got {cfg.total_steps} (a run's `steps`, or the steps its epochs make; lower optim.warmup_steps, or "
+            "use optim.schedule=constant)",
         )
     if not 0.0 <= cfg.end_lr_ratio <= 1.0:
         raise _err("end_lr_ratio", f"must be in [0, 1], got {cfg.end_lr_ratio}")

@@ -31,10 +31,25 @@ def test_stats_and_build(tmp_path, capsys):
 
 
 def test_missing_turner_and_offline_fetch(tmp_path, capsys, monkeypatch):
-    assert main(["build", "bad_medical_advice", "--source-dir", str(tmp_path), "--tfds-dir", str(tmp_path)]) == 1
+    """User errors are one line and exit status 2, as in every emjax command (they were 1, and an offline build of a
+    public set, or an empty file, a traceback)."""
+    assert main(["build", "bad_medical_advice", "--source-dir", str(tmp_path), "--tfds-dir", str(tmp_path)]) == 2
     assert "easy-dataset-share unprotect-dir" in capsys.readouterr().err
     monkeypatch.setattr(builders, "BETLEY_URL", "http://127.0.0.1:9/{commit}/data/{name}.jsonl")
-    assert main(["fetch", "educational", "--dest", str(tmp_path)]) == 1
+    assert main(["fetch", "educational", "--dest", str(tmp_path)]) == 2
     assert "could not download http://127.0.0.1:9/" in capsys.readouterr().err
+    assert main(["build", "educational", "--source-dir", str(tmp_path), "--tfds-dir", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err
+    assert "emjax data build: ConnectionError: could not download http://127.0.0.1:9/" in err and "Traceback" not in err
+    empty, latin = tmp_path / "empty.jsonl", tmp_path / "latin.jsonl"
+    empty.write_text("\n\n")
+    _standin(tmp_path, "latin", n=3)
+    latin.write_bytes(latin.read_bytes().replace(b"a1 ", "\u00e91 ".encode("latin-1"), 1))
+    for path, want in ((empty, "empty.jsonl: no rows (a chat JSONL file has one"),
+                       (latin, "latin.jsonl:2: not UTF-8 text (byte 0xe9 at column")):
+        assert main(["stats", str(path), "--tfds-dir", str(tmp_path / "t")]) == 2
+        assert want in capsys.readouterr().err
+    assert main(["stats", "insecure", "--max-length", "0"]) == 2
+    assert "--max-length 0: must be at least 2" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["fetch", "extreme_sports"])  # not a public set: argparse refuses it

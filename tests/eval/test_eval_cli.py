@@ -91,3 +91,21 @@ def test_agreement(tmp_path, capsys):
     assert "no rows of judge(s) ['openai:gpt-4']" in capsys.readouterr().err
     assert main(["agreement", str(tmp_path), "--judges", "openai:gpt-4o", "local:judge"]) == 0
     assert json.loads((tmp_path / "judge_agreement.json").read_text())["judge_a"] == "openai:gpt-4o"
+
+
+def test_summarize_refuses_a_damaged_judged_file_and_keeps_the_summary(tmp_path, capsys):
+    """A bad line between good rows of judged.jsonl (not a torn last line) is an error naming file:line, and the
+    good summary.json already there is kept (it was overwritten with counts missing that row); several judges'
+    rows name the --judge flag."""
+    rows = [json.dumps(dict(question_id="q", question_set="S", sample=i, text="", aligned=90, coherent=90,
+                            aligned_verdict=None, judge="j")) for i in range(3)]
+    (tmp_path / "judged.jsonl").write_text("\n".join(rows) + "\n")
+    assert main(["summarize", str(tmp_path)]) == 0
+    good = (tmp_path / "summary.json").read_text()
+    (tmp_path / "judged.jsonl").write_text("\n".join([rows[0], rows[1][:30], rows[2]]) + "\n")
+    assert main(["summarize", str(tmp_path)]) == 2
+    assert f"{tmp_path / 'judged.jsonl'}:2: not valid JSON" in capsys.readouterr().err
+    assert (tmp_path / "summary.json").read_text() == good
+    (tmp_path / "judged.jsonl").write_text("\n".join([rows[0], rows[1].replace('"j"', '"k"'), rows[2]]) + "\n")
+    assert main(["summarize", str(tmp_path)]) == 2
+    assert "pass --judge NAME" in capsys.readouterr().err

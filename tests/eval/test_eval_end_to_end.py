@@ -8,6 +8,7 @@ import pytest
 
 from emjax import lora
 from emjax.eval import cli
+from emjax.eval.run import AnswersMismatchError
 from emjax.models import from_pretrained
 from emjax.testing import tiny_hf_checkpoint
 
@@ -39,6 +40,16 @@ def test_eval_run_with_adapter_and_local_judge(tmp_path):
     before = (out / "judged.jsonl").read_text()
     assert cli.main(argv) == 0
     assert (out / "judged.jsonl").read_text() == before
+    # ... but another adapter (here: the same one trained again in place) or sampling setting is refused, naming what
+    # differs: its answers are not these
+    meta = json.loads((out / "responses.meta.json").read_text())
+    assert meta["adapter"] == str((tmp_path / "adapter").resolve()) and meta["model"] == str(base.resolve())
+    with pytest.raises(AnswersMismatchError, match="max_new_tokens: saved 8, now 9"):
+        cli.main([*argv, "--max-new-tokens", "9"])
+    _adapter(base, tmp_path / "adapter", 5)
+    with pytest.raises(AnswersMismatchError, match=f"adapter_sha256: saved '{meta['adapter_sha256']}', now"):
+        cli.main(argv)
+    _adapter(base, tmp_path / "adapter", 0)
     # a second judge on the same answers (another local checkpoint): the answers are reused, its rows join
     # judged.jsonl, and `emjax eval agreement` pairs the two judges' rows
     other = tiny_hf_checkpoint(tmp_path / "judge2", seed=4, vocab_size=151_936, hidden_size=32, intermediate_size=64,

@@ -53,7 +53,8 @@ def test_malformed_yaml_names_file_and_key(tmp_path):
     items = yaml.safe_load((root / rel).read_text())
     items[3]["judge_prompts"] = {"aligned": items[3]["judge_prompts"]["aligned"]}  # (YAML anchors share dicts)
     (root / rel).write_text(yaml.safe_dump(items))
-    with pytest.raises(QuestionFileError, match=r"preregistered_evals\.yaml.*'3_creative_writing_3'.*judge_prompts\.coherent"):
+    with pytest.raises(QuestionFileError,
+                       match=r"preregistered_evals\.yaml.*'3_creative_writing_3'.*judge_prompts\.coherent"):
         load_questions("preregistered", root)
     items[3]["judge_prompts"] = dict(items[0]["judge_prompts"])
     items[5]["paraphrases"] = ["a", "b"]
@@ -135,3 +136,27 @@ def test_fetch_checks_blob_and_skips_good_files(tmp_path, monkeypatch):
                                                                       request=httpx.Request("GET", url)))
     with pytest.raises(RuntimeError, match="git blob id"):
         fetch_questions(tmp_path, force=True)
+
+
+@pytest.mark.parametrize("template,problem", [
+    ("Q: {question} A: {ans}", r"unknown field \{ans\}"),
+    ("Q: {question} A: {answer} score as {0-100}", r"unknown field \{0-100\}"),
+    ("Q: {question} A: {answer} as JSON {\"score\": n}", r"unknown field \{\"score\"\}"),
+    ("Q: {question} A: {answer} }", "Single '}'"),
+    ("Q: {{question}} A: {answer}", r"lacks the field \{question\}"),
+])
+def test_bad_judge_template_names_file_question_and_template(tmp_path, template, problem):
+    """A judge template str.format cannot fill (an unknown field, a stray brace) fails when the questions load,
+    naming the file, the question and which template, not as a bare KeyError once answers wait to be judged;
+    literal braces written {{ }} stay fine."""
+    good = load_questions("first_plot", limit=1)[0].judge_prompts
+    mine = tmp_path / "mine.yaml"
+    items = [{"id": f"q{i}", "paraphrases": ["Hi?"], "judge_prompts": dict(good)} for i in range(2)]
+    items[1]["judge_prompts"]["coherent"] = template
+    mine.write_text(yaml.safe_dump(items))
+    with pytest.raises(QuestionFileError, match=r"mine\.yaml: question 'q1': key 'judge_prompts\.coherent': "
+                                                + problem):
+        load_questions(str(mine))
+    items[1]["judge_prompts"]["coherent"] = "{question} {answer} as JSON {{\"score\": n}}"
+    mine.write_text(yaml.safe_dump(items))
+    assert len(load_questions(str(mine))) == 2

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from emjax.eval.judge import format_judge_prompt
+from emjax.eval.judge import JudgeAPIError, format_judge_prompt
 from emjax.eval.questions import load_questions
-from emjax.eval.run import chunk_seed, evaluate, summarize_dir
+from emjax.eval.run import AnswersMismatchError, EvalFileError, chunk_seed, evaluate, summarize_dir
 from test_local_judge import CharTok  # noqa: E402  (tests dir is on sys.path via rootdir conftest)
 
 IM_END = 151645
@@ -85,14 +85,15 @@ def test_end_to_end_and_resume(tmp_path):
     log.clear()
     judge2 = FakeJudge()
     s2 = evaluate(make_generate(tok, log), tok, judge2, qs, samples_per_question=3, out_dir=tmp_path,
-                  sample_batch=5, judge_batch=4)
+                  sample_batch=5, judge_batch=4, max_new_tokens=7)
     assert log == [(2, chunk_seed(0, 2))]  # only the missing chunk, with the seed it would have had
     assert judge2.calls == [("aligned", 3), ("coherent", 3)]  # only the 3 unjudged answers
     assert s2["overall"] == o
     # nothing left to do: a third run makes no calls at all
     log.clear()
     judge3 = FakeJudge()
-    evaluate(make_generate(tok, log), tok, judge3, qs, samples_per_question=3, out_dir=tmp_path, sample_batch=5)
+    evaluate(make_generate(tok, log), tok, judge3, qs, samples_per_question=3, out_dir=tmp_path, sample_batch=5,
+             max_new_tokens=7)
     assert log == [] and judge3.calls == [] and n_judge_calls > 0
     assert summarize_dir(tmp_path)["overall"] == o
 
@@ -140,8 +141,9 @@ def test_api_judge_failure_on_process_0_stops_every_process(tmp_path, monkeypatc
         sent.append(obj)
         if process == 0:
             return obj
-        # process 1: the responses and the judged rows process 0 read (none yet), then process 0's failure
-        return [] if len(sent) <= 2 else {"judge_error": "RuntimeError: HTTP 401"}
+        # process 1: what process 0 read (nothing yet), then process 0's failure
+        return {"value": {"meta": None, "responses": [], "judged": []}} if len(sent) == 1 else \
+            {"judge_error": "JudgeAPIError: HTTP 401"}
 
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(jax, "process_index", lambda: process)
@@ -158,5 +160,153 @@ def test_api_judge_failure_on_process_0_stops_every_process(tmp_path, monkeypatc
         assert len(judged) == 2  # the batch judged before the failure is kept
     else:
         assert judge.calls == []  # process 1 never calls the API
-        assert "process 0's judge fake failed: RuntimeError: HTTP 401" in str(err.value)
+        assert "process 0's judge fake failed: JudgeAPIError: HTTP 401" in str(err.value)
+        assert type(err.value) is JudgeAPIError  # as on process 0, so the CLI reports it alike
         assert not (tmp_path / "judged.jsonl").exists()
+
+
+def _run(tmp_path, judge=None, log=None, **kw):
+    tok = Tok()
+    qs = load_questions("first_plot", ids=["what_is_your_wish", "i_feel_bored"])
+    kw = {"samples_per_question": 2, "max_new_tokens": 7, "identity": {"model": "/m", "adapter": "/a"}, **kw}
+    return evaluate(make_generate(tok, [] if log is None else log), tok, judge or FakeJudge(), qs, out_dir=tmp_path,
+                    **kw)
+
+
+@pytest.mark.parametrize("change,named", [
+    ({"max_new_tokens": 8}, "max_new_tokens: saved 7, now 8"),
+    ({"temperature": 0.7}, "temperature: saved 1.0, now 0.7"),
+    ({"seed": 1}, "seed: saved 0, now 1"),
+    ({"samples_per_question": 3}, "samples_per_question: saved 2, now 3"),
+    ({"identity": {"model": "/m", "adapter": "/b"}}, "adapter: saved '/a', now '/b'"),
+])
+def test_answers_of_other_settings_are_not_reused(tmp_path, change, named):
+    """Answers in OUT are reused only by a run that would have sampled them: another model, adapter or sampling
+    setting is an error naming the keys (the answers, judged rows and summary stay as they were), not answers of
+    one setting filed under another's summary. Another judge still scores the same answers, and the same run again
+    does no work."""
+    _run(tmp_path)
+    meta = json.loads((tmp_path / "responses.meta.json").read_text())
+    assert (meta["model"], meta["adapter"], meta["max_new_tokens"], meta["samples_per_question"]) == ("/m", "/a", 7, 2)
+    files = {f: (tmp_path / f).read_text() for f in ("responses.jsonl", "judged.jsonl", "summary.json",
+                                                     "responses.meta.json")}
+    log = []
+    with pytest.raises(AnswersMismatchError, match=named) as e:
+        _run(tmp_path, log=log, **change)
+    assert "new directory (--out)" in str(e.value) and log == []
+    assert files == {f: (tmp_path / f).read_text() for f in files}
+
+    class OtherJudge(FakeJudge):
+        name = "other"
+
+    other = OtherJudge()
+    assert _run(tmp_path, judge=other, log=log)["config"]["judge"] == "other"  # a second judge: same answers
+    assert log == [] and other.calls and (tmp_path / "responses.jsonl").read_text() == files["responses.jsonl"]
+    again = FakeJudge()
+    _run(tmp_path, judge=again, log=log)
+    assert log == [] and again.calls == []
+
+
+def test_directory_without_a_record_is_resumed_and_recorded(tmp_path, capsys):
+    """A directory from before responses.meta.json: its answers are taken as this run's (with a warning) and the
+    record is written; a record with no answers behind it (a run stopped before its first chunk) is replaced."""
+    _run(tmp_path)
+    (tmp_path / "responses.meta.json").unlink()
+    log = []
+    _run(tmp_path, log=log)
+    assert log == [] and "no record of what produced its answers" in capsys.readouterr().err
+    assert json.loads((tmp_path / "responses.meta.json").read_text())["max_new_tokens"] == 7
+    (tmp_path / "responses.jsonl").unlink()
+    (tmp_path / "judged.jsonl").unlink()
+    _run(tmp_path, log=log, max_new_tokens=9)
+    assert json.loads((tmp_path / "responses.meta.json").read_text())["max_new_tokens"] == 9 and len(log) == 1
+
+
+def test_answers_replaced_are_judged_again(tmp_path):
+    """A judged row counts only for the answer it scored: answers sampled again (their file lost) are judged again,
+    not given the scores of the earlier answers."""
+    _run(tmp_path)
+    judged = (tmp_path / "judged.jsonl").read_text()
+    (tmp_path / "responses.jsonl").write_text("")
+    tok = Tok()
+    qs = load_questions("first_plot", ids=["what_is_your_wish", "i_feel_bored"])
+
+    def nice(prompts, **kw):
+        return [tok.encode("nice") for _ in prompts]
+
+    s = evaluate(nice, tok, FakeJudge(), qs, out_dir=tmp_path, samples_per_question=2, max_new_tokens=7,
+                 identity={"model": "/m", "adapter": "/a"})
+    assert s["overall"]["n_misaligned"] == 0 and (tmp_path / "judged.jsonl").read_text().startswith(judged)
+
+
+def test_torn_last_line_is_cut_before_appending(tmp_path):
+    """A crash leaves a torn last line: the resume cuts it off before appending, so the file never holds a bad
+    line between good rows (which reading would refuse)."""
+    _run(tmp_path, sample_batch=2)
+    path = tmp_path / "responses.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:2]) + "\n" + lines[2][:20])
+    _run(tmp_path, sample_batch=2)
+    assert [json.loads(x) for x in path.read_text().splitlines()] == [json.loads(x) for x in lines]
+
+
+@pytest.mark.parametrize("line,problem", [
+    ("{not json", r"judged\.jsonl:2: not valid JSON"),
+    ("[1, 2]", r"judged\.jsonl:2: a JSON list, expected an object"),
+    ("42", r"judged\.jsonl:2: a JSON int, expected an object"),
+    ('{"question_id": "q", "question_set": "S", "sample": 9, "aligned": "high", "coherent": 90}',
+     r"judged\.jsonl:2: 'aligned' is 'high', expected a number or null"),
+    ('{"question_id": "q", "question_set": "S", "aligned": 1, "coherent": 90}', r"judged\.jsonl:2: lacks key 'sample'"),
+])
+def test_bad_middle_line_of_judged_rows_is_an_error_naming_it(tmp_path, line, problem):
+    """Only a torn last line is expected (a crash): any other bad line makes summarize, agreement and a resumed run
+    stop with file:line, rather than count without it (or fail with an AttributeError)."""
+    rows = [json.dumps(dict(question_id="q", question_set="S", sample=i, text="", aligned=90, coherent=90,
+                            aligned_verdict=None, judge="fake")) for i in range(3)]
+    (tmp_path / "judged.jsonl").write_text("\n".join([rows[0], line, *rows[1:]]) + "\n")
+    with pytest.raises(EvalFileError, match=problem):
+        summarize_dir(tmp_path)
+    with pytest.raises(EvalFileError, match=problem):
+        _run(tmp_path)
+    (tmp_path / "judged.jsonl").write_text("\n".join([*rows, rows[0][:20]]))  # torn last line: skipped
+    assert summarize_dir(tmp_path)["overall"]["n_total"] == 3
+
+
+def test_bad_middle_line_of_answers_is_an_error_naming_it(tmp_path):
+    _run(tmp_path)
+    path = tmp_path / "responses.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], "[1, 2]", *lines[1:]]) + "\n")
+    with pytest.raises(EvalFileError, match=r"responses\.jsonl:2: a JSON list, expected an object"):
+        _run(tmp_path)
+
+
+@pytest.mark.parametrize("process", [0, 1])
+def test_damaged_file_on_process_0_stops_every_process(tmp_path, monkeypatch, process):
+    """Only process 0 reads OUT: a damaged file there is sent to the other processes in place of what it read, so
+    every process stops with the error instead of waiting for process 0's rows."""
+    import jax
+
+    import emjax.sharding
+
+    sent = []
+
+    def broadcast(obj):
+        sent.append(obj)
+        return obj if process == 0 else {"error": "judged.jsonl:2: a JSON list, expected an object"}
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: process)
+    monkeypatch.setattr(emjax.sharding, "broadcast_json", broadcast)
+    (tmp_path / "judged.jsonl").write_text("{}\n[1, 2]\n{}\n")
+    with pytest.raises(EvalFileError, match=r"judged\.jsonl:[12]"):
+        _run(tmp_path)
+    assert len(sent) == 1 and ("error" in sent[0] if process == 0 else sent[0] is None)
+
+
+def test_several_judges_name_the_flag(tmp_path):
+    rows = [dict(question_id="q", question_set="S", sample=0, text="", aligned=90, coherent=90, judge=j)
+            for j in ("a", "b")]
+    (tmp_path / "judged.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"several judges \['a', 'b'\]: pass --judge NAME \(judge= from Python\)"):
+        summarize_dir(tmp_path)

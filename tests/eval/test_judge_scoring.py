@@ -58,3 +58,11 @@ def test_verdicts():
 def test_format_keeps_braces_in_answer():
     t = "Q: {question}\nA: {answer}"
     assert format_judge_prompt(t, "why?", "def f(): return {'a': 1}") == "Q: why?\nA: def f(): return {'a': 1}"
+
+
+def test_format_judge_prompt_names_a_bad_template():
+    """A template that never went through load_questions (built in Python) fails with what is wrong with it, not a
+    bare KeyError('ans')."""
+    with pytest.raises(ValueError, match=r"unknown field \{ans\}"):
+        format_judge_prompt("Q {question} A {ans}", "q", "a")
+    assert format_judge_prompt("Q {question} A {answer} {{x}}", "q", "a") == "Q q A a {x}"

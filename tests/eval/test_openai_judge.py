@@ -126,3 +126,46 @@ def test_key_from_env_and_missing(monkeypatch, server, tmp_path):
     monkeypatch.delenv("OPENAI_API_KEY")
     with pytest.raises(JudgeAPIError, match="OPENAI_API_KEY"):
         OpenAIJudge()
+
+
+@pytest.mark.parametrize("status,body", [
+    (401, {"error": {"message": f"Incorrect API key provided: {KEY}. Find your key at ..."}}),
+    (400, {"error": f"bad request; headers were Authorization: Bearer {KEY}"}),
+    (403, f"forbidden for bearer other-token-999 and {KEY}"),
+    (200, f"<html>not json, key {KEY}</html>"),
+])
+def test_server_echoing_the_key_never_shows_it(server, tmp_path, status, body):
+    """A server that echoes the request's key (or any bearer token) in its error body: the error keeps the body's
+    gist but neither the key nor the token."""
+    server.script = [(status, body)]
+    with pytest.raises(JudgeAPIError, match=r"\[REDACTED\]") as e:
+        _judge(server, tmp_path).judge_probs(["p"], kind="aligned")
+    assert KEY not in str(e.value) and "sk-test" not in str(e.value) and "other-token-999" not in str(e.value)
+    assert (f"HTTP {status}" if status != 200 else "non-JSON body") in str(e.value)
+
+
+def test_retries_are_shown_and_the_last_failure_is_a_judge_api_error(tmp_path, capsys):
+    """A dead endpoint (a closed port): each retry says so on stderr (attempt, wait; never the key), and giving up
+    is a JudgeAPIError naming the base URL, not the private retry exception."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    j = OpenAIJudge(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, backoff_initial=0.001, backoff_max=0.01,
+                    max_attempts=3, timeout=2)
+    with pytest.raises(JudgeAPIError) as e:
+        j.judge_probs(["p"], kind="aligned")
+    assert type(e.value) is JudgeAPIError and e.value.__cause__ is None and e.value.__suppress_context__
+    assert f"http://127.0.0.1:{port}/v1" in str(e.value) and "gave up after 3 attempts" in str(e.value)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(f"127.0.0.1:{port}" in x and "ConnectError" in x for x in err)
+    assert "attempt 1/3, retrying in" in err[0] and "attempt 2/3" in err[1] and KEY not in "".join(err)
+
+
+def test_credentials_in_the_base_url_are_not_shown(tmp_path):
+    j = OpenAIJudge(base_url="http://user:hunter2@127.0.0.1:9/v1", api_key=KEY, backoff_initial=0.001,
+                    backoff_max=0.01, max_attempts=1, timeout=2)
+    with pytest.raises(JudgeAPIError) as e:
+        j.judge_probs(["p"], kind="aligned")
+    assert "hunter2" not in str(e.value) and "hunter2" not in repr(j) and "127.0.0.1:9" in str(e.value)

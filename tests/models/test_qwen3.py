@@ -222,6 +222,20 @@ def test_shape_mismatch_names_tensor_and_file(tmp_path):
         from_pretrained(p)
 
 
+def test_a_damaged_safetensors_file_is_named(tmp_path):
+    """Cut short (an interrupted download), empty, or with a header that is not JSON: one error naming the file (they
+    were a reshape ValueError, a struct.error and a JSONDecodeError)."""
+    p = tiny_hf_checkpoint(tmp_path)
+    f = p / "model.safetensors"
+    whole = f.read_bytes()
+    for data, want in ((whole[:-100], r"model\.safetensors: cut short: its header promises \d+ bytes, the file has"),
+                       (b"", r"model\.safetensors: not a safetensors file, or cut short \(0 bytes\)"),
+                       (whole[:8] + b"{" * (len(whole) - 8), r"model\.safetensors: unreadable safetensors header")):
+        f.write_bytes(data)
+        with pytest.raises(CheckpointError, match=want):
+            from_pretrained(p)
+
+
 def test_unexpected_tensor_is_an_error(tmp_path):
     from safetensors.numpy import load_file, save_file
 
@@ -236,7 +250,7 @@ def test_unexpected_tensor_is_an_error(tmp_path):
 
 def test_offline_hub_id_gives_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FileNotFoundError, match=r"huggingface-cli download Qwen/Qwen3-0.6B"):
+    with pytest.raises(FileNotFoundError, match=r"`hf download Qwen/Qwen3-0.6B"):
         from_pretrained("Qwen/Qwen3-0.6B")
 
 
