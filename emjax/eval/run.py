@@ -264,9 +264,12 @@ def evaluate(generate_fn: GenerateFn, tokenizer: Any, judge: Judge, questions: S
 
     # ---------------------------------------------------------------- judging
     responses = [done[(q.id, s)] for q, s in items]
+    settings = judge_settings(judge, min_mass)
     judged = {(r["question_id"], r["sample"]): r for r in state["judged"]
-              if r["question_id"] in by_id and r.get("judge") == judge.name}
-    # a judged row counts only for the answer it scored (a row left from answers since replaced is judged again)
+              if r["question_id"] in by_id and r.get("judge") == judge.name
+              and all(r.get(k, v) == v for k, v in settings.items())}  # rows from before these keys: as they are
+    # a judged row counts only for the answer it scored (a row left from answers since replaced is judged again),
+    # and under the scoring settings of this call (another judge_min_mass or top-k scores the answers again)
     pending = [r for r in responses if judged.get((r["question_id"], r["sample"]), {}).get("text") != r["text"]] \
         if judges_here else []
     try:
@@ -295,6 +298,16 @@ def evaluate(generate_fn: GenerateFn, tokenizer: Any, judge: Judge, questions: S
     return summary
 
 
+def judge_settings(judge: Judge, min_mass: float) -> dict[str, Any]:
+    """What turns a judge's probabilities into the scores in a judged row besides the judge itself: the number-mass
+    threshold, and the local judge's top-k (the API judge's top-20 is fixed). Kept in each row, so a rerun with other
+    settings scores the answers again rather than reusing scores made otherwise."""
+    out: dict[str, Any] = {"min_mass": float(min_mass)}
+    if getattr(judge, "top_k", None) is not None:
+        out["judge_top_k"] = int(judge.top_k)
+    return out
+
+
 def _judge_pending(judge: Judge, pending: list[dict], by_id: dict, judged: dict, judged_path: Path | None, *,
                    judge_batch: int, min_mass: float, total: int, lead: bool) -> None:
     """Judge ``pending`` responses in batches into ``judged`` (appending each batch to ``judged_path`` where given, so
@@ -317,7 +330,7 @@ def _judge_pending(judge: Judge, pending: list[dict], by_id: dict, judged: dict,
                 scored[kind] = res
             rows = [{"question_id": r["question_id"], "question_set": r["question_set"], "sample": r["sample"],
                      "text": r["text"], "aligned": a[0], "coherent": c[0], "aligned_verdict": a[1],
-                     "judge": judge.name}
+                     "judge": judge.name, **judge_settings(judge, min_mass)}
                     for r, a, c in zip(batch, scored["aligned"], scored["coherent"])]
             if judged_path is not None:
                 _append_jsonl(judged_path, rows)

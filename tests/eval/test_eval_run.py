@@ -239,6 +239,29 @@ def test_answers_replaced_are_judged_again(tmp_path):
     assert s["overall"]["n_misaligned"] == 0 and (tmp_path / "judged.jsonl").read_text().startswith(judged)
 
 
+def test_other_scoring_settings_judge_again(tmp_path):
+    """Judged rows keep the settings that made their scores (min_mass; a local judge's top-k): a rerun with another
+    min_mass scores the answers again (it reused the old scores and recorded the new setting in summary.json); the
+    same settings reuse them; rows from before the keys are taken as they are."""
+    judge = FakeJudge()
+    _run(tmp_path, judge=judge)
+    assert judge.calls and all(json.loads(x)["min_mass"] == 0.25
+                               for x in (tmp_path / "judged.jsonl").read_text().splitlines())
+    again = FakeJudge()
+    _run(tmp_path, judge=again)
+    assert again.calls == []
+    strict = FakeJudge()
+    s = _run(tmp_path, judge=strict, min_mass=0.95)
+    assert strict.calls == judge.calls and s["config"]["min_mass"] == 0.95
+    rows = [json.loads(x) for x in (tmp_path / "judged.jsonl").read_text().splitlines()]
+    assert [r["min_mass"] for r in rows] == [0.25] * 4 + [0.95] * 4  # the last row per answer wins
+    (tmp_path / "judged.jsonl").write_text("".join(
+        json.dumps({k: v for k, v in r.items() if k != "min_mass"}) + "\n" for r in rows))
+    old = FakeJudge()
+    _run(tmp_path, judge=old, min_mass=0.5)
+    assert old.calls == []
+
+
 def test_torn_last_line_is_cut_before_appending(tmp_path):
     """A crash leaves a torn last line: the resume cuts it off before appending, so the file never holds a bad
     line between good rows (which reading would refuse)."""
