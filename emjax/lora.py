@@ -263,7 +263,9 @@ def export_peft(model, out_dir: str | os.PathLike, *, base_model_name_or_path: s
 def read_peft_config(adapter_dir: str | os.PathLike) -> LoraConfig:
     path = Path(adapter_dir) / "adapter_config.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no adapter_config.json (is this a PEFT adapter directory?)")
+        hint = (f"; this is a run's work directory: its adapter is {Path(adapter_dir) / 'adapter'}"
+                if (Path(adapter_dir) / "adapter" / "adapter_config.json").exists() else "")
+        raise FileNotFoundError(f"{path}: no adapter_config.json (is this a PEFT adapter directory?){hint}")
     raw = json.loads(path.read_text())
     if raw.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type {raw.get('peft_type')!r} is not LORA")

@@ -242,8 +242,8 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = (), *, root: str | P
     path = cfglib.find_config(path)
     try:
         raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    except Exception as e:  # YAML syntax errors carry their own line numbers
-        raise SweepError(f"{path}: cannot parse: {e}") from None
+    except Exception as e:  # YAML syntax errors carry their own line numbers: one line
+        raise SweepError(f"{path}: cannot parse: {' '.join(str(e).split())}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("sweep"), dict):
         raise SweepError(f"{path}: no `sweep:` mapping — not a sweep file")
     spec = raw.pop("sweep")
@@ -262,7 +262,12 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = (), *, root: str | P
     set_ = spec.get("set") or {}
     if not isinstance(set_, Mapping):
         raise SweepError(f"{where}.set: expected a mapping of overrides")
-    base_args += [f"{k}={format_value(v)}" for k, v in cfglib.flatten(set_).items()]
+    set_flat = cfglib.flatten(set_)
+    varied = sorted({k for ov, _ in cells for k in ov} & set(set_flat))
+    if varied:  # `set` is for every run: a run's own value would silently win
+        raise SweepError(f"{where}: key {varied[0]!r} is in `set` (every run) and varies in the points or grid; "
+                         "keep it in one place")
+    base_args += [f"{k}={format_value(v)}" for k, v in set_flat.items()]
     for ov in overrides:
         if "=" not in ov:
             raise SweepError(f"command-line override {ov!r}: expected key=value")
@@ -531,7 +536,8 @@ def _list_runs(runs: Sequence[Run], pack: int) -> None:
         print(f"{r.status:8s} {where}{r.workdir}{note}")
     summary = f"{len(runs)} runs: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
     if pack > 1 and pack_of:
-        summary += f"; the unfinished ones in {len(set(pack_of.values()))} packs"
+        n_packs = len(set(pack_of.values()))
+        summary += f"; the unfinished ones in {n_packs} pack{'s' if n_packs != 1 else ''}"
     print(summary, file=sys.stderr)
 
 

@@ -43,6 +43,13 @@ def test_bad_input_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
     assert "emjax train: ConfigError: " in capsys.readouterr().err
     assert cli.main(["train", "tiny", "--run", "optim.name='adam"]) == 2  # a run's quoting: it named no run
     assert "emjax train: ConfigError: --run \"optim.name='adam\": No closing quotation" in capsys.readouterr().err
+    # of the two models, the judge's is the one missing: the message says so
+    from emjax.testing import tiny_hf_checkpoint
+
+    base = tiny_hf_checkpoint(tmp_path / "base", vocab_size=151_936, hidden_size=32, intermediate_size=64)
+    assert cli.main(["eval", "run", "--model", str(base), "--out", str(tmp_path / "o"), "--judge", "local",
+                     "--judge-model", str(tmp_path / "nope"), "--limit", "1", "--sets", "first_plot"]) == 2
+    assert f"--judge-model {tmp_path / 'nope'}: not a checkpoint directory" in capsys.readouterr().err
     monkeypatch.setenv("EMJAX_DEBUG", "1")
     with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
         cli.main(argv)

@@ -89,6 +89,9 @@ def test_peft_saved_adapter_loads(tmp_path):
         ref = pm.eval()(torch.tensor(tokens)).logits.numpy()
     cfg = lora.read_peft_config(tmp_path / "adapter")
     assert cfg.scale == 4.0
+    # a run's work directory given where its adapter is meant: the error says where the adapter is
+    with pytest.raises(FileNotFoundError, match=r"run's work directory: its adapter is .*adapter$"):
+        lora.read_peft_config(tmp_path)
     model = from_pretrained(tmp_path / "base", dtype=jnp.float32, lora=cfg)
     lora.load_peft(model, tmp_path / "adapter")
     assert np.abs(np.asarray(model(jnp.asarray(tokens))) - ref).max() < TOL

@@ -239,7 +239,10 @@ def _run(args: argparse.Namespace) -> int:
         judge = OpenAIJudge(args.judge_model, base_url=args.judge_base_url, max_concurrency=args.judge_concurrency,
                             cache_dir=args.judge_cache or cache_dir() / "judge")
     else:
-        judge_model = from_pretrained(args.judge_model, dtype=dtype, mesh=mesh)
+        try:
+            judge_model = from_pretrained(args.judge_model, dtype=dtype, mesh=mesh)
+        except FileNotFoundError as e:  # say which of the two models it is
+            raise FileNotFoundError(f"--judge-model {e}") from None
         judge_tok = load_tokenizer(args.judge_model if Path(args.judge_model).exists() else None)
         check_fits(judge_tok, judge_model.config.vocab_size, f"--judge-model {args.judge_model}")
         logits_at, state = model_judge_fn(judge_model)

@@ -121,8 +121,13 @@ def _find(rel: str, em_dir: str | os.PathLike | None) -> Path:
 def _parse_file(path: Path, rel: str, set_name: str) -> list[Question]:
     try:
         items = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise QuestionFileError(f"{path}: invalid YAML: {e}") from None
+    except yaml.YAMLError as e:  # one line, naming the line and column
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise QuestionFileError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    except UnicodeDecodeError as e:
+        raise QuestionFileError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})"
+                                ) from None
     if not isinstance(items, list):
         raise QuestionFileError(f"{path}: expected a list of questions at top level, got {type(items).__name__}")
     out = []

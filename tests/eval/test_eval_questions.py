@@ -62,7 +62,11 @@ def test_malformed_yaml_names_file_and_key(tmp_path):
     with pytest.raises(QuestionFileError, match=r"question '.*'.*'paraphrases'"):
         load_questions("preregistered", root)
     (root / rel).write_text("- id: [unclosed")
-    with pytest.raises(QuestionFileError, match="preregistered_evals.yaml: invalid YAML"):
+    with pytest.raises(QuestionFileError, match=r"preregistered_evals.yaml: invalid YAML at line 1, column 16: ") as e:
+        load_questions("preregistered", root)
+    assert "\n" not in str(e.value)  # one line (it carried the YAML snippet and a caret)
+    (root / rel).write_bytes("- id: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(QuestionFileError, match=r"preregistered_evals.yaml: not UTF-8 text \(byte 0xe9"):
         load_questions("preregistered", root)
     items[5]["paraphrases"] = ["a"]
     (root / rel).write_text(yaml.safe_dump(items[:-1]))

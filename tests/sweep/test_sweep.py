@@ -138,6 +138,13 @@ def test_bad_config_key_names_file_and_key(tmp_path):
         sw.load_sweep(p)
     with pytest.raises(sw.SweepError, match="not a sweep file"):
         sw.load_sweep(write(tmp_path, "steps: 3\n", "plain.yaml"))
+    with pytest.raises(sw.SweepError, match=r"bad\.yaml: cannot parse: .*line 3, column 1") as e:
+        sw.load_sweep(write(tmp_path, "sweep:\n  grid: [\n", "bad.yaml"))
+    assert "\n" not in str(e.value)  # one line, as config files' errors
+    # a key in `set` (every run) that also varies: the run's value silently won
+    p = write(tmp_path, "sweep:\n  base: tiny\n  set: {optim.name: adam}\n  grid: {optim.name: [adam, muon]}\n")
+    with pytest.raises(sw.SweepError, match=r"s\.yaml: sweep: key 'optim.name' is in `set` \(every run\) and varies"):
+        sw.load_sweep(p)
 
 
 def test_run_skip_resume_and_failures(tmp_path):
