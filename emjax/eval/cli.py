@@ -278,7 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as e:
             print(f"emjax eval fetch-questions: {e}", file=sys.stderr)
             return 1
-        print(f"question files in {root}" + ("" if args.dest else " (searched automatically)"))
+        from emjax import paths
+
+        print(f"question files in {root}" if args.dest else
+              f"question files at their pinned versions in {paths.em_dir()} or {root} (both searched automatically)")
         return 0
     if args.command == "summarize":
         from emjax.eval.run import summarize_dir

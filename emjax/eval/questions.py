@@ -83,13 +83,16 @@ def fetch_questions(dest: str | os.PathLike | None = None, *, timeout: float = 3
     """Download the question YAMLs from their pinned upstream commits into ``dest`` (default ``cache_dir()/em``).
 
     Returns the em root to pass as ``load_questions(em_dir=...)`` (the default cache is searched automatically).
+    Without ``dest``, a file the data root already holds at its pinned version is not downloaded again (both are
+    searched), so it works offline where the data root is complete.
     """
     import httpx
 
     root = Path(dest).expanduser() if dest is not None else cache_dir() / "em"
     for rel, (url, blob) in QUESTION_FILES.items():
         target = root / rel
-        if target.exists() and not force and git_blob_id(target.read_bytes()) == blob:
+        have = [target] + ([paths.em_dir() / rel] if dest is None else [])
+        if not force and any(p.exists() and git_blob_id(p.read_bytes()) == blob for p in have):
             continue
         try:
             resp = httpx.get(url, timeout=timeout, follow_redirects=True)

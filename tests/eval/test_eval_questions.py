@@ -119,6 +119,9 @@ def test_fetch_offline_gives_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(httpx, "get", offline)
     with pytest.raises(RuntimeError, match="are you offline"):
         fetch_questions(tmp_path)
+    # without --dest, files the data root already holds at their pinned versions need no network (it tried anyway)
+    monkeypatch.setenv("EMJAX_CACHE_DIR", str(tmp_path / "cache"))
+    assert fetch_questions() == tmp_path / "cache" / "em" and not (tmp_path / "cache" / "em").exists()
 
 
 def test_fetch_checks_blob_and_skips_good_files(tmp_path, monkeypatch):
