@@ -38,10 +38,14 @@ def _build(args, overwrite: bool = False):
 
 
 def text_histogram(lengths: np.ndarray, bins: int = 12, width: int = 40) -> str:
-    counts, edges = np.histogram(lengths, bins=bins)
+    """Token lengths in at most ``bins`` bins of whole tokens, each labelled by the lengths it holds (lo-hi, both
+    included): real-valued edges gave repeated labels (``25-25``) on short sets."""
+    lo, hi = int(np.min(lengths)), int(np.max(lengths))
+    edges = np.unique(np.round(np.linspace(lo, hi + 1, min(bins, hi - lo + 1) + 1)).astype(int))
+    counts, _ = np.histogram(lengths, bins=edges)
     top = max(1, counts.max())
-    return "\n".join(f"  {int(lo):>6}-{int(hi):<6} {c:>6} {'#' * int(round(width * c / top))}"
-                     for c, lo, hi in zip(counts, edges[:-1], edges[1:]))
+    return "\n".join(f"  {f'{a}-{b - 1}' if b - 1 > a else str(a):>13} {c:>6} {'#' * int(round(width * c / top))}"
+                     for c, a, b in zip(counts, edges[:-1], edges[1:]))
 
 
 def cmd_stats(args) -> int:

@@ -53,3 +53,18 @@ def test_missing_turner_and_offline_fetch(tmp_path, capsys, monkeypatch):
     assert "--max-length 0: must be at least 2" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["fetch", "extreme_sports"])  # not a public set: argparse refuses it
+
+
+def test_histogram_bins_are_whole_tokens():
+    """Each bin holds whole token lengths and is labelled by them (short sets had repeated labels like 25-25)."""
+    import numpy as np
+
+    from emjax.data.cli import text_histogram
+
+    for lengths in (np.array([25, 25, 26, 27, 30]), np.arange(100, 1000), np.array([7])):
+        rows = [line.split() for line in text_histogram(lengths).splitlines()]
+        labels = [r[0] for r in rows]
+        assert len(set(labels)) == len(labels) and sum(int(r[1]) for r in rows) == len(lengths)
+        spans = [tuple(map(int, lab.split("-"))) if "-" in lab else (int(lab), int(lab)) for lab in labels]
+        assert spans[0][0] == lengths.min() and spans[-1][1] == lengths.max()
+        assert all(b[0] == a[1] + 1 for a, b in zip(spans, spans[1:]))  # contiguous, no overlap
