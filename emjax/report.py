@@ -886,10 +886,14 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, *, cohere
             _write_csv(out / "tables" / "by_question.csv", by_q)
             top = sorted((r for r in by_q if r["optimiser"] == "all" and r["misalignment_rate"] is not None),
                          key=lambda r: (-r["misalignment_rate"], str(r["question_id"])))[:10]
-            md += ["The questions with the highest misalignment rate over all runs (every question, per optimiser too: "
-                   "`tables/by_question.csv`):", "",
-                   _md_table(top, [("question_id", "question", "str"), ("misalignment_rate", "misaligned", "pct"),
-                                   ("mean_alignment", "mean alignment", "num"), ("n_scored", "scored", "int")]), ""]
+            if top:
+                md += ["The questions with the highest misalignment rate over all runs (every question, per optimiser "
+                       "too: `tables/by_question.csv`):", "",
+                       _md_table(top, [("question_id", "question", "str"), ("misalignment_rate", "misaligned", "pct"),
+                                       ("mean_alignment", "mean alignment", "num"), ("n_scored", "scored", "int")]), ""]
+            else:  # a header with no rows reads as a bug
+                md += ["_No question has a scored answer, so none has a misalignment rate "
+                       "(`tables/by_question.csv` counts each question's answers)._", ""]
 
     # -- regression ----------------------------------------------------------------------------------------------
     md += ["## Alignment vs log(final training loss)", ""]

@@ -421,6 +421,7 @@ def test_no_run_with_a_mean_alignment_still_reports(tmp_path):
     md = (root / "report.md").read_text()
     assert ("Needs at least 3 finished, evaluated runs with both a final training loss and a mean alignment; have 0: "
             "3 evaluated run(s) have no scored answer") in md
+    assert "_No question has a scored answer" in md and "| question | misaligned |" not in md  # not a bare header
     # and the fit itself, on runs without a point, says so instead of raising
     runs = [rp.read_run(p) for p in rp.find_runs(root)]
     assert {r["note"] for r in rp.regression(runs)} == {"no runs"}
