@@ -110,6 +110,10 @@ class TrainConfig:
     coordinator_address: Optional[str] = None  # multi-host GPU: host:port (TPU pods need nothing)
     num_processes: Optional[int] = None
     process_id: Optional[int] = None
+    # Python modules (``my_pkg.optims``) or files (``my_optims.py``) imported before the run is built: they register
+    # the optimisers (emjax.optim.register) and penalty kinds (emjax.spectral.register_penalty) that optim.name and
+    # spectral.kind then name, from the command line, sweeps and launchers alike
+    plugins: List[str] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSection = field(default_factory=LoraSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -183,6 +187,37 @@ def _sections_set_to_values(schema, given) -> list[str]:
         if isinstance(node, DictConfig) and not isinstance(v, (dict, DictConfig)) and not str(v).startswith("{"):
             out.append(str(k).strip())
     return out
+
+
+def import_plugins(names: Sequence[str]) -> None:
+    """Import a run's ``plugins`` (module names, or paths of ``.py`` files), each once per process; one that cannot
+    be found is a ConfigError naming it (an error inside a plugin is the plugin's, and keeps its traceback)."""
+    import importlib
+    import importlib.util
+    import sys
+
+    for name in names:
+        name = str(name)
+        try:
+            if not name.endswith(".py"):
+                importlib.import_module(name)
+                continue
+            path = Path(name).expanduser().resolve()
+            key = f"emjax_plugin:{path}"
+            if key in sys.modules:
+                continue
+            if not path.is_file():
+                raise FileNotFoundError(f"no such file {path}")
+            spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[key] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[key]
+                raise
+        except (ImportError, FileNotFoundError) as e:
+            raise ConfigError(f"plugins: {name}: {type(e).__name__}: {e}") from None
 
 
 def to_yaml(cfg) -> str:

@@ -5,7 +5,8 @@ The gradient half of the train step (``emjax.train.make_grad_fn``) is vmapped ov
 frozen weights unbatched, so each base projection becomes one matmul over every adapter's tokens; each adapter then
 takes its own optimiser's update (any Optax ``GradientTransformation``; they need not share a state structure)::
 
-    txs = [build(OptimConfig(name=n, learning_rate=lr)) for n, lr in (("adam", 1e-4), ("lion", 2e-5), ("muon", 2e-3))]
+    txs = [build(OptimConfig(name=n, learning_rate=lr, total_steps=1000))
+           for n, lr in (("adam", 1e-4), ("lion", 2e-5), ("muon", 2e-3))]
     trainables = multi.stack([trainable_0, trainable_1, trainable_2])      # (N, ...) LoRA factors
     opt_states = multi.init(txs, trainables)
     step = jax.jit(multi.make_multi_train_step(graphdef, txs, spectral_weights=[0.0, 0.0, 0.1],

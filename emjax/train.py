@@ -480,6 +480,8 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
     cfgs = list(cfgs)
     if not cfgs:
         raise ValueError("train_many: no runs")
+    for c in cfgs:  # before anything names what they register
+        cfglib.import_plugins(c.plugins)
     cfglib.check_packable(cfgs)
     cfg, n = cfgs[0], len(cfgs)
     if cfg.remat not in qwen3.REMAT:

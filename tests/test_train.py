@@ -734,6 +734,26 @@ def test_bad_memory_and_mesh_options_are_config_errors(tmp_path):
         train(_cfg(tmp_path, "steps=1", "mesh.devices=9"))
 
 
+def test_plugins_register_an_optimiser_for_the_config(tmp_path):
+    """``plugins=[file.py]`` (or a module name) is imported before the run is built, so an optimiser it registers is
+    named by optim.name from a config or the command line (the CLI had no way to import it); a plugin that is not
+    there is one error naming it."""
+    plugin = tmp_path / "my_optims.py"
+    plugin.write_text("import optax\nimport emjax.optim\nCALLS = []\n\n"
+                      "@emjax.optim.register('signsgd_plugin_test')\n"
+                      "def signsgd(cfg, learning_rate):\n"
+                      "    CALLS.append(cfg.name)\n"
+                      "    return optax.chain(optax.scale_by_sign(), optax.scale_by_learning_rate(learning_rate))\n")
+    r = train(_cfg(tmp_path, f"plugins=[{plugin}]", "optim.name=signsgd_plugin_test", "steps=2", "export_peft=false",
+                   "val_batches=1"))
+    assert r.status == "done" and "signsgd_plugin_test" in sys.modules[f"emjax_plugin:{plugin}"].CALLS
+    assert "signsgd_plugin_test" in (r.workdir / "config.yaml").read_text()
+    with pytest.raises(cfglib.ConfigError, match=r"plugins: .*nowhere.py: FileNotFoundError"):
+        train(_cfg(tmp_path, f"plugins=[{tmp_path / 'nowhere.py'}]", f"workdir={tmp_path / 'b'}"))
+    with pytest.raises(cfglib.ConfigError, match=r"plugins: no_such_module_here: ModuleNotFoundError"):
+        train(_cfg(tmp_path, "plugins=[no_such_module_here]", f"workdir={tmp_path / 'c'}"))
+
+
 def test_bad_values_name_their_key(tmp_path):
     """Each error names the key as the config spells it (they said ``batch_size must be positive.``, ``no training
     steps: 5400 examples``, ``LoraConfig.rank``, a numpy TypeError, or nothing about a list)."""
