@@ -365,10 +365,12 @@ class _RunFiles:
             max_to_keep=cfg.keep_ckpts, create=True, enable_async_checkpointing=False))
         self.metrics_f = self.tb = None
         self.last_loss: float | None = None
+        self.saved: set[int] = set()  # steps this process has saved
+        self.resume_step: int | None = None  # the checkpoint step the run resumes from (None: a fresh start)
         self.error: str | None = None  # a pack's run stopped for a non-finite loss
         self.hooks: list = []
 
-    def open_logs(self):
+    def open_logs(self, start: int):
         from omegaconf import OmegaConf
 
         if not self.lead:
@@ -377,6 +379,7 @@ class _RunFiles:
         ident = _dataset_identity(self.cfg)
         if ident:
             (self.workdir / "dataset.json").write_text(json.dumps(ident, indent=1))
+        self._drop_rows_after(start)
         self.metrics_f = open(self.workdir / "metrics.jsonl", "a")
         try:
             self.tb = _tensorboard_writer(self.workdir / "tb")
@@ -397,7 +400,7 @@ class _RunFiles:
         import orbax.checkpoint as ocp
 
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, {"trainable": trainable, "opt": opt_state})
-        step = self.mngr.latest_step()
+        step = self.resume_step
         restored = self.mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         meta = restored["meta"]
@@ -406,6 +409,24 @@ class _RunFiles:
         # the last logged one
         self.last_loss = meta["loss"] if "loss" in meta else self._logged_loss(step)
         return restored["state"]["trainable"], restored["state"]["opt"], meta["data"]
+
+    def _drop_rows_after(self, start: int) -> None:
+        """Metrics rows past the step a run resumes from (all of them on a fresh start) were logged by an attempt
+        whose later work is lost: the run logs those steps again, so they go (else they would be counted twice)."""
+        path = self.workdir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a torn line
+            if start and isinstance(row, dict) and row.get("step", 0) <= start:
+                keep.append(line + "\n")
+        tmp = path.with_name(path.name + ".part")
+        tmp.write_text("".join(keep))
+        tmp.replace(path)
 
     def _logged_loss(self, step: int) -> float | None:
         path, loss = self.workdir / "metrics.jsonl", None
@@ -422,8 +443,11 @@ class _RunFiles:
     def save(self, step, trainable, opt_state, data_state):
         import orbax.checkpoint as ocp
 
-        if self.mngr.latest_step() == step:  # saved already (a SIGTERM on a checkpoint step)
+        if step in self.saved:  # saved already (a SIGTERM on a checkpoint step)
             return
+        if step in self.mngr.all_steps():  # from before a resume at an earlier step (a pack's runs saved unevenly)
+            self.mngr.delete(step)
+        self.saved.add(step)
         self.mngr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave({"trainable": trainable, "opt": opt_state}),
             meta=ocp.args.JsonSave({"step": step, "data": data_state, "loss": self.last_loss})), force=True)
@@ -498,10 +522,22 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
     runs = [_RunFiles(c, lead) for c in cfgs]
     latest = [r.mngr.latest_step() for r in runs]
     if len(set(latest)) > 1:
-        for r in runs:
-            r.close()
-        raise TrainError("the runs of a pack must resume from one step: " + ", ".join(
-            f"{r.workdir} at {s or 0}" for r, s in zip(runs, latest)) + ". Train them apart, or each to that step.")
+        # a kill during a pack's save leaves some runs a checkpoint ahead: resume every run from the newest step
+        # they all have (the steps past it are trained and saved again)
+        common = set.intersection(*(set(r.mngr.all_steps()) for r in runs))
+        if not common:
+            for r in runs:
+                r.close()
+            raise TrainError("the runs of a pack must resume from one step, and these have no checkpoint step in "
+                             "common: " + ", ".join(f"{r.workdir} at {s or 0}" for r, s in zip(runs, latest)) +
+                             ". Train them apart, or each to one step.")
+        if lead:
+            saved = ", ".join(f"{r.workdir.name} {s}" for r, s in zip(runs, latest))
+            print(f"emjax: the pack's runs are saved to different steps ({saved}): resuming them all from step "
+                  f"{max(common)}, the newest each has", file=sys.stderr)
+        latest = [max(common)] * n
+    for r, s in zip(runs, latest):
+        r.resume_step = s
     done = [r.finished() for r in runs]
     if all(done):  # a rerun of finished runs (their config checked above): nothing to train, validate or export
         for r in runs:
@@ -598,7 +634,7 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
         if lead:
             print(f"emjax: resumed {', '.join(str(r.workdir) for r in runs)} at step {start}", file=sys.stderr)
     for r in runs:
-        r.open_logs()
+        r.open_logs(start)
 
     # one run: its own trees; a pack: the adapters stacked on a leading axis, one optimiser state each
     if n == 1:

@@ -531,7 +531,8 @@ def test_a_local_copy_of_a_study_set_edited_under_a_run(tmp_path):
 def test_pack_equals_each_run_alone_and_resumes_either_way(tmp_path, monkeypatch):
     """Two runs (Adam; Muon with λ 0.5) trained as one pack give each run's own files and metrics, and the Muon run
     equals Muon trained alone (the step-level check of every optimiser and λ is tests/test_multi.py); a pack's run
-    resumes alone from the pack's checkpoint (one checkpoint format); a pack cannot mix resume steps."""
+    resumes alone from the pack's checkpoint (one checkpoint format); runs saved to different steps resume from the
+    newest step they share."""
     from emjax.train import train_many
 
     evals = ["eval.final=true", "eval.question_sets=[first_plot]", "eval.limit=2", "eval.samples_per_question=2",
@@ -584,8 +585,22 @@ def test_pack_equals_each_run_alone_and_resumes_either_way(tmp_path, monkeypatch
     for k, v in final.items():
         np.testing.assert_allclose(_adapter(p.workdir)[k], v, rtol=0, atol=1e-6)
 
+    # as if killed during the pack's save of step 4, after pack1's and before pack0's (the rerun was refused): both
+    # resume from step 2, the newest step each has, and end as they ended; the metrics rows of step 4 the attempt
+    # logged are dropped, so each step has one row
     shutil.rmtree(packed[0].workdir / "checkpoints" / "4")
-    with pytest.raises(TrainError, match=r"must resume from one step: .*pack0 at 2, .*pack1 at 4"):
+    for q in packed:
+        (q.workdir / "DONE").unlink(missing_ok=True)
+    before = [_adapter(q.workdir) for q in packed]
+    again = train_many(cfgs("pack"))
+    for q, b in zip(again, before):
+        assert q.status == "done" and q.step == 4 and [r["step"] for r in _rows(q.workdir)] == [2, 4]
+        for k, v in b.items():
+            np.testing.assert_allclose(_adapter(q.workdir)[k], v, rtol=0, atol=1e-6)
+    # no step in common: refused, naming each run's step
+    shutil.rmtree(packed[0].workdir / "checkpoints" / "2")
+    shutil.rmtree(packed[1].workdir / "checkpoints" / "4")
+    with pytest.raises(TrainError, match=r"no checkpoint step in common: .*pack0 at 4, .*pack1 at 2"):
         train_many(cfgs("pack"))
 
 
@@ -865,6 +880,13 @@ def test_a_finished_run_rerun_and_a_run_killed_after_its_last_checkpoint(tmp_pat
         res = train(_cfg(tmp_path, *args))
         assert res.status == "done" and res.final_loss == first.final_loss is not None, meta_loss
         assert json.loads((run / "final.json").read_text())["train_loss"] == first.final_loss
+    # killed after step 3 was logged (checkpoint 2): the rows past step 2 go, and steps 3-4 are logged once more,
+    # so each step has one row (they were there twice, and the report counted them twice)
+    for name in ("DONE", "final.json"):
+        (run / name).unlink()
+    shutil.rmtree(run / "checkpoints" / "4")
+    train(_cfg(tmp_path, *args))
+    assert [r["step"] for r in _rows(run)] == [1, 2, 3, 4]
 
 
 def test_nan_loss_stops_naming_the_step(tmp_path):
