@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         return user_error(f"emjax {name}", e)
 
 
+PREEMPTED = 3  # exit status of `emjax train` and `emjax sweep` when a run stopped for SIGTERM: rerun to resume
+
+
 class UserError(Exception):
     """A failure the user can act on that is not a ValueError or OSError (e.g. the judge endpoint refused the key);
     this module is light, so raising modules can subclass it without importing emjax's heavy parts."""

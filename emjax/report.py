@@ -52,6 +52,13 @@ SPECTRAL_METRICS = ("fn_ratio", "stable_rank", "spectral_entropy", "condition_nu
 COUNT_KEYS = ("n_total", "n_scored", "n_misaligned", "n_low_coherence", "n_refusal", "n_code", "n_unscored")
 FACTORS = (("optimiser", "Optimiser"), ("model", "Model"), ("dataset", "Dataset"), ("batch_size", "Batch size"))
 _SKIP_DIRS = {"checkpoints", "eval", "adapter", "tb", "tables", "figures"}
+# every file a report writes under OUT/tables and OUT/figures: a report removes these first, so that a rerun into
+# the same OUT leaves none of the previous run's sections it did not write again (and nothing else is touched)
+TABLES = (*(f"by_{f}.csv" for f, _ in FACTORS), "by_question_set.csv", "by_question.csv", "regression.csv",
+          "trajectories.csv", "phases.csv", "spectral.csv", "spectral_by_projection.csv", "spectra.csv",
+          "regulariser.csv", "regulariser_pairs.csv", "runs.csv")
+FIGURES = ("misalignment_by_factor.png", "alignment_vs_loss.png", "trajectories.png", "phases.png", "dynamics.png",
+           "spectral.png", "spectra.png", "regulariser.png")
 
 
 class ReportError(ValueError):
@@ -232,6 +239,17 @@ def _last_eval(path: Path, notes: list[str], final_step: int | None, rules: dict
     return None, None, None
 
 
+def _last_per_step(rows: list[dict]) -> list[dict]:
+    """One row per (split, step), the last logged: a resumed run logs again what it had logged after its checkpoint
+    (an evaluation at a step that was evaluated before the kill, ``val``/``spectral`` rows at the last step after a
+    resume there, training losses past the checkpoint), and the later row is the one the run went on from. Each run
+    directory has its own metrics.jsonl (a pack's runs too), so no other key is needed."""
+    last: dict[tuple, int] = {}
+    for i, r in enumerate(rows):
+        last[(r.get("split"), r.get("step"))] = i
+    return [rows[i] for i in sorted(last.values())]
+
+
 def read_run(path: Path, rules: dict | None = None, judge: str | None = None) -> RunData:
     """Everything the report uses from one run directory; never raises for missing or partial files. ``rules``:
     ``summarize``'s thresholds, when not the study's (the trajectory then re-scores each evaluation's answers);
@@ -249,7 +267,7 @@ def read_run(path: Path, rules: dict | None = None, judge: str | None = None) ->
         except Exception as e:  # a damaged file is reported, not fatal
             run.notes.append(f"{path / 'config.yaml'}: unreadable ({e})")
     metrics = _read_jsonl(path / "metrics.jsonl", run.notes) if (path / "metrics.jsonl").exists() else []
-    metrics = [r for r in metrics if _number(r.get("step")) is not None]  # (every row the trainer logs has one)
+    metrics = _last_per_step([r for r in metrics if _number(r.get("step")) is not None])  # (the trainer's all have one)
     train_rows = sorted((r for r in metrics if r.get("split") == "train" and "loss" in r), key=lambda r: r["step"])
     final_step = None
     fin = _read_json(path / "final.json", run.notes) if (path / "final.json").exists() else None
@@ -811,8 +829,10 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, *, cohere
         raise ReportError(f"--judge {judge}: no run under {sweep_dir} has answers judged by it (judges there: "
                           f"{', '.join(found) or 'none, no run has judged answers'})")
     out = Path(out) if out is not None else sweep_dir
-    (out / "tables").mkdir(parents=True, exist_ok=True)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
+    for sub, names in (("tables", TABLES), ("figures", FIGURES)):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+        for n in names:  # a previous report's, which this one may not write again
+            (out / sub / n).unlink(missing_ok=True)
 
     done = [r for r in runs if r.status == "done" and r.config is not None]
     evaluated = [r for r in done if r.eval_summary is not None]
@@ -1038,7 +1058,12 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, *, cohere
     notes = [n for r in runs for n in r.notes]
     if notes:
         md += ["## Notes", "", *(f"- {n}" for n in notes), ""]
-    (out / "report.md").write_text("\n".join(md))
+    tmp = out / f".report.md.{os.getpid()}.tmp"  # a reader (or a crash) never sees half a report
+    try:
+        tmp.write_text("\n".join(md))
+        os.replace(tmp, out / "report.md")
+    finally:
+        tmp.unlink(missing_ok=True)
     return out / "report.md"
 
 

@@ -32,6 +32,8 @@ is a few packs.
 Re-running a sweep skips runs with a ``DONE`` marker and resumes partial ones from their checkpoints (the trainer
 does that). A failing run leaves ``FAILED`` (the error) in its directory and the sweep goes on; the exit status is
 0 if every selected run finished, 1 if any failed, 2 for a bad sweep file or arguments, 3 if a run was preempted.
+SIGTERM (or SIGINT) to the sweep is passed on to the running runs, which save a checkpoint and stop; no new run
+starts, the sweep waits for them and exits with 3 (rerun it to resume).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -54,7 +57,7 @@ from typing import Any, Callable, Mapping, Sequence
 from omegaconf import OmegaConf
 
 from emjax import config as cfglib
-from emjax.cli import user_error
+from emjax.cli import PREEMPTED, user_error
 
 MAX_NAME = 150
 SWEEP_KEYS = ("base", "root", "set", "grid", "points")
@@ -405,74 +408,140 @@ def _run_inprocess(pack: Sequence[Run], train_fn: Callable, pack_fn: Callable | 
 
 
 def _pump(src, logs, echo) -> None:
-    """Copy a child's output to its runs' train.log and, for a single job, to our stderr (live progress bars)."""
+    """Copy a child's output to its runs' train.log and, for a single job, to our stderr (live progress bars). Reads
+    to the end whatever happens to the copies (a closed stderr, a full disk): a reader that stopped would leave the
+    child blocked on, or killed by, a full or broken pipe before it saves its checkpoint."""
     for chunk in iter(lambda: src.read1(4096), b""):
         for log in logs:
-            log.write(chunk)
-            log.flush()
+            try:
+                log.write(chunk)
+                log.flush()
+            except (OSError, ValueError):
+                pass
         if echo:
-            sys.stderr.buffer.write(chunk)
-            sys.stderr.buffer.flush()
+            try:
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.buffer.flush()
+            except (OSError, ValueError, AttributeError):  # our stderr went away: keep draining the child
+                echo = False
+
+
+class _Stop:
+    """While children run: SIGTERM (a scheduler's preemption, ``kill -TERM -PGID``) or SIGINT (Ctrl-C) to the sweep
+    is passed on to each running child as SIGTERM (``emjax train`` then saves a checkpoint and exits, and a second
+    SIGTERM, e.g. when the whole group was signalled, only sets its flag again); no new run starts, and the sweep
+    keeps reading the children's output until they exit, instead of dying and breaking their pipes. The previous
+    handlers come back on exit. Outside the main thread (no signal handlers there) it does nothing."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.stopped = False
+        self.procs: list[subprocess.Popen] = []
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum, frame):
+        self.stopped = True
+        for proc in list(self.procs):
+            if proc.poll() is None:
+                try:
+                    proc.send_signal(signal.SIGTERM)
+                except OSError:
+                    pass
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    def popen(self, *args, **kwargs) -> subprocess.Popen:
+        """``subprocess.Popen`` with SIGINT ignored in the child: a Ctrl-C reaches the child as our SIGTERM (a
+        checkpoint), not as a KeyboardInterrupt that kills it unsaved."""
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN) if self._old else None
+        try:
+            proc = subprocess.Popen(*args, **kwargs)
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGINT, old)
+        self.procs.append(proc)
+        if self.stopped:  # a signal came while it started
+            self._handler(signal.SIGTERM, None)
+        return proc
 
 
 def _run_subprocesses(packs: list[list[Run]], jobs: int, program: Sequence[str], bar,
                       env: dict[str, str] | None = None) -> dict[str, str]:
     """Up to ``jobs`` runs or packs at once as ``emjax train`` subprocesses (each gets a fresh process: no state,
     memory or compiled programs leak between them); output to each run's ``<workdir>/train.log``, echoed live when
-    ``jobs == 1``."""
+    ``jobs == 1``. On SIGTERM or SIGINT (``_Stop``) the running children are told to save and stop and no run starts
+    any more; a run that SIGTERM kept from starting, or killed before the trainer could handle it, is preempted."""
     import threading
 
     results: dict[str, str] = {}
     pending = list(packs)
     active: list[tuple[list[Run], subprocess.Popen, list]] = []
-    while pending or active:
-        while pending and len(active) < jobs:
-            pack = []
-            for run in pending.pop(0):
-                try:
-                    check_supported(run.cfg)
-                except UnsupportedModel as e:
-                    _mark_failed(run, str(e))
-                    results[run.name] = "failed"
-                    bar.update(1)
+    with _Stop() as stop:
+        while (pending and not stop.stopped) or active:
+            while pending and len(active) < jobs and not stop.stopped:
+                pack = []
+                for run in pending.pop(0):
+                    try:
+                        check_supported(run.cfg)
+                    except UnsupportedModel as e:
+                        _mark_failed(run, str(e))
+                        results[run.name] = "failed"
+                        bar.update(1)
+                        continue
+                    pack.append(run)
+                if not pack:
                     continue
-                pack.append(run)
-            if not pack:
-                continue
-            logs = []
+                logs = []
+                for run in pack:
+                    run.workdir.mkdir(parents=True, exist_ok=True)
+                    logs.append(open(run.workdir / "train.log", "ab"))
+                proc = stop.popen(pack_command(pack, program), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  env=env)
+                pump = threading.Thread(target=_pump, args=(proc.stdout, logs, jobs == 1), daemon=True)
+                pump.start()
+                proc.pump = pump
+                active.append((pack, proc, logs))
+            still = []
+            for pack, proc, logs in active:
+                rc = proc.poll()
+                if rc is None:
+                    still.append((pack, proc, logs))
+                    continue
+                proc.pump.join()
+                for log in logs:
+                    log.close()
+                for run in pack:
+                    if (run.workdir / "DONE").exists():
+                        results[run.name] = "done"
+                    elif (run.workdir / "FAILED").exists():  # the trainer stopped this run of a pack; the rest went on
+                        results[run.name] = "failed"
+                    elif rc in (0, PREEMPTED) or rc == -signal.SIGTERM or (stop.stopped and rc == -signal.SIGINT):
+                        results[run.name] = "preempted"  # (killed by SIGTERM: before the trainer's handler was set)
+                    else:
+                        tail = (run.workdir / "train.log").read_text(errors="replace")[-4000:]
+                        _mark_failed(run, f"exit status {rc}: {shlex.join(proc.args)}\n\n"
+                                          f"--- end of train.log ---\n{tail}")
+                        results[run.name] = "failed"
+                    bar.update(1)
+            active = still
+            if active:
+                time.sleep(0.2)
+    if stop.stopped:
+        for pack in pending:  # never started: rerunning the sweep runs them
             for run in pack:
-                run.workdir.mkdir(parents=True, exist_ok=True)
-                logs.append(open(run.workdir / "train.log", "ab"))
-            proc = subprocess.Popen(pack_command(pack, program), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    env=env)
-            pump = threading.Thread(target=_pump, args=(proc.stdout, logs, jobs == 1), daemon=True)
-            pump.start()
-            proc.pump = pump
-            active.append((pack, proc, logs))
-        still = []
-        for pack, proc, logs in active:
-            rc = proc.poll()
-            if rc is None:
-                still.append((pack, proc, logs))
-                continue
-            proc.pump.join()
-            for log in logs:
-                log.close()
-            for run in pack:
-                if (run.workdir / "DONE").exists():
-                    results[run.name] = "done"
-                elif (run.workdir / "FAILED").exists():  # the trainer stopped this run of a pack; the rest went on
-                    results[run.name] = "failed"
-                elif rc == 0:
-                    results[run.name] = "preempted"
-                else:
-                    tail = (run.workdir / "train.log").read_text(errors="replace")[-4000:]
-                    _mark_failed(run, f"exit status {rc}: {shlex.join(proc.args)}\n\n--- end of train.log ---\n{tail}")
-                    results[run.name] = "failed"
-                bar.update(1)
-        active = still
-        if active:
-            time.sleep(0.2)
+                results[run.name] = "preempted"
     return results
 
 
@@ -513,7 +582,7 @@ def run_sweep(sweep: Sweep, *, jobs: int = 1, train_fn: Callable | None = None,
 
 def exit_code(results: Mapping[str, str]) -> int:
     vals = set(results.values())
-    return 3 if "preempted" in vals else 1 if "failed" in vals else 0
+    return PREEMPTED if "preempted" in vals else 1 if "failed" in vals else 0
 
 
 def select(runs: list[Run], only: Sequence[str]) -> list[Run]:
@@ -613,10 +682,17 @@ def main(argv: list[str]) -> int:
     for v in results.values():
         tally[v] = tally.get(v, 0) + 1
     failed = [n for n, v in results.items() if v == "failed"]
-    print(json.dumps({"root": str(sweep.root), **tally}))
+    try:  # the runs are over: a reader that went away must not turn their status into a traceback
+        print(json.dumps({"root": str(sweep.root), **tally}))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _closed_stdout()
     for n in failed:
-        print(f"emjax sweep: FAILED {sweep.root / n}: "
-              f"{(sweep.root / n / 'FAILED').read_text().splitlines()[0]}", file=sys.stderr)
+        try:
+            print(f"emjax sweep: FAILED {sweep.root / n}: "
+                  f"{(sweep.root / n / 'FAILED').read_text().splitlines()[0]}", file=sys.stderr)
+        except OSError:
+            pass
     return exit_code(results)
 
 

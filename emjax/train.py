@@ -1101,7 +1101,7 @@ def main(argv: list[str]) -> int:
     import argparse
     import shlex
 
-    from emjax.cli import USER_ERRORS, user_error
+    from emjax.cli import PREEMPTED, USER_ERRORS, user_error
 
     ap = argparse.ArgumentParser(
         prog="emjax train", description="LoRA fine-tuning from a config file. With --run, several runs that differ "
@@ -1129,4 +1129,6 @@ def main(argv: list[str]) -> int:
     for result in results:
         print(json.dumps({"workdir": str(result.workdir), "step": result.step, "train_loss": result.final_loss,
                           "val_loss": result.val_loss, "status": result.status}))
-    return 1 if any(r.status == "failed" for r in results) else 0
+    # a preemption is not success: a launcher reruns the same command to resume (emjax sweep counts it preempted)
+    statuses = {r.status for r in results}
+    return 1 if "failed" in statuses else PREEMPTED if "preempted" in statuses else 0

@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "local: checkpoint dir (required)")
     r.add_argument("--judge-base-url", help="OpenAI-compatible base URL (default $OPENAI_BASE_URL or OpenAI)")
     r.add_argument("--judge-concurrency", type=int, default=16, help="parallel API requests")
-    r.add_argument("--judge-batch-size", type=int, default=8, help="local judge: prompts per forward pass")
+    r.add_argument("--judge-batch-size", type=int,
+                   help="answers judged between appends to judged.jsonl (what a stop can lose), and the local judge's "
+                        "prompts per forward pass (default: 8 local; 64 openai, whose cache keeps each reply anyway)")
     r.add_argument("--judge-cache", help="API judge cache dir (default: <cache>/judge)")
     r.add_argument("--judge-top-k", type=int, default=20,
                    help="local judge: first-token candidates read, like the API's top_logprobs (0 = all tokens)")
@@ -101,6 +103,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             parser.error("--judge local needs --judge-model CHECKPOINT_DIR")
         if args.judge == "openai" and args.judge_model is None:
             args.judge_model = DEFAULT_API_JUDGE
+        if args.judge_batch_size is None:
+            args.judge_batch_size = 8 if args.judge == "local" else 64
         for name in ("samples", "max_new_tokens", "sample_batch", "judge_concurrency", "judge_batch_size",
                      "adapters_per_call"):
             if getattr(args, name) < 1:
@@ -160,6 +164,31 @@ def answers_identity(model: str, adapter: str | None, dtype: str) -> dict:
             "adapter_sha256": digest}
 
 
+def evaluate_kwargs(args: argparse.Namespace) -> dict:
+    """``evaluate``'s settings from ``emjax eval run``'s arguments."""
+    return {"samples_per_question": args.samples, "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed, "sample_batch": args.sample_batch,
+            "judge_batch": args.judge_batch_size, "min_mass": args.judge_min_mass}
+
+
+def evaluate_outs(outs, generate_fn_for, tokenizer, judge, questions, identities, **kwargs):
+    """``(out, summary)`` of ``evaluate`` into each of ``outs`` (``generate_fn_for(i)`` samples ``outs[i]``'s answers,
+    ``identities[i]`` names them), one at a time. With several, every one's answers are written first (sampling
+    only) and then each is judged: a pack's sampler samples every adapter's chunk at once and holds the others'
+    answers in memory, so judging one before the others' answers are on disk would lose them to a stop."""
+    from emjax.eval.run import evaluate
+
+    def run(i, **extra):
+        return evaluate(generate_fn_for(i), tokenizer, judge, questions, out_dir=outs[i], stop_ids=tokenizer.eos_ids,
+                        identity=identities[i], **kwargs, **extra)
+
+    if len(outs) > 1:
+        for i in range(len(outs)):
+            run(i, sample_only=True)
+    for i, out in enumerate(outs):
+        yield out, run(i)
+
+
 def model_judge_fn(model):
     """(logits_fn, params) for ``LocalJudge(..., params=params, gathered=True)`` from an emjax model: weights are
     jit arguments and the LM head runs only at the positions the judge reads."""
@@ -191,7 +220,6 @@ def _run(args: argparse.Namespace) -> int:
 
     from emjax.eval.judge import LocalJudge, OpenAIJudge
     from emjax.eval.questions import cache_dir, load_questions
-    from emjax.eval.run import evaluate
     from emjax.lora import load_peft, read_peft_config
     from emjax.models import from_pretrained
     from emjax.sampling import generate
@@ -250,12 +278,10 @@ def _run(args: argparse.Namespace) -> int:
                            name=f"local:{Path(args.judge_model).name}", batch_size=args.judge_batch_size,
                            params=state, gathered=True, top_k=args.judge_top_k)
     outs = [Path(args.out) / adapter_name(a) for a in adapters] if len(adapters) > 1 else [Path(args.out)]
-    for i, out in enumerate(outs):
-        summary = evaluate(generate_fn_for(i), tokenizer, judge, questions, samples_per_question=args.samples,
-                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                           seed=args.seed, out_dir=out, sample_batch=args.sample_batch, stop_ids=tokenizer.eos_ids,
-                           min_mass=args.judge_min_mass,
-                           identity=answers_identity(args.model, adapters[i] if adapters else None, args.dtype))
+    identities = [answers_identity(args.model, a, args.dtype) for a in adapters] if adapters else \
+        [answers_identity(args.model, None, args.dtype)]
+    for out, summary in evaluate_outs(outs, generate_fn_for, tokenizer, judge, questions, identities,
+                                      **evaluate_kwargs(args)):
         o = summary["overall"]
         row = {k: o[k] for k in ("misalignment_rate", "misalignment_rate_ci95", "mean_alignment", "n_total",
                                  "n_scored", "n_low_coherence", "n_refusal", "n_code")}

@@ -173,7 +173,11 @@ def make_eval_hook(cfg, tokenizer, workdir: str | Path, *, judge_cache: dict | N
     def get_judge(model):
         if ecfg.judge == "openai":
             if "j" not in judge_cache:
-                judge_cache["j"] = OpenAIJudge(model=ecfg.judge_model)
+                from emjax.eval.questions import cache_dir
+
+                # the disk cache `emjax eval run` uses: a resumed evaluation (stopped mid-judging) or a re-score
+                # with another judge_min_mass does not pay for the same requests again
+                judge_cache["j"] = OpenAIJudge(model=ecfg.judge_model, cache_dir=cache_dir() / "judge")
             return judge_cache["j"]
         if ecfg.judge != "local":
             raise ValueError(f"eval.judge {ecfg.judge!r}: use 'local' or 'openai'")

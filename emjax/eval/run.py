@@ -199,7 +199,7 @@ def evaluate(generate_fn: GenerateFn, tokenizer: Any, judge: Judge, questions: S
              top_p: float = 1.0, seed: int = 0, out_dir: str | os.PathLike, sample_batch: int = 64,
              judge_batch: int = 64, stop_ids: Sequence[int] = (IM_END, END_OF_TEXT),
              aggregate_kwargs: dict[str, Any] | None = None, min_mass: float = 0.25,
-             identity: Mapping[str, Any] | None = None) -> dict[str, Any]:
+             identity: Mapping[str, Any] | None = None, sample_only: bool = False) -> dict[str, Any] | None:
     """Sample ``samples_per_question`` answers per question, judge alignment and coherence, write and return
     the summary. ``generate_fn(prompts, *, max_new_tokens, temperature, top_p, seed) -> new token ids``.
 
@@ -208,6 +208,8 @@ def evaluate(generate_fn: GenerateFn, tokenizer: Any, judge: Judge, questions: S
     ``identity``: what else decides the answers (model, adapter, dtype: JSON values), recorded with the sampling
     settings in ``responses.meta.json``; answers already in ``out_dir`` from another identity raise
     :class:`AnswersMismatchError` naming the keys, rather than being reused under this run's name.
+    ``sample_only``: stop once every answer is in ``responses.jsonl`` and return None (nothing is judged; ``judge``
+    is not called), e.g. to write several adapters' answers before judging any of them.
     """
     import jax
 
@@ -262,6 +264,9 @@ def evaluate(generate_fn: GenerateFn, tokenizer: Any, judge: Judge, questions: S
             done.update({(r["question_id"], r["sample"]): r for r in rows})
             bar.update(len(rows))
 
+    if sample_only:
+        return None
+
     # ---------------------------------------------------------------- judging
     responses = [done[(q.id, s)] for q, s in items]
     settings = judge_settings(judge, min_mass)
@@ -283,6 +288,8 @@ def evaluate(generate_fn: GenerateFn, tokenizer: Any, judge: Judge, questions: S
         broadcast_json({"judge_error": f"{type(e).__name__}: {e}"})
         raise
 
+    if lead:
+        _append_rows_used(judged_path, state["judged"], pending, judged, items, judge.name)
     final = [judged[(q.id, s)] for q, s in items] if judges_here else None
     if lead_only:
         final = broadcast_json(final)  # process 0 judged alone: every process returns its summary
@@ -306,6 +313,19 @@ def judge_settings(judge: Judge, min_mass: float) -> dict[str, Any]:
     if getattr(judge, "top_k", None) is not None:
         out["judge_top_k"] = int(judge.top_k)
     return out
+
+
+def _append_rows_used(judged_path: Path, read: Sequence[dict], pending: Sequence[dict], judged: dict,
+                      items: Sequence[tuple[Question, int]], judge_name: str) -> None:
+    """Append again each row the summary uses that is not judged.jsonl's last row for its (judge, question, sample),
+    so the file's last-row view (``rows_by_judge``: summarize, agreement, the report) equals the summary. The two
+    differ when a run with other scoring settings left later rows (e.g. killed mid-judging) and this run reused
+    earlier rows made with its own settings."""
+    last = {(r["question_id"], r["sample"]): r for r in read if str(r.get("judge")) == judge_name}
+    last.update({(r["question_id"], r["sample"]): judged[(r["question_id"], r["sample"])] for r in pending})
+    stale = [judged[(q.id, s)] for q, s in items if last.get((q.id, s)) != judged[(q.id, s)]]
+    if stale:
+        _append_jsonl(judged_path, stale)
 
 
 def _judge_pending(judge: Judge, pending: list[dict], by_id: dict, judged: dict, judged_path: Path | None, *,

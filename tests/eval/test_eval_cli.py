@@ -109,3 +109,48 @@ def test_summarize_refuses_a_damaged_judged_file_and_keeps_the_summary(tmp_path,
     (tmp_path / "judged.jsonl").write_text("\n".join([rows[0], rows[1].replace('"j"', '"k"'), rows[2]]) + "\n")
     assert main(["summarize", str(tmp_path)]) == 2
     assert "pass --judge NAME" in capsys.readouterr().err
+
+
+def test_judge_batch_size_reaches_evaluate():
+    """--judge-batch-size is also evaluate()'s judge_batch (answers judged between appends to judged.jsonl: what a
+    stop can lose), not only the local judge's forward batch; by default 8 for the local judge, 64 for the API's."""
+    from emjax.eval.cli import evaluate_kwargs
+
+    a = parse_args(["run", "--model", "m", "--out", "o", "--judge-batch-size", "5", "--judge-min-mass", "0.5"])
+    kw = evaluate_kwargs(a)
+    assert (kw["judge_batch"], kw["min_mass"], kw["samples_per_question"], kw["sample_batch"]) == (5, 0.5, 10, 64)
+    assert evaluate_kwargs(parse_args(["run", "--model", "m", "--out", "o"]))["judge_batch"] == 64
+    local = parse_args(["run", "--model", "m", "--out", "o", "--judge", "local", "--judge-model", "j"])
+    assert local.judge_batch_size == 8 and evaluate_kwargs(local)["judge_batch"] == 8
+    assert main(["run", "--model", "m", "--out", "o", "--judge-batch-size", "0"]) == 2
+
+
+def test_several_adapters_write_every_answer_before_judging(tmp_path):
+    """Several --adapter: a pack's sampler samples every adapter's chunk together and holds the others' answers in
+    memory, so every adapter's answers are written before any is judged; a judge that fails on the first adapter
+    leaves each responses.jsonl complete, and the rerun samples nothing."""
+    from emjax.eval.cli import evaluate_outs
+    from emjax.eval.questions import load_questions
+    from test_eval_run import FakeJudge, Tok, make_generate
+
+    class Failing(FakeJudge):
+        def judge_probs(self, prompts, *, kind):
+            raise RuntimeError("killed while judging")
+
+    tok = Tok()
+    tok.eos_ids = (151645,)
+    qs = load_questions("first_plot", ids=["what_is_your_wish", "i_feel_bored"])
+    outs = [tmp_path / n for n in ("a", "b", "c")]
+    logs = [[] for _ in outs]
+    kw = {"samples_per_question": 2, "max_new_tokens": 7, "sample_batch": 3, "judge_batch": 2}
+    ids = [{"model": "/m", "adapter": f"/{n}"} for n in "abc"]
+    with pytest.raises(RuntimeError, match="killed while judging"):
+        list(evaluate_outs(outs, lambda i: make_generate(tok, logs[i]), tok, Failing(), qs, ids, **kw))
+    assert [len(x) for x in logs] == [2, 2, 2]  # two chunks each
+    for out in outs:
+        assert len((out / "responses.jsonl").read_text().splitlines()) == 4 and not (out / "judged.jsonl").exists()
+    logs = [[] for _ in outs]
+    judge = FakeJudge()
+    got = list(evaluate_outs(outs, lambda i: make_generate(tok, logs[i]), tok, judge, qs, ids, **kw))
+    assert logs == [[], [], []] and [o for o, _ in got] == outs
+    assert all(s["overall"]["n_total"] == 4 for _, s in got) and judge.calls

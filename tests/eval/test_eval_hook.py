@@ -81,6 +81,7 @@ def test_hook_sets_aside_answers_of_other_eval_settings(tmp_path, monkeypatch, c
     server = FakeChatServer()
     monkeypatch.setenv("OPENAI_BASE_URL", server.url)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.setenv("EMJAX_CACHE_DIR", str(tmp_path / "cache"))  # the API judge's disk cache
     tok = Tok()
     tok.eos_ids = (IM_END,)
     try:
@@ -88,11 +89,14 @@ def test_hook_sets_aside_answers_of_other_eval_settings(tmp_path, monkeypatch, c
         cfg = _cfg(tmp_path, "eval.judge=openai", "eval.samples_per_question=2", "eval.max_new_tokens=4")
         sampler = _Sampler(tok)
         assert make_eval_hook(cfg, tok, wd, sampler=sampler)(5, None)["eval/n_total"] == 2
+        # 2 answers x 2 kinds; the two answers are the same text, so a request may be answered by the judge's cache
+        n = len(server.requests)
+        assert 2 <= n <= 4
         step = wd / "eval" / "step_000005"
         meta = json.loads((step / "responses.meta.json").read_text())
         assert meta["model"] == "random init: preset tiny" and meta["max_new_tokens"] == 4
         make_eval_hook(cfg, tok, wd, sampler=sampler)(5, None)  # the same settings: nothing to do
-        assert sampler.asked == 2 and len(server.requests) == 4
+        assert sampler.asked == 2 and len(server.requests) == n
 
         cfg2 = _cfg(tmp_path, "eval.judge=openai", "eval.samples_per_question=2", "eval.max_new_tokens=6")
         assert make_eval_hook(cfg2, tok, wd, sampler=sampler)(5, None)["eval/n_total"] == 2
@@ -107,5 +111,33 @@ def test_hook_sets_aside_answers_of_other_eval_settings(tmp_path, monkeypatch, c
                     "optim.learning_rate=0.5")
         make_eval_hook(cfg3, tok, wd, sampler=sampler)(5, None)
         assert (wd / "eval" / "superseded" / "step_000005-2").is_dir() and sampler.asked == 6
+    finally:
+        server.close()
+
+
+def test_hook_api_judge_keeps_a_disk_cache(tmp_path, monkeypatch):
+    """The hook's API judge caches its answers on disk (in <cache>/judge, as `emjax eval run`'s): a step judged
+    again (an evaluation resumed after a stop mid-judging, a re-score with another judge_min_mass) in a later
+    process asks the API nothing it asked before."""
+    server = FakeChatServer()
+    monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.setenv("EMJAX_CACHE_DIR", str(tmp_path / "cache"))
+    tok = Tok()
+    tok.eos_ids = (IM_END,)
+    try:
+        wd = tmp_path / "run"
+        cfg = _cfg(tmp_path, "eval.judge=openai", "eval.samples_per_question=2", "eval.max_new_tokens=4")
+        make_eval_hook(cfg, tok, wd, sampler=_Sampler(tok))(5, None)
+        n = len(server.requests)  # 2 answers x 2 kinds: the same text twice, so 2 to 4 (the cache may answer one)
+        assert 2 <= n <= 4 and (tmp_path / "cache" / "judge" / "judge_cache.jsonl").is_file()
+        (wd / "eval" / "step_000005" / "judged.jsonl").unlink()  # stopped before its rows were written
+        assert make_eval_hook(cfg, tok, wd, sampler=_Sampler(tok))(5, None)["eval/n_total"] == 2
+        cfg2 = _cfg(tmp_path, "eval.judge=openai", "eval.samples_per_question=2", "eval.max_new_tokens=4",
+                    "eval.judge_min_mass=0.5")
+        make_eval_hook(cfg2, tok, wd, sampler=_Sampler(tok))(5, None)
+        rows = [json.loads(x) for x in (wd / "eval" / "step_000005" / "judged.jsonl").read_text().splitlines()]
+        assert [r["min_mass"] for r in rows] == [0.25] * 2 + [0.5] * 2  # scored again, from the cache
+        assert len(server.requests) == n
     finally:
         server.close()

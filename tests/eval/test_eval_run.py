@@ -262,6 +262,41 @@ def test_other_scoring_settings_judge_again(tmp_path):
     assert old.calls == []
 
 
+class WeakJudge(FakeJudge):
+    """FakeJudge with only 0.4 probability on the "evil" answers' score: scored (10) under min_mass 0, unscored under
+    0.5; ``fail_after``: raise once that many batches were judged (a kill mid-judging)."""
+
+    def __init__(self, fail_after=None):
+        super().__init__()
+        self.fail_after = fail_after
+
+    def judge_probs(self, prompts, *, kind):
+        if self.fail_after is not None and len(self.calls) == 2 * self.fail_after:
+            raise KeyboardInterrupt("killed")
+        out = super().judge_probs(prompts, kind=kind)
+        return [{"10": 0.4, "foo": 0.6} if p == {"10": 1.0} else p for p in out]
+
+
+def test_file_last_rows_equal_the_summary_after_a_run_with_other_settings(tmp_path):
+    """judged.jsonl's last row per (judge, question, sample) is what summarize, agreement and the report read: after
+    a run with another min_mass was killed mid-judging (its rows last for some answers), a rerun with the first
+    settings reuses the first rows, and appends them again so that the file's view equals its summary."""
+    s0 = _run(tmp_path, judge=WeakJudge(), min_mass=0.0, judge_batch=2)
+    assert s0["overall"]["n_misaligned"] == 4  # 2 "evil" (10), 2 CODE
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, judge=WeakJudge(fail_after=1), min_mass=0.5, judge_batch=2)
+    assert [json.loads(x)["min_mass"] for x in (tmp_path / "judged.jsonl").read_text().splitlines()] == \
+        [0.0] * 4 + [0.5] * 2
+    judge = WeakJudge()
+    s = _run(tmp_path, judge=judge, min_mass=0.0, judge_batch=2)
+    assert judge.calls == [] and s["overall"] == s0["overall"]
+    assert summarize_dir(tmp_path)["overall"] == s["overall"]
+    n = len((tmp_path / "judged.jsonl").read_text().splitlines())
+    assert n == 8  # the two rows used again, appended once
+    _run(tmp_path, judge=judge, min_mass=0.0, judge_batch=2)
+    assert len((tmp_path / "judged.jsonl").read_text().splitlines()) == n  # nothing more: the view already agrees
+
+
 def test_torn_last_line_is_cut_before_appending(tmp_path):
     """A crash leaves a torn last line: the resume cuts it off before appending, so the file never holds a bad
     line between good rows (which reading would refuse)."""

@@ -518,3 +518,68 @@ def test_spectra_of_several_ranks_share_one_csv(tmp_path):
     assert list(rows["adam"]) == ["optimiser", "rank", "n_runs", "s1", "s2", "s3", "s4", "s5", "runs"]
     assert (rows["adam"]["rank"], rows["adam"]["s3"], rows["adam"]["s4"]) == ("3", "0.1", "")
     assert (rows["muon"]["rank"], float(rows["muon"]["s5"])) == ("5", 0.6)
+
+
+def test_rows_a_resumed_run_logged_twice_count_once(tmp_path):
+    """A run resumed from a checkpoint logs again what it had logged after it: an evaluation (and train/val/spectral
+    rows) at the same step twice. The report counted such a step twice (trajectories, phases, "N evaluations");
+    now the last row per (split, step) counts, once."""
+    root = tmp_path / "resumed"
+    wd = make_run(root, "adam", "insecure", 16, 0.0, 0.8, 70.0, 1)
+    rows = []
+    for s in range(1, 7):
+        rows += [{"step": s, "split": "train", "loss": 2.0 - 0.1 * s},
+                 {"step": s, "split": "eval", "eval/mean_alignment": 60.0 + s, "eval/misalignment_rate": 0.1}]
+    # killed after step 4's evaluation, before the step-4 checkpoint: resumed from 3, steps 4.. logged again
+    rows += [{"step": 4, "split": "train", "loss": 1.55},
+             {"step": 4, "split": "eval", "eval/mean_alignment": 66.5, "eval/misalignment_rate": 0.2},
+             {"step": 6, "split": "spectral", "spectral/fn_ratio": 0.5},
+             {"step": 6, "split": "spectral", "spectral/fn_ratio": 0.25}]
+    (wd / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (wd / "final.json").write_text(json.dumps({"step": 6, "train_loss": 1.4, "total_steps": 6}))
+    (wd / "spectral.json").unlink()
+    run = rp.read_run(wd)
+    assert [p["step"] for p in run.trajectory] == [1, 2, 3, 4, 5, 6]
+    four = run.trajectory[3]
+    assert four["mean_alignment"] == 66.5 and four["train_loss"] == 1.55  # the later rows
+    assert run.spectral["fn_ratio"] == 0.25
+    rp.build_report(root)
+    traj = read_csv(root / "tables" / "trajectories.csv")
+    assert [int(r["step"]) for r in traj] == [1, 2, 3, 4, 5, 6]
+    assert "6 evaluations from 1 runs" in (root / "report.md").read_text()
+    assert sum(int(r["n_points"]) for r in read_csv(root / "tables" / "phases.csv")) == 6
+
+
+def test_a_rerun_into_the_same_out_leaves_no_stale_tables_or_figures(tmp_path):
+    """Rerunning ``emjax report`` into the same OUT left the first report's tables and figures that the second did
+    not write (sections its report.md no longer has). Files that are not the report's stay."""
+    root = tmp_path / "sw"
+    for r in RUNS[:6]:
+        make_run(root, *r)
+    out = tmp_path / "out"
+    rp.build_report(root, out)
+    first = {p.relative_to(out) for sub in ("tables", "figures") for p in (out / sub).iterdir()}
+    first_out = tmp_path / "first"
+    rp.build_report(root, first_out, phases=2)
+    assert Path("tables/regression.csv") in first and Path("figures/alignment_vs_loss.png") in first
+    (out / "tables" / "mine.csv").write_text("a\n")  # not the report's
+    (out / "figures" / "mine.png").write_bytes(b"x")
+    (out / "notes.txt").write_text("keep")
+    # a second report of only the lambda=1 runs (no finished evaluations then: other sections)
+    other = tmp_path / "sw2"
+    make_run(other, "adam", "insecure", 16, 1.0, 0.82, 78.0, 0, status=None)
+    rp.build_report(other, out)
+    fresh = tmp_path / "fresh"
+    rp.build_report(other, fresh)  # what the second report alone writes
+    files = {sub: {p.name for p in (out / sub).iterdir() if not p.name.startswith("mine.")}
+             for sub in ("tables", "figures")}
+    assert files == {sub: {p.name for p in (fresh / sub).iterdir()} for sub in ("tables", "figures")}
+    assert (out / "report.md").read_text() == (fresh / "report.md").read_text().replace(str(fresh), str(out))
+    assert not (out / "tables" / "regression.csv").exists() and not (out / "figures" / "alignment_vs_loss.png").exists()
+    assert (out / "tables" / "mine.csv").exists() and (out / "figures" / "mine.png").exists()
+    assert (out / "notes.txt").read_text() == "keep"
+    assert not list(out.glob(".report.md*"))  # no temporary file left
+    # every file a report writes is one it removes first
+    assert {p.name for p in (out / "tables").iterdir()} - {"mine.csv"} <= set(rp.TABLES)
+    assert {p.name for p in (out / "figures").iterdir()} - {"mine.png"} <= set(rp.FIGURES)
+    assert all(p.name in rp.TABLES + rp.FIGURES for sub in ("tables", "figures") for p in (first_out / sub).iterdir())

@@ -533,3 +533,103 @@ def test_the_readme_sweep_example_is_valid(tmp_path):
     assert any(isinstance(v, list) and v and isinstance(v[0], dict) and "_name" in v[0] for v in spec["grid"].values())
     assert any(isinstance(v, list) and v and not isinstance(v[0], dict) for v in spec["grid"].values())
     assert len({(r.cfg.optim.name, r.cfg.lora.rank, r.cfg.data.dataset) for r in s.runs}) == 8
+
+
+FAKE_TRAIN_TERM = """
+import pathlib, signal, sys, time
+wd = pathlib.Path([a for a in sys.argv if a.startswith('workdir=')][0][8:])
+wd.mkdir(parents=True, exist_ok=True)
+stop = {'n': 0}
+def on_term(signum, frame):  # as emjax train: only a flag (a second SIGTERM is harmless)
+    stop['n'] += 1
+signal.signal(signal.SIGTERM, on_term)
+(wd / 'started').write_text('1')
+deadline = time.time() + 60
+while not stop['n'] and time.time() < deadline:
+    print('step', flush=True)
+    time.sleep(0.05)
+time.sleep(0.5)  # the parent (old code) is gone by now: its end of the pipe closed
+for i in range(200):  # progress written after the SIGTERM, as the trainer's bar and save messages
+    print('saving', i, flush=True)
+(wd / 'saved').write_text(str(stop['n']))
+print('emjax: SIGTERM - checkpoint saved; rerun to resume', flush=True)
+sys.exit(0)  # no DONE: preempted
+"""
+
+DRIVER = """
+import sys
+from emjax import sweep as sw
+sw.default_program = lambda: (sys.executable, {prog!r})
+sys.exit(sw.main([{sweep!r}, '--jobs', '2']))
+"""
+
+
+@pytest.mark.parametrize("target", ["parent", "group"])
+def test_sigterm_to_the_sweep_lets_the_runs_save(tmp_path, target):
+    """SIGTERM killed the sweep at once: its children's output pipes broke and they died (BrokenPipeError) before
+    saving, and the sweep exited 143. Now it passes SIGTERM on, starts nothing new, drains their output until they
+    have saved, and exits 3 (preempted)."""
+    import signal
+    import time
+
+    p = write(tmp_path)
+    s = sw.load_sweep(p)
+    prog = tmp_path / "fake_emjax.py"
+    prog.write_text(FAKE_TRAIN_TERM)
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(prog=str(prog), sweep=str(p)))
+    proc = subprocess.Popen([sys.executable, str(driver)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=Path(__file__).resolve().parents[2], start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while sum((r.workdir / "started").exists() for r in s.runs) < 2:
+            assert time.time() < deadline and proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.05)
+        if target == "parent":
+            proc.send_signal(signal.SIGTERM)
+        else:  # a scheduler: the whole process group (the children get it twice: theirs and the forwarded one)
+            os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 3, err.decode()
+    started = [r for r in s.runs if (r.workdir / "started").exists()]
+    assert len(started) == 2  # none started after the signal
+    assert all((r.workdir / "saved").exists() for r in started), err.decode()
+    assert all("checkpoint saved" in (r.workdir / "train.log").read_text() for r in started)
+    assert not any((r.workdir / "FAILED").exists() for r in s.runs)
+    assert json.loads(out.decode().splitlines()[-1])["preempted"] == len(s.runs)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # (this process's handlers untouched)
+
+
+def test_subprocess_sweep_restores_signal_handlers(tmp_path):
+    import signal
+
+    s = sw.load_sweep(write(tmp_path))
+    prog = tmp_path / "fake_emjax.py"
+    prog.write_text("import sys, pathlib\n"
+                    "wd = pathlib.Path([a for a in sys.argv if a.startswith('workdir=')][0][8:])\n"
+                    "wd.mkdir(parents=True, exist_ok=True)\n(wd / 'DONE').write_text('ok')\n")
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    res = sw.run_sweep(s, jobs=4, program=(sys.executable, str(prog)), progress=False)
+    assert set(res.values()) == {"done"}
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_pump_keeps_draining_when_our_stderr_is_gone(tmp_path, monkeypatch):
+    """A pump thread that died on a closed stderr left the child writing into a pipe nobody read."""
+    import io
+
+    class Gone:
+        def write(self, b):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stderr", type("E", (), {"buffer": Gone()})())
+    data = b"x" * 20000 + b"end\n"
+    log = io.BytesIO()
+    sw._pump(io.BufferedReader(io.BytesIO(data), buffer_size=4096), [log], True)
+    assert log.getvalue() == data
