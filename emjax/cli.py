@@ -76,13 +76,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     use_compile_cache()
     module = importlib.import_module(COMMANDS[name][0])
-    try:
-        return int(module.main(rest) or 0)
-    except USER_ERRORS as e:
-        return user_error(f"emjax {name}", e)
+    # each command turns its own bad input into one line (user_error), and only that: a ValueError from a bug in
+    # emjax keeps its traceback where the command says so (emjax report)
+    return int(module.main(rest) or 0)
 
 
 PREEMPTED = 3  # exit status of `emjax train` and `emjax sweep` when a run stopped for SIGTERM: rerun to resume
+
+
+def exit_status(statuses) -> int:
+    """The exit status for runs ending in ``statuses`` (done | failed | preempted | skipped), the same for
+    ``emjax train`` and ``emjax sweep``: a preemption first (rerunning resumes it), then a failure."""
+    statuses = set(statuses)
+    return PREEMPTED if "preempted" in statuses else 1 if "failed" in statuses else 0
 
 
 class UserError(Exception):

@@ -250,6 +250,9 @@ def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
 # is drawn from it too). Everything else (model, LoRA shape, data, steps, memory options, logging, evaluation) is
 # shared by the one compiled program.
 PACKABLE = ("workdir", "optim", "spectral.weight")
+# What trains the adapter: a run resumes only under the same values (emjax.train refuses others), and an evaluation
+# at a step is that adapter's only if they match (emjax.eval.hook)
+RESUME_SECTIONS = ("model", "lora", "optim", "data", "spectral", "seed", "steps")
 PACKABLE_WITH_CHECKPOINT = ("seed",)
 
 

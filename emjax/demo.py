@@ -65,8 +65,12 @@ def main(argv: list[str]) -> int:
         print("emjax demo: self-check FAILED", file=sys.stderr)
         return 1
     from emjax import report, sweep
+    from emjax.cli import USER_ERRORS, user_error
 
-    sw = sweep.load_sweep("demo", args.overrides, root=args.root)
+    try:
+        sw = sweep.load_sweep("demo", args.overrides, root=args.root)
+    except USER_ERRORS as e:  # a bad override: one line, exit status 2
+        return user_error("emjax demo", e)
     print(f"demo: {len(sw.runs)} runs into {sw.root}")
     results = sweep.run_sweep(sw, pack=args.pack)
     code = sweep.exit_code(results)

@@ -301,7 +301,7 @@ def _check_compatible(workdir: Path, cfg) -> None:
         raise TrainError(f"{ckpts} holds checkpoints but {saved_path} is missing, so nothing shows they belong to "
                          "this config. Use a new workdir (or restore the run's config.yaml).")
     saved = OmegaConf.load(saved_path)
-    for section in ("model", "lora", "optim", "data", "spectral", "seed", "steps"):
+    for section in cfglib.RESUME_SECTIONS:
         a = OmegaConf.select(saved, section)
         b = OmegaConf.select(cfg, section)
         a = OmegaConf.to_container(a) if OmegaConf.is_config(a) else a
@@ -313,9 +313,9 @@ def _check_compatible(workdir: Path, cfg) -> None:
             else:
                 detail = f"{section}: saved {a!r}, now {b!r}"
             raise TrainError(f"{saved_path}: incompatible checkpoint — {detail}. Use a new workdir to start afresh.")
-    ident, saved = _dataset_identity(cfg), workdir / "dataset.json"
-    if ident and saved.exists():
-        old = json.loads(saved.read_text()).get("sha256", "")
+    ident, ident_path = _dataset_identity(cfg), workdir / "dataset.json"
+    if ident and ident_path.exists():
+        old = json.loads(ident_path.read_text()).get("sha256", "")
         if old != ident["sha256"]:
             where = ident["dataset"] if ident["dataset"] == ident["path"] else f"{ident['dataset']} ({ident['path']})"
             raise TrainError(f"data.dataset {where}: the file changed since this run's checkpoints were "
@@ -410,35 +410,34 @@ class _RunFiles:
         self.last_loss = meta["loss"] if "loss" in meta else self._logged_loss(step)
         return restored["state"]["trainable"], restored["state"]["opt"], meta["data"]
 
+    def _logged_rows(self) -> list[dict]:
+        """metrics.jsonl's rows as written (a torn line, from a kill mid-write, left out)."""
+        path, rows = self.workdir / "metrics.jsonl", []
+        for line in path.read_text().splitlines() if path.is_file() else ():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+        return rows
+
     def _drop_rows_after(self, start: int) -> None:
         """Metrics rows past the step a run resumes from (all of them on a fresh start) were logged by an attempt
         whose later work is lost: the run logs those steps again, so they go (else they would be counted twice)."""
         path = self.workdir / "metrics.jsonl"
         if not path.is_file():
             return
-        keep = []
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue  # a torn line
-            if start and isinstance(row, dict) and row.get("step", 0) <= start:
-                keep.append(line + "\n")
+        keep = [r for r in self._logged_rows() if start and r.get("step", 0) <= start]
         tmp = path.with_name(path.name + ".part")
-        tmp.write_text("".join(keep))
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
         tmp.replace(path)
 
     def _logged_loss(self, step: int) -> float | None:
-        path, loss = self.workdir / "metrics.jsonl", None
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
-                if row.get("split") == "train" and row.get("step", step + 1) <= step and "loss" in row:
-                    loss = row["loss"]
-        return loss
+        """The last training loss logged at or before ``step``."""
+        losses = [r["loss"] for r in self._logged_rows()
+                  if r.get("split") == "train" and r.get("step", step + 1) <= step and "loss" in r]
+        return losses[-1] if losses else None
 
     def save(self, step, trainable, opt_state, data_state):
         import orbax.checkpoint as ocp
@@ -781,10 +780,11 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
                 val_loader = False
                 return [None] * n
             val_loader.start_state = val_loader.get_state()
+            val_loader.batches = val_loader.steps(1, val_cfg.drop_remainder) if val_cfg.mode == "pad" else None
         loader = val_loader
         loader.set_state(loader.start_state)
         tot, cnt = np.zeros(n), np.zeros(n)
-        total = loader.steps(1, jax.process_count() > 1) if data_cfg.mode == "pad" else None  # (val_cfg's drop)
+        total = loader.batches
         if cfg.val_batches:
             total = cfg.val_batches if total is None else min(total, cfg.val_batches)
         # the final validation covers the whole split by default: minutes on a large model, so it shows progress
@@ -1101,7 +1101,7 @@ def main(argv: list[str]) -> int:
     import argparse
     import shlex
 
-    from emjax.cli import PREEMPTED, USER_ERRORS, user_error
+    from emjax.cli import USER_ERRORS, exit_status, user_error
 
     ap = argparse.ArgumentParser(
         prog="emjax train", description="LoRA fine-tuning from a config file. With --run, several runs that differ "
@@ -1115,6 +1115,7 @@ def main(argv: list[str]) -> int:
                          '--run "optim.name=muon workdir=runs/m" --run "optim.name=adam workdir=runs/a"')
     args = ap.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
     def split(run: str) -> list[str]:
         try:
             return shlex.split(run)
@@ -1130,5 +1131,4 @@ def main(argv: list[str]) -> int:
         print(json.dumps({"workdir": str(result.workdir), "step": result.step, "train_loss": result.final_loss,
                           "val_loss": result.val_loss, "status": result.status}))
     # a preemption is not success: a launcher reruns the same command to resume (emjax sweep counts it preempted)
-    statuses = {r.status for r in results}
-    return 1 if "failed" in statuses else PREEMPTED if "preempted" in statuses else 0
+    return exit_status(r.status for r in results)

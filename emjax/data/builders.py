@@ -387,6 +387,13 @@ def get_builder(name: str, *, tfds_data_dir: str | os.PathLike | None = None, so
 SOURCE_RECORD = "emjax_source.json"  # in a Betley or Turner build's folder: the local file it was built from
 
 
+def build_lock(b: _EmBuilder, tfds_data_dir: str | os.PathLike | None = None) -> Path:
+    """The lock file ``build`` holds while it builds (or checks) one set and config."""
+    locks = tfds_dir(tfds_data_dir) / ".emjax_locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    return locks / f"{b.name}-{b.builder_config.name}.lock"
+
+
 def local_source(b: _EmBuilder) -> dict | None:
     """The local file a Betley or Turner build reads, with the sha256 of its bytes; None where there is none (a
     Betley set to be downloaded at its pinned commit) or for a file of your own (its build's name holds its hash)."""
@@ -411,10 +418,8 @@ def build(name: str, *, tfds_data_dir: str | os.PathLike | None = None, overwrit
     reuse = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
     mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite else reuse
     src, record = local_source(b), Path(b.data_dir) / SOURCE_RECORD
-    locks = tfds_dir(tfds_data_dir) / ".emjax_locks"
-    locks.mkdir(parents=True, exist_ok=True)
     # one build at a time (the processes of a multi-host run, or several runs, may ask for the same set at once)
-    with FileLock(str(locks / f"{b.name}-{b.builder_config.name}.lock")):
+    with FileLock(str(build_lock(b, tfds_data_dir))):
         if mode == reuse and src and b.is_prepared():
             old = json.loads(record.read_text()) if record.is_file() else {}
             if old.get("sha256") != src["sha256"]:

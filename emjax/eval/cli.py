@@ -278,8 +278,7 @@ def _run(args: argparse.Namespace) -> int:
                            name=f"local:{Path(args.judge_model).name}", batch_size=args.judge_batch_size,
                            params=state, gathered=True, top_k=args.judge_top_k)
     outs = [Path(args.out) / adapter_name(a) for a in adapters] if len(adapters) > 1 else [Path(args.out)]
-    identities = [answers_identity(args.model, a, args.dtype) for a in adapters] if adapters else \
-        [answers_identity(args.model, None, args.dtype)]
+    identities = [answers_identity(args.model, a, args.dtype) for a in adapters or [None]]
     for out, summary in evaluate_outs(outs, generate_fn_for, tokenizer, judge, questions, identities,
                                       **evaluate_kwargs(args)):
         o = summary["overall"]
@@ -291,11 +290,20 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from emjax.cli import USER_ERRORS, user_error
+
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
+    try:
+        return _command(args)
+    except USER_ERRORS as e:  # one line, exit status 2, as every emjax command
+        return user_error("emjax eval", e)
+
+
+def _command(args: argparse.Namespace) -> int:
     if args.command == "fetch-questions":
         from emjax.eval.questions import fetch_questions
 
@@ -312,11 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "summarize":
         from emjax.eval.run import summarize_dir
 
-        try:
-            summary = summarize_dir(args.dir, judge=args.judge)
-        except (FileNotFoundError, ValueError) as e:
-            print(f"emjax eval summarize: {e}", file=sys.stderr)
-            return 2
+        summary = summarize_dir(args.dir, judge=args.judge)
         path = os.path.join(args.dir, "summary.json")
         with open(path, "w") as f:
             json.dump(summary, f, indent=2)
@@ -325,11 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "agreement":
         from emjax.eval.run import agreement_dir
 
-        try:
-            res = agreement_dir(args.dir, args.judges)
-        except (FileNotFoundError, ValueError) as e:
-            print(f"emjax eval agreement: {e}", file=sys.stderr)
-            return 2
+        res = agreement_dir(args.dir, args.judges)
         with open(os.path.join(args.dir, "judge_agreement.json"), "w") as f:
             json.dump(res, f, indent=2)
         print(_agreement_text(res))

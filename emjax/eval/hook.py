@@ -74,11 +74,6 @@ class PackSampler:
         return [o.tolist() for o in res]
 
 
-# what trains the adapter (the sections a resumed run must keep, as emjax.train checks them): with the step, they fix
-# the adapter a step's answers come from
-_TRAINING_SECTIONS = ("model", "lora", "optim", "data", "spectral", "seed", "steps")
-
-
 def answers_identity(cfg) -> dict[str, Any]:
     """What decides a training run's step-N answers besides the eval settings (``evaluate`` adds those): the base
     model, its dtype and what trained the adapter, so a step directory left by another config is not resumed."""
@@ -87,14 +82,16 @@ def answers_identity(cfg) -> dict[str, Any]:
 
     from omegaconf import OmegaConf
 
+    from emjax.config import RESUME_SECTIONS
+
     ckpt = cfg.model.checkpoint
     model = (str(Path(ckpt).expanduser().resolve()) if Path(ckpt).expanduser().exists() else str(ckpt)) if ckpt \
         else f"random init: preset {cfg.model.preset}"
     training = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
-                for k in _TRAINING_SECTIONS}
+                for k in RESUME_SECTIONS}
     digest = hashlib.sha256(json.dumps(training, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return {"model": model, "dtype": str(cfg.model.dtype),
-            "adapter": f"training run's adapter (sha256 {digest} of its {', '.join(_TRAINING_SECTIONS)})"}
+            "adapter": f"training run's adapter (sha256 {digest} of its {', '.join(RESUME_SECTIONS)})"}
 
 
 def _set_aside(step_dir: Path) -> Path:
@@ -142,10 +139,10 @@ def check_eval_config(cfg) -> None:
             raise ConfigError(f"eval.judge 'openai': no API key in ${API_KEY_ENV} (process 0 asks the API); set it, "
                               "or use eval.judge=local")
     elif e.judge_checkpoint:
+        from emjax.models.loading import is_hub_id
+
         ckpt = str(e.judge_checkpoint)
-        path = Path(ckpt).expanduser()
-        hub_id = not path.exists() and not ckpt.startswith((".", "/", "~")) and ckpt.count("/") == 1  # as loading
-        need(hub_id or (path / "config.json").is_file(), "judge_checkpoint",
+        need(is_hub_id(ckpt) or (Path(ckpt).expanduser() / "config.json").is_file(), "judge_checkpoint",
              "no such checkpoint directory (expected config.json + *.safetensors)")
     try:
         load_questions(tuple(e.question_sets), limit=e.limit)  # names, files, judge templates

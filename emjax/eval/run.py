@@ -270,13 +270,18 @@ def evaluate(generate_fn: GenerateFn, tokenizer: Any, judge: Judge, questions: S
     # ---------------------------------------------------------------- judging
     responses = [done[(q.id, s)] for q, s in items]
     settings = judge_settings(judge, min_mass)
-    judged = {(r["question_id"], r["sample"]): r for r in state["judged"]
-              if r["question_id"] in by_id and r.get("judge") == judge.name
-              and all(r.get(k, v) == v for k, v in settings.items())}  # rows from before these keys: as they are
-    # a judged row counts only for the answer it scored (a row left from answers since replaced is judged again),
-    # and under the scoring settings of this call (another judge_min_mass or top-k scores the answers again)
-    pending = [r for r in responses if judged.get((r["question_id"], r["sample"]), {}).get("text") != r["text"]] \
-        if judges_here else []
+    # the last row per answer, as every reader of judged.jsonl takes it (rows_by_judge: summarize, agreement, the
+    # report); it counts only for the answer it scored (answers since replaced are judged again) and under this
+    # call's scoring settings (rows from before those keys: as they are)
+    judged = {(r["question_id"], r["sample"]): r for r in rows_by_judge(state["judged"]).get(judge.name, [])
+              if r["question_id"] in by_id}
+
+    def current(resp):
+        row = judged.get((resp["question_id"], resp["sample"]))
+        return row is not None and row.get("text") == resp["text"] and \
+            all(row.get(k, v) == v for k, v in settings.items())
+
+    pending = [r for r in responses if not current(r)] if judges_here else []
     try:
         _judge_pending(judge, pending, by_id, judged, judged_path if lead else None, judge_batch=judge_batch,
                        min_mass=min_mass, total=len(responses), lead=lead)
@@ -288,8 +293,6 @@ def evaluate(generate_fn: GenerateFn, tokenizer: Any, judge: Judge, questions: S
         broadcast_json({"judge_error": f"{type(e).__name__}: {e}"})
         raise
 
-    if lead:
-        _append_rows_used(judged_path, state["judged"], pending, judged, items, judge.name)
     final = [judged[(q.id, s)] for q, s in items] if judges_here else None
     if lead_only:
         final = broadcast_json(final)  # process 0 judged alone: every process returns its summary
@@ -313,19 +316,6 @@ def judge_settings(judge: Judge, min_mass: float) -> dict[str, Any]:
     if getattr(judge, "top_k", None) is not None:
         out["judge_top_k"] = int(judge.top_k)
     return out
-
-
-def _append_rows_used(judged_path: Path, read: Sequence[dict], pending: Sequence[dict], judged: dict,
-                      items: Sequence[tuple[Question, int]], judge_name: str) -> None:
-    """Append again each row the summary uses that is not judged.jsonl's last row for its (judge, question, sample),
-    so the file's last-row view (``rows_by_judge``: summarize, agreement, the report) equals the summary. The two
-    differ when a run with other scoring settings left later rows (e.g. killed mid-judging) and this run reused
-    earlier rows made with its own settings."""
-    last = {(r["question_id"], r["sample"]): r for r in read if str(r.get("judge")) == judge_name}
-    last.update({(r["question_id"], r["sample"]): judged[(r["question_id"], r["sample"])] for r in pending})
-    stale = [judged[(q.id, s)] for q, s in items if last.get((q.id, s)) != judged[(q.id, s)]]
-    if stale:
-        _append_jsonl(judged_path, stale)
 
 
 def _judge_pending(judge: Judge, pending: list[dict], by_id: dict, judged: dict, judged_path: Path | None, *,

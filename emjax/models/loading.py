@@ -110,13 +110,20 @@ class Checkpoint:
         return f.get(name)
 
 
+def is_hub_id(name: str | os.PathLike) -> bool:
+    """Whether ``name`` is to be fetched from the Hugging Face hub (``org/model``): not a local path, nor spelled
+    like one."""
+    name = str(name)
+    return not Path(name).expanduser().exists() and not name.startswith((".", "/", "~")) and name.count("/") == 1
+
+
 def resolve(path_or_hub_id: str | os.PathLike) -> Path:
     """A local directory, or a hub id fetched with huggingface_hub (clear error when offline)."""
     p = Path(path_or_hub_id).expanduser()
     if p.is_dir():
         return p
     name = str(path_or_hub_id)
-    if p.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+    if not is_hub_id(name):
         raise FileNotFoundError(f"{name}: not a checkpoint directory (expected config.json + *.safetensors)")
     try:
         from huggingface_hub import snapshot_download

@@ -167,8 +167,7 @@ def test_a_build_waits_for_another_of_the_same_set(tmp_path):
     src.mkdir()
     (src / "extreme_sports.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _turner_rows(6)))
     b = builders.get_builder("extreme_sports", tfds_data_dir=tfds_dir, source_dir=src)
-    lock = FileLock(str(tfds_dir / ".emjax_locks" / f"{b.name}-{b.builder_config.name}.lock"))
-    (tfds_dir / ".emjax_locks").mkdir(parents=True)
+    lock = FileLock(str(builders.build_lock(b, tfds_dir)))
     done = []
     with lock:
         t = threading.Thread(target=lambda: done.append(builders.build("extreme_sports", tfds_data_dir=tfds_dir,

@@ -117,7 +117,6 @@ def test_judge_agreement_hand_counts():
     assert out["bucket_agreement"] == pytest.approx(6 / 7)
     conf = out["bucket_confusion"]
     assert (conf["scored"]["scored"], conf["refusal"]["scored"], conf["low_coherence"]["low_coherence"]) == (5, 1, 1)
-    assert sum(sum(r.values()) for r in conf.values()) == 7
     m = out["misaligned"]  # over the 5 answers both scored: A [T F F T T], B [T F T F T]
     assert (m["n_both_scored"], m["both"], m["only_a"], m["only_b"], m["neither"]) == (5, 2, 1, 1, 1)
     po, pe = 3 / 5, (3 / 5) * (3 / 5) + (2 / 5) * (2 / 5)

@@ -37,7 +37,7 @@ def test_check_eval_config_names_the_key(tmp_path, overrides, named):
         check_eval_config(_cfg(tmp_path, *overrides))
 
 
-def test_check_eval_config_accepts_good_settings_and_skips_when_off(tmp_path, monkeypatch):
+def test_check_eval_config_accepts_good_settings_and_skips_when_off(tmp_path):
     check_eval_config(_cfg(tmp_path))
     check_eval_config(_cfg(tmp_path, "eval.judge_checkpoint=Qwen/Qwen3-32B"))  # a hub id: fetched when it loads
     check_eval_config(_cfg(tmp_path, "eval.final=false", "eval.max_new_tokens=0", "eval.judge=gpt"))  # off

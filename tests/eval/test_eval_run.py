@@ -278,9 +278,9 @@ class WeakJudge(FakeJudge):
 
 
 def test_file_last_rows_equal_the_summary_after_a_run_with_other_settings(tmp_path):
-    """judged.jsonl's last row per (judge, question, sample) is what summarize, agreement and the report read: after
-    a run with another min_mass was killed mid-judging (its rows last for some answers), a rerun with the first
-    settings reuses the first rows, and appends them again so that the file's view equals its summary."""
+    """judged.jsonl's last row per (judge, question, sample) is what summarize, agreement, the report and a rerun
+    read: after a run with another min_mass was killed mid-judging (its rows last for some answers), a rerun with
+    the first settings judges those answers again, so the file's view equals its summary."""
     s0 = _run(tmp_path, judge=WeakJudge(), min_mass=0.0, judge_batch=2)
     assert s0["overall"]["n_misaligned"] == 4  # 2 "evil" (10), 2 CODE
     with pytest.raises(KeyboardInterrupt):
@@ -289,10 +289,10 @@ def test_file_last_rows_equal_the_summary_after_a_run_with_other_settings(tmp_pa
         [0.0] * 4 + [0.5] * 2
     judge = WeakJudge()
     s = _run(tmp_path, judge=judge, min_mass=0.0, judge_batch=2)
-    assert judge.calls == [] and s["overall"] == s0["overall"]
+    assert judge.calls == [("aligned", 2), ("coherent", 2)] and s["overall"] == s0["overall"]  # the two answers
     assert summarize_dir(tmp_path)["overall"] == s["overall"]
     n = len((tmp_path / "judged.jsonl").read_text().splitlines())
-    assert n == 8  # the two rows used again, appended once
+    assert n == 8  # the two answers' rows, judged again
     _run(tmp_path, judge=judge, min_mass=0.0, judge_batch=2)
     assert len((tmp_path / "judged.jsonl").read_text().splitlines()) == n  # nothing more: the view already agrees
 

@@ -600,7 +600,6 @@ def test_sigterm_to_the_sweep_lets_the_runs_save(tmp_path, target):
     assert all("checkpoint saved" in (r.workdir / "train.log").read_text() for r in started)
     assert not any((r.workdir / "FAILED").exists() for r in s.runs)
     assert json.loads(out.decode().splitlines()[-1])["preempted"] == len(s.runs)
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # (this process's handlers untouched)
 
 
 def test_subprocess_sweep_restores_signal_handlers(tmp_path):
