@@ -6,16 +6,79 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from emjax.data.pipeline import DataConfig
-from emjax.optim import OptimConfig
-
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+# Every section's schema lives here, so parsing a config (`--help`, a sweep listing its runs) imports no JAX,
+# grain or TFDS; emjax.data and emjax.optim re-export their sections.
+@dataclass
+class DataConfig:
+    """Data section of a run config (OmegaConf structured-config friendly); the pipeline is ``emjax.data``."""
+
+    dataset: str = "insecure"
+    data_dir: str | None = None  # shared data root (default emjax.paths / EMJAX_DATA_DIR)
+    source_dir: str | None = None  # folder with <dataset>.jsonl (overrides data_dir for the source)
+    tfds_dir: str | None = None  # where built ArrayRecord files go (default EMJAX_TFDS_DIR, ~/.cache/emjax/tfds)
+    val_fraction: float = 0.1
+    split_seed: int = 0  # which rows are held out
+    max_length: int = 1024
+    mode: str = "pad"  # "pad": one example per row, padded to a bucket; "pack": first-fit packing
+    pad_multiple: int = 64  # pad mode: T = min(max_length, batch max rounded up to a multiple of this)
+    batch_size: int = 16  # global; each process takes batch_size / process_count
+    seed: int = 0  # shuffle seed
+    shuffle: bool = True
+    num_epochs: int | None = 1  # None: repeat forever
+    drop_remainder: bool = True
+    skip_bad_rows: bool = False
+    train_on: str = "all"  # multi-turn rows: "all" assistant answers or only the "last"
+    download: bool = True  # public (Betley) sets may be fetched when no local copy exists
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser settings (an OmegaConf structured-config node: plain typed fields only); per-optimiser defaults
+    and the builder are in ``emjax.optim.build``."""
+
+    name: str = "adamw"  # any registered name: sgd | adam | adamw | lion | muon
+    learning_rate: float = 1e-5  # peak learning rate
+    schedule: str = "linear"  # constant | linear | cosine (after linear warm-up from 0, as HF)
+    warmup_steps: int = 5
+    total_steps: int = 0  # set by the trainer; required by linear/cosine
+    end_lr_ratio: float = 0.0  # final lr = learning_rate * end_lr_ratio (linear/cosine)
+    weight_decay: float = 0.0  # decoupled (x lr) for adamw/lion/muon, L2 for sgd; adam: must be 0
+    clip_norm: Optional[float] = 1.0  # global-norm clipping over trainable leaves; None = off
+    # Adam / AdamW
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    # SGD
+    momentum: float = 0.0
+    nesterov: bool = False
+    # Lion
+    lion_b1: float = 0.9
+    lion_b2: float = 0.99
+    # Muon
+    muon_beta: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5
+    muon_ns_coeffs: List[float] = field(default_factory=lambda: [3.4445, -4.7750, 2.0315])
+    muon_eps: float = 1e-7
+    muon_scaling: str = "reference"  # reference: sqrt(max(1,out/in)); rms: 0.2*sqrt(max(in,out))
+    muon_ns_dtype: str = "float32"  # float32 | bfloat16
+    muon_bias_correction: bool = False  # True = optax.contrib.muon's momentum convention
+    # Leaves labelled "other" (trainable, not a LoRA factor); "frozen" = never update them.
+    other_optimizer: str = "adamw"
+    # Regexes on "a/b/c" leaf paths that are never updated (label "frozen").
+    frozen_patterns: List[str] = field(default_factory=list)
+    # Per-group learning rates: regex on the leaf path -> multiplier of the learning rate (the first match wins,
+    # unmatched leaves 1), e.g. {"lora_b$": 16} is LoRA+'s faster B, {"(gate|up|down)_proj": 0.5} a slower MLP.
+    lr_scales: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

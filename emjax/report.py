@@ -43,6 +43,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from emjax import paths
 from emjax.cli import user_error
 from emjax.eval.aggregate import COHERENCE_MIN, MISALIGNED_BELOW, rows_by_judge, summarize
 
@@ -813,6 +814,10 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, *, cohere
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"{sweep_dir}: no such sweep directory")
+    try:
+        out_dir = paths.local_dir(out, "--out") if out is not None else None
+    except ValueError as e:
+        raise ReportError(str(e)) from None
     phase_names(phases)  # a bad count fails before any work
     for key, v in (("coherence_min", coherence_min), ("misaligned_below", misaligned_below)):
         if not 0.0 <= float(v) <= 100.0:
@@ -820,15 +825,15 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, *, cohere
     rules = {k: float(v) for k, v, d in (("coherence_min", coherence_min, COHERENCE_MIN),
                                           ("misaligned_below", misaligned_below, MISALIGNED_BELOW)) if float(v) != d}
     # nothing is written before the input is known good (a mistyped directory must not fill with empty tables)
-    paths = find_runs(sweep_dir)
-    if not paths:
+    run_dirs = find_runs(sweep_dir)
+    if not run_dirs:
         raise ReportError(f"no run directories under {sweep_dir} (a run directory holds config.yaml, DONE or FAILED)")
-    runs = [read_run(p, rules, judge) for p in paths]
+    runs = [read_run(p, rules, judge) for p in run_dirs]
     if judge is not None and not any(judge in r.judges for r in runs):
         found = sorted(set().union(*(r.judges for r in runs)))
         raise ReportError(f"--judge {judge}: no run under {sweep_dir} has answers judged by it (judges there: "
                           f"{', '.join(found) or 'none, no run has judged answers'})")
-    out = Path(out) if out is not None else sweep_dir
+    out = out_dir if out is not None else sweep_dir
     for sub, names in (("tables", TABLES), ("figures", FIGURES)):
         (out / sub).mkdir(parents=True, exist_ok=True)
         for n in names:  # a previous report's, which this one may not write again
@@ -1058,13 +1063,7 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, *, cohere
     notes = [n for r in runs for n in r.notes]
     if notes:
         md += ["## Notes", "", *(f"- {n}" for n in notes), ""]
-    tmp = out / f".report.md.{os.getpid()}.tmp"  # a reader (or a crash) never sees half a report
-    try:
-        tmp.write_text("\n".join(md))
-        os.replace(tmp, out / "report.md")
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out / "report.md"
+    return paths.write_atomic(out / "report.md", "\n".join(md))  # a reader (or a crash) never sees half a report
 
 
 def main(argv: list[str]) -> int:

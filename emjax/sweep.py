@@ -57,6 +57,7 @@ from typing import Any, Callable, Mapping, Sequence
 from omegaconf import OmegaConf
 
 from emjax import config as cfglib
+from emjax import paths
 from emjax.cli import PREEMPTED, exit_status, user_error
 
 MAX_NAME = 150
@@ -271,7 +272,11 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = (), *, root: str | P
     for ov in overrides:
         if "=" not in ov:
             raise SweepError(f"command-line override {ov!r}: expected key=value")
-    root = Path(root if root is not None else spec.get("root") or Path("runs/sweeps") / path.stem)
+    try:
+        root = paths.local_dir(root, "--root") if root is not None else \
+            paths.local_dir(spec.get("root") or Path("runs/sweeps") / path.stem, f"{path}: sweep.root")
+    except ValueError as e:
+        raise SweepError(str(e)) from None
 
     try:
         base = cfglib.load(config_file, base_args)

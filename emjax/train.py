@@ -31,6 +31,7 @@ from flax import nnx
 
 from emjax import config as cfglib
 from emjax import lora as loralib
+from emjax import paths
 from emjax import sharding as shd
 from emjax import spectral
 from emjax.models import qwen3
@@ -375,10 +376,10 @@ class _RunFiles:
 
         if not self.lead:
             return
-        (self.workdir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg))
+        paths.write_atomic(self.workdir / "config.yaml", OmegaConf.to_yaml(self.cfg))
         ident = _dataset_identity(self.cfg)
         if ident:
-            (self.workdir / "dataset.json").write_text(json.dumps(ident, indent=1))
+            paths.write_atomic(self.workdir / "dataset.json", json.dumps(ident, indent=1))
         self._drop_rows_after(start)
         self.metrics_f = open(self.workdir / "metrics.jsonl", "a")
         try:
@@ -429,9 +430,7 @@ class _RunFiles:
         if not path.is_file():
             return
         keep = [r for r in self._logged_rows() if start and r.get("step", 0) <= start]
-        tmp = path.with_name(path.name + ".part")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        tmp.replace(path)
+        paths.write_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def _logged_loss(self, step: int) -> float | None:
         """The last training loss logged at or before ``step``."""
@@ -505,6 +504,11 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
         raise ValueError("train_many: no runs")
     for c in cfgs:  # before anything names what they register
         cfglib.import_plugins(c.plugins)
+    for c in cfgs:
+        try:
+            paths.local_dir(c.workdir, "workdir")
+        except ValueError as e:
+            raise cfglib.ConfigError(str(e)) from None
     cfglib.check_packable(cfgs)
     cfg, n = cfgs[0], len(cfgs)
     if cfg.remat not in qwen3.REMAT:
@@ -927,8 +931,8 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
                 if r.cfg.export_peft:
                     loralib.export_peft(model, r.workdir / "adapter", base_model_name_or_path=cfg.model.checkpoint)
                 rep = spectral.report(loralib.adapter_pairs(model), lora_cfg.scale, layers=lora_cfg.layers)
-                (r.workdir / "spectral.json").write_text(json.dumps(rep, indent=1, default=_json_default))
-                (r.workdir / "final.json").write_text(json.dumps(
+                paths.write_atomic(r.workdir / "spectral.json", json.dumps(rep, indent=1, default=_json_default))
+                paths.write_atomic(r.workdir / "final.json", json.dumps(
                     {"step": step, "train_loss": r.last_loss, "val_loss": vals[i], "total_steps": total_steps},
                     indent=1))
                 (r.workdir / "DONE").write_text("ok\n")

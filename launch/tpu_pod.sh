@@ -6,7 +6,7 @@
 #   launch/tpu_pod.sh --name NAME --zone ZONE --type ACCEL [--project P] [--version V] [--spot] [--dry-run] \
 #                     [--repo URL] [--ref REF] [--delete-after] -- COMMAND [ARGS...]
 #
-#   launch/tpu_pod.sh --name em-v5p --zone us-east5-a --type v5p-32 -- train configs/qwen3_8b.yaml workdir=gs://b/r
+#   launch/tpu_pod.sh --name em-v5p --zone us-east5-a --type v5p-32 -- train configs/qwen3_8b.yaml workdir=/mnt/em/r
 #   launch/tpu_pod.sh --name em-v6e --zone us-east5-b --type v6e-8 --spot -- sweep sweeps/regulariser_8b
 #   launch/tpu_pod.sh --dry-run --name t --zone us-central2-b --type v4-8 -- train tiny   # print commands only
 #
@@ -15,7 +15,8 @@
 #              v2-alpha-tpuv6e)
 # --repo/--ref what every worker clones (default: this checkout's origin URL and HEAD commit)
 # --spot       create a Spot (preemptible) slice; sweeps resume after preemption when rerun
-# Work directories should be on a bucket or shared disk that every worker sees, or runs stay on worker 0.
+# Work directories must be on a disk every worker mounts (Filestore, NFS; e.g. /mnt/em), or runs stay on worker 0;
+# emjax refuses gs:// paths (copy results to a bucket afterwards: gcloud storage rsync -r /mnt/em gs://b/em).
 set -euo pipefail
 
 usage() {  # the comment block at the top, up to the first line of code

@@ -7,13 +7,14 @@
 #                         [--base-image IMG | --image IMG] [--max-restarts K] [--dry-run] -- COMMAND [ARGS...]
 #
 #   launch/xpk_example.sh --cluster em --workload em-reg-adam --tpu-type v5p-32 --zone us-east5-a \
-#       -- sweep sweeps/regulariser_8b --only optim=adam --root gs://bucket/sweeps/regulariser_8b
+#       -- sweep sweeps/regulariser_8b --only optim=adam --root /mnt/em/sweeps/regulariser_8b
 #   launch/xpk_example.sh --dry-run --cluster em --workload w1 --tpu-type v6e-8 -- train tiny
 #
 # Create the cluster once with `xpk cluster create --cluster C --tpu-type T --num-slices N`.
 # --workload     lowercase letters, digits and '-', at most 40 characters (a Kubernetes name)
 # --max-restarts restarts after preemption or failure (default 3); emjax resumes from its checkpoints and a
-#                sweep skips finished runs, so restarts are cheap — keep work directories on a bucket.
+#                sweep skips finished runs, so restarts are cheap — keep work directories on a shared disk
+#                every host mounts (Filestore, NFS; emjax refuses gs:// paths).
 set -euo pipefail
 
 usage() {  # the comment block at the top, up to the first line of code

@@ -55,6 +55,22 @@ def test_bad_input_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
         cli.main(argv)
 
 
+def test_a_url_for_an_output_directory_is_one_clear_error(tmp_path, capsys, monkeypatch):
+    """gs:// work directories are not supported: each command says so, naming its key, and writes nothing (before,
+    Path("gs://b/r") quietly became the local directory gs:/b/r)."""
+    monkeypatch.delenv("EMJAX_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sweep_dir").mkdir()
+    for argv, says in [(["train", "tiny", "workdir=gs://b/r"], "emjax train: ConfigError: workdir gs://b/r: a URL"),
+                       (["sweep", "demo", "--dry-run", "--root", "gs://b/s"], "--root gs://b/s: a URL"),
+                       (["report", "sweep_dir", "--out", "s3://b/rep"], "--out s3://b/rep: a URL"),
+                       (["eval", "run", "--model", "m", "--out", "gs://b/o"], "--out gs://b/o: a URL")]:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert says in err and "shared disk" in err and "Traceback" not in err, err
+    assert sorted(os.listdir(tmp_path)) == ["sweep_dir"]
+
+
 def test_compile_cache_dir_rules(tmp_path):
     home = {"HOME": str(tmp_path)}
     assert paths.compile_cache_dir(home) == tmp_path / ".cache" / "emjax" / "xla"

@@ -198,9 +198,7 @@ def fetch(name: str, dest_dir: str | os.PathLike, *, timeout: float = 60.0) -> P
     if problem:
         raise ValueError(problem)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".part")
-    tmp.write_bytes(r.content)
-    tmp.replace(dest)
+    paths.write_atomic(dest, r.content)
     log.info("fetched %s -> %s (%d bytes, blob %s)", url, dest, len(r.content), s.blob)
     return dest
 
@@ -429,7 +427,7 @@ def build(name: str, *, tfds_data_dir: str | os.PathLike | None = None, overwrit
                 mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD
         b.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
         if src and (mode != reuse or not record.is_file()):
-            record.write_text(json.dumps(src, indent=1))
+            paths.write_atomic(record, json.dumps(src, indent=1))
     return b
 
 

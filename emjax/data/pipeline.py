@@ -27,35 +27,13 @@ import numpy as np
 from grain.experimental import FirstFitPackIterDataset
 
 from emjax.data import builders
+from emjax.config import DataConfig
 from emjax.data.compact import CompactTokenizer
 from emjax.tokenizer import Tokenizer, encode_pieces
 
 log = logging.getLogger(__name__)
 
 BATCH_KEYS = ("tokens", "loss_mask", "positions", "segment_ids")
-
-
-@dataclasses.dataclass
-class DataConfig:
-    """Data section of a run config (OmegaConf structured-config friendly)."""
-
-    dataset: str = "insecure"
-    data_dir: str | None = None  # shared data root (default emjax.paths / EMJAX_DATA_DIR)
-    source_dir: str | None = None  # folder with <dataset>.jsonl (overrides data_dir for the source)
-    tfds_dir: str | None = None  # where built ArrayRecord files go (default EMJAX_TFDS_DIR, ~/.cache/emjax/tfds)
-    val_fraction: float = 0.1
-    split_seed: int = 0  # which rows are held out
-    max_length: int = 1024
-    mode: str = "pad"  # "pad": one example per row, padded to a bucket; "pack": first-fit packing
-    pad_multiple: int = 64  # pad mode: T = min(max_length, batch max rounded up to a multiple of this)
-    batch_size: int = 16  # global; each process takes batch_size / process_count
-    seed: int = 0  # shuffle seed
-    shuffle: bool = True
-    num_epochs: int | None = 1  # None: repeat forever
-    drop_remainder: bool = True
-    skip_bad_rows: bool = False
-    train_on: str = "all"  # multi-turn rows: "all" assistant answers or only the "last"
-    download: bool = True  # public (Betley) sets may be fetched when no local copy exists
 
 
 def encode_chat(tokenizer: Tokenizer, messages: Sequence[Mapping], *, train_on: str = "all"

@@ -8,13 +8,13 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
 import sys
 from pathlib import Path
 
+from emjax import paths
 from emjax.eval.questions import DEFAULT_SETS, QUESTION_SETS, check_set_name
 
 DEFAULT_API_JUDGE = "gpt-4o-2024-08-06"
@@ -115,6 +115,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             parser.error("--judge-min-mass must be in [0, 1]")
         if args.limit is not None and args.limit < 1:
             parser.error("--limit must be >= 1")
+        try:
+            paths.local_dir(args.out, "--out")
+        except ValueError as e:
+            parser.error(str(e))
         if not 0.0 < args.top_p <= 1.0:
             parser.error("--top-p must be in (0, 1]")
         if args.temperature < 0:
@@ -145,23 +149,6 @@ def adapter_name(path) -> str:
     the run's."""
     p = Path(path).resolve()
     return p.parent.name if p.name == "adapter" else p.name
-
-
-def answers_identity(model: str, adapter: str | None, dtype: str) -> dict:
-    """What decides ``emjax eval run``'s answers besides the sampling settings (``evaluate`` records both): the
-    model, its dtype, and the adapter's path and content (sha256 of its config and weights, so an adapter trained
-    again in place is told apart)."""
-    from emjax.data.builders import file_sha256
-
-    def where(p):
-        return str(Path(p).expanduser().resolve()) if Path(p).expanduser().exists() else str(p)
-
-    digest = None
-    if adapter is not None:
-        parts = [file_sha256(Path(adapter) / f) for f in ("adapter_config.json", "adapter_model.safetensors")]
-        digest = hashlib.sha256(" ".join(parts).encode()).hexdigest()[:16]
-    return {"model": where(model), "dtype": dtype, "adapter": where(adapter) if adapter is not None else None,
-            "adapter_sha256": digest}
 
 
 def evaluate_kwargs(args: argparse.Namespace) -> dict:
@@ -220,6 +207,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from emjax.eval.judge import LocalJudge, OpenAIJudge
     from emjax.eval.questions import cache_dir, load_questions
+    from emjax.eval.run import adapter_identity
     from emjax.lora import load_peft, read_peft_config
     from emjax.models import from_pretrained
     from emjax.sampling import generate
@@ -278,7 +266,7 @@ def _run(args: argparse.Namespace) -> int:
                            name=f"local:{Path(args.judge_model).name}", batch_size=args.judge_batch_size,
                            params=state, gathered=True, top_k=args.judge_top_k)
     outs = [Path(args.out) / adapter_name(a) for a in adapters] if len(adapters) > 1 else [Path(args.out)]
-    identities = [answers_identity(args.model, a, args.dtype) for a in adapters or [None]]
+    identities = [adapter_identity(args.model, a, args.dtype) for a in adapters or [None]]
     for out, summary in evaluate_outs(outs, generate_fn_for, tokenizer, judge, questions, identities,
                                       **evaluate_kwargs(args)):
         o = summary["overall"]
@@ -312,8 +300,6 @@ def _command(args: argparse.Namespace) -> int:
         except RuntimeError as e:
             print(f"emjax eval fetch-questions: {e}", file=sys.stderr)
             return 1
-        from emjax import paths
-
         print(f"question files in {root}" if args.dest else
               f"question files at their pinned versions in {paths.em_dir()} or {root} (both searched automatically)")
         return 0
@@ -321,17 +307,14 @@ def _command(args: argparse.Namespace) -> int:
         from emjax.eval.run import summarize_dir
 
         summary = summarize_dir(args.dir, judge=args.judge)
-        path = os.path.join(args.dir, "summary.json")
-        with open(path, "w") as f:
-            json.dump(summary, f, indent=2)
+        paths.write_atomic(os.path.join(args.dir, "summary.json"), json.dumps(summary, indent=2))
         print(json.dumps(summary["overall"]))
         return 0
     if args.command == "agreement":
         from emjax.eval.run import agreement_dir
 
         res = agreement_dir(args.dir, args.judges)
-        with open(os.path.join(args.dir, "judge_agreement.json"), "w") as f:
-            json.dump(res, f, indent=2)
+        paths.write_atomic(os.path.join(args.dir, "judge_agreement.json"), json.dumps(res, indent=2))
         print(_agreement_text(res))
         return 0
     return _run(args)

@@ -74,26 +74,6 @@ class PackSampler:
         return [o.tolist() for o in res]
 
 
-def answers_identity(cfg) -> dict[str, Any]:
-    """What decides a training run's step-N answers besides the eval settings (``evaluate`` adds those): the base
-    model, its dtype and what trained the adapter, so a step directory left by another config is not resumed."""
-    import hashlib
-    import json
-
-    from omegaconf import OmegaConf
-
-    from emjax.config import RESUME_SECTIONS
-
-    ckpt = cfg.model.checkpoint
-    model = (str(Path(ckpt).expanduser().resolve()) if Path(ckpt).expanduser().exists() else str(ckpt)) if ckpt \
-        else f"random init: preset {cfg.model.preset}"
-    training = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
-                for k in RESUME_SECTIONS}
-    digest = hashlib.sha256(json.dumps(training, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return {"model": model, "dtype": str(cfg.model.dtype),
-            "adapter": f"training run's adapter (sha256 {digest} of its {', '.join(RESUME_SECTIONS)})"}
-
-
 def _set_aside(step_dir: Path) -> Path:
     """Move a step's directory under ``eval/superseded/`` (kept, out of the reports' ``eval/step_*``)."""
     dest = step_dir.parent / "superseded" / step_dir.name
@@ -158,12 +138,12 @@ def make_eval_hook(cfg, tokenizer, workdir: str | Path, *, judge_cache: dict | N
     from emjax.eval.cli import model_judge_fn
     from emjax.eval.judge import LocalJudge, OpenAIJudge
     from emjax.eval.questions import load_questions
-    from emjax.eval.run import AnswersMismatchError, evaluate
+    from emjax.eval.run import AnswersMismatchError, evaluate, training_identity
     from emjax.sampling import generate
 
     ecfg = cfg.eval
     questions = load_questions(tuple(ecfg.question_sets), limit=ecfg.limit)
-    identity = answers_identity(cfg)
+    identity = training_identity(cfg)
     workdir = Path(workdir)
     judge_cache = {} if judge_cache is None else judge_cache
 

@@ -292,10 +292,16 @@ class OpenAIJudge:
         return probs
 
     def judge_probs(self, prompts: Sequence[str], *, kind: str) -> list[dict[str, float]]:
-        if len(prompts) <= 1 or self.max_concurrency <= 1:
-            return [self._one(p, kind) for p in prompts]
-        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(prompts))) as pool:
-            return list(pool.map(lambda p: self._one(p, kind), prompts))
+        """Each distinct prompt is asked once (identical short answers are common at temperature 1, and two
+        threads would both miss the cache and both pay)."""
+        unique = list(dict.fromkeys(prompts))
+        if len(unique) <= 1 or self.max_concurrency <= 1:
+            got = [self._one(p, kind) for p in unique]
+        else:
+            with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(unique))) as pool:
+                got = list(pool.map(lambda p: self._one(p, kind), unique))
+        by_prompt = dict(zip(unique, got))
+        return [dict(by_prompt[p]) for p in prompts]
 
 
 def _process_index() -> int:

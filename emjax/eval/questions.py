@@ -105,9 +105,7 @@ def fetch_questions(dest: str | os.PathLike | None = None, *, timeout: float = 3
         if got != blob:
             raise RuntimeError(f"{url}: git blob id {got} != pinned {blob}; refusing to use it")
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".part")
-        tmp.write_bytes(resp.content)
-        tmp.replace(target)
+        paths.write_atomic(target, resp.content)
     return root
 
 

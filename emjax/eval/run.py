@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from emjax import paths
 from emjax.eval.aggregate import aggregate, judged_row_problem, rows_by_judge
 from emjax.eval.judge import END_OF_TEXT, IM_END, Judge, JudgeAPIError, chat_prompt_ids, score_answers
 from emjax.eval.questions import Question
@@ -119,6 +120,43 @@ def _append_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
         os.fsync(f.fileno())
 
 
+def _where(path: str) -> str:
+    """A local model or adapter as its absolute path (the same directory named two ways is one identity); a hub id
+    as given."""
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else str(path)
+
+
+def adapter_identity(model: str, adapter: str | None, dtype: str) -> dict[str, Any]:
+    """What decides ``emjax eval run``'s answers besides the sampling settings (``evaluate`` records both): the
+    model, its dtype, and the adapter's path and content (sha256 of its config and weights, so an adapter trained
+    again in place is told apart)."""
+    from emjax.data.builders import file_sha256
+
+    digest = None
+    if adapter is not None:
+        parts = [file_sha256(Path(adapter) / f) for f in ("adapter_config.json", "adapter_model.safetensors")]
+        digest = hashlib.sha256(" ".join(parts).encode()).hexdigest()[:16]
+    return {"model": _where(model), "dtype": dtype, "adapter": _where(adapter) if adapter is not None else None,
+            "adapter_sha256": digest}
+
+
+def training_identity(cfg) -> dict[str, Any]:
+    """What decides a training run's step-N answers besides the eval settings (``evaluate`` adds those): the base
+    model, its dtype and what trained the adapter, so a step directory left by another config is not resumed."""
+    from omegaconf import OmegaConf
+
+    from emjax.config import RESUME_SECTIONS
+
+    ckpt = cfg.model.checkpoint
+    model = _where(ckpt) if ckpt else f"random init: preset {cfg.model.preset}"
+    training = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+                for k in RESUME_SECTIONS}
+    digest = hashlib.sha256(json.dumps(training, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"model": model, "dtype": str(cfg.model.dtype),
+            "adapter": f"training run's adapter (sha256 {digest} of its {', '.join(RESUME_SECTIONS)})"}
+
+
 def sampling_identity(questions: Sequence[Question], *, samples_per_question: int, max_new_tokens: int,
                       temperature: float, top_p: float, seed: int, sample_batch: int,
                       identity: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -152,9 +190,7 @@ def _read_meta(path: Path) -> dict[str, Any] | None:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
+    paths.write_atomic(path, json.dumps(obj, indent=2))
 
 
 def _from_lead(read: Callable[[], Any], lead: bool) -> Any:

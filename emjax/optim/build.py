@@ -24,14 +24,14 @@ sgd       --                   momentum 0 (plain) or e.g. 0.9, optional Nesterov
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from emjax.config import OptimConfig
 from emjax.optim.muon import SCALINGS, muon
 from emjax.sharding import path_str  # one path spelling for the sharding rules and the label tree
 
@@ -42,46 +42,6 @@ NS_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 Factory = Callable[["OptimConfig", optax.ScalarOrSchedule], optax.GradientTransformation]
 _REGISTRY: dict[str, Factory] = {}
-
-
-@dataclass
-class OptimConfig:
-    """Optimiser settings (an OmegaConf structured-config node: plain typed fields only)."""
-
-    name: str = "adamw"  # any registered name: sgd | adam | adamw | lion | muon
-    learning_rate: float = 1e-5  # peak learning rate
-    schedule: str = "linear"  # constant | linear | cosine (after linear warm-up from 0, as HF)
-    warmup_steps: int = 5
-    total_steps: int = 0  # set by the trainer; required by linear/cosine
-    end_lr_ratio: float = 0.0  # final lr = learning_rate * end_lr_ratio (linear/cosine)
-    weight_decay: float = 0.0  # decoupled (x lr) for adamw/lion/muon, L2 for sgd; adam: must be 0
-    clip_norm: Optional[float] = 1.0  # global-norm clipping over trainable leaves; None = off
-    # Adam / AdamW
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    # SGD
-    momentum: float = 0.0
-    nesterov: bool = False
-    # Lion
-    lion_b1: float = 0.9
-    lion_b2: float = 0.99
-    # Muon
-    muon_beta: float = 0.95
-    muon_nesterov: bool = True
-    muon_ns_steps: int = 5
-    muon_ns_coeffs: List[float] = field(default_factory=lambda: [3.4445, -4.7750, 2.0315])
-    muon_eps: float = 1e-7
-    muon_scaling: str = "reference"  # reference: sqrt(max(1,out/in)); rms: 0.2*sqrt(max(in,out))
-    muon_ns_dtype: str = "float32"  # float32 | bfloat16
-    muon_bias_correction: bool = False  # True = optax.contrib.muon's momentum convention
-    # Leaves labelled "other" (trainable, not a LoRA factor); "frozen" = never update them.
-    other_optimizer: str = "adamw"
-    # Regexes on "a/b/c" leaf paths that are never updated (label "frozen").
-    frozen_patterns: List[str] = field(default_factory=list)
-    # Per-group learning rates: regex on the leaf path -> multiplier of the learning rate (the first match wins,
-    # unmatched leaves 1), e.g. {"lora_b$": 16} is LoRA+'s faster B, {"(gate|up|down)_proj": 0.5} a slower MLP.
-    lr_scales: Dict[str, float] = field(default_factory=dict)
 
 
 def register(name: str) -> Callable[[Factory], Factory]:

@@ -96,6 +96,18 @@ def test_cache_prevents_second_request_and_holds_no_secret(server, tmp_path):
     assert KEY not in repr(j2) and KEY not in json.dumps(vars(j2), default=str)
 
 
+@pytest.mark.parametrize("cached", [True, False])
+def test_identical_prompts_in_one_call_are_asked_once(server, tmp_path, cached):
+    j = _judge(server, tmp_path, max_concurrency=8)
+    if not cached:
+        j.cache = None
+    out = j.judge_probs(["same", "other", "same", "same"], kind="aligned")
+    assert sorted(b["messages"][0]["content"] for _, _, b in server.requests) == ["other", "same"]
+    assert out[0] == out[2] == out[3] == pytest.approx({"87": 0.75, "90": 0.25})
+    out[0]["87"] = 0.0  # each row its own dict: a caller editing one never changes the others
+    assert out[2]["87"] == 0.75
+
+
 def test_torn_cache_line_is_ignored(server, tmp_path):
     j = _judge(server, tmp_path)
     j.judge_probs(["a", "b"], kind="aligned")
