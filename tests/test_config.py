@@ -63,3 +63,15 @@ def test_per_group_learning_rates_from_the_command_line():
     assert dict(cfglib.load("tiny", ["optim.lr_scales.lora_b$=16"]).optim.lr_scales) == {"lora_b$": 16.0}
     with pytest.raises(cfglib.ConfigError, match=r"optim\.lr_scales\.lora_b"):
         cfglib.load("tiny", ["optim.lr_scales.lora_b=fast"])
+
+
+def test_parsing_a_config_imports_no_jax_grain_or_tfds():
+    """``--help``, a sweep listing its runs and the sweep's parent process parse configs only: the schemas live in
+    emjax.config so that costs no JAX, grain or TFDS import (seconds each)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, emjax.config as c, emjax.sweep; c.load('tiny', ['optim.name=muon', 'data.max_length=64']); "
+            "print(sorted(m for m in ('jax', 'grain', 'tensorflow_datasets', 'optax', 'flax') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
