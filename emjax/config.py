@@ -79,6 +79,9 @@ class OptimConfig:
     # Per-group learning rates: regex on the leaf path -> multiplier of the learning rate (the first match wins,
     # unmatched leaves 1), e.g. {"lora_b$": 16} is LoRA+'s faster B, {"(gate|up|down)_proj": 0.5} a slower MLP.
     lr_scales: Dict[str, float] = field(default_factory=dict)
+    # Settings of optimisers of your own (emjax.optim.register), free-form: ``optim.extra.beta=0.5`` on the command
+    # line or in a sweep's grid; your factory reads ``cfg.extra.get("beta", 0.9)``. The built-ins ignore it.
+    extra: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -234,7 +237,40 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = (), schema=T
                                   f"{sections[0]}.KEY=VALUE") from None
         hint = f" (a list: {key}=[...])" if "is not a ListConfig" in (msg[0] if msg else "") else ""
         raise ConfigError(f"{where}: bad config key {key!r}: {msg[0] if msg else type(e).__name__}{hint}") from None
+    if schema is TrainConfig:
+        absolute_paths(base)
     return base
+
+
+# Keys that may name local files or directories, relative to where emjax runs: ``load`` makes them absolute, so a
+# run's config.yaml, a sweep's printed commands and a resume from another directory all name the same files.
+# Directories are taken whole; files and checkpoints only where they exist (else a hub id, a study set's or
+# dataset's name: left as given).
+PATH_DIRS = ("data.data_dir", "data.source_dir", "data.tfds_dir")
+PATH_FILES = {"model.checkpoint": "", "eval.judge_model": "", "data.dataset": (".jsonl",), "plugins": (".py",),
+              "eval.question_sets": (".yaml", ".yml")}  # key -> the endings that make a value a path ("": any)
+
+
+def absolute_paths(cfg) -> None:
+    """Make the local paths in ``cfg``'s ``PATH_DIRS`` and ``PATH_FILES`` absolute, in place."""
+    def local(v, endings):
+        if not isinstance(v, str) or not v or Path(v).is_absolute() or (endings and not v.endswith(endings)):
+            return v
+        p = Path(v).expanduser()
+        return str(p.resolve()) if p.exists() else v
+
+    for key in PATH_DIRS:
+        v = OmegaConf.select(cfg, key)
+        if isinstance(v, str) and v:
+            OmegaConf.update(cfg, key, str(Path(v).expanduser().resolve()))
+    for key, endings in PATH_FILES.items():
+        v = OmegaConf.select(cfg, key)
+        if OmegaConf.is_list(v):
+            new = [local(x, endings) for x in v]
+            if new != list(v):
+                OmegaConf.update(cfg, key, new, merge=False)
+        elif (new := local(v, endings)) != v:
+            OmegaConf.update(cfg, key, new)
 
 
 def _sections_set_to_values(schema, given) -> list[str]:
@@ -255,6 +291,7 @@ def _sections_set_to_values(schema, given) -> list[str]:
 def import_plugins(names: Sequence[str]) -> None:
     """Import a run's ``plugins`` (module names, or paths of ``.py`` files), each once per process; one that cannot
     be found is a ConfigError naming it (an error inside a plugin is the plugin's, and keeps its traceback)."""
+    import hashlib
     import importlib
     import importlib.util
     import sys
@@ -266,12 +303,14 @@ def import_plugins(names: Sequence[str]) -> None:
                 importlib.import_module(name)
                 continue
             path = Path(name).expanduser().resolve()
-            key = f"emjax_plugin:{path}"
-            if key in sys.modules:
-                continue
             if not path.is_file():
                 raise FileNotFoundError(f"no such file {path}")
-            spec = importlib.util.spec_from_file_location(path.stem, path)
+            if _loaded_from(path):  # imported already (by the user's own ``import``, or as a plugin): not twice
+                continue
+            # a real module name under which sys.modules holds it, as dataclasses, typing.get_type_hints and
+            # flax.struct look a class's module up by name; the path's hash keeps two my_optims.py apart
+            key = f"emjax_plugin_{path.stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+            spec = importlib.util.spec_from_file_location(key, path)
             module = importlib.util.module_from_spec(spec)
             sys.modules[key] = module
             try:
@@ -280,7 +319,25 @@ def import_plugins(names: Sequence[str]) -> None:
                 del sys.modules[key]
                 raise
         except (ImportError, FileNotFoundError) as e:
-            raise ConfigError(f"plugins: {name}: {type(e).__name__}: {e}") from None
+            hint = ""
+            if isinstance(e, ModuleNotFoundError) and e.name == name.split(".")[0]:
+                hint = (" (a module must be importable from where emjax runs: installed, or its directory on "
+                        f"PYTHONPATH; a file's path works from anywhere: plugins=[{name.replace('.', '/')}.py])")
+            raise ConfigError(f"plugins: {name}: {type(e).__name__}: {e}{hint}") from None
+
+
+def _loaded_from(path: Path) -> bool:
+    import sys
+
+    for module in list(sys.modules.values()):
+        f = getattr(module, "__file__", None)
+        if f and f.endswith(path.name):
+            try:
+                if Path(f).resolve() == path:
+                    return True
+            except OSError:
+                continue
+    return False
 
 
 def to_yaml(cfg) -> str:

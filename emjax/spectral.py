@@ -336,15 +336,19 @@ PenaltyFn = Callable[[jax.Array, jax.Array], jax.Array]
 PENALTIES: dict[str, PenaltyFn] = {}
 
 
-def register_penalty(name: str) -> Callable[[PenaltyFn], PenaltyFn]:
+def register_penalty(name: str, *, replace: bool = False) -> Callable[[PenaltyFn], PenaltyFn]:
     """Register ``fn(sigma (..., r), active (...,)) -> (...,)`` as a penalty kind, ≥ 0 and 0 when flat.
 
-    ``fn`` must be NaN-free with finite gradients for σ = 0 and return 0 where ``active`` is False.
+    ``fn`` must be NaN-free with finite gradients for σ = 0 and return 0 where ``active`` is False. A name already
+    taken is an error unless ``replace=True`` or it is the same function defined again (a module imported twice).
     """
 
     def deco(fn: PenaltyFn) -> PenaltyFn:
-        if name in PENALTIES:
-            raise ValueError(f"spectral: penalty kind {name!r} is already registered")
+        old = PENALTIES.get(name)
+        where = [f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', repr(f))}" for f in (old, fn)]
+        if old is not None and not replace and where[0] != where[1]:
+            raise ValueError(f"spectral: penalty kind {name!r} is already registered (by {where[0]}); pick another "
+                             f"name, or register_penalty({name!r}, replace=True) to replace it")
         PENALTIES[name] = fn
         return fn
 
@@ -376,13 +380,14 @@ def per_module_penalty(a, b, scale=1.0, kind: str = "fn_ratio", qr: str | None =
     if kind not in PENALTIES:
         raise ValueError(f"spectral: unknown penalty kind {kind!r}; registered: {sorted(PENALTIES)}")
     _check_pair(a, b)
-    return _per_module_penalty(a, b, scale, kind, _resolve_qr(qr))
+    # the function, not its name, keys the compiled program: a kind registered again (replace=True) takes effect
+    return _per_module_penalty(a, b, scale, PENALTIES[kind], _resolve_qr(qr))
 
 
-@partial(jax.jit, static_argnames=("kind", "qr"))
-def _per_module_penalty(a, b, scale, kind, qr):
+@partial(jax.jit, static_argnames=("fn", "qr"))
+def _per_module_penalty(a, b, scale, fn, qr):
     s, act = _singular_values(a, b, scale, qr=qr)
-    return PENALTIES[kind](s, act)
+    return fn(s, act)
 
 
 def penalty(adapters: Adapters, scale=1.0, kind: str = "fn_ratio", reduce: str = "mean",

@@ -288,6 +288,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = (), *, root: str | P
         run_args = [*(f"{k}={format_value(v)}" for k, v in ov.items()), *overrides, f"workdir={workdir}"]
         try:  # one merge per run (what cfglib.load does override by override, ~50x faster for big grids)
             cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(run_args))
+            cfglib.absolute_paths(cfg)
         except Exception:
             try:  # cfglib.load names the offending key
                 cfg = cfglib.load(config_file, [*base_args, *run_args])
@@ -348,9 +349,19 @@ def make_packs(runs: Sequence[Run], size: int) -> list[list[Run]]:
 
 
 def _absolute_args(run: Run) -> list[str]:
-    """``run.args`` with its work directory (``workdir=root/<name>``, the last) as an absolute path."""
+    """``run.args`` with its work directory (``workdir=root/<name>``, the last) as an absolute path, after the
+    local paths its config holds (plugins, datasets, question files, checkpoints: ``cfglib.absolute_paths``, from
+    the file or the overrides alike) restated as absolute overrides."""
+    from omegaconf import OmegaConf
+
     own = f"workdir={run.workdir}"
-    return [f"workdir={os.path.abspath(run.workdir)}" if a == own else a for a in run.args]
+    args = [a for a in run.args if a != own]
+    for key in (*cfglib.PATH_DIRS, *cfglib.PATH_FILES):
+        v = OmegaConf.select(run.cfg, key)
+        v = OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
+        if any(isinstance(x, str) and x.startswith("/") for x in (v if isinstance(v, list) else [v])):
+            args.append(f"{key}={format_value(v)}")
+    return [*args, f"workdir={os.path.abspath(run.workdir)}"]
 
 
 def pack_command(pack: Sequence[Run], program: Sequence[str] = ("emjax",), absolute: bool = False) -> list[str]:

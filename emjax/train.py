@@ -39,6 +39,19 @@ from emjax.models.loading import from_pretrained, init_lora
 
 log = logging.getLogger("emjax.train")
 
+
+def show_info(name: str = "emjax") -> None:
+    """Print the ``name`` logger's INFO and above on stderr, and only its own: configuring the root logger instead
+    (``logging.basicConfig``) lets orbax's, absl's and TFDS's INFO lines through, about a hundred a tiny run."""
+    logger = logging.getLogger(name)
+    if not any(getattr(h, "_emjax", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler._emjax = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
 PRESETS = {
     # random-init shapes; the real sizes come from emjax.models.qwen3.SIZES
     "tiny": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16),
@@ -288,6 +301,26 @@ def peak_flops(override_tflops: float | None) -> float:
 # Run
 
 
+def _check_names(cfg) -> None:
+    """The registered names a config uses (optimisers, penalty kind, dataset), once its plugins are imported."""
+    from emjax import optim
+    from emjax.data import builders
+
+    plugins = " (one of your own? name the file that registers it: plugins=[my_file.py])"
+    for key in ("name", "other_optimizer"):
+        name = cfg.optim[key]
+        if name not in optim.available() and not (key == "other_optimizer" and name == "frozen"):
+            raise cfglib.ConfigError(f"optim.{key} {name!r}: not a registered optimiser; registered: "
+                                     f"{', '.join(optim.available())}{plugins}")
+    if cfg.spectral.kind not in spectral.PENALTIES:
+        raise cfglib.ConfigError(f"spectral.kind {cfg.spectral.kind!r}: not a registered penalty kind; registered: "
+                                 f"{', '.join(sorted(spectral.PENALTIES))}{plugins}")
+    try:
+        builders.spec(cfg.data.dataset)
+    except KeyError as e:
+        raise cfglib.ConfigError(f"data.dataset: {e.args[0]}") from None
+
+
 def _check_compatible(workdir: Path, cfg) -> None:
     """A work directory belongs to one run: refuse to resume it with a different model, adapter, data or optimiser.
     How the step is computed (grad_accum, remat, loss_chunk, attn_chunk) may change: it changes no number beyond
@@ -302,11 +335,16 @@ def _check_compatible(workdir: Path, cfg) -> None:
         raise TrainError(f"{ckpts} holds checkpoints but {saved_path} is missing, so nothing shows they belong to "
                          "this config. Use a new workdir (or restore the run's config.yaml).")
     saved = OmegaConf.load(saved_path)
+    cfglib.absolute_paths(saved)  # a run saved with relative paths (before they were made absolute) names them so
+    defaults = OmegaConf.structured(cfglib.TrainConfig)
     for section in cfglib.RESUME_SECTIONS:
         a = OmegaConf.select(saved, section)
         b = OmegaConf.select(cfg, section)
         a = OmegaConf.to_container(a) if OmegaConf.is_config(a) else a
         b = OmegaConf.to_container(b) if OmegaConf.is_config(b) else b
+        if isinstance(a, dict) and OmegaConf.is_config(d := OmegaConf.select(defaults, section)):
+            # a key added to the schema after the run was saved held its default then
+            a = {**OmegaConf.to_container(d), **a}
         if a != b:
             if isinstance(a, dict) and isinstance(b, dict):
                 keys = [k for k in set(a) | set(b) if a.get(k) != b.get(k)]
@@ -402,8 +440,16 @@ class _RunFiles:
 
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, {"trainable": trainable, "opt": opt_state})
         step = self.resume_step
-        restored = self.mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        try:
+            restored = self.mngr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        except ValueError as e:  # orbax's advice (partial_restore=True) is not a user's to act on
+            detail = " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip() and "partial_restore" not in ln)
+            detail = detail if len(detail) <= 400 else detail[:400] + "…"
+            raise TrainError(
+                f"{self.workdir / 'checkpoints' / str(step)}: this run's state does not fit the checkpoint (the same "
+                f"config, so the optimiser's code or a plugin changed since it was saved): {detail}. Use a new "
+                "workdir to start afresh, or restore the code that saved it.") from None
         meta = restored["meta"]
         # the training loss at that step, which final.json reports even when no step is left to run (a run killed
         # after its last checkpoint, in its final validation or evaluation); checkpoints from before it was kept:
@@ -504,11 +550,12 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
         raise ValueError("train_many: no runs")
     for c in cfgs:  # before anything names what they register
         cfglib.import_plugins(c.plugins)
-    for c in cfgs:
+    for c in cfgs:  # names checked before anything is built or written
         try:
             paths.local_dir(c.workdir, "workdir")
         except ValueError as e:
             raise cfglib.ConfigError(str(e)) from None
+        _check_names(c)
     cfglib.check_packable(cfgs)
     cfg, n = cfgs[0], len(cfgs)
     if cfg.remat not in qwen3.REMAT:
@@ -1118,7 +1165,7 @@ def main(argv: list[str]) -> int:
                     help="one run of a pack: its own overrides, laid over the shared ones (repeat per run), e.g. "
                          '--run "optim.name=muon workdir=runs/m" --run "optim.name=adam workdir=runs/a"')
     args = ap.parse_intermixed_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    show_info("emjax")
 
     def split(run: str) -> list[str]:
         try:

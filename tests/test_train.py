@@ -753,19 +753,33 @@ def test_plugins_register_an_optimiser_for_the_config(tmp_path):
     """``plugins=[file.py]`` (or a module name) is imported before the run is built, so an optimiser it registers is
     named by optim.name from a config or the command line (the CLI had no way to import it); a plugin that is not
     there is one error naming it."""
+    text = ("from __future__ import annotations\nimport dataclasses\nimport optax\nimport emjax.optim\nCALLS = []\n\n"
+            "@dataclasses.dataclass\nclass Settings:  # string annotations: dataclasses looks the module up by name\n"
+            "    beta: float = 0.0\n\n"
+            "@emjax.optim.register('NAME')\n"
+            "def signsgd(cfg, learning_rate):\n"
+            "    CALLS.append((cfg.name, Settings(**cfg.extra).beta))\n"
+            "    return optax.chain(optax.scale_by_sign(), optax.scale_by_learning_rate(learning_rate))\n")
     plugin = tmp_path / "my_optims.py"
-    plugin.write_text("import optax\nimport emjax.optim\nCALLS = []\n\n"
-                      "@emjax.optim.register('signsgd_plugin_test')\n"
-                      "def signsgd(cfg, learning_rate):\n"
-                      "    CALLS.append(cfg.name)\n"
-                      "    return optax.chain(optax.scale_by_sign(), optax.scale_by_learning_rate(learning_rate))\n")
+    plugin.write_text(text.replace("NAME", "signsgd_plugin_test"))
     r = train(_cfg(tmp_path, f"plugins=[{plugin}]", "optim.name=signsgd_plugin_test", "steps=2", "export_peft=false",
-                   "val_batches=1"))
-    assert r.status == "done" and "signsgd_plugin_test" in sys.modules[f"emjax_plugin:{plugin}"].CALLS
+                   "val_batches=1", "optim.extra.beta=0.5"))  # an optimiser's own setting, from the command line
+    [module] = [m for m in list(sys.modules.values()) if getattr(m, "__file__", None) == str(plugin)]
+    assert r.status == "done" and ("signsgd_plugin_test", 0.5) in module.CALLS
     assert "signsgd_plugin_test" in (r.workdir / "config.yaml").read_text()
+    # a plugin the user imported already (``import my_optims2``) is not run again (its register would refuse)
+    (tmp_path / "my_optims2.py").write_text(text.replace("NAME", "signsgd_plugin_test2"))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import my_optims2
+    finally:
+        sys.path.remove(str(tmp_path))
+    r = train(_cfg(tmp_path, f"plugins=[{tmp_path / 'my_optims2.py'}]", "optim.name=signsgd_plugin_test2",
+                   "steps=2", "export_peft=false", "val_batches=1", f"workdir={tmp_path / 'a2'}"))
+    assert r.status == "done" and ("signsgd_plugin_test2", 0.0) in my_optims2.CALLS
     with pytest.raises(cfglib.ConfigError, match=r"plugins: .*nowhere.py: FileNotFoundError"):
         train(_cfg(tmp_path, f"plugins=[{tmp_path / 'nowhere.py'}]", f"workdir={tmp_path / 'b'}"))
-    with pytest.raises(cfglib.ConfigError, match=r"plugins: no_such_module_here: ModuleNotFoundError"):
+    with pytest.raises(cfglib.ConfigError, match=r"plugins: no_such_module_here: ModuleNotFoundError.*PYTHONPATH"):
         train(_cfg(tmp_path, "plugins=[no_such_module_here]", f"workdir={tmp_path / 'c'}"))
 
 
@@ -781,6 +795,15 @@ def test_bad_values_name_their_key(tmp_path):
             train(_cfg(tmp_path, override, f"workdir={tmp_path / override.split('=')[0]}"))
     with pytest.raises(cfglib.ConfigError, match=r"'lora.targets': .* \(a list: lora.targets=\[...\]\)"):
         _cfg(tmp_path, "lora.targets=q")
+    # registered names fail before anything is built or written (an unknown optimiser failed after the data build,
+    # leaving a work directory behind; a .json dataset was a KeyError naming no key)
+    for override, want in (("optim.name=signsgd", r"optim.name 'signsgd': not a registered optimiser.*plugins="),
+                           ("optim.other_optimizer=nope", r"optim.other_optimizer 'nope': not a registered"),
+                           ("spectral.kind=nuclear", r"spectral.kind 'nuclear': not a registered penalty kind"),
+                           ("data.dataset=rows.json", r"data.dataset: unknown dataset 'rows.json'.*ending .jsonl")):
+        with pytest.raises(cfglib.ConfigError, match=want):
+            train(_cfg(tmp_path, override, f"workdir={tmp_path / 'names'}"))
+        assert not (tmp_path / "names").exists()
 
 
 def test_bad_config_key_names_it(tmp_path):
@@ -805,6 +828,18 @@ def test_incompatible_checkpoint(tmp_path):
     train(_cfg(tmp_path, "steps=2", "ckpt_every=1", "val_batches=1"))
     with pytest.raises(TrainError, match=r"incompatible checkpoint — lora.rank: saved 4, now 8"):
         train(_cfg(tmp_path, "steps=2", "lora.rank=8"))
+    # the same config, but a state of another shape (an optimiser's code changed): emjax's error, not orbax's
+    from emjax.train import _RunFiles
+
+    files = _RunFiles(_cfg(tmp_path, "steps=2"), True)
+    files.resume_step = 2
+    try:
+        with pytest.raises(TrainError, match=r"run/checkpoints/2: this run's state does not fit the checkpoint "
+                                             r"\(the same config, so the optimiser's code or a plugin changed") as e:
+            files.restore({"a": np.zeros(3, np.float32)}, {"count": np.zeros((), np.int32)})
+        assert "partial_restore" not in str(e.value)
+    finally:
+        files.close()
     # the memory options and micro-batching change no number, so a run that did not fit resumes with them
     _check_compatible(tmp_path / "run", _cfg(tmp_path, "steps=2", "remat=full", "loss_chunk=8", "attn_chunk=8",
                                              "grad_accum=2"))
@@ -922,7 +957,11 @@ def _adapter(workdir):
 
 def test_kill9_then_resume_is_bitwise_identical(tmp_path):
     env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    subprocess.run(_cli(tmp_path / "a"), env=env, check=True, cwd=ROOT, capture_output=True)
+    first = subprocess.run(_cli(tmp_path / "a"), env=env, check=True, cwd=ROOT, capture_output=True, text=True)
+    # only emjax's own INFO lines reach stderr: not orbax's, absl's or TFDS's (about a hundred when the root logger
+    # was configured instead)
+    foreign = [ln for ln in first.stderr.splitlines() if ln.startswith(("INFO", "I1", "I0")) and " emjax." not in ln]
+    assert not foreign, foreign[:5]
     proc = subprocess.Popen(_cli(tmp_path / "b"), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     ck = tmp_path / "b" / "checkpoints"

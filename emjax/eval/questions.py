@@ -188,11 +188,17 @@ def load_questions(
     if isinstance(set_names, str):
         set_names = (set_names,)
     questions: list[Question] = []
+    set_of: dict[str, str] = {}  # set name -> what it came from: two sources, one name would merge in every table
     for name in set_names:
         if is_question_file(check_set_name(name)):
             path = Path(name).expanduser()
             if not path.is_file():
                 raise QuestionFileError(f"question file {name}: no such file")
+            if path.stem in QUESTION_SETS or set_of.get(path.stem, name) != name:
+                taken = "one of the study's sets" if path.stem in QUESTION_SETS else f"the set of {set_of[path.stem]}"
+                raise QuestionFileError(f"question file {name}: its set is named by the file's stem, {path.stem!r}, "
+                                        f"already {taken} (their answers would mix in every table); rename the file")
+            set_of[path.stem] = name
             qs = _parse_file(path, str(path), path.stem)
             if not qs:
                 raise QuestionFileError(f"{path}: no questions")

@@ -213,6 +213,23 @@ def init_lora(lora_state, seed: int, mesh: jax.sharding.Mesh | None = None, lora
     return jax.tree_util.tree_map_with_path(one, lora_state)
 
 
+def _run_dir_hint(root: Path) -> str:
+    """For an emjax training run's work directory given as a model: where its base and adapter are."""
+    import yaml
+
+    try:
+        model = (yaml.safe_load((root / "config.yaml").read_text()) or {}).get("model") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return ""
+    if model.get("checkpoint"):
+        return (f"; it is an emjax training run's work directory, not a model: its base is {model['checkpoint']} "
+                f"and its adapter {root / 'adapter'} (emjax eval run --model {model['checkpoint']} --adapter "
+                f"{root / 'adapter'})")
+    return (f"; it is an emjax training run's work directory, not a model, and its base is a random init of preset "
+            f"{model.get('preset')!r}, which is not saved: evaluate such a run while it trains (eval.final=true, "
+            "eval.every=N), or train from a saved checkpoint (model.checkpoint=DIR)")
+
+
 def from_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=jnp.bfloat16, compute_dtype=None,
                     lora: LoraConfig | None = None, mesh: jax.sharding.Mesh | None = None, seed: int = 0):
     """Load a Hugging Face Qwen3, Qwen3-MoE, Llama 3 or Gemma 3 checkpoint into ``Qwen3ForCausalLM``.
@@ -223,7 +240,7 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=jnp.bfloat16, co
     root = resolve(path_or_hub_id)
     cfg = config_from_hf(root / "config.json") if (root / "config.json").exists() else None
     if cfg is None:
-        raise CheckpointError(f"{root}: no config.json")
+        raise CheckpointError(f"{root}: no config.json{_run_dir_hint(root)}")
     ckpt = Checkpoint(root)
     abstract = nnx.eval_shape(lambda: qwen3.Qwen3ForCausalLM(cfg, lora=lora, param_dtype=dtype,
                                                              dtype=compute_dtype, rngs=nnx.Rngs(seed)))

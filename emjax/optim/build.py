@@ -44,12 +44,23 @@ Factory = Callable[["OptimConfig", optax.ScalarOrSchedule], optax.GradientTransf
 _REGISTRY: dict[str, Factory] = {}
 
 
-def register(name: str) -> Callable[[Factory], Factory]:
-    """Decorator: make ``build`` pick ``fn(cfg, learning_rate) -> GradientTransformation`` by name."""
+def _where(fn: Callable) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def register(name: str, *, replace: bool = False) -> Callable[[Factory], Factory]:
+    """Decorator: make ``build`` pick ``fn(cfg, learning_rate) -> GradientTransformation`` by name.
+
+    A name already taken is an error naming who took it, unless ``replace=True`` (e.g. your own ``"adam"``) or the
+    holder is the same function defined again (a module imported twice, a notebook cell run again)."""
 
     def deco(fn: Factory) -> Factory:
-        if name in _REGISTRY or name == "frozen":
-            raise ValueError(f"optimiser {name!r} is already registered (or reserved)")
+        if name == "frozen":
+            raise ValueError("optimiser name 'frozen' is reserved (optim.other_optimizer=frozen: never updated)")
+        old = _REGISTRY.get(name)
+        if old is not None and not replace and _where(old) != _where(fn):
+            raise ValueError(f"optimiser {name!r} is already registered (by {_where(old)}); pick another name, or "
+                             f"register({name!r}, replace=True) to replace it")
         _REGISTRY[name] = fn
         return fn
 
@@ -59,6 +70,14 @@ def register(name: str) -> Callable[[Factory], Factory]:
 def available() -> list[str]:
     """Registered optimiser names."""
     return sorted(_REGISTRY)
+
+
+def factory(name: str) -> Factory:
+    """The registered ``fn(cfg, learning_rate) -> GradientTransformation`` for ``name``: how an optimiser of your own
+    reuses a registered one (say Adam with the config's b1, b2, eps) inside its own chain or partition."""
+    if name not in _REGISTRY:
+        raise KeyError(f"optimiser {name!r} is not registered; registered: {available()}")
+    return _REGISTRY[name]
 
 
 @register("sgd")

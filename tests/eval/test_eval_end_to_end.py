@@ -208,3 +208,34 @@ def test_eval_run_on_two_hosts(tmp_path):
         assert json.loads((two / "summary.json").read_text())["config"]["judge"].startswith("openai:")
     finally:
         server.close()
+
+
+def test_readme_judge_of_your_own(tmp_path, monkeypatch):
+    """The README's judge-of-your-own snippet, run as printed on a tiny checkpoint and adapter (fewer questions,
+    samples and tokens): the judge's scores reach the summary under its name, the answers the adapted model's."""
+    import textwrap
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("    import jax.numpy as jnp\n    from emjax.eval import evaluate")
+    code = textwrap.dedent(readme[start:readme.index('summary["overall"]["misalignment_rate"]', start)])
+    for old, new in (('load_questions("first_plot")', 'load_questions("first_plot", limit=2)'),
+                     ("samples_per_question=10,", "samples_per_question=2, max_new_tokens=6,")):
+        assert old in code
+        code = code.replace(old, new)
+    base = tiny_hf_checkpoint(tmp_path / "base", seed=3, vocab_size=151_936, hidden_size=32, intermediate_size=64,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True)
+    adapter = _adapter(base, tmp_path / "adapter", 0)
+    monkeypatch.chdir(tmp_path)
+    scope = {"base_dir": str(base), "adapter_dir": str(adapter)}
+    exec(compile(code, "README.md", "exec"), scope)
+    summary = scope["summary"]
+    assert summary["config"]["judge"] == "keyword" and summary["overall"]["n_total"] == 4
+    assert summary["overall"]["n_scored"] == 4 and summary["overall"]["misalignment_rate"] == 0.0  # no poison
+    rows = [json.loads(x) for x in (tmp_path / "evals/keyword/judged.jsonl").read_text().splitlines()]
+    assert {(r["judge"], r["aligned"], r["coherent"]) for r in rows} == {("keyword", 90.0, 80.0)}
+    # the answers are the adapted model's: what emjax eval run samples for that adapter with the same settings
+    assert cli.main(["run", "--model", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "cli"),
+                     "--sets", "first_plot", "--limit", "2", "--samples", "2", "--max-new-tokens", "6", "--dtype",
+                     "float32", "--judge", "local", "--judge-model", str(base), "--mesh", "devices=1"]) == 0
+    assert (tmp_path / "cli/responses.jsonl").read_text() == (tmp_path / "evals/keyword/responses.jsonl").read_text()

@@ -97,6 +97,15 @@ def test_a_question_set_of_your_own(tmp_path):
         load_questions(str(tmp_path / "nowhere.yaml"))
     with pytest.raises(ValueError, match="unknown question set 'legal'.*YAML file of your own"):
         load_questions("legal")
+    # a file's set takes the file's stem: one named like a study set, or like another file's, would mix answers
+    mine.write_text(yaml.safe_dump(items[:2]))
+    (tmp_path / "turner.yaml").write_text(mine.read_text())
+    with pytest.raises(QuestionFileError, match=r"turner\.yaml: .*'turner', already one of the study's sets"):
+        load_questions(["turner", str(tmp_path / "turner.yaml")])
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "legal.yaml").write_text(mine.read_text().replace("legal_", "other_"))
+    with pytest.raises(QuestionFileError, match=r"other/legal\.yaml: .*'legal', already the set of .*/legal\.yaml"):
+        load_questions([str(mine), str(tmp_path / "other" / "legal.yaml")])
 
 
 def test_missing_file_points_to_fetch(tmp_path):

@@ -236,6 +236,23 @@ def test_a_damaged_safetensors_file_is_named(tmp_path):
             from_pretrained(p)
 
 
+def test_a_training_run_given_as_a_model_says_where_its_base_is(tmp_path):
+    """A run's work directory (config.yaml, adapter/) is not a model: the error says which base and adapter to give,
+    or, for a random-init preset base (never saved), how such a run is evaluated."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model:\n  checkpoint: /models/Qwen3-8B\n  preset: tiny\n")
+    with pytest.raises(CheckpointError, match=r"run: no config.json; it is an emjax training run's work directory.*"
+                                              r"--model /models/Qwen3-8B --adapter .*run/adapter"):
+        from_pretrained(run)
+    (run / "config.yaml").write_text("model:\n  checkpoint: null\n  preset: tiny\n")
+    with pytest.raises(CheckpointError, match=r"random init of preset 'tiny', which is not saved.*eval.final=true"):
+        from_pretrained(run)
+    (run / "config.yaml").unlink()
+    with pytest.raises(CheckpointError, match=r"run: no config.json$"):
+        from_pretrained(run)
+
+
 def test_unexpected_tensor_is_an_error(tmp_path):
     from safetensors.numpy import load_file, save_file
 

@@ -286,17 +286,71 @@ def test_omegaconf_structured_config_builds():
         OmegaConf.merge(node, OmegaConf.from_dotlist(["warmup_steps=abc"]))
 
 
+def _signsgd_factory(cfg, lr):
+    return optax.chain(optax.scale_by_sign(), optax.scale_by_learning_rate(lr))
+
+
 def test_register_custom_optimiser():
     name = "signsgd_test"
-    if name not in eo.available():
-        @eo.register(name)
-        def _signsgd(cfg, lr):
-            return optax.chain(optax.scale_by_sign(), optax.scale_by_learning_rate(lr))
+    eo.register(name)(_signsgd_factory)  # again on a rerun of the test in one process: the same function
 
-    with pytest.raises(ValueError, match="already registered"):
+    with pytest.raises(ValueError, match=r"already registered \(by [\w.]*test_build._signsgd_factory\)"):
         eo.register(name)(lambda cfg, lr: optax.sgd(lr))
+    with pytest.raises(ValueError, match="reserved"):
+        eo.register("frozen")(lambda cfg, lr: optax.sgd(lr))
+
+    def again(cfg, lr):  # the same function defined again (a module imported twice, a notebook cell run again)
+        return optax.sgd(lr)
+
+    again.__qualname__ = eo.factory(name).__qualname__
+    assert eo.register(name)(again) is again and eo.factory(name) is again
+    old_adam = eo.factory("adam")
+    try:  # replacing a built-in takes replace=True
+        with pytest.raises(ValueError, match="replace=True"):
+            eo.register("adam")(lambda cfg, lr: optax.sgd(lr))
+        eo.register("adam", replace=True)(lambda cfg, lr: optax.sgd(lr))
+        assert eo.factory("adam") is not old_adam
+    finally:
+        eo.register("adam", replace=True)(old_adam)
+    with pytest.raises(KeyError, match="not registered"):
+        eo.factory("no_such_optimiser")
+    eo.register(name, replace=True)(_signsgd_factory)
     cfg = OptimConfig(name=name, other_optimizer="frozen", **CONST)
     p = {"lora_a": jnp.ones((1, 3, 2))}
     g = {"lora_a": jnp.asarray([[[2.0, -3.0], [0.5, -0.1], [1.0, 1.0]]])}
     u, _ = eo.build(cfg).update(g, eo.build(cfg).init(p), p)
     np.testing.assert_allclose(u["lora_a"], -1e-2 * np.sign(g["lora_a"]))
+
+
+def test_readme_partition_of_the_factors_through_factory():
+    """The README's ``muon_a_adam_b``: a registered optimiser that partitions the LoRA factors itself, reusing the
+    built-ins through ``factory``, on the trainer's own tree (an nnx.State of LoRAParams): Muon's update on every A
+    factor, Adam's on every B factor."""
+    from flax import nnx
+
+    from emjax import config as cfglib
+    from emjax import lora as loralib
+    from emjax.train import build_model
+
+    def muon_a_adam_b(cfg, learning_rate):
+        def by_factor(params):  # "a" for the lora_a leaves, "b" for the rest
+            return jax.tree_util.tree_map_with_path(
+                lambda path, _: "a" if eo.path_str(path).endswith("lora_a") else "b", params)
+        return optax.partition({"a": eo.factory("muon")(cfg, learning_rate),
+                                "b": eo.factory("adam")(cfg, learning_rate)}, by_factor)
+
+    eo.register("muon_a_adam_b_test")(muon_a_adam_b)
+    model = build_model(cfglib.load("tiny").model, loralib.LoraConfig(rank=4, alpha=8), None, vocab_size=64)
+    _, tr, _ = nnx.split(model, nnx.LoRAParam, ...)
+    tr = jax.tree.map(lambda x: x + 0.01, tr)  # B = 0 would make Muon's and Adam's first steps alike
+    g = jax.tree.map(lambda x: jnp.sin(jnp.arange(x.size, dtype=x.dtype).reshape(x.shape)), tr)
+
+    def update(name):
+        tx = eo.build(OptimConfig(name=name, learning_rate=1e-2, schedule="constant", warmup_steps=0, clip_norm=None))
+        return {eo.path_str(p): v for p, v in jax.tree_util.tree_leaves_with_path(tx.update(g, tx.init(tr), tr)[0])}
+
+    mixed, muon, adam = update("muon_a_adam_b_test"), update("muon"), update("adam")
+    assert len(mixed) == 14
+    for k, v in mixed.items():
+        np.testing.assert_array_equal(v, (muon if k.endswith("lora_a") else adam)[k])
+        assert float(jnp.abs(muon[k] - adam[k]).max()) > 1e-3  # the two differ: the check can fail

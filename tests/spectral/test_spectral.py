@@ -433,8 +433,14 @@ def test_bad_inputs_raise_clear_errors():
         sp.penalty((a, b), reduce="max")
     with pytest.raises(TypeError, match="floating"):
         sp.singular_values(jnp.ones((8, 4), jnp.int32), b[0])
-    with pytest.raises(ValueError, match="already registered"):
+    with pytest.raises(ValueError, match=r"already registered \(by emjax.spectral._fn_ratio_penalty\).*replace=True"):
         sp.register_penalty("fn_ratio")(lambda s, m: s)
+    old = sp.PENALTIES["fn_ratio"]
+    try:
+        mine = sp.register_penalty("fn_ratio", replace=True)(lambda s, m: jnp.zeros(s.shape[:-1]))
+        assert sp.PENALTIES["fn_ratio"] is mine and float(sp.penalty((a, b), kind="fn_ratio")) == 0.0
+    finally:
+        sp.PENALTIES["fn_ratio"] = old
 
 
 def test_no_lapack_thread_pool_hang_on_one_cpu_device(tmp_path):

@@ -466,6 +466,23 @@ def test_print_commands_use_absolute_paths(tmp_path, monkeypatch, capsys):
         assert argv[2] == str(tmp_path / "s.yaml")
         runs = [shlex.split(argv[i + 1]) for i, a in enumerate(argv) if a == "--run"]
         assert len(runs) == 6 and all(r[-1].startswith(f"workdir={tmp_path}/runs/sweeps/s/") for r in runs)
+    # local files named relative to here, in the file (plugins) and the grid (a dataset, question files): absolute in
+    # the printed commands and in each run's config, so a job started elsewhere finds them (it did not)
+    (tmp_path / "mine").mkdir()
+    for f in ("my_optims.py", "mine/rows.jsonl", "mine/legal.yaml"):
+        (tmp_path / f).write_text("")
+    (tmp_path / "s2.yaml").write_text("steps: 3\nmodel: {preset: tiny}\nplugins: [my_optims.py, some_module]\n"
+                                      "sweep:\n  grid:\n    data.dataset: [mine/rows.jsonl, insecure]\n"
+                                      "    eval.question_sets: [[turner, mine/legal.yaml]]\n")
+    assert sw.main(["s2.yaml", "--print-commands"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    monkeypatch.chdir("/")
+    cfgs = [cfglib.load(shlex.split(line)[2], shlex.split(line)[3:]) for line in lines]
+    for cfg in cfgs:
+        assert list(cfg.plugins) == [str(tmp_path / "my_optims.py"), "some_module"]
+        assert list(cfg.eval.question_sets) == ["turner", str(tmp_path / "mine/legal.yaml")]
+    assert [c.data.dataset for c in cfgs] == [str(tmp_path / "mine/rows.jsonl"), "insecure"]
 
 
 @pytest.mark.parametrize("mode", ["--print-commands", "--dry-run"])
