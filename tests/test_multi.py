@@ -87,9 +87,12 @@ def test_each_adapter_equals_its_own_step(setup, shared_batch, grad_accum):
         if pen_ref is not None:
             assert float(m["penalty"][i]) == pytest.approx(float(pen_ref), rel=1e-4)
         for a, b in zip(jax.tree.leaves(multi.unstack(params)[i]), jax.tree.leaves(p_ref), strict=True):
-            # Lion's sign update moves a coordinate by a whole lr where its gradient is ~0: allow a few of those
             diff = np.abs(np.asarray(a) - np.asarray(b))
-            assert np.mean(diff > 1e-5) < 0.01 and diff.max() < 2.5 * OPTIMISERS[i][1]
+            if OPTIMISERS[i][0] == "lion":
+                # Lion's sign update moves a coordinate by a whole lr where its gradient is ~0: allow a few of those
+                assert np.mean(diff > 1e-5) < 0.01 and diff.max() < 2.5 * OPTIMISERS[i][1]
+            else:
+                assert diff.max() < 1e-5, (OPTIMISERS[i][0], diff.max())
     # adapters with different optimisers really trained differently
     first = [jax.tree.leaves(p)[0] for p in multi.unstack(params)]
     assert not np.allclose(first[0], first[1]) and not np.allclose(first[1], first[2])

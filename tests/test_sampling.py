@@ -162,6 +162,29 @@ def test_sampling_matches_softmax_chi_square():
         assert _chi2_p(counts, jax.nn.softmax(logits / temperature)) > 1e-3
 
 
+@pytest.mark.parametrize("temperature,top_p,top_k", [(0.5, 0.6, 0), (0.7, 1.0, 4)])
+def test_generate_draws_from_the_tempered_nucleus_of_the_models_logits(tiny, temperature, top_p, top_k):
+    """``generate``'s own settings reach its draw: the first new token of 3000 rows of one prompt follows the softmax
+    of transformers' last logits over ``temperature``, cut to the top-p nucleus or the top k (chi-square), and never
+    a token outside it (the other sampled tests compare generate with generate_many, which share one step)."""
+    from emjax.testing import hf_logits
+
+    hf, d = tiny
+    model = from_pretrained(d, dtype=jnp.float32)
+    prompt = [12, 40, 99, 8, 200]
+    last = hf_logits(hf, np.asarray([prompt]))[0, -1].astype(np.float64)
+    p = np.exp((last - last.max()) / temperature)
+    p /= p.sum()
+    order = np.argsort(-p)
+    kept = order[(np.cumsum(p[order]) - p[order]) < top_p][: top_k or None]
+    outs = generate(model, [prompt] * 3000, max_new_tokens=1, temperature=temperature, top_p=top_p, top_k=top_k,
+                    rng=0, stop_tokens=())
+    counts = np.bincount([o[0] for o in outs], minlength=p.size)
+    assert 2 <= kept.size <= 8 and counts.sum() == 3000
+    assert counts[np.setdiff1d(np.arange(p.size), kept)].sum() == 0
+    assert _chi2_p(counts[kept], p[kept]) > 1e-3
+
+
 def test_top_k_and_top_p_renormalise():
     logits = jnp.asarray([2.0, 1.0, 0.5, 0.0, -1.0])
     p = np.asarray(jax.nn.softmax(logits), np.float64)

@@ -226,16 +226,17 @@ def test_penalty_adds_its_own_gradient(tmp_path):
 
 
 def test_grad_accum_equals_one_big_batch(tmp_path):
-    cfg = _cfg(tmp_path, "model.vocab=full")
-    lcfg = loralib.LoraConfig(rank=4, alpha=8)
-    model = build_model(cfg.model, lcfg, None, vocab_size=200, seed=0)
-    graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    _, graphdef, trainable, frozen = _tiny_split(tmp_path, 3)  # B non-zero: the A factors get gradients too
     tx = optax.sgd(0.1)
     batch = {k: jnp.asarray(v) for k, v in _batch(np.random.default_rng(1)).items()}
     outs = [jax.jit(make_train_step(graphdef, tx, grad_accum=k))(trainable, tx.init(trainable), frozen, batch)
             for k in (1, 4)]
-    for a, b in zip(jax.tree_util.tree_leaves(outs[0][0]), jax.tree_util.tree_leaves(outs[1][0])):
+    moved = 0
+    for a, b, c in zip(jax.tree_util.tree_leaves(outs[0][0]), jax.tree_util.tree_leaves(outs[1][0]),
+                       jax.tree_util.tree_leaves(trainable)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+        moved += bool(np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-5)
+    assert moved == len(jax.tree_util.tree_leaves(trainable))  # every factor, A and B, was updated
 
 
 @pytest.mark.parametrize("remat,loss_chunk,attn_chunk", [("full", 0, 0), ("dots", 7, 0), ("none", 16, 12),

@@ -14,7 +14,7 @@ from emjax.models import config_from_hf, from_pretrained, gemma
 from emjax.sampling import generate
 from emjax.testing import hf_greedy, hf_logits, tiny_hf_model, with_config
 
-TOL = 1e-4
+TOL = 2e-5  # max-abs on fp32 logits of std ~0.4; measured 1-2e-6 against transformers
 
 CASES = {
     "sliding_every_other": dict(),

@@ -1,4 +1,4 @@
-"""Qwen3 in emjax vs transformers' Qwen3ForCausalLM in fp32 (tolerance 1e-4 max-abs on logits)."""
+"""Qwen3 in emjax vs transformers' Qwen3ForCausalLM in fp32 (tolerance 2e-5 max-abs on logits)."""
 
 import json
 
@@ -11,7 +11,7 @@ import torch
 from emjax.models import CheckpointError, KVCache, config_from_hf, from_pretrained, qwen3
 from emjax.testing import tiny_hf_checkpoint, tiny_hf_model
 
-TOL = 1e-4
+TOL = 2e-5  # max-abs on fp32 logits of std ~0.4; measured 1-2e-6 against transformers
 
 
 def _ref_logits(hf, tokens, mask=None):
@@ -26,6 +26,31 @@ CASES = {
     "gqa4_headdim_ne": dict(num_attention_heads=8, num_key_value_heads=2, head_dim=20),
     "mha": dict(num_attention_heads=4, num_key_value_heads=4, head_dim=16),
 }
+
+
+@pytest.mark.parametrize("family,attn_chunk", [("qwen3", 0), ("qwen3", 4), ("gemma3", 0), ("gemma3", 4)])
+def test_packed_rows_equal_each_example_alone(tmp_path, family, attn_chunk):
+    """A packed row (data.mode=pack: segment ids, positions restarting per example) gives each example the logits
+    transformers gives it alone: no attention across examples, the RoPE of its own positions, and, for Gemma, the
+    sliding window (8 here) inside each example (the pipeline's own mask helper is a different function)."""
+    hf = tiny_hf_model(seed=1, family=family)
+    hf.save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path, dtype=jnp.float32)
+    rng = np.random.default_rng(0)
+    rows = [[11, 13, 6], [20]]  # example lengths per row; rows padded to 32
+    tokens, seg, pos, examples = np.zeros((2, 32), int), np.zeros((2, 32), int), np.zeros((2, 32), int), []
+    for r, lengths in enumerate(rows):
+        at = 0
+        for s, n in enumerate(lengths):
+            ex = rng.integers(0, 256, n)
+            tokens[r, at:at + n], seg[r, at:at + n], pos[r, at:at + n] = ex, s + 1, np.arange(n)
+            examples.append((r, at, ex))
+            at += n
+    out = np.asarray(model(jnp.asarray(tokens), positions=jnp.asarray(pos), segment_ids=jnp.asarray(seg),
+                           attn_chunk=attn_chunk))
+    for r, at, ex in examples:
+        diff = np.abs(out[r, at:at + len(ex)] - _ref_logits(hf, ex[None])[0]).max()
+        assert diff < TOL, (r, at, diff)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -119,7 +144,7 @@ def test_bf16_policy_runs_close(tmp_path):
     out = np.asarray(model(jnp.asarray(tokens)))
     assert out.dtype == np.float32
     ref = _ref_logits(hf, tokens)
-    assert np.abs(out - ref).max() < 0.1 * np.abs(ref).max()
+    assert np.abs(out - ref).max() < 0.025 * np.abs(ref).max()  # measured 1.2 % (bf16 weights and compute)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma3-mm"])

@@ -16,7 +16,7 @@ from emjax.models import config_from_hf, from_pretrained, qwen3
 from emjax.sampling import generate
 from emjax.testing import TINY_MOE, hf_greedy, tiny_hf_checkpoint, tiny_hf_model
 
-TOL = 1e-4
+TOL = 2e-5  # max-abs on fp32 logits of std ~0.4; measured 1-2e-6 against transformers
 F = TINY_MOE["moe_intermediate_size"]
 E = TINY_MOE["num_experts"]
 
@@ -126,9 +126,9 @@ def test_decode_on_a_mesh_gathers_no_expert_weights(tiny_moe, scan_layers, monke
     assert got == [generate(m, prompts, rng=r, **kw) for m, r in ((one, 5), (other, 6))]
 
 
-def _merged_into_hf(hf, model):
-    """The HF model with s·A·B of every emjax adapter added to its weights (experts: the fused gate_up / down)."""
-    s = model.lora_config.scale
+def _merged_into_hf(hf, model, s):
+    """The HF model with s·A·B of every emjax adapter added to its weights (experts: the fused gate_up / down); ``s``
+    from the test's own α and r, not from emjax."""
     mods = {n: (np.asarray(lin.lora_a[...]), np.asarray(lin.lora_b[...])) for n, lin in lora.lora_modules(model)}
     hm = copy.deepcopy(hf)
     with torch.no_grad():
@@ -159,7 +159,8 @@ def test_per_expert_lora_matches_merged_weights_and_peft(tiny_moe, tmp_path):
         out = np.asarray(model(jnp.asarray(tokens)))
         base = np.asarray(from_pretrained(d, dtype=jnp.float32)(jnp.asarray(tokens)))
         assert np.abs(out - base).max() > 1e-2  # the adapters matter
-        assert np.abs(out - _ref_logits(_merged_into_hf(hf, model), tokens)).max() < TOL
+        scale = 8 / 4 ** 0.5 if rslora else 8 / 4  # α/√r (rsLoRA) or α/r
+        assert np.abs(out - _ref_logits(_merged_into_hf(hf, model, scale), tokens)).max() < TOL
         ad = lora.export_peft(model, tmp_path / f"ad{rslora}")
         from safetensors.numpy import load_file
 

@@ -168,6 +168,29 @@ def test_lion_matches_published_rule():
     np.testing.assert_allclose(np.asarray(got["lora_a"]), theta, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_weight_decay_is_torchs_coupled_l2(nesterov):
+    """sgd's weight_decay is L2 added to the gradient before momentum, as torch.optim.SGD does (run here as the
+    reference): g += wd θ; buf = μ buf + g; θ -= lr (g + μ buf if Nesterov else buf)."""
+    import torch
+
+    lr, mu, wd = 1e-2, 0.9, 0.1
+    cfg = OptimConfig(name="sgd", **{**CONST, "learning_rate": lr}, momentum=mu, nesterov=nesterov, weight_decay=wd,
+                      other_optimizer="frozen")
+    rng = np.random.default_rng(2)
+    p = {"lora_a": jnp.asarray(rng.standard_normal((2, 6, 3)), jnp.float32)}
+    gs = [{"lora_a": jnp.asarray(rng.standard_normal((2, 6, 3)), jnp.float32)} for _ in range(5)]
+    got, _ = _run(eo.build(cfg), p, gs)
+    theta = torch.tensor(np.asarray(p["lora_a"]), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.SGD([theta], lr=lr, momentum=mu, nesterov=nesterov, weight_decay=wd)
+    for g in gs:
+        theta.grad = torch.tensor(np.asarray(g["lora_a"]), dtype=torch.float64)
+        opt.step()
+    np.testing.assert_allclose(np.asarray(got["lora_a"]), theta.detach().numpy(), atol=1e-6, rtol=0)
+    without, _ = _run(eo.build(OptimConfig(**{**cfg.__dict__, "weight_decay": 0.0})), p, gs)
+    assert np.abs(np.asarray(without["lora_a"]) - theta.detach().numpy()).max() > 1e-3  # the decay is seen
+
+
 def test_partition_other_frozen_and_clipping():
     """LoRA -> muon, other -> adamw, frozen -> 0; clipping sees only trainable leaves."""
     p = _params()
