@@ -369,7 +369,7 @@ def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
 # and λ, and the seed where the base is a checkpoint (there the seed only draws the adapter's init; a random-init base
 # is drawn from it too). Everything else (model, LoRA shape, data, steps, memory options, logging, evaluation) is
 # shared by the one compiled program.
-PACKABLE = ("workdir", "optim", "spectral.weight")
+PACKABLE = ("workdir", "optim", "spectral.weight", "plugins")  # a pack imports every run's plugins
 # What trains the adapter: a run resumes only under the same values (emjax.train refuses others), and an evaluation
 # at a step is that adapter's only if they match (emjax.eval.hook)
 RESUME_SECTIONS = ("model", "lora", "optim", "data", "spectral", "seed", "steps")

@@ -722,12 +722,12 @@ def test_pack_config_errors_name_the_key(tmp_path, monkeypatch, capsys):
 
     a = _cfg(tmp_path, "workdir=" + str(tmp_path / "a"))
     with pytest.raises(cfglib.ConfigError, match=r"data.batch_size: 4 in .*a but 8 in .*b — .*only workdir, optim, "
-                                                 r"spectral.weight may differ"):
+                                                 r"spectral.weight, plugins may differ"):
         cfglib.check_packable([a, _cfg(tmp_path, "workdir=" + str(tmp_path / "b"), "data.batch_size=8")])
     with pytest.raises(cfglib.ConfigError, match="cannot share a work directory"):
         cfglib.check_packable([a, _cfg(tmp_path, "workdir=" + str(tmp_path / "a"), "optim.name=muon")])
     cfglib.check_packable([a, _cfg(tmp_path, "workdir=" + str(tmp_path / "b"), "optim.name=lion",
-                                   "optim.learning_rate=1e-4", "spectral.weight=1.0")])
+                                   "optim.learning_rate=1e-4", "spectral.weight=1.0", "plugins=[some_module]")])
 
     # the CLI: shared overrides, then one --run per run of the pack
     seen = []
