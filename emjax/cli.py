@@ -6,6 +6,7 @@ Lazy imports keep ``emjax --help`` instant and let each module own its arguments
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 from pathlib import Path
@@ -100,6 +101,19 @@ class UserError(Exception):
 # not a traceback, which is for debugging emjax itself (EMJAX_DEBUG=1 keeps it).
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
                PermissionError, ConnectionError, UserError)
+
+
+def show_info(name: str = "emjax") -> None:
+    """Print the ``name`` logger's INFO and above on stderr, and only its own: configuring the root logger instead
+    (``logging.basicConfig``) lets orbax's, absl's and TFDS's INFO lines through, about a hundred a tiny run."""
+    logger = logging.getLogger(name)
+    if not any(getattr(h, "_emjax", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler._emjax = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def user_error(prog: str, e: BaseException) -> int:

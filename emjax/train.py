@@ -39,19 +39,6 @@ from emjax.models.loading import from_pretrained, init_lora
 
 log = logging.getLogger("emjax.train")
 
-
-def show_info(name: str = "emjax") -> None:
-    """Print the ``name`` logger's INFO and above on stderr, and only its own: configuring the root logger instead
-    (``logging.basicConfig``) lets orbax's, absl's and TFDS's INFO lines through, about a hundred a tiny run."""
-    logger = logging.getLogger(name)
-    if not any(getattr(h, "_emjax", False) for h in logger.handlers):
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        handler._emjax = True
-        logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-
 PRESETS = {
     # random-init shapes; the real sizes come from emjax.models.qwen3.SIZES
     "tiny": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16),
@@ -1152,7 +1139,7 @@ def main(argv: list[str]) -> int:
     import argparse
     import shlex
 
-    from emjax.cli import USER_ERRORS, exit_status, user_error
+    from emjax.cli import USER_ERRORS, exit_status, show_info, user_error
 
     ap = argparse.ArgumentParser(
         prog="emjax train", description="LoRA fine-tuning from a config file. With --run, several runs that differ "
