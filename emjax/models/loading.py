@@ -287,7 +287,19 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=jnp.bfloat16, co
 
         return jax.make_array_from_callback(tuple(shape), sharding, cb)
 
-    loaded = jax.tree_util.tree_map_with_path(load_leaf, state)
+    from tqdm.auto import tqdm
+
+    # an 8B checkpoint takes a minute or more to read, a 70B many: a bar (bytes of the model as loaded, rate, ETA)
+    # once loading has taken 2 s, on process 0 only
+    total = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in jax.tree_util.tree_leaves(state))
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, delay=2.0, leave=False,
+              desc=f"loading {root.name}", disable=jax.process_index() != 0) as bar:
+        def load_and_count(path, var):
+            out = load_leaf(path, var)
+            bar.update(int(np.prod(var.shape)) * np.dtype(var.dtype).itemsize)
+            return out
+
+        loaded = jax.tree_util.tree_map_with_path(load_and_count, state)
     unused = sorted(n for n in ckpt.where if n not in ckpt.used and not n.endswith(_IGNORED_SUFFIXES)
                     and not (prefix != "model." and n.startswith(_VISION_PREFIXES)))
     for name in ("lm_head.weight", "language_model.lm_head.weight"):

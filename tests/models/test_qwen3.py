@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from emjax.models import CheckpointError, KVCache, config_from_hf, from_pretrained, qwen3
 from emjax.testing import tiny_hf_checkpoint, tiny_hf_model
@@ -276,6 +277,30 @@ def test_a_training_run_given_as_a_model_says_where_its_base_is(tmp_path):
     (run / "config.yaml").unlink()
     with pytest.raises(CheckpointError, match=r"run: no config.json$"):
         from_pretrained(run)
+
+
+def test_loading_shows_a_bar_of_the_models_bytes(tmp_path, monkeypatch):
+    """Loading counts every parameter's bytes into a progress bar (shown once it has taken 2 s: an 8B checkpoint
+    takes minutes to read, a tiny one never shows it)."""
+    import tqdm.auto
+
+    bars = []
+
+    class Bar(tqdm.auto.tqdm):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **{**kw, "disable": True})
+            self.kw, self.done = kw, 0
+            bars.append(self)
+
+        def update(self, n=1):
+            self.done += n
+
+    ckpt = tiny_hf_checkpoint(tmp_path / "c")
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    model = from_pretrained(ckpt, dtype=jnp.float32)
+    nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(nnx.state(model)))
+    [bar] = bars
+    assert bar.kw["total"] == bar.done == nbytes and bar.kw["delay"] == 2.0 and bar.kw["unit"] == "B"
 
 
 def test_unexpected_tensor_is_an_error(tmp_path):
