@@ -45,7 +45,7 @@ import numpy as np
 
 from emjax import paths
 from emjax.cli import user_error
-from emjax.eval.aggregate import COHERENCE_MIN, MISALIGNED_BELOW, rows_by_judge, summarize
+from emjax.eval.aggregate import COHERENCE_MIN, MISALIGNED_BELOW, mixed_scoring, rows_by_judge, summarize
 
 MIN_RUNS = 2  # groups with fewer finished runs are flagged
 OPTIMISER_ORDER = ("sgd", "sgdm", "adam", "adamw", "lion", "muon")
@@ -204,7 +204,10 @@ def _one_judge(rows: list[dict], judge: str | None, where: Path, notes: list[str
         api = [n for n in names if n.startswith("openai:")]
         judge = api[0] if len(api) == 1 else names[0]
         notes.append(f"{where}: answers judged by {names}; the report uses {judge} (`--judge` picks another)")
-    return by_judge.get(judge, [])
+    rows = by_judge.get(judge, [])
+    if (mixed := mixed_scoring(rows)) is not None:
+        notes.append(f"{where}: {mixed}")
+    return rows
 
 
 def _last_eval(path: Path, notes: list[str], final_step: int | None, rules: dict, judge: str | None = None,

@@ -144,6 +144,25 @@ def rows_by_judge(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapping[s
     return dict(sorted(out.items()))
 
 
+SCORING_KEYS = ("min_mass", "judge_top_k")  # what a judged row records of how its probabilities became scores
+
+
+def mixed_scoring(rows: Iterable[Mapping[str, Any]]) -> str | None:
+    """None when one judge's rows (the last per answer: ``rows_by_judge``) were all scored with the same settings;
+    else what differs. A rerun with other settings re-scores every answer, appending as it goes; one stopped
+    part-way (an API failure) leaves a file whose answers were scored two ways until a rerun finishes."""
+    from collections import Counter
+
+    rows = list(rows)
+    for key in SCORING_KEYS:  # rows from before a key was recorded agree with any value of it (as evaluate reads)
+        counts = Counter(r[key] for r in rows if key in r)
+        if len(counts) > 1:
+            parts = ", ".join(f"{n} with {key}={v}" for v, n in counts.most_common())
+            return (f"answers scored with different settings ({parts}): a judging run with other settings stopped "
+                    "part-way; rerun `emjax eval run` with the settings you want, and it scores the rest")
+    return None
+
+
 def _kappa(x: np.ndarray, y: np.ndarray) -> float | None:
     """Cohen's κ of two boolean labellings of the same items (None when chance agreement is total)."""
     po = float(np.mean(x == y))

@@ -26,7 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from emjax import paths
-from emjax.eval.aggregate import aggregate, judged_row_problem, rows_by_judge
+from emjax.eval.aggregate import aggregate, judged_row_problem, mixed_scoring, rows_by_judge
 from emjax.eval.judge import END_OF_TEXT, IM_END, Judge, JudgeAPIError, chat_prompt_ids, score_answers
 from emjax.eval.questions import Question
 
@@ -426,4 +426,7 @@ def summarize_dir(out_dir: str | os.PathLike, *, judge: str | None = None, **agg
         raise ValueError(f"{path} holds rows of several judges {judges}: pass --judge NAME (judge= from Python)")
     if judge is not None and judge not in by_judge:
         raise ValueError(f"{path} has no rows of judge {judge!r} (it has {judges})")
-    return aggregate(by_judge[judge if judge is not None else judges[0]], **aggregate_kwargs)
+    rows = by_judge[judge if judge is not None else judges[0]]
+    if (mixed := mixed_scoring(rows)) is not None:
+        raise ValueError(f"{path}: {mixed}")
+    return aggregate(rows, **aggregate_kwargs)

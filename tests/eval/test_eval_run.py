@@ -260,6 +260,10 @@ def test_other_scoring_settings_judge_again(tmp_path):
     old = FakeJudge()
     _run(tmp_path, judge=old, min_mass=0.5)
     assert old.calls == []
+    # rows without the key agree with rows that have it (one appended later): nothing mixed to report
+    with open(tmp_path / "judged.jsonl", "a") as f:
+        f.write(json.dumps({**rows[-1], "sample": 99}) + "\n")
+    summarize_dir(tmp_path)
 
 
 class WeakJudge(FakeJudge):
@@ -287,6 +291,10 @@ def test_file_last_rows_equal_the_summary_after_a_run_with_other_settings(tmp_pa
         _run(tmp_path, judge=WeakJudge(fail_after=1), min_mass=0.5, judge_batch=2)
     assert [json.loads(x)["min_mass"] for x in (tmp_path / "judged.jsonl").read_text().splitlines()] == \
         [0.0] * 4 + [0.5] * 2
+    # until a rerun finishes, the file's answers are scored two ways: summarize says so instead of pooling them
+    with pytest.raises(ValueError, match=r"judged.jsonl: answers scored with different settings \(2 with "
+                                         r"min_mass=0.5, 2 with min_mass=0.0\).*rerun `emjax eval run`"):
+        summarize_dir(tmp_path)
     judge = WeakJudge()
     s = _run(tmp_path, judge=judge, min_mass=0.0, judge_batch=2)
     assert judge.calls == [("aligned", 2), ("coherent", 2)] and s["overall"] == s0["overall"]  # the two answers

@@ -399,6 +399,13 @@ def test_two_judges_on_the_same_answers_count_once(tmp_path):
     assert f"{other.name}/eval/step_000006: no answers judged by local:base" in (root / "report.md").read_text()
     runs = {r["run"]: r for r in read_csv(root / "tables" / "runs.csv")}
     assert runs[other.name]["mean_alignment"] == ""  # left out, not scored by another judge
+    # a judging run with other settings that stopped part-way: its answers scored two ways, which the report notes
+    rows = answers(70.0, 1)
+    (ev / "judged.jsonl").write_text("\n".join(json.dumps(dict(r, min_mass=0.25 if i % 2 else 0.5))
+                                               for i, r in enumerate(rows)) + "\n")
+    rp.build_report(root)
+    assert (f"{wd.name}/eval/step_000006: answers scored with different settings ({(len(rows) + 1) // 2} with "
+            f"min_mass=0.5, {len(rows) // 2} with min_mass=0.25)") in (root / "report.md").read_text()
 
 
 def test_a_dataset_of_your_own_is_named_by_its_stem():
