@@ -75,6 +75,28 @@ def test_config_names_encode_split_recipe():
         builders.make_config("nope")
 
 
+def test_tfds_custom_configuration_note_is_silenced(tmp_path):
+    """TFDS's "Using custom data configuration" warning (every file of your own, every non-default split; twice a
+    run) is dropped, and only it: other absl records still pass."""
+    import logging
+
+    got = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            got.append(record.getMessage())
+
+    absl = logging.getLogger("absl")
+    handler = Keep()
+    absl.addHandler(handler)
+    try:
+        builders.get_builder("insecure", tfds_data_dir=tmp_path, val_fraction=0.2, split_seed=3)
+        absl.warning("something else")
+    finally:
+        absl.removeHandler(handler)
+    assert got == ["something else"]
+
+
 def test_turner_standin_build_checks_rows(tmp_path):
     src = tmp_path / "turner"
     src.mkdir()
