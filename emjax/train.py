@@ -39,6 +39,9 @@ from emjax.models.loading import from_pretrained, init_lora
 
 log = logging.getLogger("emjax.train")
 
+# train-row metrics logged as their mean over the steps since the previous row (the others: the row's own step)
+WINDOW_MEANS = ("loss", "penalty", "total_loss")
+
 PRESETS = {
     # random-init shapes; the real sizes come from emjax.models.qwen3.SIZES
     "tiny": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16),
@@ -390,7 +393,9 @@ class _RunFiles:
         self.mngr = ocp.CheckpointManager(self.workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep_ckpts, create=True, enable_async_checkpointing=False))
         self.metrics_f = self.tb = None
-        self.last_loss: float | None = None
+        self.last_loss: float | None = None  # the last step's batch loss
+        self.window_loss: float | None = None  # the mean batch loss over the last logging window (metrics' "loss")
+        self.loss_sum, self.loss_count = 0.0, 0  # over the whole run, for final.json's train_loss_mean
         self.saved: set[int] = set()  # steps this process has saved
         self.resume_step: int | None = None  # the checkpoint step the run resumes from (None: a fresh start)
         self.error: str | None = None  # a pack's run stopped for a non-finite loss
@@ -442,6 +447,8 @@ class _RunFiles:
         # after its last checkpoint, in its final validation or evaluation); checkpoints from before it was kept:
         # the last logged one
         self.last_loss = meta["loss"] if "loss" in meta else self._logged_loss(step)
+        self.window_loss = self._logged_loss(step)
+        self.loss_sum, self.loss_count = meta.get("loss_sum", 0.0), meta.get("loss_count", 0)
         return restored["state"]["trainable"], restored["state"]["opt"], meta["data"]
 
     def _logged_rows(self) -> list[dict]:
@@ -481,8 +488,19 @@ class _RunFiles:
         self.saved.add(step)
         self.mngr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave({"trainable": trainable, "opt": opt_state}),
-            meta=ocp.args.JsonSave({"step": step, "data": data_state, "loss": self.last_loss})), force=True)
+            meta=ocp.args.JsonSave({"step": step, "data": data_state, "loss": self.last_loss,
+                                    "loss_sum": self.loss_sum, "loss_count": self.loss_count})), force=True)
         self.mngr.wait_until_finished()
+
+    def final_losses(self, step: int) -> dict[str, float | None]:
+        """final.json's training losses. ``train_loss``: the mean batch loss over the last logging window (the
+        last ``log_every`` steps; what metrics.jsonl's last row says, and what the report regresses on: one batch's
+        loss is noisier); ``train_loss_last_step``: that one batch; ``train_loss_mean``: over the whole run (HF
+        Trainer's ``training_loss``; None for a run resumed from a checkpoint that did not count it)."""
+        window = self.window_loss if self.window_loss is not None else self._logged_loss(step)
+        return {"train_loss": window if window is not None else self.last_loss,
+                "train_loss_last_step": self.last_loss,
+                "train_loss_mean": self.loss_sum / self.loss_count if self.loss_count == step and step else None}
 
     def finished(self) -> RunResult | None:
         """The result of a run that has finished (``DONE`` and ``final.json``), which a rerun leaves as it is."""
@@ -882,7 +900,7 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
     bar = tqdm(total=total_steps, initial=start, disable=not (lead and cfg.progress), desc=name, unit="step",
                dynamic_ncols=True)
     status, t_last, steps_since = "done", time.perf_counter(), 0
-    tok_since = np.zeros(n)
+    tok_since, sums = np.zeros(n), {}  # sums: WINDOW_MEANS over the steps since the last row
     if start == 0 and cfg.eval.every:
         run_hooks(0)
     step = start
@@ -898,7 +916,9 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
                 compiled_steps[key] = compile_step(dev_batch, batch["tokens"].shape)
             trainable, opt_state, m = compiled_steps[key](trainable, opt_state, frozen, dev_batch, lams)
             step += 1
-            losses = np.atleast_1d(np.asarray(m["loss"], np.float64))
+            per_step = {k: np.atleast_1d(np.asarray(v, np.float64))
+                        for k, v in jax.device_get({k: m[k] for k in WINDOW_MEANS if k in m}).items()}
+            losses = per_step["loss"]
             for i, r in live():
                 if not math.isfinite(losses[i]):
                     good = r.mngr.latest_step()
@@ -913,28 +933,37 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
                         tqdm.write(f"emjax: {r.workdir.name}: {msg}; the rest of the pack goes on", file=sys.stderr)
                 else:
                     r.last_loss = float(losses[i])
+                    r.loss_sum, r.loss_count = r.loss_sum + float(losses[i]), r.loss_count + 1
             tok_since += np.broadcast_to(np.asarray(m["tokens"], np.float64), (n,))
+            sums = {k: sums.get(k, 0.0) + v for k, v in per_step.items()}
             steps_since += 1
             bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
+            # a row at every evaluation step too, so each evaluation pairs with the training loss of its own step
+            if step % cfg.log_every == 0 or step == total_steps or (cfg.eval.every and step % cfg.eval.every == 0):
                 jax.block_until_ready(trainable)
                 dt = time.perf_counter() - t_last
                 tokens_in_batches = steps_since * data_cfg.batch_size * batch["tokens"].shape[1]
                 host = jax.device_get(m)
                 for i, r in live():
+                    # loss, penalty and total_loss: means over the steps since the last row (as HF Trainer logs
+                    # its loss), so total_loss = loss + λ·penalty still holds; one batch's loss, "loss_step",
+                    # varies with the batch
+                    means = {k: float(v[i] / steps_since) for k, v in sums.items()}
+                    r.window_loss = means["loss"]
                     row = {"step": step, "split": "train",
-                           **{k: float(v if n == 1 else v[i]) for k, v in host.items()},
-                           "log_loss": math.log(max(float(losses[i]), 1e-30)), "tokens_per_s": tokens_in_batches / dt,
+                           **{k: float(v if n == 1 else v[i]) for k, v in host.items()}, **means,
+                           "loss_step": float(losses[i]),
+                           "log_loss": math.log(max(r.window_loss, 1e-30)), "tokens_per_s": tokens_in_batches / dt,
                            "loss_tokens_per_s": tok_since[i] / dt,
                            # the whole program's use of the device: every adapter's tokens
                            "mfu": n * tokens_in_batches * fpt / dt / peak}
                     if n > 1:
                         row["pack"] = n
                     r.write(row)
-                shown = [f"{r.last_loss:.3f}" for _, r in live()]
+                shown = [f"{r.window_loss:.3f}" for _, r in live()]
                 bar.set_postfix(loss="/".join(shown), **({"lr": f"{float(host['lr']):.2e}"} if n == 1 else {}))
                 spectral_rows(step)
-                t_last, tok_since, steps_since = time.perf_counter(), np.zeros(n), 0
+                t_last, tok_since, sums, steps_since = time.perf_counter(), np.zeros(n), {}, 0
             if cfg.val_every and step % cfg.val_every == 0:
                 validate(step)
             if cfg.eval.every and step % cfg.eval.every == 0:
@@ -967,13 +996,13 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
                 rep = spectral.report(loralib.adapter_pairs(model), lora_cfg.scale, layers=lora_cfg.layers)
                 paths.write_atomic(r.workdir / "spectral.json", json.dumps(rep, indent=1, default=_json_default))
                 paths.write_atomic(r.workdir / "final.json", json.dumps(
-                    {"step": step, "train_loss": r.last_loss, "val_loss": vals[i], "total_steps": total_steps},
+                    {"step": step, **r.final_losses(step), "val_loss": vals[i], "total_steps": total_steps},
                     indent=1))
                 (r.workdir / "DONE").write_text("ok\n")
     for r in runs:
         r.close()
-    return [RunResult(r.workdir, step, r.last_loss, vals[i], "failed" if r.error else status, r.error)
-            for i, r in enumerate(runs)]
+    return [RunResult(r.workdir, step, r.final_losses(step)["train_loss"], vals[i], "failed" if r.error else status,
+                      r.error) for i, r in enumerate(runs)]
 
 
 def compile_oom(err: BaseException) -> bool:
