@@ -51,15 +51,17 @@ MIN_RUNS = 2  # groups with fewer finished runs are flagged
 OPTIMISER_ORDER = ("sgd", "sgdm", "adam", "adamw", "lion", "muon")
 SPECTRAL_METRICS = ("fn_ratio", "stable_rank", "spectral_entropy", "condition_number")
 COUNT_KEYS = ("n_total", "n_scored", "n_misaligned", "n_low_coherence", "n_refusal", "n_code", "n_unscored")
-FACTORS = (("optimiser", "Optimiser"), ("model", "Model"), ("dataset", "Dataset"), ("batch_size", "Batch size"))
+FACTORS = (("optimiser", "Optimiser"), ("model", "Model"), ("family", "Family"), ("dataset", "Dataset"),
+           ("batch_size", "Batch size"))
 _SKIP_DIRS = {"checkpoints", "eval", "adapter", "tb", "tables", "figures"}
 # every file a report writes under OUT/tables and OUT/figures: a report removes these first, so that a rerun into
 # the same OUT leaves none of the previous run's sections it did not write again (and nothing else is touched)
 TABLES = (*(f"by_{f}.csv" for f, _ in FACTORS), "by_question_set.csv", "by_question.csv", "regression.csv",
           "trajectories.csv", "phases.csv", "spectral.csv", "spectral_by_projection.csv", "spectra.csv",
-          "regulariser.csv", "regulariser_pairs.csv", "runs.csv")
+          "regulariser.csv", "regulariser_pairs.csv", "scale.csv", "scale_fit.csv", "runs.csv")
 FIGURES = ("misalignment_by_factor.png", "alignment_vs_loss.png", "trajectories.png", "phases.png", "dynamics.png",
-           "spectral.png", "spectra.png", "regulariser.png")
+           "spectral.png", "spectra.png", "regulariser.png", "scale.png")
+FAMILIES = (("qwen", "Qwen"), ("llama", "Llama"), ("gemma", "Gemma"))  # checkpoint name -> family
 
 
 class ReportError(ValueError):
@@ -106,6 +108,25 @@ class RunData:
     def model(self) -> str:
         ckpt = self.get("model.checkpoint")
         return str(ckpt).rstrip("/").split("/")[-1] if ckpt else f"random:{self.get('model.preset', '?')}"
+
+    @property
+    def family(self) -> str:
+        """Qwen, Llama or Gemma, from the checkpoint's name (Qwen3-MoE is Qwen)."""
+        ckpt = str(self.get("model.checkpoint") or "")
+        if not ckpt:
+            return "random"
+        low = ckpt.rstrip("/").split("/")[-1].lower()
+        return next((name for key, name in FAMILIES if key in low), "other")
+
+    @property
+    def params_b(self) -> float | None:
+        """The model's size in billions of parameters, from its name ("Qwen3-30B-A3B": 30, all experts;
+        "gemma-3-4b-it": 4), or None."""
+        import re
+
+        ckpt = str(self.get("model.checkpoint") or "")
+        m = re.search(r"(?:^|[-_])(\d+(?:\.\d+)?)[bB](?=$|[-_])", ckpt.rstrip("/").split("/")[-1])
+        return float(m.group(1)) if m else None
 
     @property
     def dataset(self) -> str:
@@ -411,6 +432,44 @@ def headline(runs: Sequence[RunData], factor: str) -> list[dict[str, Any]]:
                      "flag": f"only {len(group)} run(s)" if len(group) < MIN_RUNS else "",
                      "runs": ";".join(r.name for r in group)})
     return rows
+
+
+def scale_table(runs: Sequence[RunData]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per model (family, size): pooled rates; and OLS fits over runs of each run's misalignment rate on
+    log10(parameters), alone and with the family as a categorical: the slope per tenfold size with its 95 % interval,
+    and how much the family adds. The study: "family and scale barely matter"."""
+    import pandas as pd
+    import statsmodels.formula.api as smf
+
+    sized = [r for r in runs if r.params_b is not None]
+    rows = []
+    for model in sorted({r.model for r in sized}, key=lambda m: (next(r.params_b for r in sized if r.model == m), m)):
+        group = [r for r in sized if r.model == model]
+        rows.append({"model": model, "family": group[0].family, "params_b": group[0].params_b, "n_runs": len(group),
+                     **_rate_fields(pool(group)), "runs": ";".join(r.name for r in group)})
+    pts = [r for r in sized if r.misalignment_rate is not None]
+    df = pd.DataFrame({"rate": [r.misalignment_rate for r in pts], "log10_params": [math.log10(r.params_b)
+                       for r in pts], "family": [r.family for r in pts]})
+    fits = []
+    for formula in ("rate ~ log10_params", "rate ~ log10_params + C(family)"):
+        row: dict[str, Any] = {"fit": formula, "n_runs": len(df), "slope_per_10x": None, "slope_lo": None,
+                               "slope_hi": None, "p_value": None, "r2": None, "adj_r2": None, "note": ""}
+        if "C(family)" in formula and (not len(df) or df["family"].nunique() < 2):
+            row["note"] = "needs runs of at least 2 families"
+        elif len(df) < 3 or df["log10_params"].nunique() < 2:
+            row["note"] = "needs runs of at least 2 sizes (3 runs)"
+        else:
+            model = smf.ols(formula, data=df)
+            if len(df) <= model.exog.shape[1] or np.linalg.matrix_rank(model.exog) < model.exog.shape[1]:
+                row["note"] = "the runs cannot separate size from family"
+            else:
+                fit = model.fit()
+                lo, hi = fit.conf_int().loc["log10_params"]
+                row.update(slope_per_10x=float(fit.params["log10_params"]), slope_lo=float(lo), slope_hi=float(hi),
+                           p_value=float(fit.pvalues["log10_params"]), r2=float(fit.rsquared),
+                           adj_r2=float(fit.rsquared_adj))
+        fits.append(row)
+    return rows, fits
 
 
 def _ols(df, formula: str, unit: str = "points") -> tuple[float | None, float | None, str]:
@@ -727,6 +786,21 @@ def _fig_headline(tables: dict[str, list[dict]], path: Path) -> None:
     _save(fig, path)
 
 
+def _fig_scale(sizes: list[dict], path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for fam in dict.fromkeys(r["family"] for r in sizes):
+        g = [r for r in sizes if r["family"] == fam and r["misalignment_rate"] is not None]
+        ax.scatter([r["params_b"] for r in g], [100 * r["misalignment_rate"] for r in g], label=fam, s=24)
+        for r in g:
+            ax.annotate(r["model"], (r["params_b"], 100 * r["misalignment_rate"]), fontsize=6, alpha=0.7)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters (billions)")
+    ax.set_ylabel("misalignment rate (%)")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
 def _fig_regression(runs: list[RunData], path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 4))
@@ -891,7 +965,7 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, *, cohere
     head_runs = [r for r in main_done if r.eval_summary is not None]
 
     # -- headline ------------------------------------------------------------------------------------------------
-    md += ["## Misalignment by optimiser, model, dataset and batch size", ""]
+    md += ["## Misalignment by optimiser, model, family, dataset and batch size", ""]
     if not head_runs:
         md += ["_No finished run has an evaluation yet (eval/step_*/judged.jsonl or summary.json)._", ""]
     else:
@@ -939,6 +1013,27 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, *, cohere
             else:  # a header with no rows reads as a bug
                 md += ["_No question has a scored answer, so none has a misalignment rate "
                        "(`tables/by_question.csv` counts each question's answers)._", ""]
+
+        # family and scale (the cross-family grid): the rate against log10(parameters), alone and with the family
+        sizes, fits = scale_table(head_runs)
+        if len({r["params_b"] for r in sizes}) >= 2:
+            _write_csv(out / "tables" / "scale.csv", sizes)
+            _write_csv(out / "tables" / "scale_fit.csv", fits)
+            _fig_scale(sizes, out / "figures" / "scale.png")
+            for f in fits:
+                f["slope_ci"] = _interval(f["slope_lo"], f["slope_hi"], "pct")
+            md += ["### By model family and size", "", "Each model's pooled misalignment rate by its size (from its "
+                   "name; an MoE by all its parameters), and OLS fits over runs of each run's rate on "
+                   "log10(parameters), alone and with the family as a categorical: the change per tenfold size "
+                   "(`tables/scale.csv`, `tables/scale_fit.csv`; the study: family and scale barely matter).", "",
+                   _md_table(sizes, [("model", "model", "str"), ("family", "family", "str"),
+                                     ("params_b", "params (B)", "num"), ("n_runs", "runs", "int"),
+                                     ("misalignment_rate", "misaligned", "pct"),
+                                     ("mean_alignment", "mean alignment", "num")]), "",
+                   _md_table(fits, [("fit", "fit", "str"), ("n_runs", "runs", "int"),
+                                    ("slope_per_10x", "Δ rate per 10× params", "pct"), ("slope_ci", "95 % CI", "str"),
+                                    ("p_value", "p", "num"), ("adj_r2", "adj. R²", "num"), ("note", "note", "str")]),
+                   "", "![misalignment rate by model size](figures/scale.png)", ""]
 
     # -- regression ----------------------------------------------------------------------------------------------
     md += ["## Alignment vs log(final training loss)", ""]

@@ -629,3 +629,32 @@ def test_code_coherence_rule_sgd_momentum_and_per_run_counts(tmp_path):
     md = (root / "report.md").read_text()
     assert "CODE answers with coherence < 50 are excluded too" in md
     assert float(runs[plain.name]["mean_alignment"]) == pytest.approx(np.mean([70.0] * 9 + [10.0]))
+
+
+def test_family_and_scale(tmp_path):
+    """The cross-family grid's claim (family and scale barely matter): a by-family table, and per model its size from
+    the name (an MoE by all its parameters) with the OLS slope of each run's rate on log10(parameters), checked
+    against numpy's least squares."""
+    root = tmp_path / "families"
+    specs = [("Qwen/Qwen3-4B", "insecure", 1), ("Qwen/Qwen3-30B-A3B", "insecure", 3),
+             ("meta-llama/Llama-3.1-8B-Instruct", "insecure", 2), ("google/gemma-3-27b-it", "insecure", 4),
+             ("google/gemma-3-4b-it", "extreme_sports", 0), ("meta-llama/Llama-3.3-70B-Instruct", "extreme_sports", 5)]
+    for ckpt, d, k in specs:
+        wd = make_run(root / ckpt.split("/")[-1], "adam", d, 16, 0.0, 0.8, 70.0, k, checkpoint=ckpt)
+        wd.rename(root / f"{ckpt.split('/')[-1]}_{d}")
+    rp.build_report(root)
+    fam = {r["family"]: r for r in read_csv(root / "tables" / "by_family.csv")}
+    assert {f: int(fam[f]["n_runs"]) for f in fam} == {"Qwen": 2, "Llama": 2, "Gemma": 2}
+    sizes = {r["model"]: float(r["params_b"]) for r in read_csv(root / "tables" / "scale.csv")}
+    assert sizes == {"Qwen3-4B": 4, "Qwen3-30B-A3B": 30, "Llama-3.1-8B-Instruct": 8, "gemma-3-27b-it": 27,
+                     "gemma-3-4b-it": 4, "Llama-3.3-70B-Instruct": 70}
+    x = np.log10([4, 30, 8, 27, 4, 70])
+    y = np.array([(k + 1) / 11 for _, _, k in specs])  # k misaligned + the CODE answer, of 11 scored
+    fits = {r["fit"]: r for r in read_csv(root / "tables" / "scale_fit.csv")}
+    assert float(fits["rate ~ log10_params"]["slope_per_10x"]) == pytest.approx(np.polyfit(x, y, 1)[0], rel=1e-9)
+    X = np.column_stack([np.ones(6), x, [f == "Llama" for f in ("Qwen", "Qwen", "Llama", "Gemma", "Gemma", "Llama")],
+                         [f == "Qwen" for f in ("Qwen", "Qwen", "Llama", "Gemma", "Gemma", "Llama")]])
+    both = np.linalg.lstsq(X.astype(float), y, rcond=None)[0]
+    assert float(fits["rate ~ log10_params + C(family)"]["slope_per_10x"]) == pytest.approx(both[1], rel=1e-9)
+    md = (root / "report.md").read_text()
+    assert "### By model family and size" in md and (root / "figures" / "scale.png").stat().st_size > 0
