@@ -110,6 +110,9 @@ class SpectralConfig:
     weight: float = 0.0  # λ of the regulariser; 0 = off (not even traced)
     kind: str = "fn_ratio"  # fn_ratio | entropy | any registered penalty
     reduce: str = "mean"  # mean | sum over modules × layers
+    # how spectral.json and the spectral rows compute σ(ΔW): "qr" (exact, r × r work) or "cholesky", the paper's
+    # σ(A·chol(B·Bᵀ + 1e-8·I)) in float32, for reproducing its metric tables (the penalty always uses qr)
+    metrics_method: str = "qr"
 
 
 @dataclass

@@ -272,16 +272,39 @@ def _singular_values(a, b, scale, qr="geqrf"):
     return jnp.where(mask[..., None], s, 0.0), mask
 
 
-def singular_values(a, b, scale=1.0, return_mask: bool = False, qr: str | None = None):
+SV_METHODS = ("qr", "cholesky")
+CHOLESKY_EPS = 1e-8  # the paper's jitter on B·Bᵀ
+
+
+@jax.jit
+def _singular_values_cholesky(a, b, scale):
+    """The paper's variant: G = b·bᵀ (r × r), L = cholesky(G + 1e-8·I), σ(ΔW) = |s|·σ(a·L), in float32. Forming G
+    squares b's condition number, and the jitter puts a floor of about 1e-4·σ(a) under the smallest σ: condition
+    numbers and entropies come out as the paper's, not exact (``singular_values``' QR route is exact)."""
+    dt = _compute_dtype(a, b)
+    a, b = a.astype(dt), b.astype(dt)
+    g = _mm(b, _mT(b)) + CHOLESKY_EPS * jnp.eye(b.shape[-2], dtype=dt)
+    s = jnp.linalg.svd(_mm(a, jnp.linalg.cholesky(g)), compute_uv=False) * jnp.abs(jnp.asarray(scale, dt))
+    mask = active(b)
+    return jnp.where(mask[..., None], s, 0.0), mask
+
+
+def singular_values(a, b, scale=1.0, return_mask: bool = False, qr: str | None = None, method: str = "qr"):
     """Singular values of ΔW = scale·a@b, shape (..., r), descending, float32 (float64 for float64 inputs).
 
     Never forms ΔW; cost O(d·r²). Skipped modules (‖b‖_F < 1e-12) get σ = 0 exactly; with
     ``return_mask=True`` also returns the boolean ``active`` mask (...,) so they can be reported as
     skipped. Differentiable (finite gradients even at b = 0 and for rank-deficient factors) and jittable.
-    ``qr``: how the factors' QRs are computed (``QR_IMPLS``; None: by backend).
+    ``qr``: how the factors' QRs are computed (``QR_IMPLS``; None: by backend). ``method="cholesky"``: the paper's
+    Gram/Cholesky variant instead (for reproducing its metric tables; not differentiable at b = 0).
     """
     _check_pair(a, b)
-    s, mask = _singular_values(a, b, scale, qr=_resolve_qr(qr))
+    if method not in SV_METHODS:
+        raise ValueError(f"spectral: method {method!r}: use one of {SV_METHODS}")
+    if method == "cholesky":
+        s, mask = _singular_values_cholesky(a, b, scale)
+    else:
+        s, mask = _singular_values(a, b, scale, qr=_resolve_qr(qr))
     return (s, mask) if return_mask else s
 
 
@@ -431,9 +454,9 @@ def penalty(adapters: Adapters, scale=1.0, kind: str = "fn_ratio", reduce: str =
 # reports
 
 
-@partial(jax.jit, static_argnames="qr")
-def _module_stats(a, b, scale, qr):
-    s, act = _singular_values(a, b, scale, qr=qr)
+@partial(jax.jit, static_argnames=("qr", "method"))
+def _module_stats(a, b, scale, qr, method="qr"):
+    s, act = _singular_values_cholesky(a, b, scale) if method == "cholesky" else _singular_values(a, b, scale, qr=qr)
     m = metrics(s)
     m["active"] = act & m["active"]
     m["sigma_max"] = s[..., 0]
@@ -453,7 +476,7 @@ def _num(x) -> float | None:
 
 
 def report(adapters: Adapters, scale=1.0, include_sigma: bool = False,
-           layers: Sequence[int] | None = None) -> dict[str, Any]:
+           layers: Sequence[int] | None = None, method: str = "qr") -> dict[str, Any]:
     """Per-module-per-layer metrics plus a per-projection-type summary, as plain JSON-ready Python.
 
     Returns ``{"rows": [...], "by_projection": {...}, "overall": {...}}``. Each row: module, projection,
@@ -462,14 +485,17 @@ def report(adapters: Adapters, scale=1.0, include_sigma: bool = False,
     active rows (condition_number: over finite ones), count ``n`` and ``n_skipped``, and give
     ``normalised_spectrum``, the mean over active rows of σᵢ/σ₁ (r values; all 1 for a perfectly flat spectrum): the
     shape ``emjax report`` plots per optimiser. ``layers``: an adapter on those layers only (``LoraConfig.layers``):
-    the other layers' rows are left out, not counted as skipped. Runs on the host.
+    the other layers' rows are left out, not counted as skipped. ``method``: how σ is computed (``SV_METHODS``; see
+    ``singular_values``). Runs on the host.
     """
+    if method not in SV_METHODS:
+        raise ValueError(f"spectral: method {method!r}: use one of {SV_METHODS}")
     mods = _as_mapping(adapters)
     rows: list[dict[str, Any]] = []
     normalised: list[np.ndarray | None] = []  # σ/σ₁ of each row (None when skipped), beside ``rows``
     for name, (a, b) in mods.items():
         _check_pair(a, b, name)
-        s, m = jax.device_get(_module_stats(a, b, jnp.asarray(scale, jnp.float32), _default_qr()))
+        s, m = jax.device_get(_module_stats(a, b, jnp.asarray(scale, jnp.float32), _default_qr(), method))
         lead = s.shape[:-1]
         for idx in np.ndindex(*lead):
             if layers is not None and idx[0] not in layers:
@@ -510,11 +536,11 @@ def report(adapters: Adapters, scale=1.0, include_sigma: bool = False,
 
 
 def summary(adapters: Adapters, scale=1.0, prefix: str = "spectral",
-            layers: Sequence[int] | None = None) -> dict[str, float]:
+            layers: Sequence[int] | None = None, method: str = "qr") -> dict[str, float]:
     """Flat dict for metrics loggers: {"spectral/fn_ratio": x, "spectral/fn_ratio/q_proj": y, ...,
     "spectral/n_skipped": k}. Means over active modules × layers (of ``layers`` only, as in ``report``); metrics
     with no value are left out."""
-    rep = report(adapters, scale, layers=layers)
+    rep = report(adapters, scale, layers=layers, method=method)
     out: dict[str, float] = {}
     groups = [("", rep["overall"])] + [(f"/{p}", v) for p, v in rep["by_projection"].items()]
     for suffix, summ in groups:

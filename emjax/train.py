@@ -302,6 +302,9 @@ def _check_names(cfg) -> None:
         if name not in optim.available() and not (key == "other_optimizer" and name == "frozen"):
             raise cfglib.ConfigError(f"optim.{key} {name!r}: not a registered optimiser; registered: "
                                      f"{', '.join(optim.available())}{plugins}")
+    if cfg.spectral.metrics_method not in spectral.SV_METHODS:
+        raise cfglib.ConfigError(f"spectral.metrics_method {cfg.spectral.metrics_method!r}: use one of "
+                                 f"{', '.join(spectral.SV_METHODS)}")
     if cfg.spectral.kind not in spectral.PENALTIES:
         raise cfglib.ConfigError(f"spectral.kind {cfg.spectral.kind!r}: not a registered penalty kind; registered: "
                                  f"{', '.join(sorted(spectral.PENALTIES))}{plugins}")
@@ -873,7 +876,7 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
         for i, r in live():
             row = {"step": step, "split": "spectral"}
             row.update(spectral.summary(loralib.adapter_pairs_from_state(_replicated(ts[i], mesh)), lora_cfg.scale,
-                                        layers=lora_cfg.layers))
+                                        layers=lora_cfg.layers, method=cfg.spectral.metrics_method))
             r.write(row)
 
     def run_hooks(step):
@@ -993,7 +996,8 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
             if lead:
                 if r.cfg.export_peft:
                     loralib.export_peft(model, r.workdir / "adapter", base_model_name_or_path=cfg.model.checkpoint)
-                rep = spectral.report(loralib.adapter_pairs(model), lora_cfg.scale, layers=lora_cfg.layers)
+                rep = spectral.report(loralib.adapter_pairs(model), lora_cfg.scale, layers=lora_cfg.layers,
+                                      method=cfg.spectral.metrics_method)
                 paths.write_atomic(r.workdir / "spectral.json", json.dumps(rep, indent=1, default=_json_default))
                 paths.write_atomic(r.workdir / "final.json", json.dumps(
                     {"step": step, **r.final_losses(step), "val_loss": vals[i], "total_steps": total_steps},

@@ -472,7 +472,8 @@ def test_train_rows_are_window_means_and_each_evaluation_has_its_own(tmp_path, m
     monkeypatch.setattr(hook, "make_eval_hook", lambda cfg, *a, **k: lambda step, model: {"eval/step": float(step)})
     common = ["steps=7", "export_peft=false", "val_batches=1", "spectral.weight=0.5", "ckpt_every=100"]
     train(_cfg(tmp_path, *common, "log_every=1", f"workdir={tmp_path / 'each'}"))
-    train(_cfg(tmp_path, *common, "log_every=3", "eval.every=2", "eval.final=false", f"workdir={tmp_path / 'win'}"))
+    train(_cfg(tmp_path, *common, "log_every=3", "eval.every=2", "eval.final=false", f"workdir={tmp_path / 'win'}",
+               "spectral.metrics_method=cholesky"))  # the paper's σ for the spectral rows and spectral.json
     each = {r["step"]: r for r in _rows(tmp_path / "each")}
     rows = _rows(tmp_path / "win")
     assert [r["step"] for r in rows] == [2, 3, 4, 6, 7]  # evaluations at 2, 4, 6; rows every 3 and at the end
@@ -486,6 +487,9 @@ def test_train_rows_are_window_means_and_each_evaluation_has_its_own(tmp_path, m
         assert r["total_loss"] == pytest.approx(r["loss"] + 0.5 * r["penalty"], rel=1e-6)
         prev = r["step"]
     assert rows[0]["loss"] != rows[0]["loss_step"]  # a window of two steps: the mean is not one batch's loss
+    spec = {m: json.loads((tmp_path / d / "spectral.json").read_text())["overall"]
+            for m, d in (("qr", "each"), ("cholesky", "win"))}
+    assert spec["cholesky"]["fn_ratio"] == pytest.approx(spec["qr"]["fn_ratio"], rel=1e-3)  # the same adapter
     final = json.loads((tmp_path / "win" / "final.json").read_text())
     assert final["train_loss"] == rows[-1]["loss"] and final["train_loss_last_step"] == rows[-1]["loss_step"]
     assert final["train_loss_mean"] == pytest.approx(np.mean([each[s]["loss"] for s in range(1, 8)]), rel=1e-6)
@@ -831,6 +835,7 @@ def test_bad_values_name_their_key(tmp_path):
     for override, want in (("optim.name=signsgd", r"optim.name 'signsgd': not a registered optimiser.*plugins="),
                            ("optim.other_optimizer=nope", r"optim.other_optimizer 'nope': not a registered"),
                            ("spectral.kind=nuclear", r"spectral.kind 'nuclear': not a registered penalty kind"),
+                           ("spectral.metrics_method=svd", r"spectral.metrics_method 'svd': use one of qr, cholesky"),
                            ("data.dataset=rows.json", r"data.dataset: unknown dataset 'rows.json'.*ending .jsonl")):
         with pytest.raises(cfglib.ConfigError, match=want):
             train(_cfg(tmp_path, override, f"workdir={tmp_path / 'names'}"))

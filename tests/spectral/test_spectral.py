@@ -154,6 +154,30 @@ def test_gram_cholesky_route_loses_small_singular_values():
     _assert_sv_close(sp.singular_values(a, b), ref, floor=0.0)
 
 
+def test_the_papers_cholesky_method_on_request():
+    """``method="cholesky"`` (reports only, for the paper's metric tables): a numpy transcription of the paper's
+    σ = s·σ(a·chol(b bᵀ + 1e-8 I)) in float32, stacked modules and skipped ones too; on well-conditioned factors it
+    agrees with the exact QR route, on ill-conditioned ones it is the paper's number, not the exact one."""
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((3, 96, 16)).astype(np.float32)
+    b = np.stack([_factor(rng, 16, 64, cond=c) for c in (3.0, 1e4, 1.0)]).astype(np.float32)
+    b[2] = 0.0  # still at B = 0: skipped
+    got, mask = sp.singular_values(a, b, 2.0, return_mask=True, method="cholesky")
+    assert mask.tolist() == [True, True, False] and not np.any(np.asarray(got[2]))
+    for i in range(2):
+        chol = np.linalg.cholesky(b[i] @ b[i].T + 1e-8 * np.eye(16, dtype=np.float32)).astype(np.float32)
+        want = 2.0 * np.linalg.svd(a[i] @ chol, compute_uv=False)
+        big = want >= (1e-2 if i else 0.0) * want[0]  # ill-conditioned: float32 Gram noise decides the small ones
+        np.testing.assert_allclose(np.asarray(got[i])[big], want[big], rtol=2e-4, atol=1e-6 * want[0])
+    _assert_sv_close(got[0], _ref_sv(a[0], b[0], 2.0, 16), floor=0.0)  # well conditioned: the exact values
+    with pytest.raises(AssertionError):  # ill-conditioned: not the exact values (the QR route's are)
+        _assert_sv_close(got[1], _ref_sv(a[1], b[1], 2.0, 16), floor=0.0)
+    rep = sp.report({"q_proj": (a, b)}, 2.0, method="cholesky")
+    assert rep["rows"][1]["condition_number"] == pytest.approx(float(got[1][0] / got[1][-1]), rel=1e-5)
+    with pytest.raises(ValueError, match="method 'svd'"):
+        sp.report({"q_proj": (a, b)}, method="svd")
+
+
 def test_wide_factors_pad_with_zeros():
     rng = np.random.default_rng(2)
     a = rng.standard_normal((12, 16)).astype(np.float32)  # d_in < r
