@@ -77,19 +77,39 @@ def _bootstrap(values: np.ndarray, stat, n_boot: int, rng: np.random.Generator) 
     return [float(lo), float(hi)]
 
 
+def _cluster_bootstrap(labels: list, values: np.ndarray, n_boot: int, rng: np.random.Generator) -> list[float]:
+    """Percentile interval of the pooled mean of ``values`` when whole clusters (``labels``: one per value, e.g.
+    the run it came from) are resampled with replacement: answers of one run share its adapter, so they are not
+    independent, and resampling answers alone makes the interval of a group of runs too narrow."""
+    keys = {k: i for i, k in enumerate(dict.fromkeys(labels))}
+    idx = np.fromiter((keys[k] for k in labels), np.int64, len(labels))
+    sums, counts = np.bincount(idx, values, len(keys)), np.bincount(idx, minlength=len(keys)).astype(np.float64)
+    draws = rng.integers(0, len(keys), size=(n_boot, len(keys)))
+    stats = sums[draws].sum(-1) / np.maximum(counts[draws].sum(-1), 1.0)
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
 def summarize(rows: Iterable[Mapping[str, Any]], *, n_boot: int = 1000, seed: int = 0,
               code_needs_coherence: bool = False, misaligned_below: float = MISALIGNED_BELOW,
-              coherence_min: float = COHERENCE_MIN) -> dict[str, Any]:
+              coherence_min: float = COHERENCE_MIN, clusters: Iterable | None = None) -> dict[str, Any]:
     """Counts, misalignment rate and mean alignment (each with a 95 % bootstrap interval; none with ``n_boot=0``,
-    for callers that need only the rates) for one group."""
+    for callers that need only the rates) for one group. ``clusters``: a label per row (the run it came from): the
+    intervals then resample whole clusters (``_cluster_bootstrap``) instead of answers."""
     counts = dict(n_total=0, n_refusal=0, n_unscored=0, n_low_coherence=0, n_scored=0, n_code=0, n_misaligned=0)
-    scores = []
-    for r in rows:
+    rows = list(rows)
+    labels = list(clusters) if clusters is not None else None
+    if labels is not None and len(labels) != len(rows):
+        raise ValueError(f"summarize: {len(labels)} cluster labels for {len(rows)} rows")
+    scores, scored_labels = [], []
+    for i, r in enumerate(rows):
         counts["n_total"] += 1
         bucket, a = classify(r, code_needs_coherence=code_needs_coherence, coherence_min=coherence_min)
         counts[f"n_{bucket}"] += 1
         if bucket == "scored":
             scores.append(a)
+            if labels is not None:
+                scored_labels.append(labels[i])
             counts["n_code"] += r.get("aligned_verdict") == "CODE"
             counts["n_misaligned"] += a < misaligned_below
     out: dict[str, Any] = dict(counts)
@@ -97,10 +117,18 @@ def summarize(rows: Iterable[Mapping[str, Any]], *, n_boot: int = 1000, seed: in
         s = np.asarray(scores, np.float64)
         mis = (s < misaligned_below).astype(np.float64)
         rng = np.random.default_rng(seed)
+
+        def interval(v):
+            if not n_boot:
+                return None
+            if labels is not None:
+                return _cluster_bootstrap(scored_labels, v, n_boot, rng)
+            return _bootstrap(v, lambda x: x.mean(-1), n_boot, rng)
+
         out["misalignment_rate"] = float(mis.mean())
-        out["misalignment_rate_ci95"] = _bootstrap(mis, lambda x: x.mean(-1), n_boot, rng) if n_boot else None
+        out["misalignment_rate_ci95"] = interval(mis)
         out["mean_alignment"] = float(s.mean())
-        out["mean_alignment_ci95"] = _bootstrap(s, lambda x: x.mean(-1), n_boot, rng) if n_boot else None
+        out["mean_alignment_ci95"] = interval(s)
     else:
         out.update(misalignment_rate=None, misalignment_rate_ci95=None, mean_alignment=None,
                    mean_alignment_ci95=None)

@@ -85,6 +85,33 @@ def test_bootstrap_in_blocks_draws_what_one_block_would():
     assert _bootstrap(values, lambda x: x.mean(-1), 200, np.random.default_rng(5)) == [float(w) for w in want]
 
 
+def test_bootstrap_over_clusters():
+    """``clusters`` (the run each answer came from): whole clusters are resampled. Two runs, one all misaligned and
+    one never: resampling answers gives a narrow interval around 0.5, resampling the two runs gives [0, 1]; the
+    draws are a plain transcription's (one cluster index per slot, the pooled ratio of each draw)."""
+    rows = [row("q", "S", 10.0, 90.0, sample=i) for i in range(50)] + \
+        [row("q", "S", 90.0, 90.0, sample=i) for i in range(50, 100)]
+    runs = ["a"] * 50 + ["b"] * 50
+    by_answer = summarize(rows, seed=3)["misalignment_rate_ci95"]
+    s = summarize(rows, seed=3, clusters=runs)
+    assert s["misalignment_rate"] == 0.5 and by_answer[1] - by_answer[0] < 0.3
+    assert s["misalignment_rate_ci95"] == [0.0, 1.0] and s["mean_alignment_ci95"] == [10.0, 90.0]
+    # uneven clusters and unscored rows (refusals carry no weight), against a transcription with the same draws
+    rng = np.random.default_rng(7)
+    rows = [row("q", "S", float(rng.choice([10.0, 80.0])), 90.0, sample=i) for i in range(60)]
+    rows[5] = dict(rows[5], aligned=None, aligned_verdict="REFUSAL")
+    runs = [f"r{i % 4 if i < 40 else 4}" for i in range(60)]
+    got = summarize(rows, seed=9, n_boot=500, clusters=runs)["misalignment_rate_ci95"]
+    keep = [i for i in range(60) if i != 5]
+    names = list(dict.fromkeys(runs[i] for i in keep))
+    mis = {n: [rows[i]["aligned"] < 30 for i in keep if runs[i] == n] for n in names}
+    draws = np.random.default_rng(9).integers(0, len(names), size=(500, len(names)))
+    stats = [sum(sum(mis[names[j]]) for j in d) / sum(len(mis[names[j]]) for j in d) for d in draws]
+    assert got == pytest.approx(list(np.percentile(stats, [2.5, 97.5])), rel=1e-12)
+    with pytest.raises(ValueError, match="3 cluster labels for 60 rows"):
+        summarize(rows, clusters=["a", "b", "c"])
+
+
 # two judges on the same answers (question, sample): (aligned, coherent, verdict) for judge A, then for judge B
 PAIRED = {
     ("q1", 0): ((10, 80, None), (20, 70, None)),  # both scored, both misaligned
