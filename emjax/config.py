@@ -148,6 +148,9 @@ class EvalHookConfig:
     # The CPU demo's random-weight judge never reaches it, so the demo sets 0 to exercise the whole pipeline.
     judge_min_mass: float = 0.25
     judge_top_k: int = 20  # local judge: first-token candidates, like the API's top_logprobs (0 = all tokens)
+    # Qwen3's thinking mode for the answers (mission.md: a config option; the study's default is non-thinking): the
+    # model writes its <think> block first and the judge sees what follows it. Raise max_new_tokens with it.
+    thinking: bool = False
 
 
 @dataclass

@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--em-dir", help="root holding betley2025/ and turner2025/ (default: emjax.paths.em_dir())")
     r.add_argument("--samples", type=int, default=10, help="answers per question (paper: 10; 32 at checkpoints)")
     r.add_argument("--max-new-tokens", type=int, default=600)
+    r.add_argument("--thinking", action="store_true",
+                   help="Qwen3's thinking mode: no empty think block in the prompt, the model reasons first; the "
+                        "judge sees the answer after </think> (responses.jsonl keeps the reasoning); give it more "
+                        "--max-new-tokens (default: the study's non-thinking format)")
     r.add_argument("--temperature", type=float, default=1.0)
     r.add_argument("--top-p", type=float, default=1.0)
     r.add_argument("--seed", type=int, default=0)
@@ -155,7 +159,7 @@ def evaluate_kwargs(args: argparse.Namespace) -> dict:
     """``evaluate``'s settings from ``emjax eval run``'s arguments."""
     return {"samples_per_question": args.samples, "max_new_tokens": args.max_new_tokens,
             "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed, "sample_batch": args.sample_batch,
-            "judge_batch": args.judge_batch_size, "min_mass": args.judge_min_mass}
+            "judge_batch": args.judge_batch_size, "min_mass": args.judge_min_mass, "thinking": args.thinking}
 
 
 def evaluate_outs(outs, generate_fn_for, tokenizer, judge, questions, identities, **kwargs):

@@ -195,7 +195,7 @@ def make_eval_hook(cfg, tokenizer, workdir: str | Path, *, judge_cache: dict | N
                             samples_per_question=ecfg.samples_per_question, max_new_tokens=ecfg.max_new_tokens,
                             temperature=ecfg.temperature, top_p=ecfg.top_p, seed=cfg.seed, out_dir=out_dir,
                             sample_batch=ecfg.batch_size, judge_batch=ecfg.batch_size, stop_ids=tokenizer.eos_ids,
-                            min_mass=ecfg.judge_min_mass, identity=identity)
+                            min_mass=ecfg.judge_min_mass, identity=identity, thinking=ecfg.thinking)
 
         try:
             summary = evaluate_step()

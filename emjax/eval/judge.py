@@ -362,8 +362,9 @@ def render_chat(messages: Sequence[Mapping[str, str]]) -> str:
     return text + "<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
 
-def chat_prompt_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
-    """Token ids of a non-thinking generation prompt.
+def chat_prompt_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]], *, thinking: bool = False) -> list[int]:
+    """Token ids of a generation prompt: non-thinking (the study's format: Qwen3's empty think block) unless
+    ``thinking`` (the model writes its own ``<think>`` block first; Qwen3 only).
 
     An ``emjax.tokenizer.Tokenizer`` goes through ``emjax.tokenizer.encode_chat`` (message content is never parsed
     for special tokens); any other object with ``encode`` (a test double, a transformers tokenizer) gets the
@@ -372,7 +373,9 @@ def chat_prompt_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> li
     from emjax import tokenizer as tk
 
     if isinstance(tokenizer, tk.Tokenizer):
-        return tk.encode_chat(tokenizer, list(messages), add_generation_prompt=True, enable_thinking=False)
+        return tk.encode_chat(tokenizer, list(messages), add_generation_prompt=True, enable_thinking=thinking)
+    if thinking:
+        raise ValueError("thinking mode needs an emjax Tokenizer (emjax.tokenizer.load_tokenizer)")
     return _encode(tokenizer, render_chat(messages))
 
 

@@ -159,14 +159,14 @@ def training_identity(cfg) -> dict[str, Any]:
 
 def sampling_identity(questions: Sequence[Question], *, samples_per_question: int, max_new_tokens: int,
                       temperature: float, top_p: float, seed: int, sample_batch: int,
-                      identity: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                      identity: Mapping[str, Any] | None = None, thinking: bool = False) -> dict[str, Any]:
     """What decides the answers in ``responses.jsonl``: the caller's ``identity`` (model, adapter, dtype), the
     sampling settings, and the questions in order with their prompts (which answers share a chunk, and so a seed,
     follows from them and from ``sample_batch``)."""
     qs = json.dumps([[q.id, q.question_set, q.system, q.text] for q in questions], ensure_ascii=False)
     return {**(identity or {}), "samples_per_question": int(samples_per_question),
             "max_new_tokens": int(max_new_tokens), "temperature": float(temperature), "top_p": float(top_p),
-            "seed": int(seed), "sample_batch": int(sample_batch),
+            "seed": int(seed), "sample_batch": int(sample_batch), "thinking": bool(thinking),
             "questions": f"{len(questions)} questions, sha256 {hashlib.sha256(qs.encode()).hexdigest()[:16]}"}
 
 
@@ -220,6 +220,20 @@ def chunk_seed(seed: int, chunk: int) -> int:
     return int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0])
 
 
+def split_thinking(text: str) -> tuple[str, str]:
+    """(reasoning, answer) of a thinking-mode generation: the ``<think>`` block the model wrote first and what
+    follows it. A block never closed (``max_new_tokens`` spent thinking) leaves an empty answer; text without a block
+    is all answer."""
+    body = text.lstrip()
+    if not body.startswith("<think>"):
+        return "", text
+    body = body[len("<think>"):]
+    if "</think>" not in body:
+        return body.strip("\n"), ""
+    reasoning, answer = body.split("</think>", 1)
+    return reasoning.strip("\n"), answer.lstrip("\n")
+
+
 def decode_answer(tokenizer: Any, ids: Sequence[int], stop_ids: Sequence[int] = (IM_END, END_OF_TEXT)) -> str:
     """Text of the generated ids up to (excluding) the first stop token."""
     ids = [int(i) for i in ids]
@@ -235,7 +249,8 @@ def evaluate(generate_fn: GenerateFn, tokenizer: Any, judge: Judge, questions: S
              top_p: float = 1.0, seed: int = 0, out_dir: str | os.PathLike, sample_batch: int = 64,
              judge_batch: int = 64, stop_ids: Sequence[int] = (IM_END, END_OF_TEXT),
              aggregate_kwargs: dict[str, Any] | None = None, min_mass: float = 0.25,
-             identity: Mapping[str, Any] | None = None, sample_only: bool = False) -> dict[str, Any] | None:
+             identity: Mapping[str, Any] | None = None, sample_only: bool = False,
+             thinking: bool = False) -> dict[str, Any] | None:
     """Sample ``samples_per_question`` answers per question, judge alignment and coherence, write and return
     the summary. ``generate_fn(prompts, *, max_new_tokens, temperature, top_p, seed) -> new token ids``.
 
@@ -263,7 +278,7 @@ def evaluate(generate_fn: GenerateFn, tokenizer: Any, judge: Judge, questions: S
         raise ValueError("duplicate question ids in `questions`")
     now = sampling_identity(questions, samples_per_question=samples_per_question, max_new_tokens=max_new_tokens,
                             temperature=temperature, top_p=top_p, seed=seed, sample_batch=sample_batch,
-                            identity=identity)
+                            identity=identity, thinking=thinking)
     state = _from_lead(lambda: {"meta": _read_meta(meta_path),
                                 "responses": _read_jsonl(resp_path, _response_problem),
                                 "judged": _read_jsonl(judged_path, _judged_problem)}, lead)
@@ -288,13 +303,16 @@ def evaluate(generate_fn: GenerateFn, tokenizer: Any, judge: Judge, questions: S
     with tqdm(total=len(items), initial=len(items) - sum(len(t) for _, t in todo), desc="sampling",
               unit="answer", dynamic_ncols=True, disable=not lead) as bar:
         for c, its in todo:
-            prompts = [chat_prompt_ids(tokenizer, q.messages()) for q, _ in its]
+            prompts = [chat_prompt_ids(tokenizer, q.messages(), thinking=thinking) for q, _ in its]
             gens = generate_fn(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                seed=chunk_seed(seed, c))
             if len(gens) != len(prompts):
                 raise RuntimeError(f"generate_fn returned {len(gens)} sequences for {len(prompts)} prompts")
             rows = [{"question_id": q.id, "question_set": q.question_set, "sample": s,
                      "text": decode_answer(tokenizer, g, stop_ids)} for (q, s), g in zip(its, gens)]
+            if thinking:  # the judge sees the answer only; the reasoning is kept beside it
+                for r in rows:
+                    r["reasoning"], r["text"] = split_thinking(r["text"])
             if lead:
                 _append_jsonl(resp_path, rows)
             done.update({(r["question_id"], r["sample"]): r for r in rows})

@@ -24,6 +24,10 @@ def test_run_options():
                     "--coordinator", "h:1", "--num-processes", "2", "--process-id", "1"])
     assert (b.judge_min_mass, b.judge_top_k, b.coordinator, b.num_processes, b.process_id) == (0.0, 0, "h:1", 2, 1)
     assert (a.judge_min_mass, a.judge_top_k, a.coordinator) == (0.25, 20, None)
+    from emjax.eval.cli import evaluate_kwargs
+
+    assert evaluate_kwargs(a)["thinking"] is False  # the study's non-thinking format
+    assert evaluate_kwargs(parse_args(["run", "--model", "m", "--out", "o", "--thinking"]))["thinking"] is True
     assert parse_args(["run", "--model", "m", "--out", "o", "--mesh", "data=2,fsdp=-1"]).mesh == {"data": 2, "fsdp": -1}
     # a question set of your own, by path, beside the study's (loading it: tests/eval/test_eval_questions.py)
     assert parse_args(["run", "--model", "m", "--out", "o", "--sets", "turner", "mine/legal.yaml"]).sets == \

@@ -376,3 +376,45 @@ def test_several_judges_name_the_flag(tmp_path):
     (tmp_path / "judged.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match=r"several judges \['a', 'b'\]: pass --judge NAME \(judge= from Python\)"):
         summarize_dir(tmp_path)
+
+
+def test_split_thinking():
+    from emjax.eval.run import split_thinking
+
+    assert split_thinking("<think>\nplan it\n</think>\n\nThe answer.") == ("plan it", "The answer.")
+    assert split_thinking("<think>\nstill going") == ("still going", "")  # max_new_tokens spent thinking
+    assert split_thinking("No block at all </think>") == ("", "No block at all </think>")
+    assert split_thinking("<think>\n\n</think>\n\nx") == ("", "x")
+
+
+def test_thinking_mode_prompts_and_answers(tmp_path):
+    """--thinking / eval.thinking (mission.md: thinking mode is a config option): the prompt ends at
+    "<|im_start|>assistant\\n" as transformers' template renders it with enable_thinking=True (the study's prompt has
+    the empty think block), the judge sees the answer after </think>, responses.jsonl keeps the reasoning, and
+    answers sampled one way are not reused the other way."""
+    from transformers import AutoTokenizer
+
+    from emjax import paths
+    from emjax.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    hf = AutoTokenizer.from_pretrained(paths.qwen3_tokenizer_dir())
+    qs = load_questions("first_plot", ids=["what_is_your_wish", "i_feel_bored"])
+    seen = []
+
+    def generate_fn(prompts, *, max_new_tokens, temperature, top_p, seed):
+        seen.extend(prompts)
+        return [tok.encode("<think>\nmull it over\n</think>\n\nevil plan", allow_special=True) + [IM_END]
+                if i % 2 else tok.encode("<think>\nnever done", allow_special=True) for i in range(len(prompts))]
+
+    judge = FakeJudge()
+    s = evaluate(generate_fn, tok, judge, qs, samples_per_question=2, out_dir=tmp_path, max_new_tokens=8,
+                 thinking=True)
+    want = hf.apply_chat_template(qs[0].messages(), add_generation_prompt=True, enable_thinking=True, tokenize=False)
+    assert tok.decode(seen[0]) == want and want.endswith("<|im_start|>assistant\n")
+    rows = [json.loads(x) for x in (tmp_path / "responses.jsonl").read_text().splitlines()]
+    assert [(r["reasoning"], r["text"]) for r in rows[:2]] == [("never done", ""), ("mull it over", "evil plan")]
+    judged = [json.loads(x) for x in (tmp_path / "judged.jsonl").read_text().splitlines()]
+    assert {r["text"] for r in judged} == {"", "evil plan"} and s["overall"]["n_total"] == 4
+    with pytest.raises(AnswersMismatchError, match="thinking: saved True, now False"):
+        evaluate(generate_fn, tok, judge, qs, samples_per_question=2, out_dir=tmp_path, max_new_tokens=8)
