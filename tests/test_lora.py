@@ -219,9 +219,9 @@ def test_lora_matmul_backward_matches_autodiff():
                                            ("gemma3", {"remat": "full", "attn_chunk": 8, "loss_chunk": 5})],
                          ids=["qwen3", "gemma3", "gemma3-remat-chunks"])
 def test_training_gradients_match_peft(tmp_path, family, memory):
-    """∂(mean next-token CE over the masked tokens)/∂(A, B) of every adapter equals PEFT's torch autograd (fp32), so training follows
-    the same path as a PEFT run from the same weights; for Gemma 3 over 24 tokens, three of its sliding windows,
-    also with the step's memory options on."""
+    """∂(mean next-token CE over the masked tokens)/∂(A, B) of every adapter equals PEFT's torch autograd (fp32), so
+    training follows the same path as a PEFT run from the same weights; for Gemma 3 over 24 tokens, three of its
+    sliding windows, also with the step's memory options on."""
     import jax
     from flax import nnx
     from peft import PeftModel
