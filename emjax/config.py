@@ -379,6 +379,7 @@ PACKABLE = ("workdir", "optim", "spectral.weight", "plugins")  # a pack imports 
 # What trains the adapter: a run resumes only under the same values (emjax.train refuses others), and an evaluation
 # at a step is that adapter's only if they match (emjax.eval.hook)
 RESUME_SECTIONS = ("model", "lora", "optim", "data", "spectral", "seed", "steps")
+RESUME_FREE = ("spectral.metrics_method",)  # in those sections but changing no trained number: may differ on resume
 PACKABLE_WITH_CHECKPOINT = ("seed",)
 
 

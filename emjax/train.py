@@ -338,6 +338,9 @@ def _check_compatible(workdir: Path, cfg) -> None:
         if isinstance(a, dict) and OmegaConf.is_config(d := OmegaConf.select(defaults, section)):
             # a key added to the schema after the run was saved held its default then
             a = {**OmegaConf.to_container(d), **a}
+        free = {k.split(".", 1)[1] for k in cfglib.RESUME_FREE if k.startswith(section + ".")}
+        if free and isinstance(a, dict) and isinstance(b, dict):
+            a, b = ({k: v for k, v in x.items() if k not in free} for x in (a, b))
         if a != b:
             if isinstance(a, dict) and isinstance(b, dict):
                 keys = [k for k in set(a) | set(b) if a.get(k) != b.get(k)]

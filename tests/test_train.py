@@ -878,7 +878,7 @@ def test_incompatible_checkpoint(tmp_path):
         files.close()
     # the memory options and micro-batching change no number, so a run that did not fit resumes with them
     _check_compatible(tmp_path / "run", _cfg(tmp_path, "steps=2", "remat=full", "loss_chunk=8", "attn_chunk=8",
-                                             "grad_accum=2"))
+                                             "grad_accum=2", "spectral.metrics_method=cholesky"))
     # checkpoints without the config.yaml that says whose they are: refused (they resumed blindly, or failed in orbax)
     (tmp_path / "run" / "config.yaml").rename(tmp_path / "config.yaml")
     with pytest.raises(TrainError, match=r"holds checkpoints but .*config.yaml is missing"):

@@ -141,3 +141,16 @@ def test_hook_api_judge_keeps_a_disk_cache(tmp_path, monkeypatch):
         assert len(server.requests) == n
     finally:
         server.close()
+
+
+def test_training_identity_names_what_trained_the_adapter():
+    """The hook's answers identity changes with what trains the adapter (here λ and the optimiser), and not with
+    how the step is reported (spectral.metrics_method, free on resume) or computed (remat)."""
+    from emjax import config as cfglib
+    from emjax.eval.run import training_identity
+
+    base = training_identity(cfglib.load("tiny"))
+    for same in (["spectral.metrics_method=cholesky"], ["remat=full"]):
+        assert training_identity(cfglib.load("tiny", same)) == base, same
+    for other in (["spectral.weight=1.0"], ["optim.name=muon"], ["seed=3"]):
+        assert training_identity(cfglib.load("tiny", other))["adapter"] != base["adapter"], other
