@@ -112,12 +112,17 @@ class RunData:
 
     @property
     def family(self) -> str:
-        """Qwen, Llama or Gemma, from the checkpoint's name (Qwen3-MoE is Qwen)."""
+        """Qwen, Llama or Gemma, from the checkpoint's name, or for a local directory named otherwise its
+        config.json's model_type (Qwen3-MoE is Qwen)."""
         ckpt = str(self.get("model.checkpoint") or "")
         if not ckpt:
             return "random"
-        low = ckpt.rstrip("/").split("/")[-1].lower()
-        return next((name for key, name in FAMILIES if key in low), "other")
+        names = [ckpt.rstrip("/").split("/")[-1].lower()]
+        try:
+            names.append(str(json.loads((Path(ckpt) / "config.json").read_text()).get("model_type", "")).lower())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return next((name for low in names for key, name in FAMILIES if key in low), "other")
 
     @property
     def params_b(self) -> float | None:

@@ -676,3 +676,9 @@ def test_family_and_scale(tmp_path):
     assert float(fits["rate ~ log10_params + C(family)"]["slope_per_10x"]) == pytest.approx(both[1], rel=1e-9)
     md = (root / "report.md").read_text()
     assert "### By model family and size" in md and (root / "figures" / "scale.png").stat().st_size > 0
+    # a local checkpoint named otherwise: its config.json's model_type names the family
+    local = tmp_path / "my_base"
+    local.mkdir()
+    (local / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    run = rp.RunData("r", local, "done", config={"model": {"checkpoint": str(local)}})
+    assert (run.family, run.params_b) == ("Llama", None)
