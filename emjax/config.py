@@ -253,7 +253,7 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = (), schema=T
 # Directories are taken whole; files and checkpoints only where they exist (else a hub id, a study set's or
 # dataset's name: left as given).
 PATH_DIRS = ("data.data_dir", "data.source_dir", "data.tfds_dir")
-PATH_FILES = {"model.checkpoint": "", "eval.judge_model": "", "data.dataset": (".jsonl",), "plugins": (".py",),
+PATH_FILES = {"model.checkpoint": "", "eval.judge_checkpoint": "", "data.dataset": (".jsonl",), "plugins": (".py",),
               "eval.question_sets": (".yaml", ".yml")}  # key -> the endings that make a value a path ("": any)
 
 

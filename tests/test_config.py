@@ -75,3 +75,23 @@ def test_parsing_a_config_imports_no_jax_grain_or_tfds():
             "print(sorted(m for m in ('jax', 'grain', 'tensorflow_datasets', 'optax', 'flax') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_local_paths_are_made_absolute(tmp_path, monkeypatch):
+    """Relative local paths (files only where they exist; hub ids, study sets and module names untouched) become
+    absolute on load, so config.yaml and printed commands name the same files from any directory."""
+    monkeypatch.chdir(tmp_path)
+    for d in ("ckpt", "judge"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "rows.jsonl").write_text("")
+    (tmp_path / "mine.yaml").write_text("")
+    (tmp_path / "my_optims.py").write_text("")
+    cfg = cfglib.load("tiny", ["model.checkpoint=ckpt", "eval.judge_checkpoint=judge", "data.dataset=rows.jsonl",
+                               "plugins=[my_optims.py,some_module]", "eval.question_sets=[turner,mine.yaml]",
+                               "data.tfds_dir=out/tfds"])
+    assert (cfg.model.checkpoint, cfg.eval.judge_checkpoint, cfg.data.dataset, cfg.data.tfds_dir) == \
+        (str(tmp_path / "ckpt"), str(tmp_path / "judge"), str(tmp_path / "rows.jsonl"), str(tmp_path / "out/tfds"))
+    assert list(cfg.plugins) == [str(tmp_path / "my_optims.py"), "some_module"]
+    assert list(cfg.eval.question_sets) == ["turner", str(tmp_path / "mine.yaml")]
+    hub = cfglib.load("tiny", ["model.checkpoint=Qwen/Qwen3-8B", "data.dataset=insecure"])
+    assert (hub.model.checkpoint, hub.data.dataset) == ("Qwen/Qwen3-8B", "insecure")
