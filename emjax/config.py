@@ -380,6 +380,14 @@ PACKABLE = ("workdir", "optim", "spectral.weight", "plugins")  # a pack imports 
 # at a step is that adapter's only if they match (emjax.eval.hook)
 RESUME_SECTIONS = ("model", "lora", "optim", "data", "spectral", "seed", "steps")
 RESUME_FREE = ("spectral.metrics_method",)  # in those sections but changing no trained number: may differ on resume
+
+
+def resume_view(section: str, values: Any) -> Any:
+    """A RESUME_SECTIONS section's plain values as resuming compares them: without its RESUME_FREE keys."""
+    if not isinstance(values, dict):
+        return values
+    free = {k.split(".", 1)[1] for k in RESUME_FREE if k.startswith(section + ".")}
+    return {k: v for k, v in values.items() if k not in free}
 PACKABLE_WITH_CHECKPOINT = ("seed",)
 
 

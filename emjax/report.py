@@ -38,6 +38,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -110,7 +111,7 @@ class RunData:
         ckpt = self.get("model.checkpoint")
         return str(ckpt).rstrip("/").split("/")[-1] if ckpt else f"random:{self.get('model.preset', '?')}"
 
-    @property
+    @cached_property  # reads config.json; asked for per run and per group
     def family(self) -> str:
         """Qwen, Llama or Gemma, from the checkpoint's name, or for a local directory named otherwise its
         config.json's model_type (Qwen3-MoE is Qwen)."""
@@ -124,7 +125,7 @@ class RunData:
             pass
         return next((name for low in names for key, name in FAMILIES if key in low), "other")
 
-    @property
+    @cached_property
     def params_b(self) -> float | None:
         """The model's size in billions of parameters, from its name ("Qwen3-30B-A3B": 30, all experts;
         "gemma-3-4b-it": 4), or None."""
@@ -408,9 +409,10 @@ def pool(runs: Sequence[RunData]) -> dict[str, Any]:
     with_rows = [r for r in runs if r.judged is not None]
     only_summary = [r for r in runs if r.judged is None and r.eval_summary is not None]
     rules = runs[0].rules if runs else {}
+    named = [(r.name, row) for r in with_rows for row in r.judged]
     if not only_summary:
-        return _summarize_runs(with_rows, rules)
-    parts = ([_summarize_runs(with_rows, rules)] if with_rows else []) + \
+        return _summarize_named(named, runs, rules)
+    parts = ([_summarize_named(named, runs, rules)] if with_rows else []) + \
         [r.eval_summary for r in only_summary]
     out: dict[str, Any] = {k: sum(int(p.get(k) or 0) for p in parts) for k in COUNT_KEYS}
     n = out["n_scored"]
@@ -421,12 +423,11 @@ def pool(runs: Sequence[RunData]) -> dict[str, Any]:
     return out
 
 
-def _summarize_runs(runs: Sequence[RunData], rules: dict, rows_of=lambda r: r.judged) -> dict[str, Any]:
-    """``summarize`` over the runs' pooled answers (``rows_of(run)``), the interval resampling answers, or whole runs
-    where the report was asked to (``boot_runs``)."""
-    rows = [(r.name, row) for r in runs for row in rows_of(r)]
-    clusters = [name for name, _ in rows] if runs and runs[0].boot_runs else None
-    return summarize([row for _, row in rows], clusters=clusters, **rules)
+def _summarize_named(named: list[tuple[str, dict]], runs: Sequence[RunData], rules: dict) -> dict[str, Any]:
+    """``summarize`` over pooled (run name, answer) pairs, the interval resampling answers, or whole runs where the
+    report was asked to (``boot_runs``)."""
+    clusters = [name for name, _ in named] if runs and runs[0].boot_runs else None
+    return summarize([row for _, row in named], clusters=clusters, **rules)
 
 
 def _rate_fields(s: dict[str, Any]) -> dict[str, Any]:
@@ -517,14 +518,13 @@ def answer_table(runs: Sequence[RunData], key: str) -> list[dict[str, Any]]:
     rows = []
     for opt in [*_order(r.optimiser for r in with_rows), "all"]:
         group = [r for r in with_rows if opt in ("all", r.optimiser)]
-        by_value: dict[Any, dict] = {}  # one pass over the answers (a sweep has 10^5 or more)
+        by_value: dict[Any, list] = {}  # one pass over the answers (a sweep has 10^5 or more)
         for r in group:
             for a in r.judged:
-                by_value.setdefault(a.get(key), {}).setdefault(r.name, []).append(a)
-        by_name = {r.name: r for r in group}
-        for v, per_run in by_value.items():
-            s = _summarize_runs([by_name[n] for n in per_run], rules, rows_of=lambda r, p=per_run: p[r.name])
-            rows.append({"optimiser": opt, key: v, "n_runs": len(group), **_rate_fields(s)})
+                by_value.setdefault(a.get(key), []).append((r.name, a))
+        for v, named in by_value.items():
+            rows.append({"optimiser": opt, key: v, "n_runs": len(group),
+                         **_rate_fields(_summarize_named(named, group, rules))})
     return rows
 
 

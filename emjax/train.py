@@ -338,9 +338,7 @@ def _check_compatible(workdir: Path, cfg) -> None:
         if isinstance(a, dict) and OmegaConf.is_config(d := OmegaConf.select(defaults, section)):
             # a key added to the schema after the run was saved held its default then
             a = {**OmegaConf.to_container(d), **a}
-        free = {k.split(".", 1)[1] for k in cfglib.RESUME_FREE if k.startswith(section + ".")}
-        if free and isinstance(a, dict) and isinstance(b, dict):
-            a, b = ({k: v for k, v in x.items() if k not in free} for x in (a, b))
+        a, b = cfglib.resume_view(section, a), cfglib.resume_view(section, b)
         if a != b:
             if isinstance(a, dict) and isinstance(b, dict):
                 keys = [k for k in set(a) | set(b) if a.get(k) != b.get(k)]
@@ -452,8 +450,8 @@ class _RunFiles:
         # the training loss at that step, which final.json reports even when no step is left to run (a run killed
         # after its last checkpoint, in its final validation or evaluation); checkpoints from before it was kept:
         # the last logged one
-        self.last_loss = meta["loss"] if "loss" in meta else self._logged_loss(step)
         self.window_loss = self._logged_loss(step)
+        self.last_loss = meta["loss"] if "loss" in meta else self.window_loss
         self.loss_sum, self.loss_count = meta.get("loss_sum", 0.0), meta.get("loss_count", 0)
         return restored["state"]["trainable"], restored["state"]["opt"], meta["data"]
 
@@ -987,6 +985,7 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
 
+    finals = [r.final_losses(step) for r in runs]  # final.json and the results: the same numbers, read once
     vals = [None] * n
     if status == "done" and live():
         vals = validate(step)
@@ -1003,13 +1002,13 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
                                       method=cfg.spectral.metrics_method)
                 paths.write_atomic(r.workdir / "spectral.json", json.dumps(rep, indent=1, default=_json_default))
                 paths.write_atomic(r.workdir / "final.json", json.dumps(
-                    {"step": step, **r.final_losses(step), "val_loss": vals[i], "total_steps": total_steps},
+                    {"step": step, **finals[i], "val_loss": vals[i], "total_steps": total_steps},
                     indent=1))
                 (r.workdir / "DONE").write_text("ok\n")
     for r in runs:
         r.close()
-    return [RunResult(r.workdir, step, r.final_losses(step)["train_loss"], vals[i], "failed" if r.error else status,
-                      r.error) for i, r in enumerate(runs)]
+    return [RunResult(r.workdir, step, finals[i]["train_loss"], vals[i], "failed" if r.error else status, r.error)
+            for i, r in enumerate(runs)]
 
 
 def compile_oom(err: BaseException) -> bool:

@@ -146,16 +146,12 @@ def training_identity(cfg) -> dict[str, Any]:
     model, its dtype and what trained the adapter, so a step directory left by another config is not resumed."""
     from omegaconf import OmegaConf
 
-    from emjax.config import RESUME_FREE, RESUME_SECTIONS
+    from emjax.config import RESUME_SECTIONS, resume_view
 
     ckpt = cfg.model.checkpoint
     model = _where(ckpt) if ckpt else f"random init: preset {cfg.model.preset}"
-    training = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
-                for k in RESUME_SECTIONS}
-    for key in RESUME_FREE:  # what changes no trained number
-        section, name = key.split(".", 1)
-        if isinstance(training.get(section), dict):
-            training[section].pop(name, None)
+    training = {k: resume_view(k, OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k])
+                               else cfg[k]) for k in RESUME_SECTIONS}
     digest = hashlib.sha256(json.dumps(training, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return {"model": model, "dtype": str(cfg.model.dtype),
             "adapter": f"training run's adapter (sha256 {digest} of its {', '.join(RESUME_SECTIONS)})"}
