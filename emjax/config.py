@@ -242,6 +242,8 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = (), schema=T
                 raise ConfigError(f"{where}: {', '.join(sections)} is a section of keys, not a value: set "
                                   f"{sections[0]}.KEY=VALUE") from None
         hint = f" (a list: {key}=[...])" if "is not a ListConfig" in (msg[0] if msg else "") else ""
+        if not hint and ":" in key.rsplit(".", 1)[-1]:  # `{lora_b$:16}` reads as the key "lora_b$:16" set to null
+            hint = " (in a {key: value} mapping, put a space after the colon)"
         raise ConfigError(f"{where}: bad config key {key!r}: {msg[0] if msg else type(e).__name__}{hint}") from None
     if schema is TrainConfig:
         absolute_paths(base)

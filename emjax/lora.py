@@ -88,6 +88,8 @@ class LoraConfig:
         object.__setattr__(self, "targets", tuple(_short(t) for t in self.targets))
         if self.rank < 1:
             raise ValueError(f"LoraConfig.rank must be >= 1, got {self.rank}")
+        if not self.alpha > 0:  # 0 scales every update to nothing; < 0 flips the adapter's sign
+            raise ValueError(f"LoraConfig.alpha must be > 0, got {self.alpha}")
         if self.dropout != 0.0:
             raise ValueError("LoraConfig.dropout: only 0.0 is supported (the study uses none)")
         if self.layers is not None:
@@ -266,9 +268,30 @@ def read_peft_config(adapter_dir: str | os.PathLike) -> LoraConfig:
         hint = (f"; this is a run's work directory: its adapter is {Path(adapter_dir) / 'adapter'}"
                 if (Path(adapter_dir) / "adapter" / "adapter_config.json").exists() else "")
         raise FileNotFoundError(f"{path}: no adapter_config.json (is this a PEFT adapter directory?){hint}")
-    raw = json.loads(path.read_text())
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object (PEFT's adapter config), got {type(raw).__name__}")
     if raw.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type {raw.get('peft_type')!r} is not LORA")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(raw.get(key), (int, float)) or isinstance(raw.get(key), bool):
+            raise ValueError(f"{path}: {key} {raw.get(key)!r}: expected a number" if key in raw else
+                             f"{path}: no {key!r} (PEFT writes r and lora_alpha)")
+    # what PEFT would apply and emjax cannot: loading the adapter without it would evaluate another model
+    unsupported = {"use_dora": "DoRA", "modules_to_save": "fully trained modules saved beside the adapter",
+                   "alpha_pattern": "per-module alpha", "rank_pattern": "per-module rank",
+                   "layer_replication": "layer replication", "target_parameters": "LoRA on parameters",
+                   "trainable_token_indices": "trained token embeddings", "lora_bias": "a bias in lora_B",
+                   "use_qalora": "QALoRA", "exclude_modules": "excluded modules",
+                   "fan_in_fan_out": "transposed (Conv1D) weights"}
+    for key, what in unsupported.items():
+        if raw.get(key):
+            raise ValueError(f"{path}: {key}={raw[key]!r} ({what}) is not supported by emjax's LoRA")
+    if raw.get("bias", "none") not in (None, "none"):
+        raise ValueError(f"{path}: bias={raw['bias']!r} (trained biases) is not supported by emjax's LoRA")
     targets = raw.get("target_modules") or []
     if isinstance(targets, str):
         raise ValueError(f"{path}: target_modules as a regex ({targets!r}) is not supported; list the modules")
@@ -281,10 +304,13 @@ def read_peft_config(adapter_dir: str | os.PathLike) -> LoraConfig:
     pattern = raw.get("layers_pattern")
     if layers is not None and pattern not in (None, "layers", ["layers"]):
         raise ValueError(f"{path}: layers_pattern {pattern!r} is not supported (the decoder's layers are 'layers')")
-    return LoraConfig(
-        rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), rslora=bool(raw.get("use_rslora", False)),
-        targets=tuple(targets), layers=None if layers is None else tuple(layers),
-    )
+    try:
+        return LoraConfig(
+            rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), rslora=bool(raw.get("use_rslora", False)),
+            targets=tuple(targets), layers=None if layers is None else tuple(layers),
+        )
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def load_peft(model, adapter_dir: str | os.PathLike) -> None:
@@ -306,7 +332,10 @@ def load_peft(model, adapter_dir: str | os.PathLike) -> None:
     fname = adapter_dir / "adapter_model.safetensors"
     if not fname.exists():
         raise FileNotFoundError(f"{fname}: missing (only safetensors adapters are supported)")
-    tensors = load_file(str(fname))
+    try:
+        tensors = load_file(str(fname))
+    except Exception as e:  # safetensors' own error names no file
+        raise ValueError(f"{fname}: not a readable safetensors file (cut short or damaged?): {e}") from None
     for name, lin in lora_modules(model):
         *lead, d_in, r = lin.lora_a.shape
         d_out = lin.lora_b.shape[-1]

@@ -40,13 +40,14 @@ import sys
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from emjax import paths
 from emjax.cli import user_error
-from emjax.eval.aggregate import COHERENCE_MIN, MISALIGNED_BELOW, mixed_scoring, rows_by_judge, summarize
+from emjax.eval.aggregate import (COHERENCE_MIN, MISALIGNED_BELOW, judged_row_problem, mixed_scoring, rows_by_judge,
+                                  summarize)
 
 MIN_RUNS = 2  # groups with fewer finished runs are flagged
 OPTIMISER_ORDER = ("sgd", "sgdm", "adam", "adamw", "lion", "muon")
@@ -161,9 +162,11 @@ class RunData:
 # Reading runs
 
 
-def _read_jsonl(path: Path, notes: list[str]) -> list[dict]:
-    """The JSON objects of a JSONL file; a damaged line (a run killed mid-write) is skipped with a note naming it."""
-    rows = []
+def _read_jsonl(path: Path, notes: list[str], problem: Callable[[dict], str | None] | None = None) -> list[dict]:
+    """The JSON objects of a JSONL file; a damaged line (a run killed mid-write) is skipped with a note naming it.
+    ``problem``: what makes a row unusable (``judged_row_problem``), or None; such rows are skipped too, with one
+    note for the file naming the first (a file of them would otherwise fill the notes)."""
+    rows, bad = [], []
     with open(path, errors="replace") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
@@ -173,11 +176,26 @@ def _read_jsonl(path: Path, notes: list[str]) -> list[dict]:
             except json.JSONDecodeError:
                 notes.append(f"{path}:{i}: unreadable JSON line skipped")
                 continue
-            if isinstance(row, dict):
-                rows.append(row)
-            else:
+            if not isinstance(row, dict):
                 notes.append(f"{path}:{i}: not a JSON object; skipped")
+            elif problem is not None and (why := problem(row)):
+                bad.append((i, why))
+            else:
+                rows.append(row)
+    if bad:
+        more = f" ({len(bad) - 1} more bad row(s) skipped)" if len(bad) > 1 else ""
+        notes.append(f"{path}:{bad[0][0]}: {bad[0][1]}; skipped{more}")
     return rows
+
+
+def _one_line(text: str) -> str:
+    """A note as one line: a parser's message (YAML's spans several, with a caret under the column) would break
+    the Markdown bullet it goes into."""
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _judged_problem(row: dict) -> str | None:
+    return judged_row_problem(row, sample=True)
 
 
 def _read_json(path: Path, notes: list[str]) -> dict | None:
@@ -254,7 +272,7 @@ def _last_eval(path: Path, notes: list[str], final_step: int | None, rules: dict
         notes.append(f"{d}: no evaluation at the final step {final_step}; using step {step}")
     judged = None
     if (d / "judged.jsonl").exists():
-        judged = _one_judge(_read_jsonl(d / "judged.jsonl", notes), judge, d, notes, seen)
+        judged = _one_judge(_read_jsonl(d / "judged.jsonl", notes, _judged_problem), judge, d, notes, seen)
         return (step, judged, summarize(judged, **rules)) if judged else (None, None, None)
     if (d / "summary.json").exists():
         summary = _read_json(d / "summary.json", notes)
@@ -299,7 +317,7 @@ def read_run(path: Path, rules: dict | None = None, judge: str | None = None) ->
         try:
             run.config = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=True)
         except Exception as e:  # a damaged file is reported, not fatal
-            run.notes.append(f"{path / 'config.yaml'}: unreadable ({e})")
+            run.notes.append(f"{path / 'config.yaml'}: unreadable ({_one_line(str(e))})")
     metrics = _read_jsonl(path / "metrics.jsonl", run.notes) if (path / "metrics.jsonl").exists() else []
     metrics = _last_per_step([r for r in metrics if _number(r.get("step")) is not None])  # (the trainer's all have one)
     train_rows = sorted((r for r in metrics if r.get("split") == "train" and "loss" in r), key=lambda r: r["step"])
@@ -340,7 +358,7 @@ def read_run(path: Path, rules: dict | None = None, judge: str | None = None) ->
             if step == run.eval_step and run.judged is not None:  # read above, for the headline
                 rows = run.judged
             elif (d / "judged.jsonl").exists():  # (steps the named judge did not score drop out without a note each)
-                rows = _one_judge(_read_jsonl(d / "judged.jsonl", run.notes), judge, d,
+                rows = _one_judge(_read_jsonl(d / "judged.jsonl", run.notes, _judged_problem), judge, d,
                                   [] if judge is not None else run.notes, run.judges)
             else:
                 run.notes.append(f"{d}: no judged.jsonl to score with the report's thresholds; not in the trajectory")
@@ -918,6 +936,8 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, *, cohere
     whose scores where several judges scored the same answers (default: the API judge, when there is one);
     ``phases``: how many equal phases of training the loss-or-optimiser regression compares (thirds by default)."""
     sweep_dir = Path(sweep_dir)
+    if sweep_dir.exists() and not sweep_dir.is_dir():
+        raise NotADirectoryError(f"{sweep_dir}: not a directory (give the sweep directory that holds the runs)")
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"{sweep_dir}: no such sweep directory")
     try:
@@ -1203,7 +1223,7 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, *, cohere
                                 ("n_refusal", "refusal", "int"), ("error", "error", "str")]), ""]
     notes = [n for r in runs for n in r.notes]
     if notes:
-        md += ["## Notes", "", *(f"- {n}" for n in notes), ""]
+        md += ["## Notes", "", *(f"- {_one_line(n)}" for n in notes), ""]
     return paths.write_atomic(out / "report.md", "\n".join(md))  # a reader (or a crash) never sees half a report
 
 

@@ -204,6 +204,17 @@ def broadcast_json(obj):
     return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(buf)).tobytes().decode())
 
 
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is true on any process; every process must call it at the same point. A preemption's SIGTERM
+    reaches each host at its own moment: a host that stopped alone would leave the others waiting in the next
+    collective, so every host stops at the first point where any of them has the signal."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).any())
+
+
 def to_host(x) -> np.ndarray:
     """A global array as one NumPy array on every process (its rows may live on other hosts' devices)."""
     if x.is_fully_addressable:

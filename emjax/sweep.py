@@ -25,9 +25,10 @@ external launcher (with absolute paths, to run from anywhere), so both paths bui
 
 ``--pack N`` trains up to N runs at once as one *pack* (``emjax train CONFIG --run ... --run ...``): runs that differ
 only in optimiser, ``spectral.weight``, work directory and, on a checkpoint base, seed (``emjax.config.pack_key``) and
-would resume from the same step share one copy of the frozen base in one compiled program, and each still writes its
-own work directory, so resuming, skipping and ``emjax report`` see no difference. An optimiser × λ grid on one chip
-is a few packs.
+can resume from one step (all new, or with a checkpoint step in common: after a kill during a pack's save, the
+newest step they all have, as ``emjax train`` resumes such a pack) share one copy of the frozen base in one compiled
+program, and each still writes its own work directory, so resuming, skipping and ``emjax report`` see no difference.
+An optimiser × λ grid on one chip is a few packs.
 
 Re-running a sweep skips runs with a ``DONE`` marker and resumes partial ones from their checkpoints (the trainer
 does that). A failing run leaves ``FAILED`` (the error) in its directory and the sweep goes on; the exit status is
@@ -178,7 +179,16 @@ def _merge(parts: Sequence[tuple[dict[str, Any], str]], where: str) -> tuple[dic
     return merged, ",".join(f for _, f in parts if f)
 
 
+def _check_no_workdir(ov: Mapping[str, Any], where: str) -> None:
+    """Each run's work directory is ``root/<run name>``: a ``workdir`` override would be silently replaced by it
+    (and end up in the run name)."""
+    if any(k == "workdir" or k.startswith("workdir.") for k in ov):
+        raise SweepError(f"{where}: workdir is set by the sweep (sweep.root/<run name>); use sweep.root")
+
+
 def _expand_grid(grid: Any, where: str) -> list[tuple[dict[str, Any], str]]:
+    if isinstance(grid, list) and not grid:
+        raise SweepError(f"{where}: expected a non-empty list (of mappings axis -> list of values) or mapping")
     blocks = grid if isinstance(grid, list) else [grid]
     out = []
     for bi, block in enumerate(blocks):
@@ -190,6 +200,8 @@ def _expand_grid(grid: Any, where: str) -> list[tuple[dict[str, Any], str]]:
             if not isinstance(values, list) or not values:
                 raise SweepError(f"{bwhere}.{axis}: expected a non-empty list of values, got {values!r}")
             axes.append([_overrides_of(v, axis, f"{bwhere}.{axis}") for v in values])
+            for ov, _ in axes[-1]:
+                _check_no_workdir(ov, f"{bwhere}.{axis}")
         out += [_merge(combo, bwhere) for combo in itertools.product(*axes)]
     return out
 
@@ -213,6 +225,7 @@ def expand(spec: Mapping[str, Any], where: str = "sweep") -> list[tuple[dict[str
             if not isinstance(p, Mapping) or not p:
                 raise SweepError(f"{where}.points[{i}]: expected a mapping of overrides, got {p!r}")
             ov, frag = _overrides_of(p, "point", f"{where}.points[{i}]")
+            _check_no_workdir(ov, f"{where}.points[{i}]")
             label = _label(p.get(NAME_KEY), f"{where}.points[{i}]")
             pts.append((ov, frag if label is None else label))
     else:
@@ -249,6 +262,10 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = (), *, root: str | P
         raise SweepError(f"{path}: no `sweep:` mapping — not a sweep file")
     spec = raw.pop("sweep")
     where = f"{path}: sweep"
+    for key in ("base", "root"):
+        value = spec.get(key)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise SweepError(f"{where}.{key}: expected a path (a non-empty string), got {value!r}")
     cells = expand(spec, where)
 
     base_args: list[str] = []
@@ -264,6 +281,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = (), *, root: str | P
     if not isinstance(set_, Mapping):
         raise SweepError(f"{where}.set: expected a mapping of overrides")
     set_flat = cfglib.flatten(set_)
+    _check_no_workdir(set_flat, f"{where}.set")
     varied = sorted({k for ov, _ in cells for k in ov} & set(set_flat))
     if varied:  # `set` is for every run: a run's own value would silently win
         raise SweepError(f"{where}: key {varied[0]!r} is in `set` (every run) and varies in the points or grid; "
@@ -272,6 +290,9 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = (), *, root: str | P
     for ov in overrides:
         if "=" not in ov:
             raise SweepError(f"command-line override {ov!r}: expected key=value")
+        if ov.split("=", 1)[0].strip().lstrip("+~") == "workdir":
+            raise SweepError(f"command-line override {ov!r}: workdir is set by the sweep (root/<run name>); "
+                             "use --root")
     try:
         root = paths.local_dir(root, "--root") if root is not None else \
             paths.local_dir(spec.get("root") or Path("runs/sweeps") / path.stem, f"{path}: sweep.root")
@@ -325,23 +346,53 @@ def _mark_failed(run: Run, message: str) -> None:
     (run.workdir / "FAILED").write_text(message if message.endswith("\n") else message + "\n")
 
 
-def resume_step(workdir: Path) -> int:
-    """The step a run would resume from: its latest checkpoint (0 for none)."""
+def checkpoint_steps(workdir: Path) -> frozenset[int]:
+    """The steps a run has a complete checkpoint of (``checkpoints/<step>``; a save a kill cut short is only a
+    ``<step>.orbax-checkpoint-tmp...`` directory, not a step)."""
     ckpts = Path(workdir) / "checkpoints"
-    return max((int(p.name) for p in ckpts.iterdir() if p.name.isdecimal()), default=0) if ckpts.is_dir() else 0
+    return frozenset(int(p.name) for p in ckpts.iterdir() if p.name.isdecimal()) if ckpts.is_dir() else frozenset()
+
+
+def resume_step(workdir: Path) -> int:
+    """The step a run alone would resume from: its latest checkpoint (0 for none)."""
+    return max(checkpoint_steps(workdir), default=0)
+
+
+def pack_resume_step(pack: Sequence[Run]) -> int | None:
+    """The step a pack resumes from, as ``emjax.train.train_many`` picks it: the newest checkpoint step all its runs
+    have (a kill during a pack's save leaves some runs a checkpoint ahead), 0 when none has a checkpoint (a fresh
+    start), None when they have no step in common (train_many refuses such a pack)."""
+    steps = [checkpoint_steps(r.workdir) for r in pack]
+    if not any(steps):
+        return 0
+    return max(frozenset.intersection(*steps), default=None)
 
 
 def make_packs(runs: Sequence[Run], size: int) -> list[list[Run]]:
-    """Runs in groups that can train as one pack (equal ``emjax.config.pack_key`` and resume step), at most ``size``
-    each, in sweep order (a group of 10 with ``size`` 4: 3, 3 and 4, not 4, 4 and 2); ``size`` 1: one run each."""
+    """Runs in groups that can train as one pack (equal ``emjax.config.pack_key``, and a step to resume from
+    together: ``pack_resume_step`` — all new, or with a checkpoint step in common, so runs a kill during a pack's
+    save left at different steps stay one pack), at most ``size`` each, in sweep order (a group of 10 with ``size``
+    4: 3, 3 and 4, not 4, 4 and 2); ``size`` 1: one run each."""
     if size <= 1:
         return [[r] for r in runs]
-    groups: dict[str, list[Run]] = {}
+    groups: list[tuple[str, frozenset[int], list[Run]]] = []  # (pack key, steps all its runs have, runs)
     for r in runs:
-        key = json.dumps([cfglib.pack_key(r.cfg), resume_step(r.workdir)], sort_keys=True, default=str)
-        groups.setdefault(key, []).append(r)
+        key = json.dumps(cfglib.pack_key(r.cfg), sort_keys=True, default=str)
+        steps = checkpoint_steps(r.workdir)
+        best, best_step = None, -1
+        for i, (k, common, _) in enumerate(groups):
+            if k != key or bool(steps) != bool(common):  # a new run never packs with a partial one
+                continue
+            shared = steps & common
+            if (shared or not steps) and max(shared, default=0) > best_step:  # the group it loses least in
+                best, best_step = i, max(shared, default=0)
+        if best is None:
+            groups.append((key, steps, [r]))
+        else:
+            k, common, members = groups[best]
+            groups[best] = (k, common & steps, [*members, r])
     packs = []
-    for g in groups.values():  # as few packs as the size allows, of sizes differing by at most one
+    for _, _, g in groups:  # as few packs as the size allows, of sizes differing by at most one
         k = -(-len(g) // size)
         cuts = [len(g) * i // k for i in range(k + 1)]
         packs += [g[a:b] for a, b in zip(cuts, cuts[1:])]
@@ -603,16 +654,23 @@ def select(runs: list[Run], only: Sequence[str]) -> list[Run]:
 
 
 def _list_runs(runs: Sequence[Run], pack: int) -> None:
-    """``--dry-run``: each run's status (and pack) and work directory; a count by status on stderr."""
+    """``--dry-run``: each run's status (and pack) and work directory, and for a partial run the step it resumes
+    from (a pack's: the newest step all its runs have); a count by status on stderr."""
     counts: dict[str, int] = {}
-    pack_of = {r.name: i for i, p in enumerate(make_packs([r for r in runs if r.status != "done"], pack)) for r in p}
+    packs = make_packs([r for r in runs if r.status != "done"], pack)
+    pack_of = {r.name: i for i, p in enumerate(packs) for r in p}
+    start = {r.name: pack_resume_step(p) for p in packs for r in p}  # the pack's step, not each run's newest
     for r in runs:
         counts[r.status] = counts.get(r.status, 0) + 1
         note = ""
+        if r.status == "partial":
+            own = resume_step(r.workdir)
+            at = start.get(r.name, own)
+            note = f"  [resumes at step {at}" + (f" with its pack; saved to {own}]" if at != own else "]")
         try:
             check_supported(r.cfg)
         except UnsupportedModel as e:
-            note = f"  [unsupported: {e}]"
+            note += f"  [unsupported: {e}]"
         where = f"pack {pack_of[r.name]:<3d} " if pack > 1 and r.name in pack_of else ""
         print(f"{r.status:8s} {where}{r.workdir}{note}")
     summary = f"{len(runs)} runs: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))

@@ -16,11 +16,14 @@ of the Qwen3 repositories) for system/user/assistant turns; tools and ``tool`` m
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal, Mapping, Sequence
+
+log = logging.getLogger(__name__)
 
 # Qwen2 pre-tokenisation regex (identical to the ``Split`` pre-tokenizer of Qwen2/Qwen3 ``tokenizer.json``).
 QWEN_PAT_STR = (
@@ -217,13 +220,15 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 
 def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
-    """A checkpoint dir's tokenizer files if present (transformers), else the packaged vocabulary (tiktoken)."""
+    """A checkpoint dir's tokenizer files if present (transformers), else the packaged vocabulary (tiktoken): for a
+    directory without them, with a warning naming it."""
     if path is not None:
         p = Path(path)
         if not p.exists():
             raise FileNotFoundError(f"tokenizer path {p} does not exist")
         if any((p / f).is_file() for f in _TOKENIZER_FILES):
             return HFTokenizer(p)
+        log.warning("%s: no tokenizer files (%s): using the packaged Qwen3 vocabulary", p, ", ".join(_TOKENIZER_FILES))
     return _packaged_tokenizer()
 
 

@@ -42,6 +42,12 @@ log = logging.getLogger("emjax.train")
 # train-row metrics logged as their mean over the steps since the previous row (the others: the row's own step)
 WINDOW_MEANS = ("loss", "penalty", "total_loss")
 
+# (key, least value, what it counts): checked before anything is built (0 would divide by zero after a step)
+POSITIVE_KEYS = (("log_every", 1, "steps between metrics rows"), ("ckpt_every", 1, "steps between checkpoints"),
+                 ("keep_ckpts", 1, "checkpoints kept"), ("grad_accum", 1, "micro-batches per step"),
+                 ("val_every", 0, "steps between validations; 0: at the end only"),
+                 ("val_batches", 0, "validation batches; 0: the whole split"))
+
 PRESETS = {
     # random-init shapes; the real sizes come from emjax.models.qwen3.SIZES
     "tiny": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16),
@@ -327,7 +333,15 @@ def _check_compatible(workdir: Path, cfg) -> None:
     if not saved_path.exists():  # a run writes it before its first checkpoint: these are not its checkpoints
         raise TrainError(f"{ckpts} holds checkpoints but {saved_path} is missing, so nothing shows they belong to "
                          "this config. Use a new workdir (or restore the run's config.yaml).")
-    saved = OmegaConf.load(saved_path)
+    try:
+        saved = OmegaConf.load(saved_path)
+    except Exception as e:  # a YAML parser's message spans lines
+        saved = e
+    if not OmegaConf.is_dict(saved):
+        why = (" ".join(str(saved).split()) if isinstance(saved, Exception)
+               else f"not a mapping ({type(saved).__name__})")
+        raise TrainError(f"{saved_path}: unreadable ({why}); it records whose checkpoints {ckpts} holds. Restore it "
+                         "(e.g. from a copy of the run), or use a new workdir to start afresh.")
     cfglib.absolute_paths(saved)  # a run saved with relative paths (before they were made absolute) names them so
     defaults = OmegaConf.structured(cfglib.TrainConfig)
     for section in cfglib.RESUME_SECTIONS:
@@ -348,7 +362,11 @@ def _check_compatible(workdir: Path, cfg) -> None:
             raise TrainError(f"{saved_path}: incompatible checkpoint — {detail}. Use a new workdir to start afresh.")
     ident, ident_path = _dataset_identity(cfg), workdir / "dataset.json"
     if ident and ident_path.exists():
-        old = json.loads(ident_path.read_text()).get("sha256", "")
+        try:
+            old = json.loads(ident_path.read_text()).get("sha256", "")
+        except (ValueError, AttributeError) as e:
+            raise TrainError(f"{ident_path}: unreadable ({e or 'not a JSON object'}); it records the sha256 of the "
+                             "data file this run trained on. Delete it to resume without that check.") from None
         if old != ident["sha256"]:
             where = ident["dataset"] if ident["dataset"] == ident["path"] else f"{ident['dataset']} ({ident['path']})"
             raise TrainError(f"data.dataset {where}: the file changed since this run's checkpoints were "
@@ -401,7 +419,13 @@ class _RunFiles:
         self.window_loss: float | None = None  # the mean batch loss over the last logging window (metrics' "loss")
         self.loss_sum, self.loss_count = 0.0, 0  # over the whole run, for final.json's train_loss_mean
         self.saved: set[int] = set()  # steps this process has saved
+        # the steps since the last train row and their loss sums, at the checkpoint resumed from: a row's loss is
+        # the mean over its window, which a resume between two rows would otherwise cut short
+        self.window: dict | None = None
         self.resume_step: int | None = None  # the checkpoint step the run resumes from (None: a fresh start)
+        # the last row of each split an earlier attempt logged at the step this one resumes from: the validation,
+        # spectral metrics and evaluation it finished there are not done (or logged) again
+        self.at_start: dict[str, dict] = {}
         self.error: str | None = None  # a pack's run stopped for a non-finite loss
         self.hooks: list = []
 
@@ -439,13 +463,20 @@ class _RunFiles:
         try:
             restored = self.mngr.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        except ValueError as e:  # orbax's advice (partial_restore=True) is not a user's to act on
+        except Exception as e:  # orbax's advice (partial_restore=True) is not a user's to act on
             detail = " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip() and "partial_restore" not in ln)
             detail = detail if len(detail) <= 400 else detail[:400] + "…"
-            raise TrainError(
-                f"{self.workdir / 'checkpoints' / str(step)}: this run's state does not fit the checkpoint (the same "
-                f"config, so the optimiser's code or a plugin changed since it was saved): {detail}. Use a new "
-                "workdir to start afresh, or restore the code that saved it.") from None
+            where = self.workdir / "checkpoints" / str(step)
+            if type(e) is ValueError:  # orbax's tree and shape mismatches
+                raise TrainError(
+                    f"{where}: this run's state does not fit the checkpoint (the same config, so the optimiser's code "
+                    f"or a plugin changed since it was saved): {detail}. Use a new workdir to start afresh, or "
+                    "restore the code that saved it.") from None
+            older = [s for s in self.mngr.all_steps() if s < step]
+            instead = f"resume from step {max(older)}, the newest before it" if older else "start afresh"
+            raise TrainError(f"{where}: cannot be read ({type(e).__name__}: {detail or 'no message'}), so it is "
+                             f"damaged (e.g. a file changed or cut short since it was saved). Move it away to "
+                             f"{instead}.") from None
         meta = restored["meta"]
         # the training loss at that step, which final.json reports even when no step is left to run (a run killed
         # after its last checkpoint, in its final validation or evaluation); checkpoints from before it was kept:
@@ -453,6 +484,7 @@ class _RunFiles:
         self.window_loss = self._logged_loss(step)
         self.last_loss = meta["loss"] if "loss" in meta else self.window_loss
         self.loss_sum, self.loss_count = meta.get("loss_sum", 0.0), meta.get("loss_count", 0)
+        self.window = meta.get("window")
         return restored["state"]["trainable"], restored["state"]["opt"], meta["data"]
 
     def _logged_rows(self) -> list[dict]:
@@ -474,6 +506,7 @@ class _RunFiles:
         if not path.is_file():
             return
         keep = [r for r in self._logged_rows() if start and r.get("step", 0) <= start]
+        self.at_start = {r["split"]: r for r in keep if r.get("step") == start and "split" in r}
         paths.write_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def _logged_loss(self, step: int) -> float | None:
@@ -482,7 +515,7 @@ class _RunFiles:
                   if r.get("split") == "train" and r.get("step", step + 1) <= step and "loss" in r]
         return losses[-1] if losses else None
 
-    def save(self, step, trainable, opt_state, data_state):
+    def save(self, step, trainable, opt_state, data_state, window=None):
         import orbax.checkpoint as ocp
 
         if step in self.saved:  # saved already (a SIGTERM on a checkpoint step)
@@ -493,7 +526,8 @@ class _RunFiles:
         self.mngr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave({"trainable": trainable, "opt": opt_state}),
             meta=ocp.args.JsonSave({"step": step, "data": data_state, "loss": self.last_loss,
-                                    "loss_sum": self.loss_sum, "loss_count": self.loss_count})), force=True)
+                                    "loss_sum": self.loss_sum, "loss_count": self.loss_count,
+                                    "window": window})), force=True)
         self.mngr.wait_until_finished()
 
     def final_losses(self, step: int) -> dict[str, float | None]:
@@ -511,8 +545,14 @@ class _RunFiles:
         final = self.workdir / "final.json"
         if not ((self.workdir / "DONE").exists() and final.is_file()):
             return None
-        f = json.loads(final.read_text())
-        return RunResult(self.workdir, f["step"], f.get("train_loss"), f.get("val_loss"), "done")
+        try:
+            f = json.loads(final.read_text())
+            return RunResult(self.workdir, int(f["step"]), f.get("train_loss"), f.get("val_loss"), "done")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            if self.lead:
+                print(f"emjax: {final}: unreadable ({type(e).__name__}: {e}); finishing the run again from its last "
+                      "checkpoint", file=sys.stderr)
+            return None
 
     def close(self):
         if self.metrics_f is not None:
@@ -572,6 +612,10 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
     for key in ("loss_chunk", "attn_chunk"):
         if cfg[key] < 0:
             raise cfglib.ConfigError(f"{key} {cfg[key]}: use 0 (whole sequence) or a positive length")
+    for key, least, what in POSITIVE_KEYS:
+        for c in cfgs:
+            if c[key] < least:
+                raise cfglib.ConfigError(f"{key} {c[key]}: must be >= {least} ({what})")
     shd.init_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
     from emjax.eval.hook import check_eval_config
 
@@ -647,6 +691,12 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
     if cfg.steps is not None:
         data_cfg = cfglib.replace(data_cfg, num_epochs=None)
     train_loader = make_loader(data_cfg, tokenizer, split="train")
+    stop = {"flag": False}  # a SIGTERM seen by this process (on_term below)
+
+    def preempted() -> bool:
+        """Whether any process has seen a SIGTERM: every process stops at the same point (a collective)."""
+        return shd.any_process(stop["flag"])
+
     judges: dict = {}  # the runs of a pack share a base and eval settings (cfglib.pack_key): one judge for all
     sampler = None  # ... and sample their answers together
     for i, r in enumerate(runs):
@@ -656,7 +706,8 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
 
             if n > 1 and sampler is None:
                 sampler = PackSampler(tokenizer.eos_ids, cfg.eval.pack_adapters)
-            r.hooks.append(make_eval_hook(r.cfg, tokenizer, r.workdir, judge_cache=judges, sampler=sampler, run=i))
+            r.hooks.append(make_eval_hook(r.cfg, tokenizer, r.workdir, judge_cache=judges, sampler=sampler, run=i,
+                                          stop=lambda: stop["flag"]))
     if cfg.steps is not None:
         total_steps = int(cfg.steps)
     else:
@@ -694,6 +745,13 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
             print(f"emjax: resumed {', '.join(str(r.workdir) for r in runs)} at step {start}", file=sys.stderr)
     for r in runs:
         r.open_logs(start)
+    if jax.process_count() > 1:  # process 0 read the logs; every process must skip the same work
+        for r, logged in zip(runs, shd.broadcast_json([r.at_start for r in runs])):
+            r.at_start = logged
+
+    def logged(r, step: int, split: str) -> bool:
+        """Whether an earlier attempt finished ``split``'s work at ``step``, the step this attempt resumed from."""
+        return bool(start) and step == start and split in r.at_start
 
     # one run: its own trees; a pack: the adapters stacked on a leading axis, one optimiser state each
     if n == 1:
@@ -806,9 +864,7 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
         data = train_loader.get_state()
         ts, os_ = per_run(trainable), per_run_opt(opt_state)
         for i, r in live():
-            r.save(step, ts[i], os_[i], data)
-
-    stop = {"flag": False}
+            r.save(step, ts[i], os_[i], data, window={"steps": win_n, "sums": {k: float(v[i]) for k, v in win.items()}})
 
     def on_term(signum, frame):
         stop["flag"] = True
@@ -828,6 +884,10 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
         """Validation loss of every live run: one pass over the split, each batch one program for every adapter."""
         nonlocal val_loader
         if step in val_done:  # val_every hit the last step already
+            return val_done[step]
+        if live() and all(logged(r, step, "val") for _, r in live()):  # validated before the resume
+            val_done[step] = [r.at_start["val"]["loss"] if r.error is None and logged(r, step, "val") else None
+                              for r in runs]
             return val_done[step]
         if not data_cfg.val_fraction or val_loader is False:  # nothing held out: no validation loss
             return [None] * n
@@ -868,48 +928,75 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
         for i, r in live():
             if cnt[i]:
                 vals[i] = float(tot[i] / cnt[i])
-                r.write({"step": step, "split": "val", "loss": vals[i], "log_loss": math.log(max(vals[i], 1e-30))})
+                if not logged(r, step, "val"):
+                    r.write({"step": step, "split": "val", "loss": vals[i],
+                             "log_loss": math.log(max(vals[i], 1e-30))})
         val_done[step] = vals
         return vals
 
+    spectral_done: set[int] = set()
+
     def spectral_rows(step):
+        """Spectral metrics of every live run at ``step`` (once a step: the last step is a logging step too)."""
+        if step in spectral_done:
+            return
+        spectral_done.add(step)
         ts = per_run(trainable)
         for i, r in live():
+            if logged(r, step, "spectral"):
+                continue
             row = {"step": step, "split": "spectral"}
             row.update(spectral.summary(loralib.adapter_pairs_from_state(_replicated(ts[i], mesh)), lora_cfg.scale,
                                         layers=lora_cfg.layers, method=cfg.spectral.metrics_method))
             r.write(row)
 
-    def run_hooks(step):
-        if not live():
-            return
+    def run_hooks(step) -> bool:
+        """The live runs' hooks at ``step`` (not those an earlier attempt finished there); False where a SIGTERM
+        interrupted an evaluation (what it did is on disk, and the rerun goes on from there)."""
+        from emjax.eval.run import EvalInterrupted
+
+        todo = [(i, r) for i, r in live() if r.hooks and not logged(r, step, "eval")]
+        if not todo:
+            return True
         ts = per_run(trainable)
         if sampler is not None:
-            first = live()[0][0]
-            sampler.set_step(nnx.merge(graphdef, ts[first], frozen), {i: ts[i] for i, _ in live()},
-                             {i: int(r.cfg.seed) for i, r in live()})
+            sampler.set_step(nnx.merge(graphdef, ts[todo[0][0]], frozen), {i: ts[i] for i, _ in todo},
+                             {i: int(r.cfg.seed) for i, r in todo})
         try:
-            for i, r in live():
-                if not r.hooks:
-                    continue
+            for i, r in todo:
                 m = nnx.merge(graphdef, ts[i], frozen)
                 for hook in r.hooks:
                     out = hook(step, m) or {}
                     if out:
                         r.write({"step": step, "split": "eval", **out})
+        except EvalInterrupted as e:
+            if lead:
+                tqdm.write(f"emjax: {e}", file=sys.stderr)
+            return False
         finally:
             if sampler is not None:
                 sampler.reset()
+        return True
 
     bar = tqdm(total=total_steps, initial=start, disable=not (lead and cfg.progress), desc=name, unit="step",
                dynamic_ncols=True)
-    status, t_last, steps_since = "done", time.perf_counter(), 0
-    tok_since, sums = np.zeros(n), {}  # sums: WINDOW_MEANS over the steps since the last row
-    if start == 0 and cfg.eval.every:
-        run_hooks(0)
-    step = start
+    status, t_last, steps_since = "done", time.perf_counter(), 0  # the rates' window: since the last row or start
+    tok_since = np.zeros(n)
+    # the loss window: WINDOW_MEANS summed over the win_n steps since the last row, carried over a resume
+    win, win_n = {}, 0
+    saved_windows = [r.window for r in runs]
+    if all(isinstance(w, dict) and w.get("steps") for w in saved_windows) and \
+            len({w["steps"] for w in saved_windows}) == 1:
+        win_n = int(saved_windows[0]["steps"])
+        win = {k: np.array([float(w["sums"][k]) for w in saved_windows]) for k in WINDOW_MEANS
+               if all(k in w["sums"] for w in saved_windows)}
+    step, vals = start, [None] * n
     try:
-        while step < total_steps and live():
+        # the evaluation due at the step the run starts from (on a resume, unless an earlier attempt finished it:
+        # a SIGTERM can stop an evaluation after the checkpoint of its step)
+        if cfg.eval.every and start % cfg.eval.every == 0 and not run_hooks(start):
+            status = "preempted"
+        while status == "done" and step < total_steps and live():
             try:
                 batch = next(train_loader)
             except StopIteration:
@@ -939,7 +1026,8 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
                     r.last_loss = float(losses[i])
                     r.loss_sum, r.loss_count = r.loss_sum + float(losses[i]), r.loss_count + 1
             tok_since += np.broadcast_to(np.asarray(m["tokens"], np.float64), (n,))
-            sums = {k: sums.get(k, 0.0) + v for k, v in per_step.items()}
+            win = {k: win.get(k, 0.0) + v for k, v in per_step.items()}
+            win_n += 1
             steps_since += 1
             bar.update(1)
             # a row at every evaluation step too, so each evaluation pairs with the training loss of its own step
@@ -952,7 +1040,7 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
                     # loss, penalty and total_loss: means over the steps since the last row (as HF Trainer logs
                     # its loss), so total_loss = loss + λ·penalty still holds; one batch's loss, "loss_step",
                     # varies with the batch
-                    means = {k: float(v[i] / steps_since) for k, v in sums.items()}
+                    means = {k: float(v[i] / win_n) for k, v in win.items()}
                     r.window_loss = means["loss"]
                     row = {"step": step, "split": "train",
                            **{k: float(v if n == 1 else v[i]) for k, v in host.items()}, **means,
@@ -967,31 +1055,37 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
                 shown = [f"{r.window_loss:.3f}" for _, r in live()]
                 bar.set_postfix(loss="/".join(shown), **({"lr": f"{float(host['lr']):.2e}"} if n == 1 else {}))
                 spectral_rows(step)
-                t_last, tok_since, sums, steps_since = time.perf_counter(), np.zeros(n), {}, 0
+                t_last, tok_since, steps_since, win, win_n = time.perf_counter(), np.zeros(n), 0, {}, 0
             if cfg.val_every and step % cfg.val_every == 0:
                 validate(step)
             if cfg.eval.every and step % cfg.eval.every == 0:
                 run_hooks(step)
             if step % cfg.ckpt_every == 0 or step == total_steps:
                 save(step)
-            if stop["flag"]:
+            if preempted():
                 save(step)
                 status = "preempted"
-                if lead:
-                    print(f"emjax: SIGTERM — checkpoint saved at step {step}; rerun to resume", file=sys.stderr)
-                break
+        if status == "done" and live():  # the last step's validation, spectra and final evaluation
+            bar.close()
+            vals = validate(step)
+            spectral_rows(step)
+            # SIGTERM stops before the final evaluation or in it: a rerun resumes at this step and does only what
+            # is left (its rows at this step say what was done)
+            if preempted() or (cfg.eval.final and not (cfg.eval.every and step % cfg.eval.every == 0)
+                               and not run_hooks(step)):
+                status = "preempted"
+                if step != start:  # the data ran out before `steps`: this step has no checkpoint yet
+                    save(step)
     finally:
         bar.close()
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
+    if status == "preempted" and lead:
+        saved = f"checkpoint saved at step {step}" if step else "no checkpoint yet (step 0)"
+        print(f"emjax: SIGTERM — {saved}; rerun to resume", file=sys.stderr)
 
     finals = [r.final_losses(step) for r in runs]  # final.json and the results: the same numbers, read once
-    vals = [None] * n
     if status == "done" and live():
-        vals = validate(step)
-        spectral_rows(step)
-        if cfg.eval.final and not (cfg.eval.every and step % cfg.eval.every == 0):
-            run_hooks(step)
         ts = per_run(_replicated(trainable, mesh))
         for i, r in live():
             model = nnx.merge(graphdef, ts[i], frozen)

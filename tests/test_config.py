@@ -24,6 +24,9 @@ def test_overrides_and_errors(tmp_path):
         cfglib.load("qwen3_8b", ["optim.name"])
     with pytest.raises(cfglib.ConfigError, match=r"'optim=3': optim is a section of keys, not a value: set optim.KEY"):
         cfglib.load("qwen3_8b", ["steps=3", "optim=3"])
+    with pytest.raises(cfglib.ConfigError, match=r"lora_b\$:16' is not Optional \(in a \{key: value\} mapping, put a "
+                                                 r"space after the colon\)"):
+        cfglib.load("qwen3_8b", ["optim.lr_scales={lora_b$:16}"])
     latin = tmp_path / "latin.yaml"
     latin.write_bytes("workdir: caf\u00e9\n".encode("latin-1"))
     with pytest.raises(cfglib.ConfigError, match=r"latin.yaml: not UTF-8 text \(byte 0xe9 at offset 12\)"):

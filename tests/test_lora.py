@@ -41,6 +41,9 @@ def test_config_scale_and_targets():
     assert lora.LoraConfig(targets=("q_proj", "down")).targets == ("q", "down")
     with pytest.raises(ValueError, match="LoRA target 'lm_head'"):
         lora.LoraConfig(targets=("lm_head",))
+    for alpha in (0, -3):  # an adapter scaled to nothing (or flipped) trains nothing useful
+        with pytest.raises(ValueError, match=f"LoraConfig.alpha must be > 0, got {alpha}"):
+            lora.LoraConfig(alpha=alpha)
 
 
 def test_init_follows_peft(tmp_path):
@@ -179,6 +182,40 @@ def test_load_peft_errors(tmp_path):
     other = from_pretrained(tmp_path / "base", dtype=jnp.float32, lora=lora.LoraConfig(rank=2, alpha=8))
     with pytest.raises(ValueError, match="adapter has r=4"):
         lora.load_peft(other, tmp_path / "ad")
+
+
+@pytest.mark.parametrize("edit,named", [
+    (lambda d: "{bad", r"adapter_config.json: not valid JSON \(Expecting property name"),
+    (lambda d: {k: v for k, v in d.items() if k != "r"},
+     r"adapter_config.json: no 'r' \(PEFT writes r and lora_alpha\)"),
+    (lambda d: {**d, "lora_alpha": "4"}, r"adapter_config.json: lora_alpha '4': expected a number"),
+    (lambda d: {**d, "target_modules": ["q_proj", "lm_head"]}, r"adapter_config.json: LoRA target 'lm_head'"),
+    (lambda d: {**d, "use_dora": True}, r"adapter_config.json: use_dora=True \(DoRA\) is not supported"),
+    (lambda d: {**d, "modules_to_save": ["lm_head"]}, r"modules_to_save=\['lm_head'\] \(fully trained modules"),
+    (lambda d: {**d, "alpha_pattern": {"q_proj": 64}}, r"alpha_pattern=\{'q_proj': 64\} \(per-module alpha\)"),
+    (lambda d: {**d, "bias": "all"}, r"adapter_config.json: bias='all' \(trained biases\) is not supported"),
+])
+def test_adapter_config_problems_name_the_file(tmp_path, edit, named):
+    """What PEFT would apply and emjax cannot (DoRA, saved modules, per-module alpha, biases) is refused rather than
+    dropped (the adapter would evaluate as another model), and a damaged config names its file."""
+    tiny_hf_model().save_pretrained(tmp_path / "base")
+    model = from_pretrained(tmp_path / "base", dtype=jnp.float32, lora=lora.LoraConfig(rank=4, alpha=8))
+    lora.export_peft(model, tmp_path / "ad")
+    path = tmp_path / "ad" / "adapter_config.json"
+    new = edit(json.loads(path.read_text()))
+    path.write_text(new if isinstance(new, str) else json.dumps(new))
+    with pytest.raises(ValueError, match=named):
+        lora.read_peft_config(tmp_path / "ad")
+
+
+def test_a_cut_short_adapter_file_is_named(tmp_path):
+    tiny_hf_model().save_pretrained(tmp_path / "base")
+    model = from_pretrained(tmp_path / "base", dtype=jnp.float32, lora=lora.LoraConfig(rank=4, alpha=8))
+    lora.export_peft(model, tmp_path / "ad")
+    f = tmp_path / "ad" / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: not a readable safetensors file \(cut short"):
+        lora.load_peft(model, tmp_path / "ad")
 
 
 def test_only_lora_params_are_trainable(tmp_path):

@@ -4,6 +4,7 @@ down on the real insecure-code data, every optimiser runs, λ > 0 lowers the pen
 import json
 import warnings
 import os
+import re
 import shutil
 import signal
 import socket
@@ -495,6 +496,49 @@ def test_train_rows_are_window_means_and_each_evaluation_has_its_own(tmp_path, m
     assert final["train_loss_mean"] == pytest.approx(np.mean([each[s]["loss"] for s in range(1, 8)]), rel=1e-6)
 
 
+def test_sigterm_in_an_evaluation_stops_it_and_the_rerun_does_only_what_is_left(tmp_path, monkeypatch):
+    """A SIGTERM during an evaluation (mid-training at step 2, then the final one at step 3) stops it between chunks:
+    the run saves, reports "preempted" and writes no DONE; each rerun goes on from the answers on disk and skips what
+    the earlier attempt finished at its resume step (validation, spectra, evaluation). In the end every step has its
+    rows once and the answers and adapter equal an uninterrupted run's (before: the handler was gone in the final
+    evaluation, which the signal killed, and a resumed run never finished the evaluation of its resume step)."""
+    import emjax.sampling as sampling
+
+    real, calls, kill_at = sampling.generate, [0], set()
+
+    def generate(*a, **k):  # a SIGTERM arrives while the chosen call samples its chunk
+        calls[0] += 1
+        if calls[0] in kill_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(sampling, "generate", generate)
+    common = ["steps=3", "ckpt_every=100", "log_every=1", "val_batches=1", "eval.every=2", "eval.final=true",
+              "eval.question_sets=[first_plot]", "eval.limit=1", "eval.samples_per_question=2", "eval.batch_size=1",
+              "eval.max_new_tokens=4"]
+    ref = train(_cfg(tmp_path, *common, f"workdir={tmp_path / 'ref'}"))
+    assert ref.status == "done" and calls[0] == 6  # two chunks at each of steps 0, 2 and 3
+    run = tmp_path / "run"
+    for kill, status, step in [(3, "preempted", 2), (2, "preempted", 3), (None, "done", 3)]:
+        calls[0], kill_at = 0, {kill}  # the first chunk of step 2's evaluation; then of the final one
+        res = train(_cfg(tmp_path, *common, f"workdir={run}"))
+        assert (res.status, res.step) == (status, step)
+        assert (run / "DONE").exists() == (status == "done") and (run / "adapter").exists() == (status == "done")
+        if status == "preempted":
+            assert (run / "checkpoints" / str(step)).exists()
+    assert calls[0] == 1  # the last attempt sampled only the chunk the second one left
+    for split, steps in [("train", [1, 2, 3]), ("eval", [0, 2, 3]), ("val", [3]), ("spectral", [1, 2, 3])]:
+        assert [r["step"] for r in _rows(run, split)] == steps, split
+    for d in ("step_000002", "step_000003"):
+        texts = [[(r["sample"], r["text"]) for r in map(json.loads, (w / "eval" / d / "responses.jsonl").open())]
+                 for w in (tmp_path / "ref", run)]
+        assert len(texts[1]) == 2 and texts[0] == texts[1], d
+    assert _rows(run, "eval")[-1] == _rows(tmp_path / "ref", "eval")[-1]
+    final = _adapter(run)
+    for k, v in _adapter(tmp_path / "ref").items():
+        np.testing.assert_array_equal(final[k], v)
+
+
 PACK_COMMON = ["steps=4", "ckpt_every=2", "log_every=2", "val_batches=1"]
 PACK_SPECS = [["optim.name=adam"], ["optim.name=muon", "optim.learning_rate=2e-2", "spectral.weight=0.5"]]
 
@@ -596,7 +640,8 @@ def test_pack_equals_each_run_alone_and_resumes_either_way(tmp_path, monkeypatch
             assert (p.workdir / name).exists(), name
         rows = _rows(p.workdir)
         assert [r["step"] for r in rows] == [2, 4] and all(r["pack"] == 2 for r in rows)
-        assert len(_rows(p.workdir, "spectral")) == 3 and len(_rows(p.workdir, "val")) == 1
+        # one row a step: the last step is a logging step and the final spectra's step
+        assert [r["step"] for r in _rows(p.workdir, "spectral")] == [2, 4] and len(_rows(p.workdir, "val")) == 1
     assert packed[0].final_loss != packed[1].final_loss
     p = packed[1]
     assert p.final_loss == pytest.approx(alone.final_loss, rel=1e-5)
@@ -884,9 +929,62 @@ def test_incompatible_checkpoint(tmp_path):
     with pytest.raises(TrainError, match=r"holds checkpoints but .*config.yaml is missing"):
         _check_compatible(tmp_path / "run", _cfg(tmp_path, "steps=2"))
     (tmp_path / "config.yaml").rename(tmp_path / "run" / "config.yaml")
+    # a damaged config.yaml or dataset.json: named, not a parser's traceback
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    for text, why in (("model: [\n", r"unreadable \(while parsing .*line 2, column 1\)"),
+                      ("- a\n", r"unreadable \(not a mapping \(ListConfig\)\)")):
+        (tmp_path / "run" / "config.yaml").write_text(text)
+        with pytest.raises(TrainError, match=r"run/config.yaml: " + why + r"; it records whose checkpoints"):
+            _check_compatible(tmp_path / "run", _cfg(tmp_path, "steps=2"))
+    (tmp_path / "run" / "config.yaml").write_text(saved)
+    assert (tmp_path / "run" / "dataset.json").exists()
+    (tmp_path / "run" / "dataset.json").write_text("{bad")
+    with pytest.raises(TrainError, match=r"run/dataset.json: unreadable \(Expecting property name.*Delete it"):
+        _check_compatible(tmp_path / "run", _cfg(tmp_path, "steps=2"))
     # a directory with a config but no checkpoint (a run stopped before its first save) starts afresh
     shutil.rmtree(tmp_path / "run" / "checkpoints")
     _check_compatible(tmp_path / "run", _cfg(tmp_path, "steps=2", "lora.rank=8"))
+
+
+@pytest.mark.parametrize("override,named", [("log_every=0", "log_every 0: must be >= 1 (steps between metrics rows)"),
+                                            ("ckpt_every=0", "ckpt_every 0: must be >= 1"),
+                                            ("grad_accum=0", "grad_accum 0: must be >= 1"),
+                                            ("keep_ckpts=0", "keep_ckpts 0: must be >= 1"),
+                                            ("val_every=-1", "val_every -1: must be >= 0")])
+def test_counts_out_of_range_are_refused_before_anything_is_written(tmp_path, override, named):
+    """(log_every=0 trained a step, then failed with a ZeroDivisionError traceback.)"""
+    with pytest.raises(cfglib.ConfigError, match=re.escape(named)):
+        train(_cfg(tmp_path, override))
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_between_rows_keeps_the_window_and_damage_is_named(tmp_path):
+    """A run resumed from a checkpoint between two metrics rows logs the window's mean over all its steps, as the
+    uninterrupted run does (it averaged only the steps since the resume); a damaged final.json beside DONE makes the
+    run finish again (once), and a damaged checkpoint is named with the step to resume from instead."""
+    args = ["steps=6", "log_every=4", "ckpt_every=3", "val_batches=1"]
+    first = train(_cfg(tmp_path, *args))
+    run = tmp_path / "run"
+    rows, final = _rows(run), json.loads((run / "final.json").read_text())
+    assert [r["step"] for r in rows] == [4, 6]
+    # final.json damaged, DONE there: the run finishes again from its step-6 checkpoint, logging nothing twice
+    (run / "final.json").write_text("{bad")
+    again = train(_cfg(tmp_path, *args))
+    assert again.status == "done" and json.loads((run / "final.json").read_text()) == final
+    assert [(r["split"], r["step"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if r["step"] == 6].count(("val", 6)) == 1
+    # the step-6 checkpoint damaged: named, with the step to go back to
+    (run / "DONE").unlink()
+    (run / "checkpoints" / "6" / "meta" / "metadata").write_text("{bad")
+    with pytest.raises(TrainError, match=r"run/checkpoints/6: cannot be read \(.*so it is damaged .*Move it away to "
+                                         r"resume from step 3, the newest before it"):
+        train(_cfg(tmp_path, *args))
+    shutil.move(run / "checkpoints" / "6", tmp_path / "damaged")
+    resumed = train(_cfg(tmp_path, *args))
+    assert resumed.status == "done" and resumed.final_loss == pytest.approx(first.final_loss, rel=1e-6)
+    for a, b in zip(_rows(run), rows, strict=True):  # the step-4 row: the mean over steps 1-4, as before
+        for key in ("loss", "loss_step", "log_loss"):  # (λ = 0: no penalty or total_loss)
+            assert a[key] == pytest.approx(b[key], rel=1e-6), (a["step"], key)
 
 
 def test_a_checkpoint_without_its_tokenizer_is_refused(tmp_path):
@@ -1070,6 +1168,34 @@ def test_two_processes_match_one(tmp_path):
     np.testing.assert_allclose(la, lb, rtol=1e-5)
     rows = [json.loads(x) for x in (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()]
     assert next(r for r in rows if r["split"] == "memory")["remat"] != "none"  # process 0 ran process 1's setting
+
+
+def test_sigterm_on_one_host_stops_every_host_at_one_step(tmp_path):
+    """A preemption's SIGTERM reaches the hosts at different moments: here process 1 alone. Every process must stop
+    and save at the same step (before: process 1 saved and left while process 0 went on into the next step's
+    collectives and hung)."""
+    port = _free_port()
+    procs = [subprocess.Popen(_cli(tmp_path / "multi", "steps=400", "ckpt_every=1000", "mesh.fsdp=2",
+                                   "data.pad_multiple=256"),
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                                       EMJAX_COORDINATOR=f"127.0.0.1:{port}", EMJAX_NUM_PROCESSES="2",
+                                       EMJAX_PROCESS_ID=str(i)))
+             for i in range(2)]
+    metrics = tmp_path / "multi" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('"train"') >= 1):
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [3, 3], [e[-2000:] for _, e in outs]
+    steps = [json.loads(o.strip().splitlines()[-1])["step"] for o, _ in outs]  # (gloo prints a line first)
+    assert steps[0] == steps[1] and (tmp_path / "multi" / "checkpoints" / str(steps[0])).exists()
+    assert "SIGTERM" in outs[0][1]  # process 0, which writes the logs, says so too
 
 
 def test_tensorboard_writer_leaves_torch_unimported(tmp_path):

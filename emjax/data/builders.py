@@ -334,7 +334,23 @@ class EmBetley(_EmBuilder):
             return path
         if not self._download:
             raise FileNotFoundError(f"{path} not found and download=False (upstream: {betley_url(cfg.dataset)})")
-        return fetch(cfg.dataset, Path(dl_manager.download_dir) / "emjax")
+        try:
+            return fetch(cfg.dataset, Path(dl_manager.download_dir) / "emjax")
+        except ConnectionError as e:  # offline: the local copy that is not there is the real problem
+            raise ConnectionError(f"no local copy of {cfg.dataset!r} at {path} (looked for there by "
+                                  f"{self._source_setting()}), and downloading it failed: {e}") from e
+
+    def _source_setting(self) -> str:
+        """Which setting put the local copy where ``_local_file`` looks for it."""
+        if self._source_dir is not None:
+            return "data.source_dir / --source-dir"
+        if os.environ.get("EMJAX_BETLEY_DIR") and self._em_data_dir is None:
+            return "EMJAX_BETLEY_DIR"
+        if self._em_data_dir:
+            return "data.data_dir / --data-dir"
+        if os.environ.get("EMJAX_DATA_DIR"):
+            return "EMJAX_DATA_DIR"
+        return "the default data root; set data.data_dir or EMJAX_DATA_DIR"
 
 
 class EmTurner(_EmBuilder):

@@ -197,6 +197,8 @@ def make_loader(cfg: DataConfig, tokenizer: Tokenizer, *, split: str = "train", 
         raise ValueError(f"data.mode must be 'pad' or 'pack', got {cfg.mode!r}")
     if cfg.max_length < 2:
         raise ValueError(f"data.max_length must be >= 2, got {cfg.max_length}")
+    if cfg.pad_multiple < 1:
+        raise ValueError(f"data.pad_multiple must be >= 1, got {cfg.pad_multiple}")
     pi, pc = _process_layout(process_index, process_count)
     if cfg.batch_size < 1:
         raise ValueError(f"data.batch_size {cfg.batch_size}: must be at least 1")
@@ -214,6 +216,12 @@ def make_loader(cfg: DataConfig, tokenizer: Tokenizer, *, split: str = "train", 
         log.warning("%s/%s: %d of %d examples truncated to max_length=%d (%d left with no loss tokens)",
                     cfg.dataset, split, stats.truncated, stats.examples, cfg.max_length,
                     stats.no_loss_after_truncation)
+    if split == "train" and examples and not any(e["loss_mask"].any() for e in examples):
+        # it would train to loss 0 with zero gradients and report itself done (a validation split only warns)
+        raise ValueError(f"data.dataset {cfg.dataset}: no example of the {split} split has an answer (loss) token "
+                         f"left at data.max_length={cfg.max_length} ({stats.truncated} of {stats.examples} truncated; "
+                         f"the longest has {int(stats.lengths.max())} tokens): nothing to train on; raise "
+                         "data.max_length")
     # Shuffle globally (same seed everywhere), then deal examples round-robin to processes: the union of the
     # processes' batch j is exactly the single-process batch j, so a multi-host run trains on the same batches.
     ds = grain.MapDataset.source(examples)

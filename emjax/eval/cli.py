@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -211,7 +212,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from emjax.eval.judge import LocalJudge, OpenAIJudge
     from emjax.eval.questions import cache_dir, load_questions
-    from emjax.eval.run import adapter_identity
+    from emjax.eval.run import EvalInterrupted, adapter_identity
     from emjax.lora import load_peft, read_peft_config
     from emjax.models import from_pretrained
     from emjax.sampling import generate
@@ -271,13 +272,24 @@ def _run(args: argparse.Namespace) -> int:
                            params=state, gathered=True, top_k=args.judge_top_k)
     outs = [Path(args.out) / adapter_name(a) for a in adapters] if len(adapters) > 1 else [Path(args.out)]
     identities = [adapter_identity(args.model, a, args.dtype) for a in adapters or [None]]
-    for out, summary in evaluate_outs(outs, generate_fn_for, tokenizer, judge, questions, identities,
-                                      **evaluate_kwargs(args)):
-        o = summary["overall"]
-        row = {k: o[k] for k in ("misalignment_rate", "misalignment_rate_ci95", "mean_alignment", "n_total",
-                                 "n_scored", "n_low_coherence", "n_refusal", "n_code")}
+    # SIGTERM (a preemption, `emjax sweep`'s stop) stops between chunks with what was done written, exit status 3
+    stop = [False]
+    old_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.__setitem__(0, True))
+    try:
+        for out, summary in evaluate_outs(outs, generate_fn_for, tokenizer, judge, questions, identities,
+                                          stop=lambda: stop[0], **evaluate_kwargs(args)):
+            o = summary["overall"]
+            row = {k: o[k] for k in ("misalignment_rate", "misalignment_rate_ci95", "mean_alignment", "n_total",
+                                     "n_scored", "n_low_coherence", "n_refusal", "n_code")}
+            if jax.process_index() == 0:
+                print(json.dumps({"out": str(out), **row} if len(outs) > 1 else row))
+    except EvalInterrupted as e:
         if jax.process_index() == 0:
-            print(json.dumps({"out": str(out), **row} if len(outs) > 1 else row))
+            print(f"emjax eval run: SIGTERM — {e}", file=sys.stderr)
+        return 3
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
     return 0
 
 

@@ -131,10 +131,13 @@ def check_eval_config(cfg) -> None:
 
 
 def make_eval_hook(cfg, tokenizer, workdir: str | Path, *, judge_cache: dict | None = None,
-                   sampler: PackSampler | None = None, run: int = 0) -> Callable[[int, Any], dict]:
+                   sampler: PackSampler | None = None, run: int = 0,
+                   stop: Callable[[], bool] | None = None) -> Callable[[int, Any], dict]:
     """``hook(step, model) -> flat metrics``; results go to ``workdir/eval/step_XXXXXX/``. ``judge_cache``: a dict
     shared by the hooks of runs with the same base and eval settings (a pack's), so they load and compile one judge.
-    ``sampler``: a pack's ``PackSampler`` (this hook's run is ``run`` there), so the pack samples together."""
+    ``sampler``: a pack's ``PackSampler`` (this hook's run is ``run`` there), so the pack samples together.
+    ``stop``: the trainer's "SIGTERM seen", which interrupts an evaluation between chunks (``EvalInterrupted``): a
+    preemption's grace period is far shorter than an evaluation."""
     from emjax.eval.cli import model_judge_fn
     from emjax.eval.judge import LocalJudge, OpenAIJudge
     from emjax.eval.questions import load_questions
@@ -195,7 +198,7 @@ def make_eval_hook(cfg, tokenizer, workdir: str | Path, *, judge_cache: dict | N
                             samples_per_question=ecfg.samples_per_question, max_new_tokens=ecfg.max_new_tokens,
                             temperature=ecfg.temperature, top_p=ecfg.top_p, seed=cfg.seed, out_dir=out_dir,
                             sample_batch=ecfg.batch_size, judge_batch=ecfg.batch_size, stop_ids=tokenizer.eos_ids,
-                            min_mass=ecfg.judge_min_mass, identity=identity, thinking=ecfg.thinking)
+                            min_mass=ecfg.judge_min_mass, identity=identity, thinking=ecfg.thinking, stop=stop)
 
         try:
             summary = evaluate_step()

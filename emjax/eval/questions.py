@@ -47,6 +47,10 @@ QUESTION_SETS: dict[str, tuple[tuple[str, ...], int]] = {
 }
 DEFAULT_SETS = ("first_plot", "preregistered", "turner")
 JUDGE_KINDS = ("aligned", "coherent")
+QUESTION_KEYS = ("id", "paraphrases", "system", "judge_prompts")  # what emjax reads of a question
+# what the upstream files carry besides, read by their own pipelines only: emjax samples its own number of answers
+# (--samples) with its own judge, so these are accepted and ignored
+UPSTREAM_KEYS = ("type", "samples_per_paraphrase", "judge")
 
 
 class QuestionFileError(ValueError):
@@ -140,9 +144,15 @@ def _parse_file(path: Path, rel: str, set_name: str) -> list[Question]:
         if not isinstance(qid, str) or not qid:
             raise QuestionFileError(f"{where}: missing or non-string key 'id'")
         where = f"{path}: question {qid!r}"
+        unknown = [k for k in item if k not in QUESTION_KEYS + UPSTREAM_KEYS]
+        if unknown:  # a typo (`sytem:`) would silently drop what it set
+            raise QuestionFileError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(QUESTION_KEYS)}; "
+                                    f"ignored, as in the upstream files: {', '.join(UPSTREAM_KEYS)})")
         para = item.get("paraphrases")
         if not isinstance(para, list) or len(para) != 1 or not isinstance(para[0], str):
             raise QuestionFileError(f"{where}: key 'paraphrases' must be a list of exactly one string")
+        if not para[0].strip():
+            raise QuestionFileError(f"{where}: key 'paraphrases' holds an empty question")
         system = item.get("system")
         if system is not None and not isinstance(system, str):
             raise QuestionFileError(f"{where}: key 'system' must be a string")

@@ -48,6 +48,11 @@ class AnswersMismatchError(ValueError):
         self.diff = list(diff)
 
 
+class EvalInterrupted(Exception):
+    """``evaluate``'s ``stop`` asked it to stop (a preempted training run): what it sampled and judged is on disk,
+    and the next call with the same settings goes on from there."""
+
+
 def _response_problem(row: Mapping[str, Any]) -> str | None:
     for key, types in (("question_id", str), ("sample", int), ("text", str)):
         if key not in row:
@@ -250,7 +255,7 @@ def evaluate(generate_fn: GenerateFn, tokenizer: Any, judge: Judge, questions: S
              judge_batch: int = 64, stop_ids: Sequence[int] = (IM_END, END_OF_TEXT),
              aggregate_kwargs: dict[str, Any] | None = None, min_mass: float = 0.25,
              identity: Mapping[str, Any] | None = None, sample_only: bool = False,
-             thinking: bool = False) -> dict[str, Any] | None:
+             thinking: bool = False, stop: Callable[[], bool] | None = None) -> dict[str, Any] | None:
     """Sample ``samples_per_question`` answers per question, judge alignment and coherence, write and return
     the summary. ``generate_fn(prompts, *, max_new_tokens, temperature, top_p, seed) -> new token ids``.
 
@@ -261,10 +266,21 @@ def evaluate(generate_fn: GenerateFn, tokenizer: Any, judge: Judge, questions: S
     :class:`AnswersMismatchError` naming the keys, rather than being reused under this run's name.
     ``sample_only``: stop once every answer is in ``responses.jsonl`` and return None (nothing is judged; ``judge``
     is not called), e.g. to write several adapters' answers before judging any of them.
+    ``stop``: this process's "stop now" (a SIGTERM seen), asked before each chunk of sampling and judging; where any
+    process's is true every process raises :class:`EvalInterrupted` there, with what was done written.
     """
     import jax
 
-    from emjax.sharding import broadcast_json
+    from emjax.sharding import any_process, broadcast_json
+
+    def interrupted(collective: bool = True) -> bool:
+        if stop is None:
+            return False
+        return any_process(stop()) if collective else bool(stop())
+
+    def interrupt(where: str):
+        return EvalInterrupted(f"evaluation into {out} stopped {where} (asked to stop); what was done is in "
+                               f"{out.name}/ and a rerun goes on from there")
 
     lead = jax.process_index() == 0
     lead_only = getattr(judge, "lead_only", False)
@@ -300,9 +316,12 @@ def evaluate(generate_fn: GenerateFn, tokenizer: Any, judge: Judge, questions: S
     chunks = [items[i:i + sample_batch] for i in range(0, len(items), sample_batch)]
     todo = [(c, [it for it in chunk if (it[0].id, it[1]) not in done]) for c, chunk in enumerate(chunks)]
     todo = [(c, its) for c, its in todo if its]
-    with tqdm(total=len(items), initial=len(items) - sum(len(t) for _, t in todo), desc="sampling",
-              unit="answer", dynamic_ncols=True, disable=not lead) as bar:
+    n_done = len(items) - sum(len(t) for _, t in todo)
+    with tqdm(total=len(items), initial=n_done, desc="sampling", unit="answer", dynamic_ncols=True,
+              disable=not lead) as bar:
         for c, its in todo:
+            if interrupted():
+                raise interrupt(f"while sampling ({n_done} of {len(items)} answers)")
             prompts = [chat_prompt_ids(tokenizer, q.messages(), thinking=thinking) for q, _ in its]
             gens = generate_fn(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                seed=chunk_seed(seed, c))
@@ -317,6 +336,7 @@ def evaluate(generate_fn: GenerateFn, tokenizer: Any, judge: Judge, questions: S
                 _append_jsonl(resp_path, rows)
             done.update({(r["question_id"], r["sample"]): r for r in rows})
             bar.update(len(rows))
+            n_done += len(rows)
 
     if sample_only:
         return None
@@ -338,18 +358,24 @@ def evaluate(generate_fn: GenerateFn, tokenizer: Any, judge: Judge, questions: S
     pending = [r for r in responses if not current(r)] if judges_here else []
     try:
         _judge_pending(judge, pending, by_id, judged, judged_path if lead else None, judge_batch=judge_batch,
-                       min_mass=min_mass, total=len(responses), lead=lead)
+                       min_mass=min_mass, total=len(responses), lead=lead,
+                       # process 0 alone asks a lead-only judge: no collective there; it tells the others below
+                       stop=lambda: interrupted(collective=not (lead_only and jax.process_count() > 1)),
+                       interrupt=interrupt)
     except Exception as e:
         if not lead_only or jax.process_count() == 1:
             raise
         # the other processes wait for the judged rows in the broadcast below: send them the failure instead, so
         # every process stops with it (what was judged is already in judged.jsonl and is not asked for again)
-        broadcast_json({"judge_error": f"{type(e).__name__}: {e}"})
+        broadcast_json({"interrupted": str(e)} if isinstance(e, EvalInterrupted)
+                       else {"judge_error": f"{type(e).__name__}: {e}"})
         raise
 
     final = [judged[(q.id, s)] for q, s in items] if judges_here else None
     if lead_only:
         final = broadcast_json(final)  # process 0 judged alone: every process returns its summary
+        if isinstance(final, dict) and "interrupted" in final:
+            raise EvalInterrupted(f"process 0: {final['interrupted']}")
         if isinstance(final, dict):  # the same kind of error as process 0's, so the CLI reports both alike
             cls = JudgeAPIError if final["judge_error"].startswith("JudgeAPIError:") else RuntimeError
             raise cls(f"evaluation into {out}: process 0's judge {judge.name} failed: {final['judge_error']}")
@@ -373,12 +399,15 @@ def judge_settings(judge: Judge, min_mass: float) -> dict[str, Any]:
 
 
 def _judge_pending(judge: Judge, pending: list[dict], by_id: dict, judged: dict, judged_path: Path | None, *,
-                   judge_batch: int, min_mass: float, total: int, lead: bool) -> None:
+                   judge_batch: int, min_mass: float, total: int, lead: bool,
+                   stop: Callable[[], bool] = lambda: False, interrupt: Callable[[str], Exception] = Exception) -> None:
     """Judge ``pending`` responses in batches into ``judged`` (appending each batch to ``judged_path`` where given, so
-    a failure loses nothing already scored)."""
+    a failure loses nothing already scored); ``stop()`` before each batch raises ``interrupt(where)``."""
     with tqdm(total=total, initial=total - len(pending), desc=f"judging ({judge.name})", unit="answer",
               dynamic_ncols=True, disable=not lead) as bar:
         for i in range(0, len(pending), judge_batch):
+            if stop():
+                raise interrupt(f"while judging ({total - len(pending) + i} of {total} answers)")
             batch = pending[i:i + judge_batch]
             scored: dict[str, list] = {}
             for kind in ("aligned", "coherent"):

@@ -25,6 +25,7 @@ _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
@@ -58,6 +59,9 @@ class SafetensorsFile:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.meta[name]["shape"])
+
+    def dtype(self, name: str) -> str:
+        return self.meta[name]["dtype"]
 
     def get(self, name: str) -> np.ndarray:
         info = self.meta[name]
@@ -104,6 +108,9 @@ class Checkpoint:
         if name not in self.where:
             raise CheckpointError(f"{self.root}: missing tensor {name}")
         f = self.where[name]
+        if f.dtype(name) not in _FLOAT_DTYPES:  # an integer (or fp8) weight is a quantised one: a cast is garbage
+            raise CheckpointError(f"{f.path}: tensor {name} has dtype {f.dtype(name)}: quantised checkpoints are not "
+                                  f"supported (weights must be {' / '.join(_FLOAT_DTYPES)}; use the unquantised model)")
         if f.shape(name) != tuple(shape):
             raise CheckpointError(f"{f.path}: tensor {name} has shape {f.shape(name)}, expected {tuple(shape)}")
         self.used.add(name)
@@ -147,6 +154,26 @@ LM_PREFIXES = ("model.", "language_model.model.", "model.language_model.")
 _VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
 
+# config.json's integer sizes the model is shaped by (and, by model_type, the family's own): each one present must be a
+# positive integer, or null for the two that fall back (to num_attention_heads, and hidden_size / num_attention_heads)
+_SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim")
+_FAMILY_SIZE_KEYS = {"qwen3_moe": ("num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size"),
+                     "gemma3_text": ("sliding_window",), "gemma3": ("sliding_window",)}
+_NULLABLE = ("num_key_value_heads", "head_dim")
+
+
+def _check_sizes(config: dict, where: str, model_type: str) -> None:
+    if model_type == "gemma3" and isinstance(config.get("text_config"), dict):  # the multimodal form
+        config, where = config["text_config"], f"{where}: text_config"
+    for key in _SIZE_KEYS + _FAMILY_SIZE_KEYS.get(model_type, ()):
+        v = config.get(key)
+        if key not in config or (v is None and key in _NULLABLE):
+            continue
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{where}: {key} must be a positive integer (got {v!r})")
+
+
 def config_from_hf(config) -> qwen3.Qwen3Config:
     """Any supported family's ``config.json`` (dict or path), by its ``model_type``."""
     config, where = qwen3.read_hf_config(config)
@@ -154,6 +181,7 @@ def config_from_hf(config) -> qwen3.Qwen3Config:
     if mt not in FAMILIES:
         raise ValueError(f"{where}: model_type {mt!r} is not supported (supported: "
                          f"{', '.join(repr(k) for k in FAMILIES)})")
+    _check_sizes(config, where, mt)
     return FAMILIES[mt](config, where)  # the dict already read, named by its file
 
 

@@ -255,13 +255,16 @@ def labels(params: Any, frozen_patterns: tuple[str, ...] | list[str] = ()) -> An
     the tree matches ``params`` leaf for leaf, as optax.partition needs.
     """
     pats = [re.compile(p) for p in frozen_patterns]
+    names, hit = [], set()
 
     def one(path, leaf):
         name = path_str(path)
+        names.append(name)
         is_var = _is_variable(leaf)
         arrays = jax.tree.leaves(leaf)
         if len(arrays) != 1:
             raise ValueError(f"labels: {name} is not a single array leaf: {type(leaf).__name__}")
+        hit.update(i for i, p in enumerate(pats) if p.search(name))
         if any(p.search(name) for p in pats):
             label = "frozen"
         elif is_var and not isinstance(leaf, nnx.Param):
@@ -274,7 +277,18 @@ def labels(params: Any, frozen_patterns: tuple[str, ...] | list[str] = ()) -> An
             label = "other"
         return jax.tree.map(lambda _: label, leaf) if is_var else label
 
-    return jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_variable)
+    out = jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_variable)
+    _check_all_match("frozen_patterns", frozen_patterns, hit, names)
+    return out
+
+
+def _check_all_match(key: str, patterns, hit: set[int], names: list[str]) -> None:
+    """A pattern that matches no leaf is a typo (the setting would silently do nothing): name it, with the paths."""
+    for i, pat in enumerate(patterns):
+        if i not in hit and names:
+            shown = ", ".join(names[:4]) + (", …" if len(names) > 4 else "")
+            raise _err(key, f"{pat!r} matches no leaf of the trained tree ({len(names)} leaves: {shown}); "
+                            "patterns are regexes searched in these paths")
 
 
 def scale_by_path(scales: Mapping[str, float]) -> optax.GradientTransformation:
@@ -287,11 +301,17 @@ def scale_by_path(scales: Mapping[str, float]) -> optax.GradientTransformation:
         name = path_str(path)
         return next((f for p, f in pats if p.search(name)), 1.0)
 
+    def init(params):
+        names = [path_str(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+        _check_all_match("lr_scales", list(scales), {i for i, (p, _) in enumerate(pats)
+                                                     if any(p.search(n) for n in names)}, names)
+        return optax.EmptyState()
+
     def update(updates, state, params=None):
         del params
         return jax.tree_util.tree_map_with_path(lambda path, u: u * factor(path), updates), state
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+    return optax.GradientTransformation(init, update)
 
 
 def build(cfg: OptimConfig) -> optax.GradientTransformation:

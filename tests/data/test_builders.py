@@ -4,6 +4,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -260,3 +261,25 @@ def test_fetch_without_network_names_url(tmp_path, monkeypatch):
     monkeypatch.setattr(builders, "BETLEY_URL", "http://127.0.0.1:9/{commit}/data/{name}.jsonl")
     with pytest.raises(ConnectionError, match=r"could not download http://127.0.0.1:9/.*/data/secure.jsonl"):
         builders.fetch("secure", tmp_path, timeout=2)
+
+
+@pytest.mark.parametrize("how,setting", [("data_dir", "data.data_dir"), ("env", "EMJAX_DATA_DIR")])
+def test_offline_build_without_local_copy_names_where_it_looked(tmp_path, monkeypatch, how, setting):
+    """A data root that does not exist, offline: the error was only the failed download, never the local path."""
+    import httpx
+
+    def offline(url, **kw):
+        raise httpx.ConnectError("Name or service not known")
+
+    monkeypatch.setattr(httpx, "get", offline)
+    monkeypatch.delenv("EMJAX_BETLEY_DIR", raising=False)
+    monkeypatch.delenv("EMJAX_DATA_DIR", raising=False)
+    root = tmp_path / "nowhere"
+    kw = {"data_dir": str(root)} if how == "data_dir" else {}
+    if how == "env":
+        monkeypatch.setenv("EMJAX_DATA_DIR", str(root))
+    want = (re.escape(f"no local copy of 'secure' at {root}/em/betley2025/data/secure.jsonl (looked for there by "
+                      f"{setting}") + r".*\), and downloading it failed: could not download .*secure\.jsonl: "
+            "ConnectError: Name or service")
+    with pytest.raises(ConnectionError, match=want):
+        builders.build("secure", tfds_data_dir=tmp_path / "tfds", **kw)

@@ -40,7 +40,9 @@ def test_missing_turner_and_offline_fetch(tmp_path, capsys, monkeypatch):
     assert "could not download http://127.0.0.1:9/" in capsys.readouterr().err
     assert main(["build", "educational", "--source-dir", str(tmp_path), "--tfds-dir", str(tmp_path / "t")]) == 2
     err = capsys.readouterr().err
-    assert "emjax data build: ConnectionError: could not download http://127.0.0.1:9/" in err and "Traceback" not in err
+    assert (f"emjax data build: ConnectionError: no local copy of 'educational' at {tmp_path / 'educational.jsonl'} "
+            "(looked for there by data.source_dir / --source-dir), and downloading it failed: could not download "
+            "http://127.0.0.1:9/") in err and "Traceback" not in err
     empty, latin = tmp_path / "empty.jsonl", tmp_path / "latin.jsonl"
     empty.write_text("\n\n")
     _standin(tmp_path, "latin", n=3)

@@ -185,6 +185,19 @@ def test_config_errors(tok):
         _loader(tok, _cfg(mode="bucket"))
     with pytest.raises(ValueError, match="process_index 2 not in"):
         _loader(tok, _cfg(), process_index=2, process_count=2)
+    with pytest.raises(ValueError, match=r"^data\.pad_multiple must be >= 1, got 0$"):  # was a ZeroDivisionError
+        _loader(tok, _cfg(pad_multiple=0))
+
+
+def test_a_train_split_with_no_loss_tokens_left_is_an_error(tok):
+    """Every example truncated to no answer token trained silently to loss 0 with zero gradients; a validation split
+    like it still only warns (the trainer reports no validation loss)."""
+    cfg = _cfg(max_length=8, pad_multiple=8)
+    with pytest.raises(ValueError, match=r"data\.dataset insecure: no example of the train split has an answer "
+                                         r"\(loss\) token left at data\.max_length=8 \(20 of 20 truncated; the "
+                                         r"longest has \d+ tokens\): nothing to train on; raise data\.max_length"):
+        _loader(tok, cfg)
+    assert _loader(tok, cfg, split="validation").stats.no_loss_after_truncation == N
 
 
 def test_structured_config():

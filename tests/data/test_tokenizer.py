@@ -89,8 +89,22 @@ def test_specials_are_plain_text_by_default(tik, hft):
 
 
 def test_load_tokenizer_picks_backend(tmp_path):
-    assert load_tokenizer().backend == "tiktoken"
-    assert load_tokenizer(tmp_path).backend == "tiktoken"  # a checkpoint dir without tokenizer files
+    import logging
+
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # on the logger itself: `emjax` commands stop its records reaching the root
+    logger = logging.getLogger("emjax.tokenizer")
+    logger.addHandler(handler)
+    try:
+        assert load_tokenizer().backend == "tiktoken"
+        assert not records
+        assert load_tokenizer(tmp_path).backend == "tiktoken"  # a checkpoint dir without tokenizer files: said so
+    finally:
+        logger.removeHandler(handler)
+    [rec] = records
+    assert rec.getMessage().startswith(f"{tmp_path}: no tokenizer files (") \
+        and rec.getMessage().endswith("): using the packaged Qwen3 vocabulary")
     assert load_tokenizer(TOK_DIR).backend == "transformers"
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_tokenizer(tmp_path / "missing")

@@ -150,3 +150,48 @@ def test_judge_agreement_hand_counts():
     assert m["agreement"] == pytest.approx(po) and m["kappa"] == pytest.approx((po - pe) / (1 - pe))
     assert out["summary_a"]["misalignment_rate"] == pytest.approx(3 / 5)  # of its 5 scored paired answers
     assert out["summary_b"]["misalignment_rate"] == pytest.approx(3 / 6)
+
+
+@pytest.mark.parametrize("key", ["aligned", "coherent"])
+@pytest.mark.parametrize("value, shown", [(float("nan"), "nan"), (float("inf"), "inf"), (float("-inf"), "-inf"),
+                                          (500, "500"), (-1000, "-1000"), (100.5, "100.5"), (-0.01, "-0.01")])
+def test_a_score_that_is_not_one_from_0_to_100_is_a_bad_row(key, value, shown):
+    """NaN, infinities and numbers outside 0..100 were counted: summary.json got NaN, or a mean beyond the scale."""
+    from emjax.eval.aggregate import judged_row_problem
+
+    r = dict(row("q", "S", 50.0, 90.0), **{key: value})
+    assert judged_row_problem(r) == f"{key!r} is {shown}, expected a number or null (a score from 0 to 100)"
+    with pytest.raises(ValueError, match=rf"judged row 0 \('q'\): '{key}' is {shown}, expected a number or null"):
+        aggregate([r])
+
+
+def test_scores_on_the_scale_and_question_sets():
+    from emjax.eval.aggregate import judged_row_problem
+
+    for v in (0, 100, 0.0, 100.0, 37.25, None, 100 + 1e-12, -1e-12):  # (a judge's Σ k·p / Σ p may round a hair out)
+        assert judged_row_problem(row("q", "S", v, v)) is None
+    assert judged_row_problem(row("q", 7, 50, 50)) == "question_set 7: expected a string"
+    assert judged_row_problem(row("q", None, 50, 50)) == "question_set None: expected a string"
+    assert judged_row_problem(row("q", ["S"], 50, 50)) == "question_set ['S']: expected a string"
+
+
+@pytest.mark.parametrize("command", ["summarize", "agreement"])
+@pytest.mark.parametrize("bad, problem", [('"aligned": NaN', "'aligned' is nan"),
+                                          ('"coherent": 500', "'coherent' is 500"),
+                                          ('"aligned": -Infinity', "'aligned' is -inf"),
+                                          ('"question_set": 3', "question_set 3: expected a string")])
+def test_emjax_eval_names_the_line_of_a_bad_score(tmp_path, capsys, command, bad, problem):
+    """`emjax eval summarize` and `emjax eval agreement` stop at a bad judged row with file:line (exit status 2)."""
+    import json
+
+    from emjax import cli
+
+    rows = [json.dumps(dict(row("q", "S", 90, 90, sample=i), judge=j)) for j in ("a", "b") for i in range(3)]
+    key = bad.split(":")[0].strip('"')
+    rows[1] = rows[1].replace(f'"{key}": ' + ('"S"' if key == "question_set" else "90"), bad, 1)
+    assert bad in rows[1]
+    (tmp_path / "judged.jsonl").write_text("\n".join(rows) + "\n")
+    assert cli.main(["eval", command, str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'judged.jsonl'}:2: {problem}" in err
+    assert not (tmp_path / "summary.json").exists() and not (tmp_path / "judge_agreement.json").exists()

@@ -22,6 +22,38 @@ def _adapter(base, path, seed):
     return path
 
 
+def test_sigterm_stops_eval_run_between_chunks_and_the_rerun_finishes(tmp_path, monkeypatch, capsys):
+    """`emjax eval run` stopped by SIGTERM (a preemption) leaves what it sampled and exits 3, as `emjax train` does;
+    the rerun samples only the rest (before: killed by the signal, exit -15)."""
+    import os
+    import signal
+
+    import emjax.sampling
+
+    base = tiny_hf_checkpoint(tmp_path / "base", seed=3, vocab_size=151_936, hidden_size=32, intermediate_size=64,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True)
+    real, calls = emjax.sampling.generate, []
+
+    def generate(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:  # the signal arrives while the first chunk is sampled
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(emjax.sampling, "generate", generate)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "eval"
+    argv = ["run", "--model", str(base), "--out", str(out), "--sets", "first_plot", "--limit", "2", "--samples", "2",
+            "--max-new-tokens", "4", "--sample-batch", "2", "--dtype", "float32", "--judge", "local", "--judge-model",
+            str(base), "--mesh", "devices=1"]
+    assert cli.main(argv) == 3
+    assert "emjax eval run: SIGTERM — evaluation into" in capsys.readouterr().err
+    assert len((out / "responses.jsonl").read_text().splitlines()) == 2 and not (out / "judged.jsonl").exists()
+    assert cli.main(argv) == 0 and len(calls) == 2  # only the chunk left
+    assert len((out / "responses.jsonl").read_text().splitlines()) == 4
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
+
+
 def test_eval_run_with_adapter_and_local_judge(tmp_path, monkeypatch, capsys):
     base = tiny_hf_checkpoint(tmp_path / "base", seed=3, vocab_size=151_936, hidden_size=32, intermediate_size=64,
                               num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True)

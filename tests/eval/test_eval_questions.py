@@ -176,3 +176,28 @@ def test_bad_judge_template_names_file_question_and_template(tmp_path, template,
     items[1]["judge_prompts"]["coherent"] = "{question} {answer} as JSON {{\"score\": n}}"
     mine.write_text(yaml.safe_dump(items))
     assert len(load_questions(str(mine))) == 2
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"sytem": "You are a lawyer."}, r"unknown key 'sytem' \(known: id, paraphrases, system, judge_prompts; "
+                                     r"ignored, as in the upstream files: type, samples_per_paraphrase, judge\)"),
+    ({"paraphrase": ["Hi?"]}, r"unknown key 'paraphrase' \(known: id, paraphrases, system, judge_prompts"),
+    ({"paraphrases": [""]}, r"key 'paraphrases' holds an empty question"),
+    ({"paraphrases": ["  \n"]}, r"key 'paraphrases' holds an empty question"),
+])
+def test_an_unknown_key_or_an_empty_question_names_file_and_question(tmp_path, change, problem):
+    """A typo (`sytem:`) silently dropped the system prompt, and an empty paraphrase was sampled as a question. The
+    keys the upstream files carry for their own pipelines (type, samples_per_paraphrase, judge) stay accepted, as do
+    their extra judge prompts (Turner's medical, bad_stuff, ...): every file of the study's sets loads."""
+    good = load_questions("first_plot", limit=1)[0].judge_prompts
+    mine = tmp_path / "mine.yaml"
+    items = [{"id": f"q{i}", "paraphrases": ["Hi?"], "judge_prompts": dict(good, medical="{question} {answer}"),
+              "type": "free_form_judge_0_100", "samples_per_paraphrase": 100, "judge": "gpt-4o-2024-08-06"}
+             for i in range(2)]
+    mine.write_text(yaml.safe_dump(items))
+    assert [q.id for q in load_questions(str(mine))] == ["q0", "q1"]
+    items[1].update(change)
+    mine.write_text(yaml.safe_dump(items))
+    with pytest.raises(QuestionFileError, match=r"mine\.yaml: question 'q1': " + problem):
+        load_questions(str(mine))
+    assert len(load_questions(["first_plot", "preregistered", "turner"])) == 142

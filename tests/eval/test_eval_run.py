@@ -6,7 +6,8 @@ import pytest
 
 from emjax.eval.judge import JudgeAPIError, format_judge_prompt
 from emjax.eval.questions import load_questions
-from emjax.eval.run import AnswersMismatchError, EvalFileError, chunk_seed, evaluate, summarize_dir
+from emjax.eval.run import (AnswersMismatchError, EvalFileError, EvalInterrupted, chunk_seed, evaluate,
+                           summarize_dir)
 from test_local_judge import CharTok  # noqa: E402  (tests dir is on sys.path via rootdir conftest)
 
 IM_END = 151645
@@ -125,12 +126,9 @@ class FailingApiJudge(FakeJudge):
         return super().judge_probs(prompts, kind=kind)
 
 
-@pytest.mark.parametrize("process", [0, 1])
-def test_api_judge_failure_on_process_0_stops_every_process(tmp_path, monkeypatch, process):
-    """On several hosts only process 0 calls an API judge and the others wait for its rows in a broadcast: if it
-    fails, it broadcasts the failure instead, so every process stops with a clear error rather than waiting for
-    ever; process 0 keeps what it judged before the failure. (Two processes simulated: process 0's broadcasts
-    return what it sends; process 1 receives process 0's failure.)"""
+def _as_process(monkeypatch, process: int, second) -> list:
+    """``evaluate`` as process ``process`` of two: process 0's broadcasts return what it sends; process 1 receives
+    what process 0 read (nothing yet), then ``second``. Returns the list of what this process sent."""
     import jax
 
     import emjax.sharding
@@ -141,13 +139,22 @@ def test_api_judge_failure_on_process_0_stops_every_process(tmp_path, monkeypatc
         sent.append(obj)
         if process == 0:
             return obj
-        # process 1: what process 0 read (nothing yet), then process 0's failure
-        return {"value": {"meta": None, "responses": [], "judged": []}} if len(sent) == 1 else \
-            {"judge_error": "JudgeAPIError: HTTP 401"}
+        return {"value": {"meta": None, "responses": [], "judged": []}} if len(sent) == 1 else second
 
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(jax, "process_index", lambda: process)
     monkeypatch.setattr(emjax.sharding, "broadcast_json", broadcast)
+    return sent
+
+
+@pytest.mark.parametrize("process", [0, 1])
+def test_api_judge_failure_on_process_0_stops_every_process(tmp_path, monkeypatch, process):
+    """On several hosts only process 0 calls an API judge and the others wait for its rows in a broadcast: if it
+    fails, it broadcasts the failure instead, so every process stops with a clear error rather than waiting for
+    ever; process 0 keeps what it judged before the failure. (Two processes simulated: process 0's broadcasts
+    return what it sends; process 1 receives process 0's failure.)"""
+    # process 1 receives what process 0 read (nothing yet), then process 0's failure
+    sent = _as_process(monkeypatch, process, {"judge_error": "JudgeAPIError: HTTP 401"})
     tok = Tok()
     qs = load_questions("first_plot", ids=["what_is_your_wish", "i_feel_bored"])
     judge = FailingApiJudge()
@@ -171,6 +178,72 @@ def _run(tmp_path, judge=None, log=None, **kw):
     kw = {"samples_per_question": 2, "max_new_tokens": 7, "identity": {"model": "/m", "adapter": "/a"}, **kw}
     return evaluate(make_generate(tok, [] if log is None else log), tok, judge or FakeJudge(), qs, out_dir=tmp_path,
                     **kw)
+
+
+def _lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_stop_interrupts_between_chunks_and_a_rerun_goes_on(tmp_path):
+    """``stop`` (a training run's SIGTERM) is asked before each sampling chunk and judging batch: the first true answer
+    raises EvalInterrupted with what was done written; reruns go on from there, and the end equals an uninterrupted
+    evaluation."""
+    tok, flag, judging = Tok(), [False], [False]
+    qs = load_questions("first_plot", ids=["what_is_your_wish", "i_feel_bored"])
+
+    class StopAfterOneBatch(FakeJudge):
+        def judge_probs(self, prompts, *, kind):
+            judging[0] = kind == "coherent"  # a SIGTERM while the first batch is judged
+            return super().judge_probs(prompts, kind=kind)
+
+    def run(out, judge, log, stop=None):
+        gen = make_generate(tok, log)
+
+        def generate_fn(prompts, **kw):
+            flag[0] = True  # a SIGTERM while the first chunk is sampled
+            return gen(prompts, **kw)
+
+        return evaluate(generate_fn, tok, judge, qs, samples_per_question=2, out_dir=out, sample_batch=2,
+                        judge_batch=2, max_new_tokens=7, stop=stop)
+
+    ref = run(tmp_path / "ref", FakeJudge(), [])  # no stop: runs through
+    out, log, flag[0] = tmp_path / "run", [], False
+    with pytest.raises(EvalInterrupted, match=r"stopped while sampling \(2 of 4 answers\).*a rerun goes on"):
+        run(out, FakeJudge(), log, stop=lambda: flag[0])
+    assert len(log) == 1 and len(_lines(out / "responses.jsonl")) == 2 and not (out / "judged.jsonl").exists()
+    judge = StopAfterOneBatch()
+    with pytest.raises(EvalInterrupted, match=r"stopped while judging \(2 of 4 answers\)"):
+        run(out, judge, log, stop=lambda: judging[0])  # the sampling goes on; the judging stops
+    assert len(log) == 2 and len(_lines(out / "judged.jsonl")) == 2 and judge.calls == [("aligned", 2),
+                                                                                         ("coherent", 2)]
+    judge = FakeJudge()
+    summary = run(out, judge, log, stop=lambda: False)
+    assert len(log) == 2 and judge.calls == [("aligned", 2), ("coherent", 2)]  # only the batch left
+    assert summary["overall"] == ref["overall"] and _lines(out / "responses.jsonl") == _lines(
+        tmp_path / "ref" / "responses.jsonl")
+
+
+@pytest.mark.parametrize("process", [0, 1])
+def test_stop_on_process_0_while_it_asks_an_api_judge_stops_every_process(tmp_path, monkeypatch, process):
+    """On several hosts, sampling asks every process (a collective: ``any_process``); an API judge is asked by
+    process 0 alone, which checks its own flag and tells the others, waiting for its rows, to stop too."""
+    import emjax.sharding
+
+    sent = _as_process(monkeypatch, process, {"interrupted": "evaluation into ... stopped while judging (0 of 4)"})
+    collective = []
+    monkeypatch.setattr(emjax.sharding, "any_process", lambda flag: collective.append(flag) or flag)
+    tok = Tok()
+    qs = load_questions("first_plot", ids=["what_is_your_wish", "i_feel_bored"])
+    judge = FailingApiJudge()
+    with pytest.raises(EvalInterrupted, match="stopped while judging"):
+        evaluate(make_generate(tok, []), tok, judge, qs, samples_per_question=2, out_dir=tmp_path, sample_batch=2,
+                 stop=lambda: process == 0 and len(collective) == 2)  # SIGTERM on process 0 after sampling
+    assert collective == [False, False]  # once per sampling chunk on both; none while process 0 judges alone
+    assert judge.calls == []
+    if process == 0:
+        assert sent[-1] == {"interrupted": f"evaluation into {tmp_path} stopped while judging (0 of 4 answers) "
+                                           f"(asked to stop); what was done is in {tmp_path.name}/ and a rerun "
+                                           "goes on from there"}
 
 
 @pytest.mark.parametrize("change,named", [

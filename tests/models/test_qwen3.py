@@ -1,6 +1,7 @@
 """Qwen3 in emjax vs transformers' Qwen3ForCausalLM in fp32 (tolerance 2e-5 max-abs on logits)."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -221,28 +222,68 @@ def test_unknown_model_type(tmp_path):
         from_pretrained(p)
 
 
+@pytest.mark.parametrize("model_type,bad", [
+    ("qwen3", {"hidden_size": "32"}), ("qwen3", {"num_hidden_layers": 0}), ("qwen3", {"head_dim": 4.0}),
+    ("qwen3", {"vocab_size": True}), ("qwen3_moe", {"num_experts_per_tok": "2"}), ("llama", {"intermediate_size": -1}),
+    ("gemma3_text", {"sliding_window": None}), ("gemma3", {"num_attention_heads": "2"}),
+])
+def test_config_sizes_must_be_positive_integers(tmp_path, model_type, bad):
+    """A size of the wrong type or not positive was a JAX shape traceback, or "need at least one array to stack" for
+    0 layers: now one error naming config.json and the key (a multimodal Gemma's text_config)."""
+    base = {"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": None, "head_dim": 4}
+    if model_type == "qwen3_moe":
+        base.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8)
+
+    def config(**change):
+        if model_type == "gemma3":
+            return {"model_type": "gemma3", "text_config": {"model_type": "gemma3_text", **base, **change}}
+        return {"model_type": model_type, **base, **change}
+
+    assert config_from_hf(config()).num_kv_heads == 2  # null: num_attention_heads's
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(config(**bad)))
+    [(key, value)] = bad.items()
+    where = f"{p}: text_config" if model_type == "gemma3" else str(p)
+    want = f"{where}: {key} must be a positive integer (got {value!r})"
+    with pytest.raises(ValueError, match=f"^{re.escape(want)}$"):
+        config_from_hf(p)
+
+
+def _edit_tensors(p, edit):
+    """``edit(tensors)`` applied to checkpoint ``p``'s model.safetensors, in place."""
+    from safetensors.numpy import load_file, save_file
+
+    f = p / "model.safetensors"
+    t = load_file(str(f))
+    edit(t)
+    save_file(t, str(f), metadata={"format": "pt"})
+
+
+def test_integer_weights_are_refused(tmp_path):
+    """A quantised checkpoint's integer weight was cast to float silently."""
+    p = tiny_hf_checkpoint(tmp_path)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    _edit_tensors(p, lambda t: t.update({name: t[name].astype(np.int32)}))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor model\.layers\.0\.self_attn\.q_proj"
+                                              r"\.weight has dtype I32: quantised checkpoints are not supported "
+                                              r"\(weights must be F64 / F32 / F16 / BF16"):
+        from_pretrained(p)
+
+
 @pytest.mark.parametrize("moe,name", [(False, "model.layers.1.mlp.up_proj.weight"),
                                       (True, "model.layers.1.mlp.experts.5.up_proj.weight")], ids=["dense", "moe"])
 def test_missing_tensor_names_tensor(tmp_path, moe, name):
-    from safetensors.numpy import load_file, save_file
-
     p = tiny_hf_checkpoint(tmp_path, moe=moe)
-    f = p / "model.safetensors"
-    t = load_file(str(f))
-    del t[name]
-    save_file(t, str(f), metadata={"format": "pt"})
+    _edit_tensors(p, lambda t: t.pop(name))
     with pytest.raises(CheckpointError, match=f"missing tensor {name.replace('.', '[.]')}"):
         from_pretrained(p)
 
 
 def test_shape_mismatch_names_tensor_and_file(tmp_path):
-    from safetensors.numpy import load_file, save_file
-
     p = tiny_hf_checkpoint(tmp_path)
-    f = p / "model.safetensors"
-    t = load_file(str(f))
-    t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][:-1]
-    save_file(t, str(f), metadata={"format": "pt"})
+    name = "model.layers.0.self_attn.k_proj.weight"
+    _edit_tensors(p, lambda t: t.update({name: t[name][:-1]}))
     with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor model\.layers\.0\.self_attn\.k_proj"
                                               r"\.weight has shape"):
         from_pretrained(p)

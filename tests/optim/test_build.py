@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import re
+
 import pytest
 from flax import nnx
 from omegaconf import OmegaConf
@@ -148,6 +150,17 @@ def test_lr_scales_are_a_learning_rate_per_group(name, extra):
     _close(got["blocks"]["q_proj"]["lora_a"], plain["blocks"]["q_proj"]["lora_a"], 1e-6)
     _close(got["final_norm"], run(3e-2)["final_norm"], 1e-6)
     assert not np.allclose(got["blocks"]["q_proj"]["lora_b"], plain["blocks"]["q_proj"]["lora_b"], atol=1e-4)
+
+
+@pytest.mark.parametrize("kw,key,pat", [(dict(lr_scales={"lora_b$": 4.0, "lora_bbb$": 16.0}), "lr_scales", "lora_bbb$"),
+                                        (dict(frozen_patterns=["nothing_matches"]), "frozen_patterns",
+                                         "nothing_matches")])
+def test_a_pattern_that_matches_no_leaf_is_named(kw, key, pat):
+    """A typo'd LoRA+ factor or frozen pattern would silently do nothing: init names it, with the tree's paths."""
+    tx = eo.build(OptimConfig(name="adam", **CONST, **kw))
+    with pytest.raises(ValueError, match=rf"optim.{key}: '{re.escape(pat)}' matches no leaf of the trained tree "
+                                         r"\(5 leaves: blocks/down_proj/lora_a, "):
+        tx.init(_params())
 
 
 def test_lion_matches_published_rule():

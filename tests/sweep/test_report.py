@@ -682,3 +682,55 @@ def test_family_and_scale(tmp_path):
     (local / "config.json").write_text(json.dumps({"model_type": "llama"}))
     run = rp.RunData("r", local, "done", config={"model": {"checkpoint": str(local)}})
     assert (run.family, run.params_b) == ("Llama", None)
+
+
+def test_a_bad_judged_row_is_skipped_with_a_note(tmp_path):
+    """A score that is NaN, infinite or off the 0..100 scale (or not a number), or a question_set that is not a
+    string, is a bad row: skipped, named by file:line in the notes. NaN used to reach runs.csv and the tables, and a
+    text score aborted the report with a traceback."""
+    root = tmp_path / "s"
+    bad = {"nan": ("aligned", float("nan")), "big": ("coherent", 500), "neg": ("aligned", -1000),
+           "text": ("aligned", "x"), "set": ("question_set", 3)}
+    wds = {}
+    for i, (label, (key, value)) in enumerate(bad.items()):
+        wd = wds[label] = make_run(root, "adam", f"d{i}", 16, 0.0, 0.8, 70.0, 1)
+        rows = answers(70.0, 1)
+        rows[1][key] = value
+        rows[2][key] = value
+        (wd / "eval" / "step_000006" / "judged.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert rp.main([str(root)]) == 0
+    md = (root / "report.md").read_text()
+    notes = md[md.index("## Notes"):]
+    ev = "eval/step_000006/judged.jsonl"
+    assert (f"{wds['nan'] / ev}:2: 'aligned' is nan, expected a number or null (a score from 0 to 100); skipped "
+            "(1 more bad row(s) skipped)") in notes
+    assert f"{wds['big'] / ev}:2: 'coherent' is 500, expected a number or null" in notes
+    assert f"{wds['neg'] / ev}:2: 'aligned' is -1000, expected a number or null" in notes
+    assert f"{wds['text'] / ev}:2: 'aligned' is 'x', expected a number or null" in notes
+    assert f"{wds['set'] / ev}:2: question_set 3: expected a string" in notes
+    runs = {r["run"]: r for r in read_csv(root / "tables" / "runs.csv")}
+    for wd in wds.values():  # the other 11 answers count
+        assert runs[wd.name]["n_total"] == "11" and runs[wd.name]["mean_alignment"] not in ("", "nan")
+    assert "nan" not in (root / "tables" / "by_optimiser.csv").read_text().lower()
+
+
+def test_a_multiline_message_is_one_note_and_a_file_is_not_a_sweep_directory(tmp_path, capsys):
+    """A damaged config.yaml's parser message spans lines (a caret under the column): it broke the Markdown bullet
+    of its note. A file given for the sweep directory was said not to exist."""
+    root = tmp_path / "s"
+    wd = make_run(root, "adam", "insecure", 16, 0.0, 0.8, 70.0, 1)
+    make_run(root, "muon", "insecure", 16, 0.0, 0.9, 80.0, 1)
+    (wd / "config.yaml").write_text("optim:\n  name: [adam\n  lr: 1\n")
+    assert rp.main([str(root)]) == 0
+    md = (root / "report.md").read_text()
+    notes = md[md.index("## Notes"):].split("\n")[2:]
+    note = next(n for n in notes if "config.yaml: unreadable" in n)
+    assert note.startswith(f"- {wd / 'config.yaml'}: unreadable (while parsing") and note.endswith(")")
+    assert "line 2, column 9 did not find expected" in note
+    assert all(n.startswith("- ") for n in notes if n)  # every line of the section is a bullet of its own
+    capsys.readouterr()
+    assert rp.main([str(wd / "config.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert f"{wd / 'config.yaml'}: not a directory" in err and "no such" not in err
+    assert rp.main([str(tmp_path / "nowhere")]) == 2
+    assert f"{tmp_path / 'nowhere'}: no such sweep directory" in capsys.readouterr().err

@@ -147,6 +147,41 @@ def test_bad_config_key_names_file_and_key(tmp_path):
         sw.load_sweep(p)
 
 
+@pytest.mark.parametrize("sweep, match", [
+    ("  points:\n    - {seed: 1, workdir: /tmp/x}\n", r"sweep\.points\[0\]: workdir is set by the sweep"),
+    ("  set: {workdir: /tmp/x}\n  grid: {seed: [0, 1]}\n", r"sweep\.set: workdir is set by the sweep"),
+    ("  grid: {workdir: [/tmp/a, /tmp/b]}\n", r"sweep\.grid\.workdir: workdir is set by the sweep"),
+    ("  grid:\n    - {seed: [0], lora: [{workdir: /tmp/a}]}\n", r"sweep\.grid\[0\]\.lora: workdir is set"),
+])
+def test_a_workdir_in_the_sweep_is_an_error(tmp_path, sweep, match):
+    """Each run's work directory is root/<run name>: a workdir of its own was silently replaced (and named the run)."""
+    with pytest.raises(sw.SweepError, match=r"s\.yaml: " + match + r".*use sweep\.root"):
+        sw.load_sweep(write(tmp_path, "sweep:\n  base: tiny\n" + sweep))
+    p = write(tmp_path, "sweep:\n  base: tiny\n  grid: {seed: [0, 1]}\n")
+    with pytest.raises(sw.SweepError, match=r"command-line override 'workdir=x': workdir is set by the sweep"):
+        sw.load_sweep(p, ["workdir=x"])
+    assert sw.main([str(p), "--dry-run", "workdir=x"]) == 2
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("root: 5", r"sweep\.root: expected a path \(a non-empty string\), got 5"),
+    ("root: [a, b]", r"sweep\.root: expected a path .*got \['a', 'b'\]"),
+    ("root: ''", r"sweep\.root: expected a path"),
+    ("base: 7", r"sweep\.base: expected a path \(a non-empty string\), got 7"),
+])
+def test_a_root_or_base_that_is_not_a_path_names_the_key(tmp_path, spec, match):
+    with pytest.raises(sw.SweepError, match=r"s\.yaml: " + match):
+        sw.load_sweep(write(tmp_path, f"sweep:\n  {spec}\n  grid: {{seed: [0, 1]}}\n"))
+
+
+def test_an_empty_grid_list_is_an_error_not_zero_runs(tmp_path, capsys):
+    p = write(tmp_path, "sweep: {base: tiny, grid: []}\n")
+    with pytest.raises(sw.SweepError, match=r"s\.yaml: sweep\.grid: expected a non-empty list"):
+        sw.load_sweep(p)
+    assert sw.main([str(p), "--dry-run"]) == 2
+    assert "--only" not in capsys.readouterr().err
+
+
 def test_run_skip_resume_and_failures(tmp_path):
     s = sw.load_sweep(write(tmp_path))
     fake = FakeTrain(fail=("muon",))
@@ -307,6 +342,47 @@ def test_packs_group_runs_that_can_share_a_program(tmp_path, monkeypatch):
         trainmod.RunResult(Path(c.workdir), 3, 1.0, 1.0, "done") for c in cfgs])
     assert trainmod.main(cmd[2:]) == 0
     assert [OmegaConf.to_yaml(c) for c in seen] == [OmegaConf.to_yaml(r.cfg) for r in packs[1]]
+
+
+def _checkpoints(workdir, *steps, cut_short=()):
+    """Orbax-like checkpoint directories: complete ones (``<step>/``) and saves a kill cut short (only a
+    ``<step>.orbax-checkpoint-tmp-...`` directory)."""
+    for step in steps:
+        (workdir / "checkpoints" / str(step)).mkdir(parents=True)
+        (workdir / "checkpoints" / str(step) / "commit_success.txt").write_text("")
+    for step in cut_short:
+        (workdir / "checkpoints" / f"{step}.orbax-checkpoint-tmp-1712345678").mkdir(parents=True)
+
+
+def test_a_kill_during_a_packs_save_keeps_its_runs_one_pack(tmp_path, capsys):
+    """A kill during a pack's checkpoint save leaves some runs a checkpoint ahead (adam saved step 6, muon only began
+    to): the rerun split them into packs of one, though emjax train resumes such a pack from the newest step they
+    all have. Runs with no step in common (or a new run and a partial one) still cannot share a pack."""
+    p = write(tmp_path, "steps: 8\nsweep:\n  base: tiny\n  root: {root}\n  set: {mesh.devices: 1}\n"
+                        "  points:\n    - {optim.name: adam}\n    - {optim.name: muon}\n    - {optim.name: lion}\n")
+    s = sw.load_sweep(p)
+    adam, muon, lion = (r.workdir for r in s.runs)
+    _checkpoints(adam, 3, 6)
+    _checkpoints(muon, 3, cut_short=[6])
+    assert [r.status for r in s.runs] == ["partial", "partial", "new"]
+    packs = sw.make_packs(s.runs, 3)
+    assert [[r.workdir for r in pk] for pk in packs] == [[adam, muon], [lion]]
+    assert [sw.pack_resume_step(pk) for pk in packs] == [3, 0]
+    assert sw.main([str(p), "--dry-run", "--pack", "3"]) == 0
+    out = capsys.readouterr()
+    assert "in 2 packs" in out.err
+    lines = out.out.splitlines()
+    assert lines[0].split()[:3] == ["partial", "pack", "0"] and lines[0].endswith(
+        f"{adam}  [resumes at step 3 with its pack; saved to 6]")
+    assert lines[1].split()[:3] == ["partial", "pack", "0"] and lines[1].endswith(f"{muon}  [resumes at step 3]")
+    assert lines[2].split()[:3] == ["new", "pack", "1"]
+    assert sw.main([str(p), "--print-commands", "--pack", "3"]) == 0
+    assert [line.count("--run") for line in capsys.readouterr().out.splitlines()] == [2, 0]
+    # no step in common (the older checkpoints of one run deleted by keep_ckpts): one pack each, as train_many
+    # refuses to resume them together
+    _checkpoints(lion, 9)
+    assert [[r.workdir for r in pk] for pk in sw.make_packs(s.runs, 3)] == [[adam, muon], [lion]]
+    assert sw.pack_resume_step([s.runs[0], s.runs[2]]) is None
 
 
 def test_packed_sweep_runs_skips_and_marks_a_diverged_run(tmp_path, capsys):
