@@ -42,11 +42,13 @@ log = logging.getLogger("emjax.train")
 # train-row metrics logged as their mean over the steps since the previous row (the others: the row's own step)
 WINDOW_MEANS = ("loss", "penalty", "total_loss")
 
-# (key, least value, what it counts): checked before anything is built (0 would divide by zero after a step)
+# (key, least value, what it is): checked before anything is built (log_every 0 divided by zero after a step)
 POSITIVE_KEYS = (("log_every", 1, "steps between metrics rows"), ("ckpt_every", 1, "steps between checkpoints"),
                  ("keep_ckpts", 1, "checkpoints kept"), ("grad_accum", 1, "micro-batches per step"),
                  ("val_every", 0, "steps between validations; 0: at the end only"),
-                 ("val_batches", 0, "validation batches; 0: the whole split"))
+                 ("val_batches", 0, "validation batches; 0: the whole split"),
+                 ("loss_chunk", 0, "0: the whole sequence, or a chunk length"),
+                 ("attn_chunk", 0, "0: the whole sequence, or a chunk length"))
 
 PRESETS = {
     # random-init shapes; the real sizes come from emjax.models.qwen3.SIZES
@@ -609,9 +611,6 @@ def train_many(cfgs, *, hooks: list[Callable[[int, Any], dict]] | None = None) -
     cfg, n = cfgs[0], len(cfgs)
     if cfg.remat not in qwen3.REMAT:
         raise cfglib.ConfigError(f"remat {cfg.remat!r}: use one of {sorted(qwen3.REMAT)}")
-    for key in ("loss_chunk", "attn_chunk"):
-        if cfg[key] < 0:
-            raise cfglib.ConfigError(f"{key} {cfg[key]}: use 0 (whole sequence) or a positive length")
     for key, least, what in POSITIVE_KEYS:
         for c in cfgs:
             if c[key] < least:

@@ -950,7 +950,8 @@ def test_incompatible_checkpoint(tmp_path):
                                             ("ckpt_every=0", "ckpt_every 0: must be >= 1"),
                                             ("grad_accum=0", "grad_accum 0: must be >= 1"),
                                             ("keep_ckpts=0", "keep_ckpts 0: must be >= 1"),
-                                            ("val_every=-1", "val_every -1: must be >= 0")])
+                                            ("val_every=-1", "val_every -1: must be >= 0"),
+                                            ("attn_chunk=-8", "attn_chunk -8: must be >= 0 (0: the whole sequence")])
 def test_counts_out_of_range_are_refused_before_anything_is_written(tmp_path, override, named):
     """(log_every=0 trained a step, then failed with a ZeroDivisionError traceback.)"""
     with pytest.raises(cfglib.ConfigError, match=re.escape(named)):

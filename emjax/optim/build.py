@@ -264,8 +264,9 @@ def labels(params: Any, frozen_patterns: tuple[str, ...] | list[str] = ()) -> An
         arrays = jax.tree.leaves(leaf)
         if len(arrays) != 1:
             raise ValueError(f"labels: {name} is not a single array leaf: {type(leaf).__name__}")
-        hit.update(i for i, p in enumerate(pats) if p.search(name))
-        if any(p.search(name) for p in pats):
+        matched = [i for i, p in enumerate(pats) if p.search(name)]
+        hit.update(matched)
+        if matched:
             label = "frozen"
         elif is_var and not isinstance(leaf, nnx.Param):
             label = "frozen"
